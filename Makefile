@@ -1,0 +1,36 @@
+# make demo: set up .venv if needed, then run the demo study (report in runs/demo/report.html)
+# make test: set up .venv if needed, then run the test suite (notebooks included)
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+REQ_HASH := $(shell cat requirements.txt Makefile | sha256sum | cut -c1-16)
+STAMP := $(VENV)/.installed-$(REQ_HASH)
+PYTEST_ARGS ?=
+
+.PHONY: demo test venv bench clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps animal-mnist==0.4
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	@rm -f $(VENV)/.installed-*
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) cli.py study studies/demo.yaml --out_dir runs/demo --resume
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 --dist loadgroup -q --nbmake tests notebooks $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) bench/train_throughput.py
+	$(PY) bench/extract.py
+	$(PY) bench/transnet.py
+	$(PY) bench/similarity.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,109 @@
+#!/usr/bin/env python
+"""The knowledge-consistency workbench command line.
+
+    python cli.py train --dataset animal-mnist --arch vgg_small --epochs 3 --out_dir runs/seed0
+    python cli.py <command> --help
+
+Every command takes ``--config FILE`` (YAML or JSON, option: value; the command line wins) and
+``--debug`` (full tracebacks). Errors in the input are reported in one paragraph.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import textwrap
+
+# Packages whose ``commands`` module contributes subcommands, in the order of the data flow.
+COMMAND_MODULES = ("training.commands", "training.family_commands", "features.commands",
+                   "transnet.commands", "analysis.commands", "analysis.study_commands")
+
+
+def _commands():
+    out = []
+    for mod_name in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(mod_name)
+        except ModuleNotFoundError as e:
+            if e.name == mod_name:
+                continue
+            raise
+        out.extend(mod.COMMANDS)
+    return out
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    parser = argparse.ArgumentParser(
+        prog="cli.py", description="Knowledge-consistency workbench: train network families, cache their "
+        "activations, fit Trans-Nets between pairs and explain what knowledge they share.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subs = {}
+    for cmd in _commands():
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.description or cmd.help,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        cmd.add_args(p)
+        p.add_argument("--config", default=None, help="YAML or JSON file of option: value (the command line wins)")
+        p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+        p.set_defaults(_run=cmd.run)
+        subs[cmd.name] = p
+    return parser, subs
+
+
+def _apply_config(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse once to find --config, set its values as defaults (unknown keys rejected), parse again."""
+    from training.runs import UserError, load_config_file
+
+    args = p.parse_args(argv)
+    if not args.config:
+        return args
+    values = load_config_file(args.config)
+    known = {a.dest for a in p._actions}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserError(f"config file {args.config} sets unknown option(s) {', '.join(unknown)}; "
+                        f"valid: {', '.join(sorted(k for k in known if not k.startswith('_') and k != 'help'))}")
+    p.set_defaults(**values)
+    return p.parse_args(argv)
+
+
+def _fail(msg: str, code: int = 1) -> int:
+    text = " ".join(str(msg).split())
+    print(textwrap.fill(f"error: {text}", width=100), file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    parser, subs = build_parser()
+    if not argv or argv[0] not in subs:
+        if argv and not argv[0].startswith("-"):
+            from training.registry import unknown_choice_message
+
+            parser.print_usage(sys.stderr)
+            return _fail(unknown_choice_message("command", argv[0], sorted(subs)), 2)
+        parser.parse_args(argv)  # prints help / usage
+        parser.print_help()
+        return 0
+    from training.runs import UserError
+
+    try:
+        args = _apply_config(subs[argv[0]], argv[1:])
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        return _fail("interrupted; re-run the same command with --resume to continue", 130)
+    except UserError as e:
+        if debug:
+            raise
+        return _fail(str(e))
+    except Exception as e:  # a bug or an environment problem: one paragraph unless --debug
+        if debug:
+            raise
+        return _fail(f"{type(e).__name__}: {e} (re-run with --debug for the traceback)")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""The feature file: ``kc-features`` version 1 (see ``design.md``; a contract other tools read).
+
+    /                       attrs: schema="kc-features", schema_version=1, dataset, transform (JSON),
+                                   image_size, created_utc, code_version, command
+    /<split>/index          (N,) int64 dataset index of each row, rows in dataset order
+    /<split>/label          (N,) int64
+    /<split>/<net>/<layer>  (N, C, H, W) float16|float32, one sample per chunk
+        attrs: checkpoint, checkpoint_sha256, arch, layer, conv_layer?, point, complete, rows_done
+    /<split>/<net>/logits   (N, num_classes) float32, optional
+
+Readers need only the root schema/version, the datasets and ``complete``. This module is the only
+place that knows the layout: everything else reads and writes through it.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import h5py
+import numpy as np
+
+from training.registry import unknown_choice_message
+from training.runs import UserError, code_version, now_utc
+
+SCHEMA = "kc-features"
+SCHEMA_VERSION = 1
+SPLIT_KEYS = ("index", "label")       # per-split datasets that are not nets
+LOGITS = "logits"
+CHUNK_CACHE_BYTES = 64 << 20          # raw-data chunk cache per open file
+
+
+class FeatureFileError(UserError):
+    """A feature file that is missing, corrupt, of another schema/version, or lacks what was asked."""
+
+
+# --------------------------------------------------------------------------- opening
+
+def open_features(path: str | os.PathLike, mode: str = "r") -> h5py.File:
+    """Open a feature file and check its schema. Corrupt/truncated files fail with the path named."""
+    path = Path(path)
+    if mode == "r" and not path.is_file():
+        raise FeatureFileError(f"feature file {path} does not exist")
+    try:
+        f = h5py.File(path, mode, rdcc_nbytes=CHUNK_CACHE_BYTES, rdcc_nslots=100_003)
+    except OSError as e:
+        raise FeatureFileError(f"feature file {path} cannot be opened as HDF5 ({e}); it is corrupt or "
+                               f"truncated: re-extract it (python cli.py extract ... --overwrite)") from e
+    if mode != "w" and (mode == "r" or SCHEMA_ATTR in f.attrs):
+        try:
+            check_schema(f, path)
+        except Exception:
+            f.close()
+            raise
+    return f
+
+
+SCHEMA_ATTR = "schema"
+
+
+def check_schema(f: h5py.File, path: str | os.PathLike = "") -> None:
+    schema = _attr_str(f.attrs.get("schema"))
+    version = f.attrs.get("schema_version")
+    if schema != SCHEMA:
+        raise FeatureFileError(f"{path or f.filename} is not a {SCHEMA} file (schema attribute {schema!r})")
+    if version is None or int(version) != SCHEMA_VERSION:
+        raise FeatureFileError(f"{path or f.filename} has {SCHEMA} version {version}; this workbench reads "
+                               f"version {SCHEMA_VERSION} only")
+
+
+def _attr_str(v: Any) -> Any:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def attrs_dict(obj: h5py.HLObject) -> dict[str, Any]:
+    """HDF5 attributes as plain Python values (JSON strings decoded where they parse)."""
+    out = {}
+    for k, v in obj.attrs.items():
+        v = _attr_str(v)
+        if isinstance(v, np.generic):
+            v = v.item()
+        elif isinstance(v, np.ndarray):
+            v = v.tolist()
+        if isinstance(v, str) and v[:1] in "{[":
+            try:
+                v = json.loads(v)
+            except json.JSONDecodeError:
+                pass
+        out[k] = v
+    return out
+
+
+# --------------------------------------------------------------------------- listing
+
+def list_splits(f: h5py.File) -> list[str]:
+    return sorted(k for k in f.keys() if isinstance(f[k], h5py.Group))
+
+
+def list_nets(f: h5py.File, split: str) -> list[str]:
+    g = _split_group(f, split)
+    return sorted(k for k in g.keys() if isinstance(g[k], h5py.Group))
+
+
+def list_layers(f: h5py.File, split: str, net: str) -> list[str]:
+    g = _net_group(f, split, net)
+    return sorted(k for k in g.keys() if k != LOGITS)
+
+
+def _split_group(f: h5py.File, split: str) -> h5py.Group:
+    if split not in f or not isinstance(f[split], h5py.Group):
+        raise FeatureFileError(f"{unknown_choice_message('split', split, list_splits(f))} (file {f.filename})")
+    return f[split]
+
+
+def _net_group(f: h5py.File, split: str, net: str) -> h5py.Group:
+    g = _split_group(f, split)
+    if net not in g or not isinstance(g[net], h5py.Group):
+        raise FeatureFileError(f"{unknown_choice_message('net', net, list_nets(f, split))} "
+                               f"(split {split!r} of {f.filename})")
+    return g[net]
+
+
+def get_features(f: h5py.File, split: str, net: str, layer: str, require_complete: bool = True) -> h5py.Dataset:
+    """The ``(N, C, H, W)`` dataset of one net and layer; incomplete ones are refused by default."""
+    g = _net_group(f, split, net)
+    if layer not in g or layer == LOGITS:
+        raise FeatureFileError(f"{unknown_choice_message('layer', layer, list_layers(f, split, net))} "
+                               f"(net {net!r}, split {split!r} of {f.filename}; python cli.py inspect "
+                               f"{f.filename} lists what the file holds)")
+    ds = g[layer]
+    if require_complete and not bool(ds.attrs.get("complete", False)):
+        done = int(ds.attrs.get("rows_done", 0))
+        raise FeatureFileError(
+            f"{f.filename}: /{split}/{net}/{layer} is incomplete ({done} of {ds.shape[0]} rows); resume the "
+            f"extraction by re-running the same extract command with --resume")
+    return ds
+
+
+def get_logits(f: h5py.File, split: str, net: str) -> h5py.Dataset:
+    g = _net_group(f, split, net)
+    if LOGITS not in g:
+        raise FeatureFileError(f"{f.filename}: net {net!r} has no logits in split {split!r}; extract with --logits")
+    return g[LOGITS]
+
+
+def read_index(f: h5py.File, split: str) -> np.ndarray:
+    return np.asarray(_split_group(f, split)["index"][...], dtype=np.int64)
+
+
+def read_labels(f: h5py.File, split: str) -> np.ndarray:
+    return np.asarray(_split_group(f, split)["label"][...], dtype=np.int64)
+
+
+def read_rows(ds: h5py.Dataset, start: int, stop: int, dtype: Any = np.float32) -> np.ndarray:
+    """Rows ``start:stop`` as one contiguous read (never per-sample fancy indexing)."""
+    out = np.empty((stop - start,) + ds.shape[1:], dtype=ds.dtype)
+    ds.read_direct(out, np.s_[start:stop])
+    return out.astype(dtype, copy=False)
+
+
+def iter_blocks(ds: h5py.Dataset, block_rows: int, dtype: Any = np.float32) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield ``(start, rows)`` blocks of a dataset in order."""
+    n = ds.shape[0]
+    for s in range(0, n, block_rows):
+        yield s, read_rows(ds, s, min(n, s + block_rows), dtype)
+
+
+def provenance_of(ds: h5py.Dataset) -> dict[str, Any]:
+    """Provenance attributes of a feature dataset plus the file's root attributes."""
+    return {"file": str(ds.file.filename), "dataset": ds.name, "root": attrs_dict(ds.file), **attrs_dict(ds)}
+
+
+# --------------------------------------------------------------------------- writing
+
+def init_root(f: h5py.File, dataset: str, transform: dict[str, Any], image_size: int, command: str) -> None:
+    f.attrs["schema"] = SCHEMA
+    f.attrs["schema_version"] = SCHEMA_VERSION
+    f.attrs["dataset"] = dataset
+    f.attrs["transform"] = json.dumps(transform, sort_keys=True)
+    f.attrs["image_size"] = int(image_size)
+    f.attrs["created_utc"] = now_utc()
+    f.attrs["code_version"] = code_version()
+    f.attrs["command"] = command
+
+
+def init_split(f: h5py.File, split: str, index: np.ndarray, labels: np.ndarray) -> h5py.Group:
+    """Create ``/<split>`` with its ``index`` and ``label``; an existing split must hold the same rows."""
+    index = np.asarray(index, dtype=np.int64)
+    labels = np.asarray(labels, dtype=np.int64)
+    if split in f:
+        g = f[split]
+        if not np.array_equal(g["index"][...], index) or not np.array_equal(g["label"][...], labels):
+            raise FeatureFileError(f"{f.filename}: split {split!r} already holds other rows (index/label differ); "
+                                   f"write to a new file")
+        return g
+    g = f.create_group(split)
+    g.create_dataset("index", data=index)
+    g.create_dataset("label", data=labels)
+    return g
+
+
+def create_features(f: h5py.File, split: str, net: str, layer: str, shape: tuple[int, ...], dtype: str,
+                    attrs: dict[str, Any], compression: str | None = None) -> h5py.Dataset:
+    """Pre-size ``/<split>/<net>/<layer>`` with one sample per chunk, marked incomplete."""
+    if dtype not in ("float16", "float32"):
+        raise UserError(f"unknown --dtype {dtype!r}; valid: float16, float32")
+    g = f.require_group(f"{split}/{net}")
+    ds = g.create_dataset(layer, shape=shape, dtype=dtype, chunks=(1,) + tuple(shape[1:]), compression=compression)
+    for k, v in attrs.items():
+        ds.attrs[k] = json.dumps(v) if isinstance(v, (dict, list)) else ("" if v is None else v)
+    ds.attrs["complete"] = False
+    ds.attrs["rows_done"] = 0
+    return ds
+
+
+def mark_rows_done(ds: h5py.Dataset, rows_done: int) -> None:
+    ds.attrs["rows_done"] = int(rows_done)
+
+
+def mark_complete(ds: h5py.Dataset) -> None:
+    ds.attrs["rows_done"] = int(ds.shape[0])
+    ds.attrs["complete"] = True

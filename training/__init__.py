@@ -1,0 +1,1 @@
+"""Training stage: data sets, architectures, the one training loop, network families."""

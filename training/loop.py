@@ -1,0 +1,338 @@
+"""The one training loop. KD, Born-Again and Knowledge Evolution reuse it unchanged: the loss is
+a parameter ``loss_fn(logits, targets, teacher_logits)``; an optional frozen ``teacher`` module
+is run on the exact (augmented) batch the student sees.
+
+Determinism on CPU: every epoch reseeds the global RNG and the sampler's generator from
+``(seed, epoch)``, so a run resumed from an epoch checkpoint continues bit-identically.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from training.runs import RunDir, UserError, save_checkpoint, load_checkpoint
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("cosine", "step", "constant", "geometric")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Options of one training run (units in comments)."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "sgd"              # sgd | adam | adamw
+    lr: float = 0.05                    # peak learning rate
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    schedule: str = "cosine"            # cosine | step | constant | geometric
+    warmup_epochs: float = 0.0          # linear warm-up from 0 (fractional epochs allowed)
+    step_size: int = 30                 # step schedule: epochs between decays
+    gamma: float = 0.1                  # step schedule: decay factor
+    final_lr: float = 0.0               # cosine floor; geometric schedule: lr at the last epoch
+    label_smoothing: float = 0.0
+    amp: bool = True                    # bf16 autocast on CUDA (ignored on CPU)
+    channels_last: bool = True          # on CUDA only
+    seed: int = 0
+    num_workers: int = 0
+    eval_every: int = 1                 # evaluate on the test split every N epochs (and at the end)
+    device: str = "auto"                # auto | cpu | cuda | cuda:N
+    grad_clip: float = 0.0              # 0: off
+    save_every: int = 1                 # write last.pt every N epochs (resume granularity)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown --device {name!r}; valid: auto, cpu, cuda, cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for, but no CUDA device is available; use --device cpu")
+    return dev
+
+
+def validate(cfg: TrainConfig) -> None:
+    if cfg.optimizer not in OPTIMIZERS:
+        raise UserError(f"unknown --optimizer {cfg.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+    if cfg.schedule not in SCHEDULES:
+        raise UserError(f"unknown --schedule {cfg.schedule!r}; valid: {', '.join(SCHEDULES)}")
+    if cfg.epochs < 1:
+        raise UserError(f"--epochs must be >= 1, got {cfg.epochs}")
+    if cfg.batch_size < 1:
+        raise UserError(f"--batch_size must be >= 1, got {cfg.batch_size}")
+    if cfg.lr <= 0:
+        raise UserError(f"--lr must be > 0, got {cfg.lr}")
+    if not 0 <= cfg.label_smoothing < 1:
+        raise UserError(f"--label_smoothing must be in [0, 1), got {cfg.label_smoothing}")
+
+
+# --------------------------------------------------------------------------- pieces
+
+def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               nesterov=cfg.nesterov and cfg.momentum > 0)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(cfg: TrainConfig, t: float) -> float:
+    """Learning-rate multiplier at fractional epoch ``t`` in [0, epochs]."""
+    if cfg.warmup_epochs > 0 and t < cfg.warmup_epochs:
+        return t / cfg.warmup_epochs
+    floor = cfg.final_lr / cfg.lr
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "step":
+        return cfg.gamma ** int(t // cfg.step_size)
+    if cfg.schedule == "geometric":  # per epoch, reaching final_lr at the last epoch
+        e = int(t)
+        return floor ** (e / max(1, cfg.epochs - 1)) if floor > 0 else 1.0
+    span = max(1e-8, cfg.epochs - cfg.warmup_epochs)
+    p = min(1.0, (t - cfg.warmup_epochs) / span)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p))
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    """Per-step LambdaLR over fractional epochs."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(cfg, step / steps_per_epoch))
+
+
+def cross_entropy_loss(label_smoothing: float = 0.0) -> LossFn:
+    def loss(logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor | None = None):
+        return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+    loss.convention = {"loss": "cross_entropy", "label_smoothing": label_smoothing}  # type: ignore[attr-defined]
+    return loss
+
+
+def accuracy_counts(logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int] = (1, 5)) -> list[int]:
+    k_max = min(max(ks), logits.shape[1])
+    top = logits.topk(k_max, dim=1).indices  # (N, k)
+    hit = top.eq(targets[:, None])
+    return [int(hit[:, :min(k, k_max)].any(dim=1).sum()) for k in ks]
+
+
+def _autocast(device: torch.device, amp: bool):
+    enabled = amp and device.type == "cuda"
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: bool = True,
+             return_logits: bool = False) -> dict[str, Any]:
+    """Top-1/top-5 (percent) and mean cross-entropy over the whole loader."""
+    model.eval()
+    n, loss_sum, c1, c5 = 0, 0.0, 0, 0
+    all_logits = []
+    for x, y, _ in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with _autocast(device, amp):
+            logits = model(x)
+        logits = logits.float()
+        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        a1, a5 = accuracy_counts(logits, y)
+        c1, c5, n = c1 + a1, c5 + a5, n + len(y)
+        if return_logits:
+            all_logits.append(logits.cpu())
+    if n != len(loader.dataset):
+        raise RuntimeError(f"evaluated {n} samples but the data set has {len(loader.dataset)}")
+    out = {"top1": 100.0 * c1 / max(n, 1), "top5": 100.0 * c5 / max(n, 1), "loss": loss_sum / max(n, 1), "n": n}
+    if return_logits:
+        out["logits"] = torch.cat(all_logits)
+    return out
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _worker_init(worker_id: int) -> None:
+    import random
+
+    s = torch.initial_seed() % 2**32
+    random.seed(s)
+    np.random.seed(s)
+
+
+def make_loader(ds: Dataset, batch_size: int, shuffle: bool, num_workers: int = 0, seed: int = 0,
+                drop_last: bool = False, pin_memory: bool = False) -> DataLoader:
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+                      generator=gen, worker_init_fn=_worker_init, drop_last=drop_last,
+                      pin_memory=pin_memory, persistent_workers=False)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7919) % (2**62)
+
+
+def progress(iterable, total: int | None = None, desc: str = "", leave: bool = False):
+    """tqdm that is quiet when stderr is not a terminal."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, leave=leave, disable=not sys.stderr.isatty(),
+                dynamic_ncols=True)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+# --------------------------------------------------------------------------- the loop
+
+@dataclass
+class TrainResult:
+    metrics: dict[str, Any]
+    best_path: Path
+    last_path: Path
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def train(model: nn.Module, train_set: Dataset, test_set: Dataset, cfg: TrainConfig, run: RunDir,
+          ckpt_fields: dict[str, Any], loss_fn: LossFn | None = None, teacher: nn.Module | None = None,
+          on_epoch_end: Callable[[nn.Module, int], None] | None = None, desc: str = "train") -> TrainResult:
+    """Train ``model`` for ``cfg.epochs``; write ``best.pt``/``last.pt``, ``log.jsonl``, TensorBoard and
+    ``metrics.json`` into ``run``. ``ckpt_fields`` (arch, num_classes, dataset, transform, config, and
+    family fields) go into every checkpoint. If ``run.resuming`` and ``last.pt`` exists, continue from it.
+    """
+    validate(cfg)
+    device = resolve_device(cfg.device)
+    loss_fn = loss_fn or cross_entropy_loss(cfg.label_smoothing)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if distributed else 0
+    world = torch.distributed.get_world_size() if distributed else 1
+
+    model = model.to(device)
+    if device.type == "cuda" and cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if teacher is not None:
+        teacher = teacher.to(device).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+
+    opt = make_optimizer(model.parameters(), cfg)
+    if distributed:
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed,
+                                     drop_last=True)
+        train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler,
+                                  num_workers=cfg.num_workers, worker_init_fn=_worker_init,
+                                  pin_memory=device.type == "cuda", drop_last=True)
+        ddp_model: nn.Module = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        sampler = None
+        train_loader = make_loader(train_set, cfg.batch_size, True, cfg.num_workers, cfg.seed,
+                                   drop_last=len(train_set) > cfg.batch_size, pin_memory=device.type == "cuda")
+        ddp_model = model
+    test_loader = make_loader(test_set, max(cfg.batch_size, 256), False, cfg.num_workers,
+                              pin_memory=device.type == "cuda")
+    steps = len(train_loader)
+    sched = make_scheduler(opt, cfg, steps)
+
+    start_epoch, best_top1, history = 0, -1.0, []
+    last_path, best_path = run.file("last.pt"), run.file("best.pt")
+    if run.resuming and last_path.exists():
+        state = load_checkpoint(last_path, map_location=device)
+        if state.get("arch") != ckpt_fields.get("arch"):
+            raise UserError(f"{last_path} has arch {state.get('arch')!r}, this run builds {ckpt_fields.get('arch')!r}")
+        unwrap(model).load_state_dict(state["state_dict"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start_epoch = int(state["epoch"])
+        best_top1 = float(state.get("best_top1", -1.0))
+        history = list(state.get("history", []))
+        run.truncate_log(start_epoch)
+
+    metrics: dict[str, Any] = dict(history[-1]) if history else {}
+    for epoch in range(start_epoch, cfg.epochs):
+        seed_everything(_epoch_seed(cfg.seed, epoch))
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        else:
+            train_loader.generator.manual_seed(_epoch_seed(cfg.seed, epoch))
+        ddp_model.train()
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        seen = 0
+        for x, y, _ in progress(train_loader, steps, f"{desc} {epoch + 1}/{cfg.epochs}"):
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
+            if device.type == "cuda" and cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            teacher_logits = None
+            if teacher is not None:
+                with torch.no_grad(), _autocast(device, cfg.amp):
+                    teacher_logits = teacher(x).float()
+            with _autocast(device, cfg.amp):
+                logits = ddp_model(x)
+            loss = loss_fn(logits.float(), y, teacher_logits)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss became {float(loss)} at epoch {epoch + 1}; "
+                                         f"the last good checkpoint is {last_path}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+            loss_sum += loss.detach().double() * len(y)
+            seen += len(y)
+        train_time = time.perf_counter() - t0
+        record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": float(loss_sum) / max(seen, 1),
+                                  "lr": opt.param_groups[0]["lr"], "epoch_time_s": train_time,
+                                  "train_images_per_s": seen * world / max(train_time, 1e-9)}
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            ev = evaluate(model, test_loader, device, cfg.amp)
+            record.update({"test_top1": ev["top1"], "test_top5": ev["top5"], "test_loss": ev["loss"]})
+        if on_epoch_end is not None:
+            on_epoch_end(model, epoch + 1)
+        history.append(record)
+        if rank == 0:
+            run.log(record, step=epoch + 1)
+            is_best = "test_top1" in record and record["test_top1"] > best_top1
+            if is_best:
+                best_top1 = record["test_top1"]
+            metrics = _summary(history, best_top1)
+            base = {**ckpt_fields, "state_dict": unwrap(model).state_dict(), "epoch": epoch + 1, "metrics": metrics}
+            if is_best:
+                save_checkpoint(best_path, base)
+            if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
+                save_checkpoint(last_path, {**base, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                            "best_top1": best_top1, "history": history})
+    metrics = _summary(history, best_top1)
+    if rank == 0:
+        run.finish(metrics)
+    return TrainResult(metrics, best_path, last_path, history)
+
+
+def _summary(history: list[dict[str, Any]], best_top1: float) -> dict[str, Any]:
+    last = history[-1]
+    evals = [h for h in history if "test_top1" in h]
+    last_eval = evals[-1] if evals else {}
+    return {"epoch": last["epoch"], "test_top1": last_eval.get("test_top1"), "test_top5": last_eval.get("test_top5"),
+            "test_loss": last_eval.get("test_loss"), "train_loss": last["train_loss"], "best_test_top1": best_top1,
+            "train_time_s": sum(h["epoch_time_s"] for h in history)}
