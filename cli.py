@@ -16,8 +16,9 @@ import sys
 import textwrap
 
 # Packages whose ``commands`` module contributes subcommands, in the order of the data flow.
-COMMAND_MODULES = ("training.commands", "training.family_commands", "features.commands",
-                   "transnet.commands", "analysis.commands", "analysis.study_commands")
+COMMAND_MODULES = ("training.commands", "training.family_commands", "training.ke_commands",
+                   "features.commands", "transnet.commands", "analysis.similarity_commands",
+                   "analysis.commands", "analysis.study_commands")
 
 
 def _commands():
