@@ -172,6 +172,41 @@ class FileListDataset(IndexedDataset):
         return img
 
 
+class CachedDataset(Dataset):
+    """Keeps each transformed sample after its first read: for deterministic transforms only
+    (``plain``/``paper`` presets, or any eval transform), where later epochs would redo identical
+    decoding and resizing. Single-process loading only (worker copies would not share the cache)."""
+
+    def __init__(self, base: IndexedDataset):
+        self.base = base
+        self._items: list[Any] = [None] * len(base)
+        for attr in ("name", "split", "num_classes", "labels", "class_names"):
+            setattr(self, attr, getattr(base, attr))
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        item = self._items[i]
+        if item is None:
+            item = self._items[i] = self.base[i]
+        return item
+
+
+AUGMENTING_PRESETS = ("ke", "small")
+
+
+def maybe_cache(ds: IndexedDataset, spec: "DataSpec", train: bool, num_workers: int,
+                max_bytes: int = 2 << 30) -> Dataset:
+    """Wrap ``ds`` in :class:`CachedDataset` when its transform is deterministic and it fits ``max_bytes``."""
+    if num_workers > 0 or (train and spec.transform in AUGMENTING_PRESETS) or len(ds) == 0:
+        return ds
+    x = ds[0][0]
+    if not isinstance(x, torch.Tensor) or x.element_size() * x.numel() * len(ds) > max_bytes:
+        return ds
+    return CachedDataset(ds)
+
+
 # --------------------------------------------------------------------------- registry
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from training.data import DataSpec, build_dataset, transform_spec
+from training.data import DataSpec, build_dataset, maybe_cache, transform_spec
 from training.loop import LossFn, TrainConfig, TrainResult, train
 from training.models import build_model, load_weights
 from training.runs import RunDir, UserError, load_checkpoint, read_json
@@ -42,7 +42,8 @@ def build_for_data(model_spec: ModelSpec, data: DataSpec, num_classes: int) -> n
 def run_training(data: DataSpec, model_spec: ModelSpec, cfg: TrainConfig, out_dir: str | Path, mode: str = "new",
                  loss_fn: LossFn | None = None, teacher: nn.Module | None = None, model: nn.Module | None = None,
                  family: dict[str, Any] | None = None, extra_config: dict[str, Any] | None = None,
-                 desc: str = "train", on_epoch_end: Callable | None = None) -> TrainResult:
+                 desc: str = "train", on_epoch_end: Callable | None = None,
+                 on_step_end: Callable | None = None) -> TrainResult:
     """Build data and model, write ``config.json``, train, and return the result.
 
     ``model`` overrides building from ``model_spec`` (Knowledge Evolution passes its re-initialised net).
@@ -60,8 +61,10 @@ def run_training(data: DataSpec, model_spec: ModelSpec, cfg: TrainConfig, out_di
     with RunDir(out_dir, mode) as run:
         run.write_config(config, device=cfg.device, n_train=len(train_set), n_test=len(test_set))
         fields = checkpoint_fields(model_spec, data, train_set.num_classes, config, **(family or {}))
+        train_set = maybe_cache(train_set, data, True, cfg.num_workers)
+        test_set = maybe_cache(test_set, data, False, cfg.num_workers)
         return train(model, train_set, test_set, cfg, run, fields, loss_fn=loss_fn, teacher=teacher,
-                     desc=desc, on_epoch_end=on_epoch_end)
+                     desc=desc, on_epoch_end=on_epoch_end, on_step_end=on_step_end)
 
 
 def is_finished(out_dir: str | Path) -> bool:
