@@ -8,6 +8,7 @@ disk read from ``--data_root``; nothing is ever downloaded.
 """
 from __future__ import annotations
 
+import abc
 import gzip
 import math
 import pickle
@@ -126,8 +127,9 @@ class IndexedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    @abc.abstractmethod
     def load_image(self, i: int) -> Image.Image:
-        raise NotImplementedError("subclasses read their own storage")  # abstract
+        """The ``i``-th image, untransformed; subclasses read their own storage."""
 
     def __getitem__(self, i: int):
         img = self.load_image(i)
@@ -229,7 +231,7 @@ DATASETS: Registry[Callable[..., IndexedDataset]] = Registry("data set")
 
 
 def dataset_names() -> list[str]:
-    return DATASETS.names() + ["imagefolder:DIR"]
+    return [n for n in DATASETS.names() if n != "imagefolder"] + ["imagefolder:DIR"]
 
 
 def _resolve_name(name: str) -> tuple[str, str | None]:
