@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from training.runs import RunDir, UserError, save_checkpoint, load_checkpoint
+from training.runs import RunDir, UserError, fault_point, load_checkpoint, save_checkpoint
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
@@ -212,7 +212,8 @@ class TrainResult:
 
 def train(model: nn.Module, train_set: Dataset, test_set: Dataset, cfg: TrainConfig, run: RunDir,
           ckpt_fields: dict[str, Any], loss_fn: LossFn | None = None, teacher: nn.Module | None = None,
-          on_epoch_end: Callable[[nn.Module, int], None] | None = None, desc: str = "train") -> TrainResult:
+          on_epoch_end: Callable[[nn.Module, int], None] | None = None, desc: str = "train",
+          on_step_end: Callable[[nn.Module], None] | None = None) -> TrainResult:
     """Train ``model`` for ``cfg.epochs``; write ``best.pt``/``last.pt``, ``log.jsonl``, TensorBoard and
     ``metrics.json`` into ``run``. ``ckpt_fields`` (arch, num_classes, dataset, transform, config, and
     family fields) go into every checkpoint. If ``run.resuming`` and ``last.pt`` exists, continue from it.
@@ -299,8 +300,11 @@ def train(model: nn.Module, train_set: Dataset, test_set: Dataset, cfg: TrainCon
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             sched.step()
+            if on_step_end is not None:  # e.g. re-impose pruning masks / shared weights
+                on_step_end(model)
             loss_sum += loss.detach().double() * len(y)
             seen += len(y)
+            fault_point("train_step")
         train_time = time.perf_counter() - t0
         record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": float(loss_sum) / max(seen, 1),
                                   "lr": opt.param_groups[0]["lr"], "epoch_time_s": train_time,

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from training.data import DataSpec, build_dataset, maybe_cache, transform_spec
-from training.loop import LossFn, TrainConfig, TrainResult, train
+from training.loop import LossFn, TrainConfig, TrainResult, seed_everything, train
 from training.models import build_model, load_weights
 from training.runs import RunDir, UserError, load_checkpoint, read_json
 
@@ -54,6 +54,7 @@ def run_training(data: DataSpec, model_spec: ModelSpec, cfg: TrainConfig, out_di
     if train_set.num_classes != test_set.num_classes:
         raise UserError(f"train split has {train_set.num_classes} classes, test split {test_set.num_classes}")
     if model is None:
+        seed_everything(cfg.seed)  # the initial weights follow --seed (seeds 0 and 5 are different nets)
         model = build_for_data(model_spec, data, train_set.num_classes)
     config = {"data": asdict(data), "model": asdict(model_spec), "train": asdict(cfg), **(extra_config or {})}
     if loss_fn is not None and hasattr(loss_fn, "convention"):
