@@ -253,7 +253,15 @@ def build_model(arch: str, num_classes: int, in_channels: int = 3, input_size: i
         raise UserError(f"arch {arch!r} needs inputs of at least {info['min_size']} px, got {size}")
     if num_classes < 1:
         raise UserError(f"num_classes must be >= 1, got {num_classes}")
-    return fn(num_classes=num_classes, in_channels=in_channels, input_size=size, **kw)
+    width = kw.pop("width", None)
+    model = fn(num_classes=num_classes, in_channels=in_channels, input_size=size, **kw)
+    if width is not None and float(width) != 1.0:
+        # Width multiplier (any arch): the Knowledge-Evolution KELS sub-network, every layer but the
+        # classifier's outputs at ceil(width * channels). Slim checkpoints carry arch_kwargs={"width": k}.
+        from training.ke import shrink_to_width
+
+        model = shrink_to_width(model, float(width), in_channels, size)
+    return model
 
 
 def strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
