@@ -8,6 +8,9 @@
         attrs: checkpoint, checkpoint_sha256, arch, layer, conv_layer?, point, complete, rows_done
     /<split>/<net>/logits   (N, num_classes) float32, optional
 
+A feature dataset may also be an h5py virtual dataset over shard files beside the file (written by
+``extract`` under torchrun); :func:`get_features` refuses one whose shard files are missing.
+
 Readers need only the root schema/version, the datasets and ``complete``. This module is the only
 place that knows the layout: everything else reads and writes through it.
 """
@@ -129,6 +132,7 @@ def get_features(f: h5py.File, split: str, net: str, layer: str, require_complet
                                f"(net {net!r}, split {split!r} of {f.filename}; python cli.py inspect "
                                f"{f.filename} lists what the file holds)")
     ds = g[layer]
+    check_virtual_sources(ds)
     if require_complete and not bool(ds.attrs.get("complete", False)):
         done = int(ds.attrs.get("rows_done", 0))
         raise FeatureFileError(
@@ -201,17 +205,75 @@ def init_split(f: h5py.File, split: str, index: np.ndarray, labels: np.ndarray) 
 
 
 def create_features(f: h5py.File, split: str, net: str, layer: str, shape: tuple[int, ...], dtype: str,
-                    attrs: dict[str, Any], compression: str | None = None) -> h5py.Dataset:
-    """Pre-size ``/<split>/<net>/<layer>`` with one sample per chunk, marked incomplete."""
+                    attrs: dict[str, Any], compression: str | None = None, preallocate: bool = False) -> h5py.Dataset:
+    """Pre-size ``/<split>/<net>/<layer>`` with one sample per chunk, marked incomplete.
+
+    ``preallocate``: allocate every chunk now without writing fill values (sparse on disk), so that
+    filling the rows later never changes the file's structure: a process killed mid-way leaves a
+    file whose metadata is the one flushed at creation plus the attributes (``rows_done``).
+    """
     if dtype not in ("float16", "float32"):
         raise UserError(f"unknown --dtype {dtype!r}; valid: float16, float32")
     g = f.require_group(f"{split}/{net}")
-    ds = g.create_dataset(layer, shape=shape, dtype=dtype, chunks=(1,) + tuple(shape[1:]), compression=compression)
-    for k, v in attrs.items():
-        ds.attrs[k] = json.dumps(v) if isinstance(v, (dict, list)) else ("" if v is None else v)
+    extra: dict[str, Any] = {}
+    if shape[0] == 0:  # an empty shard: a chunk may not exceed the (zero) extent unless it can grow
+        extra = {"maxshape": (None,) + tuple(shape[1:])}
+    elif preallocate and compression is None:
+        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+        extra = {"dcpl": dcpl, "fill_time": "never"}
+    ds = g.create_dataset(layer, shape=shape, dtype=dtype, chunks=(1,) + tuple(shape[1:]), compression=compression,
+                          **extra)
+    _set_attrs(ds, attrs)
     ds.attrs["complete"] = False
     ds.attrs["rows_done"] = 0
     return ds
+
+
+def _set_attrs(obj: h5py.HLObject, attrs: dict[str, Any]) -> None:
+    for k, v in attrs.items():
+        obj.attrs[k] = json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else ("" if v is None else v)
+
+
+def create_virtual_features(f: h5py.File, split: str, net: str, layer: str, sources: list[tuple[str, int, int]],
+                            shape: tuple[int, ...], dtype: str, attrs: dict[str, Any]) -> h5py.Dataset:
+    """``/<split>/<net>/<layer>`` as an h5py virtual dataset over row shards.
+
+    ``sources``: ``(file, start, stop)`` per shard, the shard file holding rows ``start:stop`` of the
+    split at the same dataset path. Relative file names resolve against this file's folder, so the
+    shard files must stay beside it (moving the folder as a whole is fine). Rows of a missing shard
+    would read as NaN; :func:`get_features` refuses such a dataset instead.
+    """
+    layout = h5py.VirtualLayout(shape=tuple(shape), dtype=dtype)
+    path = f"{split}/{net}/{layer}"
+    covered = 0
+    for file, start, stop in sources:
+        if start != covered:
+            raise ValueError(f"shards must tile the rows in order: expected a shard at row {covered}, got {start}")
+        if stop > start:
+            layout[start:stop] = h5py.VirtualSource(file, path, shape=(stop - start,) + tuple(shape[1:]))
+        covered = stop
+    if covered != shape[0]:
+        raise ValueError(f"shards cover {covered} rows, the dataset has {shape[0]}")
+    g = f.require_group(f"{split}/{net}")
+    if layer in g:
+        del g[layer]
+    ds = g.create_virtual_dataset(layer, layout, fillvalue=np.nan)
+    _set_attrs(ds, attrs)
+    return ds
+
+
+def check_virtual_sources(ds: h5py.Dataset) -> None:
+    """A virtual dataset whose source files are missing would read as fill values: refuse it."""
+    if not ds.is_virtual:
+        return
+    base = Path(ds.file.filename).resolve().parent
+    missing = sorted({m.file_name for m in ds.virtual_sources()
+                      if m.file_name != "." and not (base / m.file_name).is_file() and not Path(m.file_name).is_file()})
+    if missing:
+        raise FeatureFileError(f"{ds.file.filename}: {ds.name} is a virtual dataset over shard files, and "
+                               f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing from {base}; "
+                               f"keep the shard files beside the feature file (or re-extract)")
 
 
 def mark_rows_done(ds: h5py.Dataset, rows_done: int) -> None:

@@ -1,0 +1,243 @@
+"""Subcommands of the feature stage: ``extract``, ``inspect`` and ``list-layers``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from features.extract import (COMPRESSIONS, DTYPES, ExtractConfig, Net, build_feature_data,
+                              data_spec_for, describe_file, dist_from_env, extract_features, load_net, verify_file)
+from features.layers import format_layers, list_layers
+from training.cliutil import Command, add_dataclass_args, dataclass_from_args, parse_kv_list
+from training.commands import add_data_args
+from training.manifest import read_manifest
+from training.models import ARCHS, build_model, model_from_checkpoint
+from training.runs import UserError, jsonable, load_checkpoint, run_mode
+
+# --------------------------------------------------------------------------- extract
+
+EXTRACT_HELP = {
+    "split": "comma-separated splits to extract (train, test, val)",
+    "dtype": "storage dtype of the layer features (logits are always float32)",
+    "batch_size": "images per forward pass", "device": "auto, cpu, cuda or cuda:N (torchrun: cuda:LOCAL_RANK)",
+    "num_workers": "data-loader worker processes", "amp": "bf16 autocast on CUDA (recorded in the file)",
+    "channels_last": "channels_last memory format on CUDA", "logits": "also store each net's logits",
+    "limit": "extract only the first N images of every split (0: all)",
+    "compression": "HDF5 compression (none is fastest; lzf is ~16x slower to write and saves nothing on "
+                   "signed activations)",
+    "queue_batches": "batches in flight between the forward passes and the writer thread",
+    "flush_s": "seconds between flushes (rows_done is raised only after the rows it covers are flushed)",
+}
+
+# Data options of `train`, but here each one only overrides what the checkpoints record.
+DATA_DESTS = {"dataset": "name", "data_root": "data_root", "transform": "transform", "image_size": "image_size",
+              "channels": "channels", "subset": "subset", "subset_kind": "subset_kind", "split_seed": "split_seed",
+              "bbox_crop": "bbox_crop"}
+
+
+def _add_extract(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("what to extract")
+    g.add_argument("--nets", nargs="+", default=None, metavar="NAME=CKPT",
+                   help="nets by name and checkpoint (names become HDF5 groups: no '/')")
+    g.add_argument("--family", default=None, help="a family.json (or its folder): extract all its members")
+    g.add_argument("--layer", action="append", default=None, metavar="PATH",
+                   help="module path or fx node (features.30, layer3, layer3.-1.add); repeat for several")
+    g.add_argument("--conv_layer", action="append", type=int, default=None, metavar="N",
+                   help="alias of --layer features.N (the paper's index into a VGG/AlexNet `features`)")
+    g.add_argument("--out", required=True, help="the feature file to write (kc-features v1)")
+    m = p.add_mutually_exclusive_group()
+    m.add_argument("--resume", action="store_true",
+                   help="continue an interrupted extraction in --out (complete datasets are skipped)")
+    m.add_argument("--overwrite", action="store_true", help="replace --out (and its shard files)")
+    add_data_args(p)
+    p.set_defaults(**{d: None for d in DATA_DESTS})
+    for a in p._actions:
+        if a.dest in DATA_DESTS:
+            # "%(default).0s" formats to nothing and keeps the formatter from appending "(default: None)".
+            a.help = (a.help or "") + " (default: what the checkpoints record)%(default).0s"
+    g2 = p.add_argument_group("extraction")
+    add_dataclass_args(g2, ExtractConfig, help=EXTRACT_HELP,
+                       choices={"dtype": list(DTYPES), "compression": list(COMPRESSIONS)})
+    p.add_argument("--max_batches", type=int, default=None, help=argparse.SUPPRESS)  # simulated kill (tests)
+
+
+def nets_from_args(args: argparse.Namespace) -> list[Net]:
+    entries: list[tuple[str, str, str | None]] = []
+    if args.family:
+        for m in read_manifest(args.family):
+            entries.append((m.name, m.checkpoint, m.sha256))
+    for name, path in parse_kv_list(args.nets, "--nets").items():
+        entries.append((name, path, None))
+    if not entries:
+        raise UserError("no nets given: pass --nets NAME=CKPT ... and/or --family DIR/family.json")
+    names = [e[0] for e in entries]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise UserError(f"net name(s) {dup} given twice (--nets and --family together?); names must be unique")
+    return [load_net(name, path, sha) for name, path, sha in entries]
+
+
+def command_line(args: argparse.Namespace, name: str) -> str:
+    """The resolved command (every option as finally used, config-file values included) for provenance."""
+    import shlex
+
+    parts = ["cli.py", name]
+    for k, v in sorted(vars(args).items()):
+        if k.startswith("_") or k in ("config", "debug", "max_batches") or v is None:
+            continue
+        if v is True:
+            parts.append(f"--{k}")
+        elif v is False:
+            if k in DATA_DESTS:                  # an explicit override of the checkpoints' value
+                parts.append(f"--no-{k}")
+        elif isinstance(v, list):
+            parts += [f"--{k}", *map(str, v)] if k == "nets" else [x for item in v for x in (f"--{k}", str(item))]
+        else:
+            parts += [f"--{k}", str(v)]
+    return shlex.join(parts)
+
+
+def _run_extract(args: argparse.Namespace) -> int:
+    cfg = dataclass_from_args(ExtractConfig, args)
+    layers = [(name, None) for name in (args.layer or [])] + [(f"features.{n}", n) for n in (args.conv_layer or [])]
+    nets = nets_from_args(args)
+    overrides = {field: getattr(args, dest) for dest, field in DATA_DESTS.items()}
+    spec = data_spec_for(nets, overrides)
+    splits = [s.strip() for s in cfg.split.split(",") if s.strip()]
+    data = build_feature_data(spec, splits, cfg.limit)
+    mode = run_mode(args.resume, args.overwrite)
+    mode = "auto" if mode == "new" else mode
+    stop = args.max_batches
+    res = extract_features(nets, data, layers, args.out, cfg, mode, command=command_line(args, "extract"),
+                           stop_after=stop, hard_kill=stop is not None)
+    if dist_from_env().rank != 0:
+        return 0
+    done = res.images
+    print(f"{res.out}: {len(res.datasets)} datasets ({len(nets)} nets x {len(splits)} splits), {done} images "
+          f"extracted in {res.seconds:.1f}s ({res.images_per_s:.1f} images/s)"
+          + (f", {len(res.skipped)} already complete" if res.skipped else ""))
+    if res.shards:
+        print(f"joined {len(res.shards)} shard files ({', '.join(p.name for p in res.shards)}) as virtual datasets; "
+              f"keep them beside {Path(res.out).name}")
+    return 0
+
+
+# --------------------------------------------------------------------------- inspect
+
+def _add_inspect(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="a kc-features file")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--verify", action="store_true",
+                   help="re-compute a few random rows of every dataset from its checkpoint and compare")
+    p.add_argument("--verify_rows", type=int, default=4, help="rows per split and net to re-compute")
+    p.add_argument("--seed", type=int, default=0, help="seed of the rows chosen by --verify")
+    p.add_argument("--device", default="cpu", help="device for --verify")
+
+
+def format_description(desc: dict) -> str:
+    root = desc["root"]
+    tf = root.get("transform") if isinstance(root.get("transform"), dict) else {}
+    lines = [f"{desc['file']}: {root.get('schema')} v{root.get('schema_version')}, data set {root.get('dataset')!r} "
+             f"({tf.get('preset', '?')} transform, {root.get('image_size')} px), created {root.get('created_utc')}, "
+             f"code {root.get('code_version')}",
+             f"  command: {root.get('command')}"]
+    for split, sd in desc["splits"].items():
+        lines.append(f"split {split}: {sd['rows']} rows")
+        for net, nd in sd["nets"].items():
+            first = next(iter(nd.values()), {"attrs": {}})["attrs"]
+            sha = str(first.get("checkpoint_sha256") or "")[:12]
+            lines.append(f"  net {net}: arch {first.get('arch')}, checkpoint {first.get('checkpoint') or '-'}"
+                         + (f" (sha256 {sha}...)" if sha else ""))
+            for layer, e in nd.items():
+                a = e["attrs"]
+                state = "complete" if e["complete"] else f"INCOMPLETE ({e['rows_done']} of {e['shape'][0]} rows)"
+                where = a.get("node", layer)
+                extra = f"node {where}, point {a.get('point', '?')}" + (
+                    f", conv_layer {a['conv_layer']}" if a.get("conv_layer") not in (None, "") else "")
+                if a.get("autocast") not in (None, "none"):
+                    extra += f", autocast {a['autocast']}"
+                if e["virtual"]:
+                    extra += ", virtual over shards" + ("" if e.get("sources_ok", True) else " (SHARDS MISSING)")
+                shape = "x".join(str(s) for s in e["shape"][1:])
+                lines.append(f"    {layer:<20} {shape:<14} {e['dtype']:<8} {state}; {extra}")
+    return "\n".join(lines)
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    desc = describe_file(args.file)
+    rows = verify_file(args.file, args.verify_rows, args.seed, args.device) if args.verify else None
+    if args.json:
+        if rows is not None:
+            desc["verify"] = [jsonable(r.__dict__) for r in rows]
+        print(json.dumps(desc, indent=2))
+    else:
+        print(format_description(desc))
+        if rows is not None:
+            print("verify (re-computed rows vs stored):")
+            for r in rows:
+                detail = (f"rows {r.rows}, max |diff| {r.max_abs_diff:.3g}, relative {r.rel_diff:.3g} (tol {r.tolerance:g})"
+                          if r.max_abs_diff is not None else r.reason)
+                print(f"  {r.status.upper():<8} {r.split}/{r.net}/{r.layer}: {detail}")
+    if rows is not None and any(r.status in ("mismatch", "failed") for r in rows):
+        bad = [f"{r.split}/{r.net}/{r.layer}" for r in rows if r.status in ("mismatch", "failed")]
+        print(f"verify failed for {', '.join(bad)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# --------------------------------------------------------------------------- list-layers
+
+def _add_list_layers(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--arch", default=None, help="architecture: " + ", ".join(ARCHS.names()))
+    src.add_argument("--checkpoint", default=None, help="a workbench checkpoint (arch, classes, input size from it)")
+    p.add_argument("--num_classes", type=int, default=10, help="classes (with --arch)")
+    p.add_argument("--in_channels", type=int, default=3, help="input channels (with --arch)")
+    p.add_argument("--input_size", type=int, default=None,
+                   help="input size in px (default: the arch's own, or the checkpoint's)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _run_list_layers(args: argparse.Namespace) -> int:
+    if args.checkpoint:
+        ck = load_checkpoint(args.checkpoint)
+        model = model_from_checkpoint(ck, source=args.checkpoint)
+        size = args.input_size or ck.get("input_size") or (ck.get("transform") or {}).get("image_size")
+        chans = int(ck.get("in_channels") or (ck.get("transform") or {}).get("channels") or 3)
+        what = f"{args.checkpoint} (arch {ck.get('arch')})"
+    else:
+        from training.models import ARCH_INFO
+
+        if args.arch not in ARCHS:
+            model = build_model(args.arch, args.num_classes)  # raises the unknown-arch message
+        size = args.input_size or ARCH_INFO[args.arch]["default_size"]
+        chans = args.in_channels
+        model = build_model(args.arch, args.num_classes, chans, size)
+        what = f"arch {args.arch}"
+    if not size:
+        raise UserError("the checkpoint records no input size; pass --input_size")
+    rows = list_layers(model, (chans, int(size), int(size)))
+    if args.json:
+        print(json.dumps([jsonable(r.__dict__) for r in rows], indent=2))
+        return 0
+    print(f"{what}, input {chans}x{size}x{size}: {len(rows)} points (module paths and fx nodes; a container path "
+          f"such as layer3 means the output of its last node; a negative block index like layer3.-1.add is "
+          f"resolved against the model)")
+    print(format_layers(rows))
+    return 0
+
+
+COMMANDS = [
+    Command("extract", "cache activations of several nets to a feature file", _add_extract, _run_extract,
+            "Run every net once over the same images (eval transform, dataset order) and stream the activations "
+            "at the requested layers into a kc-features v1 HDF5 file. Re-run with --resume after an interruption; "
+            "a request that only adds nets/layers to an existing file is appended. Under torchrun each rank "
+            "extracts a contiguous shard and rank 0 joins them as virtual datasets."),
+    Command("inspect", "show what a feature file holds (and --verify it)", _add_inspect, _run_inspect,
+            "Print splits, nets, layers, shapes, dtypes, completeness and provenance of a feature file; --verify "
+            "re-computes a few random rows from the checkpoints and compares."),
+    Command("list-layers", "list a model's layers with output shapes", _add_list_layers, _run_list_layers,
+            "Every extraction point of an architecture or checkpoint: module path / fx node, type, output shape "
+            "and, for nets with a `features` Sequential, the paper's --conv_layer index."),
+]
