@@ -1,0 +1,451 @@
+"""Feature pairs for Trans-Net fitting: checked opening, and fast batch sources.
+
+``open_pair`` checks a (source, target, layer, split) request against one or two ``kc-features``
+files through ``features.store``: the datasets exist and are complete (else the error says how to
+resume the extraction), both have the same rows (index arrays equal) and the same spatial size.
+
+Batch sources yield ``(x_A, x_B)`` float32 batches on the compute device:
+
+- ``MemoryPairs`` holds both arrays in their stored dtype either **on the device** (batches are
+  gathered there: no host traffic at all) or **in RAM** (pinned when the device is a GPU; a batch
+  is gathered into a pinned buffer and copied asynchronously, so the gather of batch s+1 overlaps
+  the GPU's work on batch s).
+- ``BlockPairs`` reads **contiguous blocks** of rows from HDF5 (never per-sample fancy indexing) in
+  a shuffled block order, in a reader thread; rows are shuffled within a window of a few blocks and
+  batches are cut across block boundaries (the remainder carries over to the next window).
+
+``place`` chooses among them (``--data_on auto|device|ram|disk``). Every source shuffles from a
+generator seeded by (seed, epoch), so an epoch is reproducible and a resumed fit continues
+identically. Under DDP each rank takes its own part of every epoch and all ranks do the same
+number of steps.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import h5py
+import numpy as np
+import torch
+from torch import Tensor
+
+from features.store import FeatureFileError, get_features, open_features, provenance_of, read_index
+from training.runs import UserError
+from transnet.variance import ChannelMoments
+
+DATA_ON = ("auto", "device", "ram", "disk")
+MEMORY_FRACTION = 0.5          # use at most this share of free GPU memory / available RAM for features
+
+_TORCH_DTYPES = {np.dtype("float16"): torch.float16, np.dtype("float32"): torch.float32,
+                 np.dtype("float64"): torch.float64}
+
+
+class NonFiniteFeatures(UserError):
+    """A feature file holds NaN or inf values."""
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return (int(seed) * 1_000_003 + int(epoch) * 7919 + 17) % (2**62)
+
+
+# --------------------------------------------------------------------------- checked opening
+
+@dataclass(frozen=True)
+class PairInfo:
+    """One checked (source -> target) request at one layer of one split."""
+
+    features: str                   # file holding the source net
+    target_features: str            # file holding the target net (the same file unless given)
+    split: str
+    source: str
+    target: str
+    layer: str
+    n: int
+    shape_a: tuple[int, int, int]   # (C_A, H, W)
+    shape_b: tuple[int, int, int]   # (C_B, H, W)
+    dtype_a: str
+    dtype_b: str
+    provenance_a: dict[str, Any] = field(default_factory=dict, compare=False)
+    provenance_b: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def nbytes(self) -> int:
+        item_a, item_b = np.dtype(self.dtype_a).itemsize, np.dtype(self.dtype_b).itemsize
+        return self.n * (int(np.prod(self.shape_a)) * item_a + int(np.prod(self.shape_b)) * item_b)
+
+    def dataset_path(self, which: str) -> str:
+        net = self.source if which == "a" else self.target
+        return f"/{self.split}/{net}/{self.layer}"
+
+
+def open_pair(features: str | Path, source: str, target: str, layer: str, split: str,
+              target_features: str | Path | None = None) -> PairInfo:
+    """Check the request and return its shapes, dtypes and provenance (files are closed again)."""
+    fa = str(features)
+    fb = str(target_features) if target_features else fa
+    with open_features(fa) as f:
+        ds_a = get_features(f, split, source, layer)
+        idx_a = read_index(f, split)
+        shape_a, dtype_a, prov_a = ds_a.shape, ds_a.dtype, provenance_of(ds_a)
+        _check_rows(ds_a, idx_a)
+        if fb == fa:
+            ds_b = get_features(f, split, target, layer)
+            idx_b = idx_a
+            shape_b, dtype_b, prov_b = ds_b.shape, ds_b.dtype, provenance_of(ds_b)
+            _check_rows(ds_b, idx_b)
+    if fb != fa:
+        with open_features(fb) as f:
+            ds_b = get_features(f, split, target, layer)
+            idx_b = read_index(f, split)
+            shape_b, dtype_b, prov_b = ds_b.shape, ds_b.dtype, provenance_of(ds_b)
+            _check_rows(ds_b, idx_b)
+        if len(idx_a) != len(idx_b) or not np.array_equal(idx_a, idx_b):
+            where = ("different row counts" if len(idx_a) != len(idx_b) else
+                     f"first difference at row {int(np.flatnonzero(idx_a != idx_b)[0])}")
+            raise FeatureFileError(
+                f"source {source!r} ({fa}) and target {target!r} ({fb}) hold different samples or sample "
+                f"orders in split {split!r} (their index arrays differ: {len(idx_a)} vs {len(idx_b)} rows, "
+                f"{where}); extract both nets from the same data set and split, ideally into one file")
+    for name, shape in (("source", shape_a), ("target", shape_b)):
+        if len(shape) != 4:
+            raise FeatureFileError(f"{name} features /{split}/{source if name == 'source' else target}/{layer} "
+                                   f"have shape {tuple(shape)}; a Trans-Net needs (N, C, H, W) conv features")
+    if tuple(shape_a[2:]) != tuple(shape_b[2:]):
+        raise FeatureFileError(f"source {source!r} maps are {shape_a[2]}x{shape_a[3]} but target {target!r} maps "
+                               f"are {shape_b[2]}x{shape_b[3]} at layer {layer!r}; a Trans-Net keeps the spatial "
+                               f"size, so both must match")
+    return PairInfo(fa, fb, split, source, target, layer, int(shape_a[0]), tuple(int(v) for v in shape_a[1:]),
+                    tuple(int(v) for v in shape_b[1:]), str(np.dtype(dtype_a)), str(np.dtype(dtype_b)),
+                    prov_a, prov_b)
+
+
+def _check_rows(ds: h5py.Dataset, index: np.ndarray) -> None:
+    if ds.shape[0] != len(index):
+        raise FeatureFileError(f"{ds.file.filename}: {ds.name} has {ds.shape[0]} rows but its split's index has "
+                               f"{len(index)}; the file is malformed")
+
+
+# --------------------------------------------------------------------------- reading
+
+def _open_both(info: PairInfo) -> tuple[list[h5py.File], h5py.Dataset, h5py.Dataset]:
+    fa = open_features(info.features)
+    fb = fa if info.target_features == info.features else open_features(info.target_features)
+    ds_a = get_features(fa, info.split, info.source, info.layer)
+    ds_b = get_features(fb, info.split, info.target, info.layer)
+    files = [fa] if fb is fa else [fa, fb]
+    return files, ds_a, ds_b
+
+
+def _read_into(ds: h5py.Dataset, out: Tensor, start: int, stop: int, dest: int = 0) -> None:
+    """Rows ``start:stop`` of ``ds`` into ``out[dest:dest + stop - start]`` with one contiguous read."""
+    view = out.numpy()
+    ds.read_direct(view, np.s_[start:stop], np.s_[dest:dest + stop - start])
+
+
+def _first_nonfinite_row(x: Tensor, chunk: int = 256) -> int | None:
+    for s in range(0, x.shape[0], chunk):
+        bad = ~torch.isfinite(x[s:s + chunk].reshape(min(chunk, x.shape[0] - s), -1)).all(dim=1)
+        if bad.any():
+            return s + int(torch.nonzero(bad)[0])
+    return None
+
+
+def nonfinite_message(info: PairInfo, which: str, row: int) -> str:
+    path = info.features if which == "a" else info.target_features
+    return (f"the {'source' if which == 'a' else 'target'} features {info.dataset_path(which)} in {path} hold "
+            f"NaN/inf values (first at row {row}); re-extract them (python cli.py extract ... --overwrite) "
+            f"or check the network that produced them")
+
+
+def find_nonfinite(info: PairInfo, block_rows: int = 256) -> tuple[str, int] | None:
+    """Scan both datasets on disk; ``(which, row)`` of the first non-finite value, or None."""
+    files, ds_a, ds_b = _open_both(info)
+    try:
+        for which, ds in (("a", ds_a), ("b", ds_b)):
+            for s in range(0, info.n, block_rows):
+                e = min(info.n, s + block_rows)
+                block = np.empty((e - s,) + ds.shape[1:], dtype=ds.dtype)
+                ds.read_direct(block, np.s_[s:e])
+                bad = ~np.isfinite(block.reshape(e - s, -1)).all(axis=1)
+                if bad.any():
+                    return which, s + int(np.flatnonzero(bad)[0])
+    finally:
+        for f in files:
+            f.close()
+    return None
+
+
+def load_arrays(info: PairInfo, device: torch.device | None = None, pin: bool = False,
+                block_rows: int = 256) -> tuple[Tensor, Tensor]:
+    """Both datasets whole, in their stored dtype, read in contiguous blocks; on ``device`` when given
+    (one block at a time goes through host memory), else in (optionally pinned) RAM. Refuses NaN/inf,
+    naming the dataset and the first bad row."""
+    files, ds_a, ds_b = _open_both(info)
+    try:
+        out = []
+        for which, ds in (("a", ds_a), ("b", ds_b)):
+            dt = _TORCH_DTYPES[np.dtype(ds.dtype)]
+            on_dev = device is not None and device.type != "cpu"
+            if on_dev:
+                dst = torch.empty((info.n,) + ds.shape[1:], dtype=dt, device=device)
+                stage = torch.empty((min(block_rows, info.n),) + ds.shape[1:], dtype=dt, pin_memory=True)
+                for s in range(0, info.n, block_rows):
+                    e = min(info.n, s + block_rows)
+                    torch.cuda.current_stream(device).synchronize()   # the stage buffer is free again
+                    _read_into(ds, stage, s, e)
+                    dst[s:e].copy_(stage[: e - s], non_blocking=True)
+                torch.cuda.current_stream(device).synchronize()
+            else:
+                dst = torch.empty((info.n,) + ds.shape[1:], dtype=dt, pin_memory=pin)
+                for s in range(0, info.n, block_rows):
+                    e = min(info.n, s + block_rows)
+                    _read_into(ds, dst, s, e, s)
+            row = _first_nonfinite_row(dst)
+            if row is not None:
+                raise NonFiniteFeatures(nonfinite_message(info, which, row))
+            out.append(dst)
+        return out[0], out[1]
+    finally:
+        for f in files:
+            f.close()
+
+
+# --------------------------------------------------------------------------- batch plans
+
+def batch_plan(n: int, batch_size: int, world: int = 1) -> tuple[int, int]:
+    """(steps, rows per rank per step) of an epoch: full global batches only (the last partial one is
+    dropped when n > batch_size; with n <= batch_size one batch of all rows)."""
+    global_b = min(batch_size, n)
+    steps = max(1, n // global_b) if n >= 1 else 0
+    return steps, global_b // world
+
+
+class MemoryPairs:
+    """Both arrays held whole, on the compute device or in (pinned) RAM."""
+
+    def __init__(self, xa: Tensor, xb: Tensor, device: torch.device):
+        assert xa.shape[0] == xb.shape[0]
+        self.xa, self.xb, self.device = xa, xb, torch.device(device)
+        self.n = int(xa.shape[0])
+        self.on_device = xa.device.type == self.device.type and self.device.type != "cpu"
+
+    def _gather(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """idx: (b,) rows, on the arrays' device -> float32 batches on the compute device."""
+        if self.on_device or self.device.type == "cpu":
+            return self.xa.index_select(0, idx).float(), self.xb.index_select(0, idx).float()
+        out = []
+        for x in (self.xa, self.xb):
+            buf = torch.empty((len(idx),) + tuple(x.shape[1:]), dtype=x.dtype, pin_memory=x.is_pinned())
+            torch.index_select(x, 0, idx, out=buf)
+            out.append(buf.to(self.device, non_blocking=True).float())
+        return out[0], out[1]
+
+    def batches(self, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> Iterator[tuple[Tensor, Tensor]]:
+        """One shuffled epoch: rank ``rank`` gets its slice of every global batch."""
+        steps, b = batch_plan(self.n, batch_size, world)
+        g = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+        perm = torch.randperm(self.n, generator=g).to(self.xa.device)   # one host->device copy per epoch
+        global_b = min(batch_size, self.n)
+        for s in range(steps):
+            rows = perm[s * global_b + rank * b: s * global_b + (rank + 1) * b]
+            yield self._gather(rows)
+
+    def steps(self, batch_size: int, world: int = 1) -> int:
+        return batch_plan(self.n, batch_size, world)[0]
+
+    def sequential(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """All rows in order (evaluation)."""
+        for s in range(0, self.n, batch_size):
+            e = min(self.n, s + batch_size)
+            a, b = self.xa[s:e], self.xb[s:e]
+            yield a.to(self.device, non_blocking=True).float(), b.to(self.device, non_blocking=True).float()
+
+    def source_blocks(self, rows: int = 256) -> Iterator[Tensor]:
+        for s in range(0, self.n, rows):
+            yield self.xa[s:s + rows]
+
+
+class BlockPairs:
+    """Contiguous-block reads from HDF5 in a shuffled block order, in a reader thread.
+
+    ``block_rows`` rows per read; rows are shuffled within a window of ``window_blocks`` blocks and
+    batches are cut across block boundaries. Under DDP block i of the epoch's order goes to rank
+    i % world (each rank reads only its own blocks) and all ranks do the same number of steps.
+    """
+
+    def __init__(self, info: PairInfo, device: torch.device, block_rows: int = 256, window_blocks: int = 4,
+                 prefetch: int = 4):
+        self.info, self.device = info, torch.device(device)
+        self.n = info.n
+        self.block_rows, self.window_blocks, self.prefetch = int(block_rows), int(window_blocks), int(prefetch)
+        self.pin = self.device.type == "cuda"
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)   # set on device, read per epoch
+
+    # -- the plan of one epoch (the same on every rank)
+    def _blocks(self, seed: int, epoch: int, shuffle: bool) -> tuple[list[tuple[int, int]], torch.Generator]:
+        """Block order. Full blocks are shuffled; a short last block stays last, so the rows each rank
+        gets (blocks ``rank::world``) do not change between epochs."""
+        blocks = [(s, min(self.n, s + self.block_rows)) for s in range(0, self.n, self.block_rows)]
+        g = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+        if shuffle:
+            full = [blk for blk in blocks if blk[1] - blk[0] == self.block_rows]
+            short = [blk for blk in blocks if blk[1] - blk[0] != self.block_rows]
+            blocks = [full[i] for i in torch.randperm(len(full), generator=g).tolist()] + short
+        return blocks, g
+
+    def _windows(self, blocks: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+        w = self.window_blocks
+        return [blocks[i:i + w] for i in range(0, len(blocks), w)]
+
+    def steps(self, batch_size: int, world: int = 1) -> int:
+        """Steps per epoch (the same for every epoch and every rank)."""
+        blocks, _ = self._blocks(0, 0, True)
+        _, b = batch_plan(self.n, batch_size, world)
+        return min(sum(e - s for s, e in blocks[r::world]) // b for r in range(world))
+
+    def _reader(self, windows: list[list[tuple[int, int]]], g: torch.Generator | None, b: int, steps: int,
+                out: "queue.Queue", stop: threading.Event) -> None:
+        def put(item: Any) -> bool:
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        try:
+            files, ds_a, ds_b = _open_both(self.info)
+            try:
+                buf_a = buf_b = None                        # rows read but not yet batched
+                done = 0
+                for win in windows:
+                    rows = sum(e - s for s, e in win)
+                    ta = torch.empty((rows,) + ds_a.shape[1:], dtype=_TORCH_DTYPES[np.dtype(ds_a.dtype)])
+                    tb = torch.empty((rows,) + ds_b.shape[1:], dtype=_TORCH_DTYPES[np.dtype(ds_b.dtype)])
+                    pos = 0
+                    for s, e in win:                        # contiguous block reads
+                        _read_into(ds_a, ta, s, e, pos)
+                        _read_into(ds_b, tb, s, e, pos)
+                        pos += e - s
+                    if g is not None:                       # shuffle rows within the window
+                        p = torch.randperm(rows, generator=g)
+                        ta, tb = ta[p], tb[p]
+                    if buf_a is not None and len(buf_a):    # carry the remainder across windows
+                        ta, tb = torch.cat([buf_a, ta]), torch.cat([buf_b, tb])
+                    off = 0
+                    while len(ta) - off >= b and done < steps:
+                        ba, bb = ta[off:off + b], tb[off:off + b]
+                        if self.pin:
+                            ba, bb = ba.pin_memory(), bb.pin_memory()
+                        if not put((ba, bb)):
+                            return
+                        done += 1
+                        off += b
+                    buf_a, buf_b = ta[off:], tb[off:]
+                    if done >= steps:
+                        break
+                if g is None and buf_a is not None and len(buf_a) and done < steps:  # sequential: last partial
+                    if not put((buf_a, buf_b)):
+                        return
+            finally:
+                for f in files:
+                    f.close()
+            put(None)
+        except BaseException as e:  # handed to the consumer
+            put(e)
+
+    def _stream(self, windows, g, b, steps) -> Iterator[tuple[Tensor, Tensor]]:
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        t = threading.Thread(target=self._reader, args=(windows, g, b, steps, q, stop), daemon=True)
+        t.start()
+        try:
+            while True:
+                item = q.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                a, bb = (x.to(self.device, non_blocking=True).float() for x in item)
+                self.nonfinite |= ~(torch.isfinite(a).all() & torch.isfinite(bb).all())
+                yield a, bb
+        finally:
+            stop.set()
+            t.join()
+
+    def batches(self, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> Iterator[tuple[Tensor, Tensor]]:
+        """One shuffled epoch; under DDP rank ``rank`` reads only its blocks (``rank::world``)."""
+        blocks, g = self._blocks(seed, epoch, True)
+        _, b = batch_plan(self.n, batch_size, world)
+        return self._stream(self._windows(blocks[rank::world]), g, b, self.steps(batch_size, world))
+
+    def sequential(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """All rows in order (evaluation)."""
+        blocks, _ = self._blocks(0, 0, False)
+        return self._stream(self._windows(blocks), None, batch_size, (self.n + batch_size - 1) // batch_size)
+
+    def source_blocks(self, rows: int = 256) -> Iterator[Tensor]:
+        files, ds_a, _ = _open_both(self.info)
+        try:
+            for s in range(0, self.n, rows):
+                e = min(self.n, s + rows)
+                t = torch.empty((e - s,) + ds_a.shape[1:], dtype=_TORCH_DTYPES[np.dtype(ds_a.dtype)])
+                _read_into(ds_a, t, s, e)
+                yield t
+        finally:
+            for f in files:
+                f.close()
+
+
+# --------------------------------------------------------------------------- placement
+
+def choose_placement(nbytes: int, device: torch.device, data_on: str = "auto",
+                     reserved: int = 0) -> str:
+    """``device`` (GPU memory), ``ram`` or ``disk`` for ``nbytes`` of features (``reserved``: bytes already
+    placed). On a CPU run ``device`` and ``ram`` are the same place and are called ``ram``."""
+    if data_on not in DATA_ON:
+        raise UserError(f"unknown --data_on {data_on!r}; valid: {', '.join(DATA_ON)}")
+    if data_on != "auto":
+        return "ram" if data_on == "device" and device.type != "cuda" else data_on
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if nbytes + reserved <= MEMORY_FRACTION * free:
+            return "device"
+    import psutil
+
+    if nbytes + reserved <= MEMORY_FRACTION * psutil.virtual_memory().available:
+        return "ram"
+    return "disk"
+
+
+def make_source(info: PairInfo, device: torch.device, placement: str, block_rows: int = 256,
+                window_blocks: int = 4) -> MemoryPairs | BlockPairs:
+    """Build the batch source of a placement (``device``: GPU memory; ``ram``: pinned when the device
+    is a GPU; ``disk``: contiguous HDF5 blocks)."""
+    if placement == "disk":
+        return BlockPairs(info, device, block_rows, window_blocks)
+    if placement == "device" and device.type != "cpu":
+        xa, xb = load_arrays(info, device=device, block_rows=block_rows)
+    else:
+        xa, xb = load_arrays(info, pin=device.type == "cuda", block_rows=block_rows)
+    return MemoryPairs(xa, xb, device)
+
+
+def source_channel_std(src: MemoryPairs | BlockPairs, rows: int = 256) -> Tensor:
+    """(C,) per-channel std of the source features about their per-channel mean (float64 stream)."""
+    acc = ChannelMoments()
+    for block in src.source_blocks(rows):
+        acc.update(block)
+    return acc.std().float().cpu()
+
+
+def target_variance(src: MemoryPairs | BlockPairs, rows: int = 256) -> float:
+    """Per-channel centred mean square of the target features (the ``target_var`` loss scale)."""
+    acc = ChannelMoments()
+    for _, b in src.sequential(rows):
+        acc.update(b)
+    return acc.variance()

@@ -1,0 +1,481 @@
+"""Fit a Trans-Net from a ``kc-features`` file: the loop, held-out evaluation, checkpoints, resume.
+
+    python cli.py fit-transnet --features F --source seed0 --target seed5 --layer features.30 --out_dir D
+    torchrun --nproc_per_node=4 cli.py fit-transnet ...        # DDP, the same command
+
+Loss (methods.md §1): MSE(ŷ, x_B) over all elements, on raw target features, plus Σ_k α_k p_k²
+(α per order, order 1 first). ``--loss_scale target_var`` divides the MSE by the per-channel
+centred variance of the training targets: a scale-free variant and a **deviation from the paper**.
+Defaults are the paper's preset: Adam, lr 1e-4 decayed geometrically per epoch to 1e-6 at the last
+epoch, weight decay 1e-4 (gate logits included), batch 64, 1000 epochs, fitted on the ``train``
+split. Held-out metrics (the variance report of design.md) come from ``--eval_split`` every
+``--eval_every`` epochs and at the end.
+
+The run directory holds ``config.json``, ``log.jsonl``, TensorBoard events, ``last.pt`` (resume state:
+model, optimiser, schedule, history; written every ``--save_every`` epochs and only after a finite
+epoch, so it is always the last good state), ``transnet.pt`` (the final model) and ``metrics.json``.
+Both checkpoints carry the model arguments, source/target/layer, the feature files and their
+per-dataset provenance, and the normalisation statistics.
+
+Features are held where ``--data_on`` says (``auto``: GPU memory when they fit in half of the free
+memory, else pinned RAM, else contiguous HDF5 blocks read in a shuffled block order; see
+``transnet/data.py``); batches are gathered on the device, with bf16 autocast and TF32 on a GPU.
+
+Small or synthetic problems converge very slowly at the paper's lr 1e-4 (identity: R² 0.57 after 400
+epochs); ``--lr 1e-2`` for ~200 epochs converges (methods.md §5).
+
+``batch_size`` is the global batch: under DDP every rank takes ``batch_size / world`` rows of each
+global batch, so a DDP fit follows the single-process one (up to float summation order).
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from training.cliutil import parse_csv
+from training.loop import TrainConfig, make_scheduler, progress, resolve_device
+from training.runs import RunDir, UserError, fault_point, load_checkpoint, save_checkpoint
+from transnet.data import (DATA_ON, BlockPairs, PairInfo, choose_placement, find_nonfinite,
+                           make_source, nonfinite_message, open_pair, source_channel_std, target_variance)
+from transnet.model import INPUT_NORMS, TransNet, n_parameters
+from transnet.variance import variance_report
+
+FIT_SCHEDULES = ("geometric", "cosine", "constant")
+LOSS_SCALES = ("none", "target_var")
+NO_EVAL = "none"
+FINAL_CKPT = "transnet.pt"
+LAST_CKPT = "last.pt"
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Options of one Trans-Net fit (defaults: the paper's preset)."""
+
+    features: str = ""                  # kc-features file with the source (and target) features
+    source: str = ""                    # net A (input)
+    target: str = ""                    # net B (reconstructed)
+    layer: str = ""                     # module path, e.g. features.30
+    target_features: str | None = None  # a second file for the target (must hold the same rows)
+    train_split: str = "train"
+    train_rows: int = 0                 # fit on the first N rows of the training split (0: all of them)
+    eval_split: str = "test"            # held-out metrics; "none": report on the training split
+    orders: int = 2                     # K gates and K+1 convs; 0 = the linear Trans-Net (one conv)
+    kernel: int = 3
+    alpha: str = "0.1"                  # α per order, order 1 first; one value = every order
+    input_norm: str = "instance"        # instance (paper) | global | none
+    freeze_gates: bool = False
+    gate_init: float = 0.5              # initial p of every gate (0.5 = logit 0, the paper)
+    loss_scale: str = "none"            # none (paper) | target_var (MSE / Var(x_B): a deviation)
+    epochs: int = 1000
+    batch_size: int = 64                # global batch (split over DDP ranks)
+    lr: float = 1e-4
+    final_lr: float = 1e-6              # lr at the last epoch (geometric) / floor (cosine)
+    schedule: str = "geometric"         # geometric (paper, per epoch) | cosine | constant
+    weight_decay: float = 1e-4          # Adam L2, gate logits included (paper)
+    eval_every: int = 50                # held-out evaluation every N epochs (and at the end)
+    save_every: int = 10                # write last.pt every N epochs (and at the end)
+    data_on: str = "auto"               # auto | device | ram | disk (contiguous HDF5 blocks)
+    block_rows: int = 256               # rows per contiguous HDF5 read
+    device: str = "auto"
+    amp: bool = True                    # bf16 autocast on CUDA (ignored on CPU)
+    channels_last: bool = True          # CUDA only
+    seed: int = 0
+
+
+# Options that may differ when a run is resumed (they change speed or paths, not the result).
+RESUME_FREE = ("features", "target_features", "device", "data_on", "block_rows", "eval_every", "save_every",
+               "amp", "channels_last")
+
+
+class DivergenceError(UserError):
+    """The loss or the model became non-finite."""
+
+
+# --------------------------------------------------------------------------- validation
+
+def parse_alpha(alpha: str | float | list, orders: int) -> list[float]:
+    """``"0.1"`` or ``"0.1,0.2"`` -> one α per order (order 1 first)."""
+    if isinstance(alpha, (int, float)):
+        vals = [float(alpha)]
+    elif isinstance(alpha, (list, tuple)):
+        vals = [float(a) for a in alpha]
+    else:
+        try:
+            vals = parse_csv(str(alpha).strip("[]"), float)
+        except ValueError:
+            raise UserError(f"--alpha must be numbers separated by commas, got {alpha!r}") from None
+    if orders == 0:
+        return []
+    if len(vals) == 1:
+        vals = vals * orders
+    if len(vals) != orders:
+        raise UserError(f"--alpha has {len(vals)} values but --orders {orders} needs 1 or {orders} "
+                        f"(one per order, order 1 first)")
+    if any(v < 0 for v in vals):
+        raise UserError(f"--alpha values must be >= 0, got {vals}")
+    return vals
+
+
+def validate(cfg: FitConfig) -> list[float]:
+    for name in ("features", "source", "target", "layer"):
+        if not getattr(cfg, name):
+            raise UserError(f"--{name} is required")
+    checks = [("input_norm", INPUT_NORMS), ("schedule", FIT_SCHEDULES), ("loss_scale", LOSS_SCALES),
+              ("data_on", DATA_ON)]
+    for name, valid in checks:
+        if getattr(cfg, name) not in valid:
+            raise UserError(f"unknown --{name} {getattr(cfg, name)!r}; valid: {', '.join(valid)}")
+    if cfg.orders < 0:
+        raise UserError(f"--orders must be >= 0, got {cfg.orders}")
+    if cfg.kernel < 1 or cfg.kernel % 2 == 0:
+        raise UserError(f"--kernel must be a positive odd number (same padding), got {cfg.kernel}")
+    for name in ("epochs", "batch_size", "eval_every", "save_every", "block_rows"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.train_rows < 0:
+        raise UserError(f"--train_rows must be >= 0 (0: every row), got {cfg.train_rows}")
+    if cfg.lr <= 0 or cfg.final_lr < 0:
+        raise UserError(f"--lr must be > 0 and --final_lr >= 0, got {cfg.lr} and {cfg.final_lr}")
+    if cfg.schedule == "geometric" and cfg.final_lr <= 0:
+        raise UserError("--schedule geometric needs --final_lr > 0")
+    if not 0.0 <= cfg.gate_init <= 1.0:
+        raise UserError(f"--gate_init must be in [0, 1], got {cfg.gate_init}")
+    if cfg.gate_init in (0.0, 1.0) and not cfg.freeze_gates and cfg.orders > 0:
+        raise UserError("--gate_init 0 or 1 is an infinite logit; use it with --freeze_gates")
+    if cfg.weight_decay < 0:
+        raise UserError(f"--weight_decay must be >= 0, got {cfg.weight_decay}")
+    return parse_alpha(cfg.alpha, cfg.orders)
+
+
+def lr_config(cfg: FitConfig) -> TrainConfig:
+    """The training loop's schedule settings for this fit (its ``lr_factor`` is shared)."""
+    return TrainConfig(epochs=cfg.epochs, lr=cfg.lr, final_lr=cfg.final_lr, schedule=cfg.schedule,
+                       optimizer="adam", weight_decay=cfg.weight_decay, batch_size=cfg.batch_size)
+
+
+# --------------------------------------------------------------------------- distributed
+
+def _dist_setup(device_name: str) -> tuple[int, int, bool, torch.device]:
+    """(rank, world, we_initialised, device) from the torchrun environment."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    ours = False
+    if world > 1 and dist.is_available() and not dist.is_initialized():
+        use_cuda = torch.cuda.is_available() and device_name != "cpu"
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        ours = True
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world = 0, 1
+    device = resolve_device(device_name)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return rank, world, ours, device
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+# --------------------------------------------------------------------------- building blocks
+
+def build_transnet(cfg: FitConfig, info: PairInfo) -> TransNet:
+    torch.manual_seed(cfg.seed)
+    return TransNet(info.shape_a[0], cfg.orders, cfg.kernel, cfg.input_norm, cfg.freeze_gates,
+                    out_channels=info.shape_b[0], gate_init=cfg.gate_init)
+
+
+def model_args(model: TransNet) -> dict[str, Any]:
+    return {"channels": model.channels, "out_channels": model.out_channels, "orders": model.orders,
+            "kernel": model.kernel, "input_norm": model.input_norm,
+            "freeze_gates": not model.gate_logits.requires_grad, "eps": model.eps}
+
+
+def make_optimizer(model: nn.Module, cfg: FitConfig) -> torch.optim.Optimizer:
+    """Adam with L2 weight decay on every parameter (gate logits included, as the paper); the fused
+    kernel when the model lives on a GPU."""
+    params = list(model.parameters())
+    fused = all(p.device.type == "cuda" for p in params)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
+
+
+def _autocast(device: torch.device, amp: bool):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
+
+
+def train_epoch(model: TransNet, step_model: nn.Module, opt: torch.optim.Optimizer, sched, batches,
+                alphas: list[float], mse_scale: float, device: torch.device, amp: bool = True,
+                channels_last: bool = False, total: int | None = None, desc: str = "fit") -> dict[str, Any]:
+    """One pass over ``batches`` of ``(x_A, x_B)`` on ``device``. ``step_model`` is ``model`` or its DDP
+    wrapper. Returns device tensors (no sync inside the loop): sums of MSE and loss, and the count."""
+    step_model.train()
+    mse_sum = torch.zeros((), device=device, dtype=torch.float64)
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    steps = rows = 0
+    inv_scale = 1.0 / mse_scale
+    alpha_t = torch.tensor(alphas, dtype=torch.float32, device=device)   # (K,) once, not per step
+    for xa, xb in progress(batches, total, desc):
+        if channels_last:
+            xa = xa.contiguous(memory_format=torch.channels_last)
+        with _autocast(device, amp):
+            yhat = step_model(xa)                                  # (b, C_B, H, W)
+        mse = F.mse_loss(yhat.float(), xb)
+        loss = mse * inv_scale + model.alpha_penalty(alpha_t)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        mse_sum += mse.detach().double()
+        loss_sum += loss.detach().double()
+        steps += 1
+        rows += xa.shape[0]
+        fault_point("transnet_step")                     # reliability tests kill the process here
+    return {"mse_sum": mse_sum, "loss_sum": loss_sum, "steps": steps, "rows": rows}
+
+
+def _report(model: TransNet, src, info: PairInfo, batch_size: int, device: torch.device, held_out: bool) -> dict[str, Any]:
+    rep = variance_report(model, src.sequential(batch_size), device=device, split=info.split,
+                          source=info.source, target=info.target, layer=info.layer)
+    rep["held_out"] = held_out
+    return rep
+
+
+def _checkpoint(model: TransNet, cfg: FitConfig, alphas: list[float], infos: dict[str, PairInfo],
+                norm_stats: dict[str, Any], epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
+    train = infos["train"]
+    root = train.provenance_a.get("root", {})
+    return {
+        "state_dict": model.state_dict(), "arch": "transnet", "kind": "transnet", "num_classes": None,
+        "dataset": root.get("dataset"), "transform": root.get("transform"), "epoch": epoch, "metrics": metrics,
+        "config": asdict(cfg), "model_args": model_args(model), "alphas": alphas,
+        "source": train.source, "target": train.target, "layer": train.layer,
+        "features": str(Path(train.features).resolve()),
+        "target_features": str(Path(train.target_features).resolve()),
+        "feature_provenance": {split: {"source": i.provenance_a, "target": i.provenance_b}
+                               for split, i in infos.items()},
+        "norm_stats": norm_stats,
+    }
+
+
+def _diagnose(model: TransNet, src, info: PairInfo, epoch: int, last_good: str) -> str:
+    """Name the offending tensor of a non-finite epoch: the features, else the parameters."""
+    if isinstance(src, BlockPairs) and bool(src.nonfinite):
+        hit = find_nonfinite(info)
+        if hit is not None:
+            return f"epoch {epoch}: " + nonfinite_message(info, *hit) + f"; {last_good}"
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    what = f"non-finite parameters: {', '.join(bad)}" if bad else "the loss is non-finite"
+    return (f"training diverged at epoch {epoch} ({what}); lower --lr, or use --loss_scale target_var for "
+            f"features of large magnitude; {last_good}")
+
+
+# --------------------------------------------------------------------------- the fit
+
+def fit_transnet(cfg: FitConfig, out_dir: str | os.PathLike, mode: str = "new",
+                 on_epoch_end: Callable[[TransNet, int], None] | None = None) -> dict[str, Any]:
+    """Fit, evaluate and save a Trans-Net into ``out_dir``; return the metrics (held-out variance report
+    plus train MSE, epochs and time). ``mode``: new | resume | overwrite."""
+    alphas = validate(cfg)
+    rank, world, ours, device = _dist_setup(cfg.device)
+    try:
+        return _fit(cfg, alphas, Path(out_dir), mode, rank, world, device, on_epoch_end)
+    finally:
+        if ours:
+            torch.distributed.destroy_process_group()
+
+
+def _fit(cfg: FitConfig, alphas: list[float], out_dir: Path, mode: str, rank: int, world: int,
+         device: torch.device, on_epoch_end) -> dict[str, Any]:
+    if cfg.batch_size % world:
+        raise UserError(f"--batch_size {cfg.batch_size} must be divisible by the {world} DDP processes")
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")         # TF32 for fp32 matmuls; cudnn convs use it already
+        torch.backends.cudnn.benchmark = True              # fixed shapes: let cudnn pick the fastest kernels
+    train_info = open_pair(cfg.features, cfg.source, cfg.target, cfg.layer, cfg.train_split, cfg.target_features)
+    if 0 < cfg.train_rows < train_info.n:     # the first rows: a fixed, reproducible subset
+        train_info = replace(train_info, n=cfg.train_rows)
+    infos = {"train": train_info}
+    held_out = cfg.eval_split != NO_EVAL
+    eval_info = train_info
+    if held_out:
+        eval_info = open_pair(cfg.features, cfg.source, cfg.target, cfg.layer, cfg.eval_split, cfg.target_features)
+        if (eval_info.shape_a, eval_info.shape_b) != (train_info.shape_a, train_info.shape_b):
+            raise UserError(f"split {cfg.eval_split!r} has feature shapes {eval_info.shape_a} -> {eval_info.shape_b} "
+                            f"but split {cfg.train_split!r} has {train_info.shape_a} -> {train_info.shape_b}")
+        infos["eval"] = eval_info
+
+    run = RunDir(out_dir, mode) if rank == 0 else None
+    try:
+        # ---- data
+        placement = choose_placement(train_info.nbytes, device, cfg.data_on)
+        train_src = make_source(train_info, device, placement, cfg.block_rows)
+        if held_out:
+            eval_place = choose_placement(eval_info.nbytes, device, cfg.data_on,
+                                          reserved=train_info.nbytes if placement != "disk" else 0)
+            eval_src = make_source(eval_info, device, eval_place, cfg.block_rows)
+        else:
+            eval_place, eval_src = placement, train_src
+        eval_batch = max(cfg.batch_size, 128)
+
+        # ---- model, normalisation statistics, optimiser
+        model = build_transnet(cfg, train_info)
+        norm_stats: dict[str, Any] = {"input_norm": cfg.input_norm, "input_std": None, "target_var": None}
+        if cfg.input_norm == "global":
+            std = source_channel_std(train_src, cfg.block_rows)
+            model.set_input_scale(std)
+            norm_stats["input_std"] = std
+        mse_scale = 1.0
+        if cfg.loss_scale == "target_var":
+            tv = target_variance(train_src, cfg.block_rows)
+            if not tv > 0:
+                raise UserError(f"--loss_scale target_var: the target features {train_info.dataset_path('b')} "
+                                f"have zero variance")
+            norm_stats["target_var"] = tv
+            mse_scale = tv
+        model = model.to(device)
+        use_cl = device.type == "cuda" and cfg.channels_last
+        if use_cl:
+            model = model.to(memory_format=torch.channels_last)
+        step_model: nn.Module = model
+        if world > 1:
+            step_model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+        opt = make_optimizer(model, cfg)
+        steps = train_src.steps(cfg.batch_size, world)
+        sched = make_scheduler(opt, lr_config(cfg), steps)
+
+        # ---- resume
+        start_epoch, history, saved_epoch = 0, [], 0
+        last_path = out_dir / LAST_CKPT
+        if mode == "resume" and last_path.exists():
+            state = load_checkpoint(last_path, map_location=device)
+            _check_resume(state, cfg, last_path)
+            model.load_state_dict(state["state_dict"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            start_epoch, history = int(state["epoch"]), list(state.get("history", []))
+            saved_epoch = start_epoch
+            if rank == 0:
+                run.truncate_log(start_epoch)
+        if rank == 0:
+            run.write_config(cfg, device=device, alphas=alphas, world_size=world, placement=placement,
+                             eval_placement=eval_place, n_train=train_info.n,
+                             n_eval=eval_info.n if held_out else None, n_parameters=n_parameters(model),
+                             model_args=model_args(model), norm_stats=norm_stats,
+                             feature_provenance={k: {"source": i.provenance_a, "target": i.provenance_b}
+                                                 for k, i in infos.items()},
+                             loss_convention="MSE mean over all elements on raw targets" +
+                                             (" / Var(x_B) (deviation from the paper)" if mse_scale != 1.0 else "")
+                                             + " + sum_k alpha_k p_k^2")
+
+        # ---- epochs
+        last_rep = None
+        for epoch in range(start_epoch, cfg.epochs):
+            t0 = time.perf_counter()
+            stats = train_epoch(model, step_model, opt, sched,
+                                train_src.batches(cfg.batch_size, cfg.seed, epoch, rank, world), alphas,
+                                mse_scale, device, cfg.amp, use_cl, steps, f"fit {epoch + 1}/{cfg.epochs}")
+            mse = float(stats["mse_sum"]) / max(stats["steps"], 1)       # one sync per epoch
+            loss = float(stats["loss_sum"]) / max(stats["steps"], 1)
+            dt = time.perf_counter() - t0
+            feat_bad = isinstance(train_src, BlockPairs) and bool(train_src.nonfinite)
+            if not (torch.isfinite(torch.tensor([mse, loss])).all()) or feat_bad:
+                good = (f"the last good checkpoint is {last_path} (epoch {saved_epoch})"
+                        if saved_epoch else "no checkpoint was written before")
+                raise DivergenceError(_diagnose(model, train_src, train_info, epoch + 1, good))
+            gates = [float(g) for g in model.gates().detach().cpu()]
+            record: dict[str, Any] = {"epoch": epoch + 1, "train_mse": mse, "train_loss": loss,
+                                      "lr": opt.param_groups[0]["lr"], "epoch_time_s": dt,
+                                      "samples_per_s": stats["rows"] * world / max(dt, 1e-9),
+                                      "gates": gates, **{f"gate_{k + 1}": g for k, g in enumerate(gates)}}
+            last_epoch = epoch + 1 == cfg.epochs
+            if ((epoch + 1) % cfg.eval_every == 0 or last_epoch) and rank == 0:
+                rep = last_rep = _report(model, eval_src, eval_info, eval_batch, device, held_out)
+                record.update({"eval_r2": rep["r2"], "eval_mse": rep["mse"],
+                               **{f"eval_fraction_order{k}": v for k, v in enumerate(rep["fraction_orders"])}})
+            _barrier(world)
+            history.append(record)
+            if rank == 0:
+                run.log(record, step=epoch + 1)
+                if (epoch + 1) % cfg.save_every == 0 or last_epoch:
+                    ck = _checkpoint(model, cfg, alphas, infos, norm_stats, epoch + 1, record)
+                    save_checkpoint(last_path, {**ck, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                                "history": history})
+                    saved_epoch = epoch + 1
+            if on_epoch_end is not None:
+                on_epoch_end(model, epoch + 1)
+
+        # ---- final report and model
+        metrics: dict[str, Any] = {}
+        if rank == 0:
+            final = last_rep or _report(model, eval_src, eval_info, eval_batch, device, held_out)
+            last = history[-1] if history else {}
+            metrics = {**final, "train_split": cfg.train_split, "n_train": train_info.n,
+                       "train_mse": last.get("train_mse"), "train_loss": last.get("train_loss"),
+                       "epochs": len(history), "train_time_s": sum(h["epoch_time_s"] for h in history),
+                       "features": str(Path(cfg.features).resolve()), "placement": placement}
+            if not held_out:
+                metrics["warning"] = "no held-out split (--eval_split none): the report is in-sample"
+            save_checkpoint(out_dir / FINAL_CKPT, _checkpoint(model, cfg, alphas, infos, norm_stats,
+                                                              len(history), metrics))
+            run.finish(metrics)
+        _barrier(world)
+        return metrics
+    finally:
+        if run is not None:
+            run.close()
+
+
+def _check_resume(state: dict[str, Any], cfg: FitConfig, path: Path) -> None:
+    old = state.get("config") or {}
+    diffs = [f"{f.name}: {old.get(f.name)!r} -> {getattr(cfg, f.name)!r}" for f in fields(cfg)
+             if f.name not in RESUME_FREE and f.name in old and old.get(f.name) != getattr(cfg, f.name)]
+    if diffs:
+        raise UserError(f"cannot resume {path}: the run was started with other settings ({'; '.join(diffs)}); "
+                        f"use the original options or --overwrite")
+
+
+# --------------------------------------------------------------------------- loading
+
+def checkpoint_path(run_dir_or_ckpt: str | os.PathLike) -> Path:
+    p = Path(run_dir_or_ckpt)
+    if p.is_dir():
+        for name in (FINAL_CKPT, LAST_CKPT):
+            if (p / name).is_file():
+                return p / name
+        raise UserError(f"{p} holds no Trans-Net checkpoint ({FINAL_CKPT} or {LAST_CKPT}); is it a fit-transnet "
+                        f"run directory?")
+    if not p.is_file():
+        raise UserError(f"Trans-Net {p} does not exist (give a fit-transnet run directory or its {FINAL_CKPT})")
+    return p
+
+
+def load_transnet(run_dir_or_ckpt: str | os.PathLike, map_location: str | torch.device = "cpu"
+                  ) -> tuple[TransNet, dict[str, Any]]:
+    """A fitted Trans-Net (eval mode, CPU unless ``map_location``) and its info: source, target, layer,
+    features, target_features, config, epoch, metrics, norm_stats, feature_provenance, alphas, path."""
+    path = checkpoint_path(run_dir_or_ckpt)
+    ck = load_checkpoint(path, map_location=map_location)
+    if ck.get("kind") != "transnet" or "model_args" not in ck:
+        raise UserError(f"{path} is not a Trans-Net checkpoint (kind {ck.get('kind', ck.get('arch'))!r})")
+    args = dict(ck["model_args"])
+    model = TransNet(args.pop("channels"), args.pop("orders"), args.pop("kernel"), args.pop("input_norm"),
+                     args.pop("freeze_gates"), out_channels=args.pop("out_channels"), eps=args.pop("eps"))
+    model.load_state_dict(ck["state_dict"])
+    model.to(map_location).eval()
+    info = {k: ck.get(k) for k in ("source", "target", "layer", "features", "target_features", "config", "epoch",
+                                   "metrics", "norm_stats", "feature_provenance", "alphas", "dataset", "transform")}
+    info["path"] = str(path)
+    return model, info

@@ -1,0 +1,153 @@
+"""Variance of each order component, the residual and the target: one streaming float64 pass.
+
+For each tensor family T (Y_0..Y_K, the residual Δ = x_B − ŷ, the target x_B) the report's number
+is the per-channel centred mean square: centre every channel by its mean over samples and
+positions, then average the squares over everything (methods.md §1, "Variance.py"). Batches are
+merged with Chan et al.'s pairwise update (count, mean, M2 per channel, float64), so the result
+equals a two-pass computation over the whole split without holding it.
+
+The components are not orthogonal, so var_orders + var_residual need not equal var_target; every
+report says so in its ``note``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+NOTE = ("The order components Y_k and the residual are not orthogonal, so their variances (and "
+        "fractions) need not add up to the target's variance (to 1). Variances are per-channel "
+        "centred mean squares (mean over samples and positions removed per channel).")
+
+
+class ChannelMoments:
+    """Streaming per-channel count, mean and sum of squared deviations (float64).
+
+    ``update(x)`` with x: (N, C, H, W) or (N, C); ``variance()`` -> mean over channels of the
+    per-channel centred mean square; ``channel_variance()`` -> (C,); ``std()`` -> (C,) population std.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean: Tensor | None = None   # (C,) float64
+        self.m2: Tensor | None = None     # (C,) float64
+
+    def update(self, x: Tensor) -> None:
+        if x.dim() not in (2, 4):
+            raise ValueError(f"expected (N, C, H, W) or (N, C), got {tuple(x.shape)}")
+        x = x.detach().to(torch.float64)
+        dims = (0, 2, 3) if x.dim() == 4 else (0,)
+        n_b = x.numel() // x.shape[1]                        # values per channel in this batch
+        if n_b == 0:
+            return
+        mean_b = x.mean(dim=dims)                            # (C,)
+        shape = (1, -1, 1, 1) if x.dim() == 4 else (1, -1)
+        m2_b = (x - mean_b.view(shape)).pow(2).sum(dim=dims)  # (C,)
+        if self.mean is None:
+            self.count, self.mean, self.m2 = n_b, mean_b, m2_b
+            return
+        if mean_b.shape != self.mean.shape:
+            raise ValueError(f"channel count changed from {self.mean.numel()} to {mean_b.numel()}")
+        n_a = self.count
+        total = n_a + n_b
+        delta = mean_b - self.mean.to(mean_b.device)
+        self.mean = self.mean.to(mean_b.device) + delta * (n_b / total)
+        self.m2 = self.m2.to(mean_b.device) + m2_b + delta.pow(2) * (n_a * n_b / total)
+        self.count = total
+
+    def channel_variance(self) -> Tensor:
+        if self.m2 is None:
+            raise ValueError("no data accumulated")
+        return self.m2 / self.count
+
+    def variance(self) -> float:
+        return float(self.channel_variance().mean())
+
+    def std(self) -> Tensor:
+        return self.channel_variance().sqrt()
+
+
+@dataclass
+class VarianceAccumulator:
+    """Accumulates components, residual, target and the squared error over batches."""
+
+    orders: int
+    components: list[ChannelMoments] = field(default_factory=list)
+    residual: ChannelMoments = field(default_factory=ChannelMoments)
+    target: ChannelMoments = field(default_factory=ChannelMoments)
+    reconstruction: ChannelMoments = field(default_factory=ChannelMoments)
+    sq_err: float = 0.0
+    n_values: int = 0
+    n_samples: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.components:
+            self.components = [ChannelMoments() for _ in range(self.orders + 1)]
+
+    def update(self, components: Sequence[Tensor], yhat: Tensor, target: Tensor) -> None:
+        """components: K+1 tensors (N, C, H, W), order 0 first; yhat, target: (N, C, H, W)."""
+        if len(components) != self.orders + 1:
+            raise ValueError(f"{len(components)} components for {self.orders} orders")
+        if yhat.shape != target.shape:
+            raise ValueError(f"reconstruction {tuple(yhat.shape)} and target {tuple(target.shape)} differ in shape")
+        for acc, c in zip(self.components, components):
+            acc.update(c)
+        t64 = target.detach().to(torch.float64)
+        res = t64 - yhat.detach().to(torch.float64)          # Δ = x_B − ŷ
+        self.residual.update(res)
+        self.target.update(t64)
+        self.reconstruction.update(yhat)
+        self.sq_err += float(res.pow(2).sum())
+        self.n_values += res.numel()
+        self.n_samples += int(target.shape[0])
+
+    def report(self) -> dict[str, Any]:
+        """The contract's numbers (design.md): variances, fractions of var_target, R², MSE."""
+        var_t = self.target.variance()
+        var_o = [c.variance() for c in self.components]
+        var_r = self.residual.variance()
+        frac = (lambda v: v / var_t) if var_t > 0 else (lambda v: float("nan"))
+        return {
+            "n_samples": self.n_samples,
+            "var_target": var_t,
+            "var_orders": var_o,
+            "var_residual": var_r,
+            "var_reconstruction": self.reconstruction.variance(),
+            "fraction_orders": [frac(v) for v in var_o],
+            "fraction_residual": frac(var_r),
+            "r2": 1.0 - frac(var_r),
+            "mse": self.sq_err / max(self.n_values, 1),
+            "note": NOTE,
+        }
+
+
+@torch.no_grad()
+def accumulate(model: torch.nn.Module, batches: Iterable[tuple[Tensor, Tensor]],
+               device: torch.device | str | None = None) -> VarianceAccumulator:
+    """Run ``model.decompose`` over ``(x_A, x_B)`` batches (in the model's dtype) and accumulate in float64."""
+    was_training = model.training
+    model.eval()
+    acc = VarianceAccumulator(model.orders)
+    dtype = next(model.parameters()).dtype               # float32 (float64 in exactness checks)
+    try:
+        for xa, xb in batches:
+            if device is not None:
+                xa, xb = xa.to(device, non_blocking=True), xb.to(device, non_blocking=True)
+            comps, yhat = model.decompose(xa.to(dtype))
+            acc.update(comps, yhat, xb)
+    finally:
+        model.train(was_training)
+    return acc
+
+
+def variance_report(model: torch.nn.Module, batches: Iterable[tuple[Tensor, Tensor]], *,
+                    device: torch.device | str | None = None, **fields: Any) -> dict[str, Any]:
+    """The ``variance.json`` / ``metrics.json`` dict: ``fields`` (split, source, target, layer, ...)
+    first, then the variances, fractions, R², gates (order 1 first) and MSE."""
+    acc = accumulate(model, batches, device)
+    rep = acc.report()
+    gates = [float(g) for g in model.gates().detach().cpu()]
+    out = {**fields, **{k: v for k, v in rep.items() if k != "note"}, "gates": gates, "note": rep["note"]}
+    return out
