@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(PY) cli.py study studies/demo.yaml --out_dir runs/demo --resume
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadgroup -q --nbmake tests notebooks $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist loadfile -q --nbmake tests notebooks $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) bench/train_throughput.py

@@ -209,7 +209,11 @@ def generation_curves(rows: Sequence[Mapping[str, Any]], out_base: str | os.Path
         ax2.set_xlabel("generation")
         ax2.set_ylabel("residual fraction of Var(x_g)")
         ax2.set_title("inconsistent knowledge")
-        ax2.legend(frameon=False)
+        if ax2.get_legend_handles_labels()[1]:
+            ax2.legend(frameon=False)
+        else:
+            ax2.text(0.5, 0.5, "no Trans-Net between generations", ha="center", va="center",
+                     transform=ax2.transAxes, color="0.5")
         for ax in (ax1, ax2):
             ax.set_xticks(g)
         fig.suptitle(title)

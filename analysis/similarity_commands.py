@@ -18,8 +18,8 @@ import h5py
 
 from analysis.similarity import (CCA_FAMILY, CCA_FEATURES, CKA_FAMILY, FORMS, METRICS, MatrixResult,
                                  cca_matrices, cka_family_matrices, get_metric, minibatch_cka_matrix)
-from features.store import (FeatureFileError, get_features, list_layers, list_nets, open_features,
-                            provenance_of, read_index)
+from features.store import (FeatureFileError, check_checkpoint_unchanged, get_features, list_layers, list_nets,
+                            open_features, provenance_of, read_index)
 from training.cliutil import Command, add_dataclass_args, add_run_args, dataclass_from_args, parse_csv
 from training.runs import RunDir, UserError, run_mode, write_json
 
@@ -51,6 +51,7 @@ class SimilarityConfig:
     svcca_keep: float = 0.99         # fraction of variance SVCCA's SVD step keeps
     batch_size: int = 256            # cka_minibatch: samples per minibatch
     memory_gb: float = 4.0           # what the computation may hold in memory at once
+    allow_changed_checkpoints: bool = False   # use features whose checkpoint changed since extraction
 
 
 def parse_metrics(metric: str | Sequence[str]) -> list[str]:
@@ -81,7 +82,7 @@ def _check_options(cfg: SimilarityConfig) -> None:
 
 
 def open_layer(f: h5py.File, split: str, nets: Sequence[str] | None,
-               layer: str) -> tuple[list[str], list[h5py.Dataset]]:
+               layer: str, allow_changed_checkpoints: bool = False) -> tuple[list[str], list[h5py.Dataset]]:
     """The nets (all of the split when None) and their complete datasets at ``layer``; a net without
     the layer fails with what it has and which nets have the layer."""
     all_nets = list_nets(f, split)
@@ -100,6 +101,8 @@ def open_layer(f: h5py.File, split: str, nets: Sequence[str] | None,
             f"Nets with {layer!r}: {', '.join(having) or 'none'}; pass --nets to choose among them, or "
             f"python cli.py inspect {f.filename} to list the file")
     datasets = [get_features(f, split, n, layer) for n in nets]
+    for ds in datasets:
+        check_checkpoint_unchanged(ds, allow_changed_checkpoints)
     n_index = len(read_index(f, split))
     for name, ds in zip(nets, datasets):
         if ds.ndim < 2 or ds.shape[0] != n_index:
@@ -123,7 +126,7 @@ def _compute(features_path: str | Path, cfg: SimilarityConfig) -> dict[str, Any]
     metrics = parse_metrics(cfg.metric)
     memory = int(cfg.memory_gb * 2 ** 30)
     with open_features(features_path) as f:
-        nets, dss = open_layer(f, cfg.split, parse_csv(cfg.nets), cfg.layer)
+        nets, dss = open_layer(f, cfg.split, parse_csv(cfg.nets), cfg.layer, cfg.allow_changed_checkpoints)
         n = int(dss[0].shape[0])
         results: dict[str, MatrixResult] = {}
         if any(m in CKA_FAMILY for m in metrics):
@@ -173,6 +176,7 @@ HELP = {
     "svcca_keep": "fraction of variance kept by SVCCA's SVD step",
     "batch_size": "cka_minibatch: samples per minibatch",
     "memory_gb": "memory the computation may hold at once (GiB)",
+    "allow_changed_checkpoints": "use stored features even when their checkpoint changed since extraction",
 }
 
 
@@ -189,7 +193,7 @@ def write_similarity(features: str | Path, cfg: SimilarityConfig, out_dir: str |
     _check_options(cfg)
     parse_metrics(cfg.metric)
     with open_features(features) as f:
-        nets, dss = open_layer(f, cfg.split, parse_csv(cfg.nets), cfg.layer)
+        nets, dss = open_layer(f, cfg.split, parse_csv(cfg.nets), cfg.layer, cfg.allow_changed_checkpoints)
         inputs = {name: provenance_of(ds) for name, ds in zip(nets, dss)}
     with RunDir(out_dir, mode) as run:
         run.write_config(cfg, features=str(features), inputs=inputs)

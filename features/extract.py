@@ -59,7 +59,7 @@ from training.data import DataSpec, build_dataset, transform_spec
 from training.loop import make_loader, progress, resolve_device
 from training.models import model_from_checkpoint
 from training.registry import unknown_choice_message
-from training.runs import UserError, code_version, jsonable, load_checkpoint, now_utc, sha256_file
+from training.runs import UserError, code_version, fault_point, jsonable, load_checkpoint, now_utc, sha256_file
 
 RESERVED_NAMES = ("index", "label")
 KILL_EXIT_CODE = 75            # exit status of the simulated kill (--max_batches)
@@ -819,6 +819,7 @@ def _pass(data: FeatureData, splits, bounds, targets: Sequence[Target], starts: 
             writer.put(_Batch(split, row, row + b, arrays, event))
             row += b
             handed += 1
+            fault_point("extract_batch")                 # reliability tests kill the process here
             if stop_after is not None and handed >= stop_after:
                 if hard_kill:
                     sys.stderr.write(f"simulated kill after {handed} batches (--max_batches)\n")

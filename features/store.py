@@ -25,7 +25,7 @@ import h5py
 import numpy as np
 
 from training.registry import unknown_choice_message
-from training.runs import UserError, code_version, now_utc
+from training.runs import UserError, code_version, now_utc, sha256_file
 
 SCHEMA = "kc-features"
 SCHEMA_VERSION = 1
@@ -173,6 +173,32 @@ def iter_blocks(ds: h5py.Dataset, block_rows: int, dtype: Any = np.float32) -> I
 def provenance_of(ds: h5py.Dataset) -> dict[str, Any]:
     """Provenance attributes of a feature dataset plus the file's root attributes."""
     return {"file": str(ds.file.filename), "dataset": ds.name, "root": attrs_dict(ds.file), **attrs_dict(ds)}
+
+
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def check_checkpoint_unchanged(ds: h5py.Dataset, allow: bool = False) -> None:
+    """Refuse features whose checkpoint file changed since extraction (its sha256 differs from the
+    recorded ``checkpoint_sha256``). A checkpoint that is no longer there cannot be checked and passes;
+    ``allow`` (``--allow_changed_checkpoints``) skips the check."""
+    path, want = ds.attrs.get("checkpoint"), ds.attrs.get("checkpoint_sha256")
+    if allow or not path or not want:
+        return
+    p = Path(str(path))
+    if not p.is_file():
+        return
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        _SHA_CACHE[key] = sha256_file(p)
+    have = _SHA_CACHE[key]
+    if have != str(want):
+        raise FeatureFileError(
+            f"{ds.file.filename}: {ds.name} was extracted from {p} (sha256 {str(want)[:12]}...), but that checkpoint "
+            f"now has sha256 {have[:12]}...: it changed since extraction, so the stored features are not its "
+            f"features. Re-extract (python cli.py extract ... --overwrite), or pass --allow_changed_checkpoints "
+            f"to use the stored features anyway")
 
 
 # --------------------------------------------------------------------------- writing

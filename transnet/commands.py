@@ -21,6 +21,8 @@ FIT_HELP = {
     "target": "net B: the features to reconstruct",
     "layer": "layer (module path) in the file, e.g. features.30",
     "target_features": "a second kc-features file for the target (same rows required)",
+    "allow_changed_checkpoints": "use stored features even when their checkpoint file changed since extraction "
+                                 "(refused by default: the sha256 recorded in the feature file must match)",
     "train_split": "split to fit on",
     "train_rows": "fit on the first N rows of --train_split only (0: every row); held-out metrics still use "
                   "the whole --eval_split",

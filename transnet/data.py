@@ -32,7 +32,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from features.store import FeatureFileError, get_features, open_features, provenance_of, read_index
+from features.store import (FeatureFileError, check_checkpoint_unchanged, get_features, open_features,
+                            provenance_of, read_index)
 from training.runs import UserError
 from transnet.variance import ChannelMoments
 
@@ -82,23 +83,27 @@ class PairInfo:
 
 
 def open_pair(features: str | Path, source: str, target: str, layer: str, split: str,
-              target_features: str | Path | None = None) -> PairInfo:
-    """Check the request and return its shapes, dtypes and provenance (files are closed again)."""
+              target_features: str | Path | None = None, allow_changed_checkpoints: bool = False) -> PairInfo:
+    """Check the request and return its shapes, dtypes and provenance (files are closed again). Features
+    whose checkpoint changed since extraction are refused unless ``allow_changed_checkpoints``."""
     fa = str(features)
     fb = str(target_features) if target_features else fa
     with open_features(fa) as f:
         ds_a = get_features(f, split, source, layer)
+        check_checkpoint_unchanged(ds_a, allow_changed_checkpoints)
         idx_a = read_index(f, split)
         shape_a, dtype_a, prov_a = ds_a.shape, ds_a.dtype, provenance_of(ds_a)
         _check_rows(ds_a, idx_a)
         if fb == fa:
             ds_b = get_features(f, split, target, layer)
+            check_checkpoint_unchanged(ds_b, allow_changed_checkpoints)
             idx_b = idx_a
             shape_b, dtype_b, prov_b = ds_b.shape, ds_b.dtype, provenance_of(ds_b)
             _check_rows(ds_b, idx_b)
     if fb != fa:
         with open_features(fb) as f:
             ds_b = get_features(f, split, target, layer)
+            check_checkpoint_unchanged(ds_b, allow_changed_checkpoints)
             idx_b = read_index(f, split)
             shape_b, dtype_b, prov_b = ds_b.shape, ds_b.dtype, provenance_of(ds_b)
             _check_rows(ds_b, idx_b)

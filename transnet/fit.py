@@ -87,11 +87,12 @@ class FitConfig:
     amp: bool = True                    # bf16 autocast on CUDA (ignored on CPU)
     channels_last: bool = True          # CUDA only
     seed: int = 0
+    allow_changed_checkpoints: bool = False   # use features whose checkpoint changed since extraction
 
 
 # Options that may differ when a run is resumed (they change speed or paths, not the result).
 RESUME_FREE = ("features", "target_features", "device", "data_on", "block_rows", "eval_every", "save_every",
-               "amp", "channels_last")
+               "amp", "channels_last", "allow_changed_checkpoints")
 
 
 class DivergenceError(UserError):
@@ -303,14 +304,16 @@ def _fit(cfg: FitConfig, alphas: list[float], out_dir: Path, mode: str, rank: in
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")         # TF32 for fp32 matmuls; cudnn convs use it already
         torch.backends.cudnn.benchmark = True              # fixed shapes: let cudnn pick the fastest kernels
-    train_info = open_pair(cfg.features, cfg.source, cfg.target, cfg.layer, cfg.train_split, cfg.target_features)
+    train_info = open_pair(cfg.features, cfg.source, cfg.target, cfg.layer, cfg.train_split, cfg.target_features,
+                           cfg.allow_changed_checkpoints)
     if 0 < cfg.train_rows < train_info.n:     # the first rows: a fixed, reproducible subset
         train_info = replace(train_info, n=cfg.train_rows)
     infos = {"train": train_info}
     held_out = cfg.eval_split != NO_EVAL
     eval_info = train_info
     if held_out:
-        eval_info = open_pair(cfg.features, cfg.source, cfg.target, cfg.layer, cfg.eval_split, cfg.target_features)
+        eval_info = open_pair(cfg.features, cfg.source, cfg.target, cfg.layer, cfg.eval_split, cfg.target_features,
+                              cfg.allow_changed_checkpoints)
         if (eval_info.shape_a, eval_info.shape_b) != (train_info.shape_a, train_info.shape_b):
             raise UserError(f"split {cfg.eval_split!r} has feature shapes {eval_info.shape_a} -> {eval_info.shape_b} "
                             f"but split {cfg.train_split!r} has {train_info.shape_a} -> {train_info.shape_b}")

@@ -1,0 +1,603 @@
+"""A whole study from one declarative file: train a family, extract, fit Trans-Nets, compare, report.
+
+    python cli.py study studies/demo.yaml --out_dir runs/demo [--dry-run]
+
+The study file (YAML) names the data set, the members to train (seeds, a KD student, Born-Again
+generations, Knowledge-Evolution generations with slim nets), the layers to extract, the pairs to
+compare, the Trans-Net settings, the similarity baselines and the report. See ``studies/*.yaml``.
+
+Every stage is cached. Its *key* is a content hash of its own options and of what it reads (the
+sha256 of every checkpoint it uses, the keys of the stages it depends on). ``state.json`` records each
+stage's key and status: a stage whose outputs are complete and whose key is unchanged is skipped; an
+interrupted stage with the same key resumes; a stage whose key changed is redone from scratch (its
+outputs replaced), and so is everything downstream, whose keys change with it.
+
+Study folder (what ``report`` reads)::
+
+    STUDY/study.json                   the study file as resolved (with member names and pairs)
+    STUDY/state.json                   stage keys, status and times
+    STUDY/families/<family>/           run dirs + family.json (seeds, distill, born_again, evolve)
+    STUDY/features.h5                  kc-features v1: every member, every layer, train and test
+    STUDY/consistency/<layer>/         Trans-Net pairs, table.csv/json, matrices.json
+    STUDY/similarity/<layer>/          similarity.json
+    STUDY/diagnosis/<layer>/           blind spots / unreliable features of one pair
+    STUDY/figures/                     PNG + SVG
+    STUDY/report.html, report.md
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+from training.data import DataSpec
+from training.loop import TrainConfig
+from training.manifest import Member, read_manifest, write_manifest
+from training.registry import unknown_choice_message
+from training.runner import ModelSpec, is_finished, run_training
+from training.runs import RunDir, UserError, load_config_file, now_utc, read_json, sha256_file, sha256_json, write_json
+
+STATE_FILE = "state.json"
+FAMILY_KINDS = ("seeds", "distill", "born_again", "evolve")
+TOP_KEYS = ("name", "description", "data", "train", "members", "extract", "transnet", "pairs", "baselines",
+            "diagnose", "report", "device")
+
+
+# =========================================================================== the study file
+
+@dataclass(frozen=True)
+class ExtractSpec:
+    layers: tuple[str, ...] = ()
+    splits: tuple[str, ...] = ("train", "test")
+    dtype: str = "float32"
+    batch_size: int = 256
+    logits: bool = True
+
+
+@dataclass(frozen=True)
+class PairGroup:
+    """One group of pairs: a plan (all | chain | star:NAME) over nets, or explicit ``A>B`` pairs."""
+
+    plan: str
+    nets: tuple[str, ...] = ()
+    family: str | None = None
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    data: DataSpec
+    train: TrainConfig
+    members: dict[str, dict[str, Any]]
+    extract: ExtractSpec
+    transnet: dict[str, Any]
+    pairs: tuple[PairGroup, ...]
+    baselines: tuple[str, ...]
+    diagnose: tuple[str, str] | None
+    report: bool = True
+    description: str = ""
+    similarity_split: str = "test"
+    permutations: int = 20
+
+
+def _check_keys(section: str, given: dict[str, Any], valid: Sequence[str]) -> None:
+    bad = sorted(set(given) - set(valid))
+    if bad:
+        raise UserError(f"study file: unknown key(s) {', '.join(repr(b) for b in bad)} in {section}; "
+                        f"valid: {', '.join(valid)}")
+
+
+def _dc(cls: type, section: str, values: dict[str, Any] | None, **fixed: Any):
+    values = dict(values or {})
+    _check_keys(section, values, [f.name for f in dataclasses.fields(cls)])
+    try:
+        return cls(**{**values, **fixed})
+    except TypeError as e:
+        raise UserError(f"study file: {section}: {e}") from None
+
+
+def load_study(path: str | os.PathLike) -> Study:
+    """Read and validate a study file; unknown keys and bad values fail with the valid choices."""
+    if not Path(path).is_file():
+        shipped = sorted(str(p.relative_to(Path(__file__).resolve().parent.parent))
+                         for p in (Path(__file__).resolve().parent.parent / "studies").glob("*.yaml"))
+        raise UserError(f"study file {path} does not exist; shipped studies: {', '.join(shipped) or 'none'}")
+    raw = load_config_file(path)
+    _check_keys("the study file", raw, TOP_KEYS)
+    data = dict(raw.get("data") or {})
+    if "dataset" in data:
+        data["name"] = data.pop("dataset")
+    data_spec = _dc(DataSpec, "data", data)
+    train = _dc(TrainConfig, "train", {**(raw.get("train") or {}),
+                                       **({"device": raw["device"]} if raw.get("device") else {})})
+    members = raw.get("members") or {}
+    if not isinstance(members, dict) or not members:
+        raise UserError(f"study file: members must map family kinds to options; valid kinds: {', '.join(FAMILY_KINDS)}")
+    _check_keys("members", members, FAMILY_KINDS)
+    ex = dict(raw.get("extract") or {})
+    for k in ("layers", "splits"):
+        if k in ex:
+            ex[k] = tuple([ex[k]] if isinstance(ex[k], str) else ex[k])
+    extract = _dc(ExtractSpec, "extract", ex)
+    if not extract.layers:
+        raise UserError("study file: extract.layers must name at least one layer (e.g. features.8); "
+                        "python cli.py list-layers --arch ARCH lists them")
+    groups = []
+    for item in raw.get("pairs") or []:
+        if isinstance(item, str):
+            groups.append(PairGroup(plan=item))
+        elif isinstance(item, dict):
+            _check_keys("a pairs entry", item, ("plan", "nets", "family"))
+            groups.append(PairGroup(plan=str(item.get("plan", "all")), nets=tuple(item.get("nets") or ()),
+                                    family=item.get("family")))
+        else:
+            raise UserError(f"study file: a pairs entry must be a string or a mapping, got {item!r}")
+    if not groups:
+        raise UserError("study file: pairs is empty; give e.g. [{family: seeds, plan: all}] or ['seed0>seed5']")
+    base = raw.get("baselines") or ()
+    sim_split, perms = "test", 20
+    if isinstance(base, dict):  # {metrics: [...], split: test, permutations: 20}
+        _check_keys("baselines", base, ("metrics", "split", "permutations"))
+        sim_split, perms = str(base.get("split", sim_split)), int(base.get("permutations", perms))
+        base = base.get("metrics") or ()
+    base = tuple([base] if isinstance(base, str) else base)
+    if base:
+        from analysis.similarity_commands import parse_metrics
+
+        parse_metrics(",".join(base))
+    diag = raw.get("diagnose")
+    if diag is not None:
+        if not (isinstance(diag, (list, tuple)) and len(diag) == 2):
+            raise UserError(f"study file: diagnose must be a pair [A, B], got {diag!r}")
+        diag = (str(diag[0]), str(diag[1]))
+    return Study(name=str(raw.get("name") or Path(path).stem), data=data_spec, train=train, members=members,
+                 extract=extract, transnet=dict(raw.get("transnet") or {}), pairs=tuple(groups),
+                 baselines=base, diagnose=diag, report=bool(raw.get("report", True)),
+                 description=str(raw.get("description") or ""), similarity_split=sim_split, permutations=perms)
+
+
+# =========================================================================== stages and the cache
+
+@dataclass
+class Stage:
+    name: str
+    key: Callable[[], dict[str, Any]]          # what the stage reads; hashed into its cache key
+    run: Callable[[str], None]                 # run(mode): mode is new | resume | overwrite
+    outputs_ok: Callable[[], bool]             # outputs present and complete
+    out_paths: tuple[Path, ...] = ()           # removed before a changed stage is redone
+    reads_outputs: bool = False                # the key hashes upstream outputs (member checkpoints)
+    independent: bool = False                  # the key reads the study file only (no upstream stage)
+
+
+class StudyState:
+    """``state.json``: per stage its key, status (running | done), times."""
+
+    def __init__(self, root: Path):
+        self.path = root / STATE_FILE
+        self.data: dict[str, Any] = read_json(self.path) if self.path.exists() else {"stages": {}}
+
+    def get(self, name: str) -> dict[str, Any]:
+        return self.data["stages"].get(name, {})
+
+    def set(self, name: str, **values: Any) -> None:
+        self.data["stages"][name] = {**self.get(name), **values}
+        write_json(self.path, self.data)
+
+
+def stage_mode(prev: dict[str, Any], key: str, outputs_ok: bool, has_outputs: bool) -> str:
+    """What to do with a stage: skip | resume | overwrite | new (pure, tested)."""
+    same = prev.get("key") == key
+    if same and prev.get("status") == "done" and outputs_ok:
+        return "skip"
+    if same and has_outputs:
+        return "resume"
+    return "overwrite" if has_outputs else "new"
+
+
+def _exists(paths: Sequence[Path]) -> bool:
+    return any(p.exists() and (p.is_file() or any(p.iterdir())) for p in paths)
+
+
+def _remove(paths: Sequence[Path]) -> None:
+    for p in paths:
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+# =========================================================================== the runner
+
+class StudyRunner:
+    """Builds the stages of a study and runs them in order with caching."""
+
+    def __init__(self, study: Study, study_file: str | os.PathLike, out_dir: str | os.PathLike,
+                 log: Callable[[str], None] = print):
+        self.study, self.study_file, self.root = study, Path(study_file), Path(out_dir)
+        self.log = log
+        self.features = self.root / "features.h5"
+        self.fam_dir = self.root / "families"
+        self._keys: dict[str, str] = {}    # stage keys computed so far in this run or plan
+
+    # ------------------------------------------------------------------ members
+    def family_members(self, kind: str) -> list[Member]:
+        path = self.fam_dir / kind / "family.json"
+        return read_manifest(path) if path.exists() else []
+
+    def all_members(self) -> dict[str, Member]:
+        """Every member of every trained family, by name (a teacher listed twice is one member)."""
+        out: dict[str, Member] = {}
+        for kind in self.study.members:
+            for m in self.family_members(kind):
+                if m.name in out and Path(out[m.name].checkpoint).resolve() != Path(m.checkpoint).resolve():
+                    raise UserError(f"member name {m.name!r} names two checkpoints: {out[m.name].checkpoint} "
+                                    f"and {m.checkpoint}; rename one in the study file")
+                out.setdefault(m.name, m)
+        return out
+
+    def _member_hashes(self, names: Sequence[str] | None = None) -> dict[str, str]:
+        members = self.all_members()
+        names = sorted(members) if names is None else names
+        return {n: sha256_file(members[n].checkpoint) for n in names if n in members}
+
+    # ------------------------------------------------------------------ stages
+    def stages(self) -> list[Stage]:
+        s = self.study
+        st: list[Stage] = []
+        base_key = {"data": asdict(s.data), "train": asdict(s.train)}
+        for kind in FAMILY_KINDS:
+            if kind in s.members:
+                st.append(self._family_stage(kind, s.members[kind], base_key))
+        st.append(Stage("extract", self._extract_key, self._run_extract, self._extract_ok, (self.features,),
+                        reads_outputs=True))
+        for layer in s.extract.layers:
+            st.append(self._consistency_stage(layer))
+            if s.baselines:
+                st.append(self._similarity_stage(layer))
+            if s.diagnose:
+                st.append(self._diagnose_stage(layer))
+        if s.report:
+            upstream = [x.name for x in st]
+            st.append(Stage("report", lambda: {"upstream": [self._done_key(n) for n in upstream]},
+                            self._run_report, lambda: (self.root / "report.html").exists(),
+                            (self.root / "figures",)))
+        return st
+
+    def _done_key(self, name: str) -> str | None:
+        """The key of an upstream stage: as computed in this run (or plan), else as last recorded."""
+        if name in self._keys:
+            return self._keys[name]
+        return StudyState(self.root).get(name).get("key")
+
+    # -- families
+    def _family_stage(self, kind: str, opts: dict[str, Any], base_key: dict[str, Any]) -> Stage:
+        out = self.fam_dir / kind
+
+        def key() -> dict[str, Any]:
+            k = {**base_key, "kind": kind, "options": opts}
+            if kind == "distill":  # the teacher is another member: its content is an input
+                teacher = str(opts.get("teacher", ""))
+                k["teacher_sha256"] = self._member_hashes([teacher]).get(teacher)
+            return k
+
+        def ok() -> bool:
+            try:
+                members = read_manifest(out / "family.json")
+            except UserError:
+                return False
+            return all(Path(m.checkpoint).is_file() and (m.sha256 is None or sha256_file(m.checkpoint) == m.sha256)
+                       for m in members)
+
+        return Stage(f"train/{kind}", key, lambda mode: self._run_family(kind, opts, out, mode), ok, (out,),
+                     reads_outputs=kind == "distill", independent=kind != "distill")
+
+    def _train_cfg(self, opts: dict[str, Any]) -> TrainConfig:
+        over = dict(opts.get("train") or {})
+        _check_keys("members.*.train", over, [f.name for f in dataclasses.fields(TrainConfig)])
+        return replace(self.study.train, **over)
+
+    def _run_family(self, kind: str, opts: dict[str, Any], out: Path, mode: str) -> None:
+        from training.families import BANConfig, KDConfig, born_again, distill
+        from training.ke_commands import EvolveConfig, evolve
+
+        s = self.study
+        opts = dict(opts)
+        cfg = self._train_cfg(opts)
+        arch = str(opts.get("arch", "vgg_tiny"))
+        spec = ModelSpec(arch)
+        if kind == "seeds":
+            _check_keys("members.seeds", opts, ("arch", "seeds", "train", "prefix"))
+            seeds = [int(x) for x in opts.get("seeds", [0, 5])]
+            prefix = str(opts.get("prefix", "seed"))
+            out.mkdir(parents=True, exist_ok=True)
+            members = []
+            for seed in seeds:
+                run_dir = out / f"{prefix}{seed}"
+                if not is_finished(run_dir):
+                    self.log(f"  training {prefix}{seed} ({arch}, {cfg.epochs} epochs)")
+                    has = run_dir.is_dir() and any(run_dir.iterdir())
+                    res = run_training(s.data, spec, replace(cfg, seed=seed), run_dir,
+                                       "resume" if has and mode != "overwrite" else ("overwrite" if has else "new"),
+                                       desc=f"{prefix}{seed}")
+                    self.log(f"  {prefix}{seed}: test top-1 {res.metrics['test_top1']:.2f}%")
+                m = read_json(run_dir / "metrics.json")
+                members.append(Member(f"{prefix}{seed}", str(run_dir / "last.pt"), "seed", arch=arch,
+                                      metrics={"test_top1": m.get("test_top1")}))
+            write_manifest(out, "seeds", members, config={"data": asdict(s.data), "train": asdict(cfg), "seeds": seeds})
+        elif kind == "distill":
+            _check_keys("members.distill", opts, ("arch", "teacher", "alpha", "temperature", "train", "name"))
+            teacher = str(opts.get("teacher", ""))
+            members = self.all_members()
+            if teacher not in members:
+                raise UserError(unknown_choice_message("teacher member", teacher, sorted(members),
+                                                       "The teacher must be a member trained earlier in the study."))
+            kd = KDConfig(teacher=members[teacher].checkpoint, alpha=float(opts.get("alpha", 0.9)),
+                          temperature=float(opts.get("temperature", 4.0)), teacher_name=teacher,
+                          student_name=str(opts.get("name", "kd_student")))
+            self.log(f"  distilling {kd.student_name} ({arch}) from {teacher}, alpha {kd.alpha}, T {kd.temperature}")
+            res = distill(s.data, spec, kd, cfg, out, mode)
+            self.log(f"  {kd.student_name}: test top-1 {res.train.metrics['test_top1']:.2f}% "
+                     f"(teacher {res.teacher_metrics['test_top1']:.2f}%)")
+        elif kind == "born_again":
+            _check_keys("members.born_again", opts, ("arch", "generations", "lambda", "temperature", "train"))
+            ban = BANConfig(generations=int(opts.get("generations", 3)), lam=float(opts.get("lambda", 0.5)),
+                            temperature=float(opts.get("temperature", 1.0)))
+            self.log(f"  born-again: {ban.generations} generations of {arch}, lambda {ban.lam}, T {ban.temperature}")
+            res = born_again(s.data, spec, ban, cfg, out, mode)
+            for r in res.generations:
+                self.log(f"  {r['name']}: test top-1 {r['test_top1']:.2f}%, ensemble {r['ensemble_top1']:.2f}%")
+        elif kind == "evolve":
+            _check_keys("members.evolve", opts, ("arch", "generations", "split", "split_rate", "train"))
+            ke = EvolveConfig(generations=int(opts.get("generations", 3)), split=str(opts.get("split", "kels")).lower(),
+                              split_rate=float(opts.get("split_rate", 0.5)))
+            self.log(f"  knowledge evolution: {ke.generations} generations of {arch}, {ke.split} split {ke.split_rate}")
+            rows = evolve(s.data, spec, cfg, ke, out, mode, log=lambda m: self.log("  " + m))
+            for r in rows:
+                slim = f", slim {r['slim_top1']:.2f}%" if r.get("slim_top1") is not None else ""
+                self.log(f"  ke_g{r['generation']}: dense {r['dense_top1']:.2f}%{slim}")
+
+    # -- extraction
+    def _extract_key(self) -> dict[str, Any]:
+        return {"extract": asdict(self.study.extract), "data": asdict(self.study.data),
+                "members": self._member_hashes()}
+
+    def _extract_ok(self) -> bool:
+        from features.store import FeatureFileError, get_features, list_nets, open_features
+
+        try:
+            with open_features(self.features) as f:
+                names = self.all_members()
+                for split in self.study.extract.splits:
+                    have = list_nets(f, split)
+                    for net in names:
+                        if net not in have:
+                            return False
+                        for layer in self.study.extract.layers:
+                            get_features(f, split, net, layer)
+        except (FeatureFileError, UserError, OSError, KeyError):
+            return False
+        return True
+
+    def _run_extract(self, mode: str) -> None:
+        from features.extract import ExtractConfig, build_feature_data, data_spec_for, extract_features, load_net
+
+        members = self.all_members()
+        e = self.study.extract
+        nets = [load_net(n, m.checkpoint, m.sha256) for n, m in members.items()]
+        spec = data_spec_for(nets, {})
+        data = build_feature_data(spec, e.splits)
+        cfg = ExtractConfig(split=",".join(e.splits), dtype=e.dtype, batch_size=e.batch_size, logits=e.logits,
+                            device=self.study.train.device)
+        self.log(f"  extracting {', '.join(e.layers)} of {len(members)} nets ({', '.join(members)}) "
+                 f"for splits {', '.join(e.splits)}")
+        res = extract_features(nets, data, [(layer, None) for layer in e.layers], self.features, cfg,
+                               "resume" if mode == "resume" else "auto",
+                               command=f"cli.py study {self.study_file} --out_dir {self.root}")
+        self.log(f"  {res.images} images in {res.seconds:.1f}s ({res.images_per_s:.0f} images/s)")
+
+    # -- consistency
+    def expand_pairs(self) -> tuple[list[str], list[tuple[str, str]]]:
+        """The study's pair groups as one ordered list of (source, target) pairs over member names."""
+        from analysis.consistency import plan_pairs
+
+        members = self.all_members()
+        pairs: list[tuple[str, str]] = []
+        for g in self.study.pairs:
+            if g.family is not None:
+                if g.family not in self.study.members:
+                    raise UserError(unknown_choice_message("family", g.family, sorted(self.study.members),
+                                                           "(pairs entry)"))
+                nets = [m.name for m in self.family_members(g.family)]
+            else:
+                nets = list(g.nets) or list(members)
+            unknown = [n for n in nets if n not in members]
+            if unknown:
+                raise UserError(f"pairs: unknown member(s) {unknown}; members: {', '.join(members)}")
+            for p in plan_pairs(nets, g.plan):
+                if p[0] not in members or p[1] not in members:
+                    raise UserError(f"pairs: {p[0]}>{p[1]} names an unknown member; members: {', '.join(members)}")
+                if p not in pairs:
+                    pairs.append(p)
+        nets_used = [n for n in members if any(n in p for p in pairs)]
+        return nets_used, pairs
+
+    def _fit_config(self):
+        from transnet.fit import FitConfig
+
+        t = dict(self.study.transnet)
+        if "alpha" in t and isinstance(t["alpha"], (list, tuple)):
+            t["alpha"] = ",".join(str(a) for a in t["alpha"])
+        t.setdefault("device", self.study.train.device)
+        return _dc(FitConfig, "transnet", t)
+
+    def _consistency_stage(self, layer: str) -> Stage:
+        out = self.root / "consistency" / layer
+
+        def key() -> dict[str, Any]:
+            nets, pairs = self.expand_pairs()
+            return {"extract": self._done_key("extract"), "layer": layer, "fit": asdict(self._fit_config()),
+                    "pairs": pairs}
+
+        def run(mode: str) -> None:
+            from analysis.consistency import ConsistencyConfig, run_consistency
+
+            nets, pairs = self.expand_pairs()
+            cfg = ConsistencyConfig(features=str(self.features), layer=layer,
+                                    pairs=",".join(f"{a}>{b}" for a, b in pairs), nets=",".join(nets))
+            self.log(f"  fitting {len(pairs)} Trans-Nets at {layer}")
+            run_consistency(cfg, self._fit_config(), out, mode, log=lambda m: self.log("  " + m))
+
+        return Stage(f"consistency/{layer}", key, run, lambda: (out / "table.json").exists(), (out,))
+
+    def _similarity_stage(self, layer: str) -> Stage:
+        out = self.root / "similarity" / layer
+
+        def key() -> dict[str, Any]:
+            return {"extract": self._done_key("extract"), "layer": layer, "metrics": list(self.study.baselines),
+                    "nets": self.expand_pairs()[0], "split": self.study.similarity_split,
+                    "permutations": self.study.permutations}
+
+        def run(mode: str) -> None:
+            from analysis.similarity_commands import SimilarityConfig, write_similarity
+
+            nets = self.expand_pairs()[0]
+            cfg = SimilarityConfig(layer=layer, split=self.study.similarity_split, nets=",".join(nets),
+                                   metric=",".join(self.study.baselines), permutations=self.study.permutations)
+            self.log(f"  {', '.join(self.study.baselines)} over {len(nets)} nets at {layer}")
+            write_similarity(self.features, cfg, out, "resume" if mode == "resume" else "new")
+
+        return Stage(f"similarity/{layer}", key, run, lambda: (out / "similarity.json").exists(), (out,))
+
+    def _diagnose_stage(self, layer: str) -> Stage:
+        out = self.root / "diagnosis" / layer
+        a, b = self.study.diagnose  # type: ignore[misc]
+
+        def key() -> dict[str, Any]:
+            return {"consistency": self._done_key(f"consistency/{layer}"), "pair": [a, b]}
+
+        def run(mode: str) -> None:
+            from analysis.diagnose import run_diagnosis
+
+            cons = self.root / "consistency" / layer
+            self.log(f"  blind spots and unreliable features of {a} and {b} at {layer}")
+            run_diagnosis(cons, a, b, str(self.features), out, mode)
+
+        return Stage(f"diagnosis/{layer}", key, run, lambda: (out / "diagnosis.json").exists(), (out,))
+
+    def _run_report(self, mode: str) -> None:
+        from analysis.report import write_report
+
+        paths = write_report(self.root)
+        self.log(f"  wrote {', '.join(str(p) for p in paths)}")
+
+    # ------------------------------------------------------------------ running
+    def write_study_json(self) -> None:
+        write_json(self.root / "study.json", {"name": self.study.name, "description": self.study.description,
+                                              "study_file": str(self.study_file.resolve()),
+                                              "data": asdict(self.study.data), "train": asdict(self.study.train),
+                                              "members": self.study.members,
+                                              "extract": asdict(self.study.extract),
+                                              "transnet": self.study.transnet,
+                                              "pairs": [asdict(p) for p in self.study.pairs],
+                                              "baselines": list(self.study.baselines),
+                                              "diagnose": list(self.study.diagnose or []),
+                                              "updated_utc": now_utc()})
+
+    def plan(self) -> list[tuple[str, str]]:
+        """(stage, what would happen) without running anything. A stage whose key reads the outputs of
+        an upstream stage that must run (member checkpoints), or follows a stage whose key cannot be
+        known yet, is 'run (after upstream stages)'."""
+        state = StudyState(self.root)
+        rows: list[tuple[str, str]] = []
+        self._keys = {}
+        unknown = False        # a stage's key could not be computed: later keys are unknown too
+        outputs_change = False  # a training stage will run: keys that hash member checkpoints will change
+        for stage in self.stages():
+            if (unknown and not stage.independent) or (outputs_change and stage.reads_outputs):
+                rows.append((stage.name, "run (after upstream stages)"))
+                unknown = unknown or not stage.independent
+                continue
+            try:
+                key = sha256_json(stage.key())
+            except (UserError, OSError):
+                rows.append((stage.name, "run (inputs not ready)"))
+                unknown = True
+                continue
+            self._keys[stage.name] = key
+            mode = stage_mode(state.get(stage.name), key, stage.outputs_ok(), _exists(stage.out_paths))
+            what = {"skip": "cached", "resume": "resume (interrupted)", "new": "run",
+                    "overwrite": "redo (inputs changed)"}[mode]
+            rows.append((stage.name, what))
+            outputs_change |= mode != "skip" and stage.name.startswith("train/")
+        self._keys = {}
+        return rows
+
+    def run(self) -> list[dict[str, Any]]:
+        state = StudyState(self.root)
+        stages = self.stages()
+        times = []
+        t_all = time.perf_counter()
+        self._keys = {}
+        for i, stage in enumerate(stages, 1):
+            key = sha256_json(stage.key())
+            self._keys[stage.name] = key
+            prev = state.get(stage.name)
+            mode = stage_mode(prev, key, stage.outputs_ok(), _exists(stage.out_paths))
+            if mode == "skip":
+                self.log(f"[{i}/{len(stages)}] {stage.name}: cached")
+                times.append({"stage": stage.name, "status": "cached", "time_s": prev.get("time_s")})
+                continue
+            if mode == "overwrite":
+                _remove(stage.out_paths)
+                mode = "new"
+            self.log(f"[{i}/{len(stages)}] {stage.name}: {'resuming' if mode == 'resume' else 'running'}")
+            state.set(stage.name, key=key, status="running", started_utc=now_utc())
+            t0 = time.perf_counter()
+            stage.run(mode)
+            dt = time.perf_counter() - t0
+            if not stage.outputs_ok():
+                raise UserError(f"stage {stage.name} finished but its outputs are incomplete in {self.root}")
+            state.set(stage.name, key=key, status="done", time_s=round(dt, 2), finished_utc=now_utc())
+            self.log(f"[{i}/{len(stages)}] {stage.name}: done in {dt:.1f}s")
+            times.append({"stage": stage.name, "status": "ran", "time_s": round(dt, 2)})
+        state.data["total_time_s"] = round(time.perf_counter() - t_all, 2)
+        state.data["last_run"] = times
+        write_json(state.path, state.data)
+        return times
+
+
+def run_study(study_file: str | os.PathLike, out_dir: str | os.PathLike, dry_run: bool = False,
+              overwrite: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or plan) a study; returns ``{"plan"}`` for a dry run, else ``{"stages", "summary", "report"}``."""
+    study = load_study(study_file)
+    root = Path(out_dir)
+    if root.is_dir() and any(root.iterdir()) and not (root / STATE_FILE).exists() and not overwrite:
+        raise UserError(f"{root} exists, is not empty and holds no study ({STATE_FILE} missing); choose another "
+                        f"--out_dir or pass --overwrite to replace its contents")
+    runner = StudyRunner(study, study_file, root, log)
+    if dry_run:
+        plan = runner.plan() if root.is_dir() else [(s.name, "run") for s in runner.stages()]
+        for name, what in plan:
+            log(f"  {name:<32} {what}")
+        return {"plan": plan}
+    with RunDir(root, "overwrite" if overwrite else "resume") as run:
+        run.write_config({"study_file": str(Path(study_file).resolve()), "study": load_config_file(study_file)})
+        runner.write_study_json()
+        stages = runner.run()
+        summary = study_summary(root)
+        run.finish({"stages": stages, "summary": summary})
+    report = root / "report.html"
+    return {"stages": stages, "summary": summary, "report": str(report) if report.exists() else None}
+
+
+def study_summary(root: Path, max_lines: int = 5) -> list[str]:
+    """Short plain-language findings computed from the study's tables (no invented claims)."""
+    from analysis.report import summary_lines
+
+    return summary_lines(root)[:max_lines]
