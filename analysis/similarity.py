@@ -343,13 +343,21 @@ def gram_moments(k: np.ndarray, l: np.ndarray | None = None, *, fk: np.ndarray |
     return Moments(n, hsic_biased(k, l), hsic_unbiased(k, l), ss_x, ss_y, nuc)
 
 
-def choose_form(n: int, p: int, q: int, form: str = "auto") -> str:
-    """``features`` (memory independent of N) or ``gram`` (memory independent of C·H·W)."""
+def choose_form(n: int, p: int, q: int, form: str = "auto", permutations: int = 0) -> str:
+    """``features`` (memory independent of N) or ``gram`` (memory independent of C·H·W).
+
+    ``auto`` picks the cheaper in multiply-adds: the feature form costs n·p·q per evaluation (the
+    observed value and every permutation), the Gram form n²·max(p, q) once to build the Gram matrices
+    plus about 4·n² per evaluation (a permuted Gram is a gather). Without permutations this is
+    "features when C·H·W <= N"; with a null, the Gram form wins for all but very large N."""
     if form not in FORMS:
         raise UserError(unknown_choice_message("CKA form", form, list(FORMS)))
     if form != "auto":
         return form
-    return "features" if max(p, q) <= n else "gram"
+    evals = 1 + max(int(permutations), 0)
+    cost_features = n * p * q * evals
+    cost_gram = n * n * max(p, q) + 4 * n * n * evals
+    return "features" if cost_features <= cost_gram else "gram"
 
 
 def pair_moments(x: Any, y: Any, *, form: str = "auto", nuclear: bool = False,
@@ -765,8 +773,11 @@ def cka_family_matrices(sources: Sequence[Any], metrics: Sequence[str], *, form:
     srcs = [as_source(s) for s in sources]
     n, k = _same_rows(srcs), len(srcs)
     dims = [row_dim(s) for s in srcs]
-    chosen = choose_form(n, max(dims), max(dims), form)
+    chosen = choose_form(n, max(dims), max(dims), form, permutations)
     nuclear = "procrustes" in metrics
+    if form == "auto" and chosen == "gram" and \
+            k * n * n * 8 * (2 if nuclear else 1) + (n * n * 8 if permutations else 0) > memory_bytes:
+        chosen = "features"                 # the Gram matrices would not fit: stream the features instead
     res = {m: MatrixResult(m, get_metric(m).direction, np.full((k, k), np.nan),
                            np.full((permutations, k, k), np.nan) if permutations else None,
                            {"form": chosen}) for m in metrics}

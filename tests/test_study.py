@@ -243,3 +243,12 @@ def test_a_study_killed_in_training_extraction_and_fitting_resumes_to_the_same_r
     sb = read_json(out / "similarity/features.8/similarity.json")["metrics"]
     for m in sa:
         assert np.allclose(np.array(sa[m]["matrix"], float), np.array(sb[m]["matrix"], float), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["demo", "kc_stability_cub", "ke_flower102", "kd_ban_cifar"])
+def test_shipped_studies_load_and_plan(name, tmp_path):
+    sf = ROOT / "studies" / f"{name}.yaml"
+    study = load_study(sf)
+    assert study.extract.layers and study.pairs
+    plan = run_study(sf, tmp_path / "out", dry_run=True, log=lambda m: None)["plan"]
+    assert plan[0][1] == "run" and plan[-1][0] == "report"
