@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from training.data import DataSpec
-from training.loop import TrainConfig
+from training.loop import TrainConfig, local_only
 from training.manifest import Member, read_manifest, write_manifest
 from training.registry import unknown_choice_message
 from training.runner import ModelSpec, is_finished, run_training
@@ -173,6 +173,7 @@ class Stage:
     out_paths: tuple[Path, ...] = ()           # removed before a changed stage is redone
     reads_outputs: bool = False                # the key hashes upstream outputs (member checkpoints)
     independent: bool = False                  # the key reads the study file only (no upstream stage)
+    dist_run: Callable[[str], None] | None = None   # under torchrun, run on every rank (else rank 0 runs ``run``)
 
 
 class StudyState:
@@ -205,11 +206,85 @@ def _exists(paths: Sequence[Path]) -> bool:
 
 
 def _remove(paths: Sequence[Path]) -> None:
+    from features.extract import shard_files
+
     for p in paths:
         if p.is_dir():
             shutil.rmtree(p)
         elif p.exists():
             p.unlink()
+        if p.suffix == ".h5":                   # torchrun shard files beside a feature file
+            for shard in shard_files(p):
+                shard.unlink()
+
+
+# =========================================================================== torchrun
+
+class Ranks:
+    """The processes of a study under ``torchrun`` (one process otherwise): gloo collectives for the
+    control plane only. Rank 0 owns the study folder (lock, state, manifests, tables, report); the
+    other ranks train their share of the seeds, extract their shard of the rows and fit their share
+    of the Trans-Net pairs, each as one local process, so the results equal a one-process run."""
+
+    def __init__(self, use_env: bool = True) -> None:
+        """``use_env=False``: one process whatever the environment says (plans, tests)."""
+        self.world = int(os.environ.get("WORLD_SIZE", "1")) if use_env else 1
+        self.rank = int(os.environ.get("RANK", "0")) if use_env else 0
+        self.owned = False
+        if self.world > 1:
+            import datetime
+
+            import torch.distributed as dist
+
+            if not dist.is_initialized():  # long timeout: the other ranks wait while rank 0 trains a family
+                dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+                self.owned = True
+            self.dist = dist
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            self.dist.barrier()
+
+    def from_main(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        self.dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def any_failed(self, failed: bool) -> bool:
+        if self.world == 1:
+            return failed
+        import torch
+
+        t = torch.tensor([int(failed)], dtype=torch.int64)
+        self.dist.all_reduce(t)
+        return bool(t.item())
+
+    def together(self, what: str, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on this rank; if it fails on any rank, fail on every rank (no rank is left waiting)."""
+        err: BaseException | None = None
+        out = None
+        try:
+            out = fn()
+        except Exception as e:      # re-raised below, after every rank knows
+            err = e
+        if self.any_failed(err is not None):
+            if err is not None:
+                raise err
+            raise UserError(f"{what} failed on another rank; its error is printed above")
+        return out
+
+    def close(self) -> None:
+        if self.owned:
+            self.dist.destroy_process_group()
+            self.owned = False
 
 
 # =========================================================================== the runner
@@ -218,9 +293,10 @@ class StudyRunner:
     """Builds the stages of a study and runs them in order with caching."""
 
     def __init__(self, study: Study, study_file: str | os.PathLike, out_dir: str | os.PathLike,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, ranks: Ranks | None = None):
         self.study, self.study_file, self.root = study, Path(study_file), Path(out_dir)
-        self.log = log
+        self.ranks = ranks or Ranks()
+        self.log = log if self.ranks.main else (lambda m: None)
         self.features = self.root / "features.h5"
         self.fam_dir = self.root / "families"
         self._keys: dict[str, str] = {}    # stage keys computed so far in this run or plan
@@ -255,7 +331,7 @@ class StudyRunner:
             if kind in s.members:
                 st.append(self._family_stage(kind, s.members[kind], base_key))
         st.append(Stage("extract", self._extract_key, self._run_extract, self._extract_ok, (self.features,),
-                        reads_outputs=True))
+                        reads_outputs=True, dist_run=self._run_extract))
         for layer in s.extract.layers:
             st.append(self._consistency_stage(layer))
             if s.baselines:
@@ -294,8 +370,9 @@ class StudyRunner:
             return all(Path(m.checkpoint).is_file() and (m.sha256 is None or sha256_file(m.checkpoint) == m.sha256)
                        for m in members)
 
-        return Stage(f"train/{kind}", key, lambda mode: self._run_family(kind, opts, out, mode), ok, (out,),
-                     reads_outputs=kind == "distill", independent=kind != "distill")
+        run = lambda mode: self._run_family(kind, opts, out, mode)  # noqa: E731
+        return Stage(f"train/{kind}", key, run, ok, (out,), reads_outputs=kind == "distill",
+                     independent=kind != "distill", dist_run=run if kind == "seeds" else None)
 
     def _train_cfg(self, opts: dict[str, Any]) -> TrainConfig:
         over = dict(opts.get("train") or {})
@@ -316,6 +393,22 @@ class StudyRunner:
             seeds = [int(x) for x in opts.get("seeds", [0, 5])]
             prefix = str(opts.get("prefix", "seed"))
             out.mkdir(parents=True, exist_ok=True)
+            r = self.ranks
+            mine = seeds[r.rank::r.world] if r.world > 1 else seeds     # under torchrun: round-robin over ranks
+            for seed in mine:
+                run_dir = out / f"{prefix}{seed}"
+                if not is_finished(run_dir):
+                    self.log(f"  training {prefix}{seed} ({arch}, {cfg.epochs} epochs)")
+                    has = run_dir.is_dir() and any(run_dir.iterdir())
+                    with local_only():
+                        res = run_training(s.data, spec, replace(cfg, seed=seed), run_dir,
+                                           "resume" if has and mode != "overwrite" else ("overwrite" if has else "new"),
+                                           desc=f"{prefix}{seed}")
+                    self.log(f"  {prefix}{seed}: test top-1 {res.metrics['test_top1']:.2f}%")
+            if r.world > 1:
+                r.barrier()
+                if not r.main:
+                    return
             members = []
             for seed in seeds:
                 run_dir = out / f"{prefix}{seed}"
@@ -453,7 +546,25 @@ class StudyRunner:
             self.log(f"  fitting {len(pairs)} Trans-Nets at {layer}")
             run_consistency(cfg, self._fit_config(), out, mode, log=lambda m: self.log("  " + m))
 
-        return Stage(f"consistency/{layer}", key, run, lambda: (out / "table.json").exists(), (out,))
+        def dist_run(mode: str) -> None:
+            """Every rank fits its share of the pairs (one local process each); rank 0 then writes
+            the tables, reusing them all."""
+            from analysis.consistency import fit_or_reuse, pair_dirname
+
+            nets, pairs = self.expand_pairs()
+            fit, r = self._fit_config(), self.ranks
+            if r.main:
+                self.log(f"  fitting {len(pairs)} Trans-Nets at {layer} on {r.world} processes")
+            for a, b in pairs[r.rank::r.world]:
+                pair_fit = replace(fit, features=str(self.features), source=a, target=b, layer=layer, eval_split="test")
+                with local_only():
+                    fit_or_reuse(pair_fit, out / "pairs" / pair_dirname(a, b), "test")
+            r.barrier()
+            if r.main:
+                run("resume")
+
+        return Stage(f"consistency/{layer}", key, run, lambda: (out / "table.json").exists(), (out,),
+                     dist_run=dist_run)
 
     def _similarity_stage(self, layer: str) -> Stage:
         out = self.root / "similarity" / layer
@@ -539,59 +650,98 @@ class StudyRunner:
         return rows
 
     def run(self) -> list[dict[str, Any]]:
-        state = StudyState(self.root)
+        """Run every stage in order (under torchrun on every rank: rank 0 decides, all take part)."""
+        r = self.ranks
+        state = StudyState(self.root) if r.main else None
         stages = self.stages()
         times = []
         t_all = time.perf_counter()
         self._keys = {}
         for i, stage in enumerate(stages, 1):
-            key = sha256_json(stage.key())
+            def decide() -> tuple[str, str, dict[str, Any]]:
+                key = sha256_json(stage.key())
+                prev = state.get(stage.name)
+                return key, stage_mode(prev, key, stage.outputs_ok(), _exists(stage.out_paths)), prev
+
+            key, mode, prev = r.from_main(r.together(f"stage {stage.name}", decide) if r.main
+                                          else r.together(f"stage {stage.name}", lambda: None))
             self._keys[stage.name] = key
-            prev = state.get(stage.name)
-            mode = stage_mode(prev, key, stage.outputs_ok(), _exists(stage.out_paths))
             if mode == "skip":
                 self.log(f"[{i}/{len(stages)}] {stage.name}: cached")
                 times.append({"stage": stage.name, "status": "cached", "time_s": prev.get("time_s")})
                 continue
-            if mode == "overwrite":
-                _remove(stage.out_paths)
-                mode = "new"
-            self.log(f"[{i}/{len(stages)}] {stage.name}: {'resuming' if mode == 'resume' else 'running'}")
-            state.set(stage.name, key=key, status="running", started_utc=now_utc())
+            if r.main:
+                if mode == "overwrite":
+                    _remove(stage.out_paths)
+                self.log(f"[{i}/{len(stages)}] {stage.name}: {'resuming' if mode == 'resume' else 'running'}")
+                state.set(stage.name, key=key, status="running", started_utc=now_utc())
+            mode = "new" if mode == "overwrite" else mode
+            r.barrier()
             t0 = time.perf_counter()
-            stage.run(mode)
+            if r.world > 1 and stage.dist_run is not None:
+                r.together(stage.name, lambda: stage.dist_run(mode))
+            else:
+                def on_main() -> None:
+                    if r.main:
+                        with local_only():
+                            stage.run(mode)
+                r.together(stage.name, on_main)
             dt = time.perf_counter() - t0
-            if not stage.outputs_ok():
-                raise UserError(f"stage {stage.name} finished but its outputs are incomplete in {self.root}")
-            state.set(stage.name, key=key, status="done", time_s=round(dt, 2), finished_utc=now_utc())
-            self.log(f"[{i}/{len(stages)}] {stage.name}: done in {dt:.1f}s")
+
+            def mark_done() -> None:
+                if not r.main:
+                    return
+                if not stage.outputs_ok():
+                    raise UserError(f"stage {stage.name} finished but its outputs are incomplete in {self.root}")
+                state.set(stage.name, key=key, status="done", time_s=round(dt, 2), finished_utc=now_utc())
+                self.log(f"[{i}/{len(stages)}] {stage.name}: done in {dt:.1f}s")
+
+            r.together(stage.name, mark_done)
             times.append({"stage": stage.name, "status": "ran", "time_s": round(dt, 2)})
-        state.data["total_time_s"] = round(time.perf_counter() - t_all, 2)
-        state.data["last_run"] = times
-        write_json(state.path, state.data)
+        if r.main:
+            state.data["total_time_s"] = round(time.perf_counter() - t_all, 2)
+            state.data["last_run"] = times
+            state.data["processes"] = r.world
+            write_json(state.path, state.data)
         return times
 
 
 def run_study(study_file: str | os.PathLike, out_dir: str | os.PathLike, dry_run: bool = False,
               overwrite: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or plan) a study; returns ``{"plan"}`` for a dry run, else ``{"stages", "summary", "report"}``."""
+    """Run (or plan) a study; returns ``{"plan"}`` for a dry run, else ``{"stages", "summary", "report"}``.
+    Under ``torchrun`` every rank calls this; rank 0 returns the summary, the others an empty one."""
     study = load_study(study_file)
     root = Path(out_dir)
     if root.is_dir() and any(root.iterdir()) and not (root / STATE_FILE).exists() and not overwrite:
         raise UserError(f"{root} exists, is not empty and holds no study ({STATE_FILE} missing); choose another "
                         f"--out_dir or pass --overwrite to replace its contents")
-    runner = StudyRunner(study, study_file, root, log)
     if dry_run:
+        runner = StudyRunner(study, study_file, root, log, ranks=Ranks(use_env=False))
         plan = runner.plan() if root.is_dir() else [(s.name, "run") for s in runner.stages()]
         for name, what in plan:
             log(f"  {name:<32} {what}")
         return {"plan": plan}
-    with RunDir(root, "overwrite" if overwrite else "resume") as run:
-        run.write_config({"study_file": str(Path(study_file).resolve()), "study": load_config_file(study_file)})
-        runner.write_study_json()
-        stages = runner.run()
-        summary = study_summary(root)
-        run.finish({"stages": stages, "summary": summary})
+    ranks = Ranks()
+    try:
+        runner = StudyRunner(study, study_file, root, log, ranks)
+        with contextlib.ExitStack() as stack:
+            def open_folder() -> RunDir | None:
+                if not ranks.main:
+                    return None
+                run = stack.enter_context(RunDir(root, "overwrite" if overwrite else "resume"))
+                run.write_config({"study_file": str(Path(study_file).resolve()), "study": load_config_file(study_file)},
+                                 processes=ranks.world)
+                runner.write_study_json()
+                return run
+
+            run = ranks.together("opening the study folder", open_folder)
+            stages = runner.run()
+            if not ranks.main:
+                return {"stages": stages, "summary": [], "report": None, "rank": ranks.rank}
+            summary = study_summary(root)
+            run.finish({"stages": stages, "summary": summary})
+    finally:
+        ranks.close()
     report = root / "report.html"
     return {"stages": stages, "summary": summary, "report": str(report) if report.exists() else None}
 

@@ -22,7 +22,7 @@ def _run(args: argparse.Namespace) -> None:
 
     t0 = time.perf_counter()
     res = run_study(args.study_file, args.out_dir, dry_run=args.dry_run, overwrite=args.overwrite)
-    if args.dry_run:
+    if args.dry_run or res.get("rank", 0) != 0:
         return
     print(f"\nstudy finished in {time.perf_counter() - t0:.0f}s")
     for line in res["summary"]:

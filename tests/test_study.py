@@ -206,14 +206,46 @@ def _rows(path: Path) -> dict:
     return {(r["source"], r["target"]): r for r in rows}
 
 
-def test_a_study_killed_in_training_extraction_and_fitting_resumes_to_the_same_results(tmp_path, data_root):
+@pytest.fixture(scope="module")
+def small_ref(tmp_path_factory, data_root):
+    """A smaller study (seeds + a KD student, no diagnosis or report) run once, uninterrupted, in
+    one process with one thread: the reference of the kill/resume and torchrun tests."""
+    base = tmp_path_factory.mktemp("small")
     d = study_dict(data_root, diagnose=None, report=False)
     d["members"] = {"seeds": d["members"]["seeds"], "distill": d["members"]["distill"]}
     d["pairs"] = [{"family": "seeds", "plan": "all"}, {"nets": ["seed0", "kd_student"], "plan": "all"}]
-    sf = write_study(tmp_path / "s.yaml", d)
+    sf = write_study(base / "s.yaml", d)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    run_study(sf, tmp_path / "ref", log=lambda m: None)     # uninterrupted reference
+    try:
+        run_study(sf, base / "ref", log=lambda m: None)
+    finally:
+        torch.set_num_threads(threads)
+    return sf, base / "ref"
 
+
+def assert_same_study(ref: Path, out: Path) -> None:
+    for rel in ("families/seeds/seed0/last.pt", "families/seeds/seed1/last.pt", "families/distill/last.pt"):
+        a = torch.load(ref / rel, weights_only=False)["state_dict"]
+        b = torch.load(out / rel, weights_only=False)["state_dict"]
+        assert all(torch.equal(a[k], b[k]) for k in a), rel
+    with h5py.File(ref / "features.h5") as fa, h5py.File(out / "features.h5") as fb:
+        for split in ("train", "test"):
+            for net in ("seed0", "seed1", "kd_student"):
+                assert np.array_equal(fa[split][net]["features.8"][:], fb[split][net]["features.8"][:])
+    ra, rb = _rows(ref / "consistency/features.8/table.json"), _rows(out / "consistency/features.8/table.json")
+    assert ra.keys() == rb.keys()
+    for k in ra:
+        for field in ("r2", "fraction_residual", "var_order0", "var_order1", "var_order2"):
+            assert ra[k][field] == pytest.approx(rb[k][field], rel=1e-6, abs=1e-9), (k, field)
+    sa = read_json(ref / "similarity/features.8/similarity.json")["metrics"]
+    sb = read_json(out / "similarity/features.8/similarity.json")["metrics"]
+    for m in sa:
+        assert np.allclose(np.array(sa[m]["matrix"], float), np.array(sb[m]["matrix"], float), rtol=1e-6)
+
+
+def test_a_study_killed_in_training_extraction_and_fitting_resumes_to_the_same_results(tmp_path, small_ref):
+    sf, ref = small_ref
     out = tmp_path / "killed"
     for fault, stage in [("train_step:5", "train/seeds"), ("extract_batch:2", "extract"),
                          ("transnet_step:8", "consistency/features.8")]:
@@ -224,25 +256,23 @@ def test_a_study_killed_in_training_extraction_and_fitting_resumes_to_the_same_r
     p = _run_cli(sf, out, None)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "resuming" in p.stdout
+    assert_same_study(ref, out)
 
-    for rel in ("families/seeds/seed0/last.pt", "families/seeds/seed1/last.pt", "families/distill/last.pt"):
-        a = torch.load(tmp_path / "ref" / rel, weights_only=False)["state_dict"]
-        b = torch.load(out / rel, weights_only=False)["state_dict"]
-        assert all(torch.equal(a[k], b[k]) for k in a), rel
-    with h5py.File(tmp_path / "ref/features.h5") as fa, h5py.File(out / "features.h5") as fb:
-        for split in ("train", "test"):
-            for net in ("seed0", "seed1", "kd_student"):
-                assert np.array_equal(fa[split][net]["features.8"][:], fb[split][net]["features.8"][:])
-    ra, rb = _rows(tmp_path / "ref/consistency/features.8/table.json"), _rows(out / "consistency/features.8/table.json")
-    assert ra.keys() == rb.keys()
-    for k in ra:
-        for field in ("r2", "fraction_residual", "var_order0", "var_order1", "var_order2"):
-            if field in ra[k]:
-                assert ra[k][field] == pytest.approx(rb[k][field], rel=1e-6, abs=1e-9), (k, field)
-    sa = read_json(tmp_path / "ref/similarity/features.8/similarity.json")["metrics"]
-    sb = read_json(out / "similarity/features.8/similarity.json")["metrics"]
-    for m in sa:
-        assert np.allclose(np.array(sa[m]["matrix"], float), np.array(sb[m]["matrix"], float), rtol=1e-6)
+
+def test_a_two_process_torchrun_study_gives_the_same_results_as_one_process(tmp_path, small_ref):
+    sf, ref = small_ref
+    out = tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    env.pop("KC_FAULT", None)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", str(29400 + os.getpid() % 500), str(ROOT / "cli.py"), "study", str(sf),
+                        "--out_dir", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "on 2 processes" in p.stdout
+    assert p.stdout.count("study finished") == 1                   # rank 0 alone reports
+    assert read_json(out / "state.json")["processes"] == 2
+    assert list(out.glob("features.rank*of2.h5"))                   # rows were extracted in two shards
+    assert_same_study(ref, out)
 
 
 @pytest.mark.parametrize("name", ["demo", "kc_stability_cub", "ke_flower102", "kd_ban_cifar"])

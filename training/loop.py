@@ -7,11 +7,12 @@ Determinism on CPU: every epoch reseeds the global RNG and the sampler's generat
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -210,6 +211,25 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+_LOCAL_ONLY = [False]
+
+
+@contextlib.contextmanager
+def local_only() -> Iterator[None]:
+    """Within this block, training (and Trans-Net fitting) ignores an initialised process group and
+    runs as one process: the study runner under torchrun gives each rank its own members or pairs."""
+    prev = _LOCAL_ONLY[0]
+    _LOCAL_ONLY[0] = True
+    try:
+        yield
+    finally:
+        _LOCAL_ONLY[0] = prev
+
+
+def is_local_only() -> bool:
+    return _LOCAL_ONLY[0]
+
+
 def train(model: nn.Module, train_set: Dataset, test_set: Dataset, cfg: TrainConfig, run: RunDir,
           ckpt_fields: dict[str, Any], loss_fn: LossFn | None = None, teacher: nn.Module | None = None,
           on_epoch_end: Callable[[nn.Module, int], None] | None = None, desc: str = "train",
@@ -221,7 +241,7 @@ def train(model: nn.Module, train_set: Dataset, test_set: Dataset, cfg: TrainCon
     validate(cfg)
     device = resolve_device(cfg.device)
     loss_fn = loss_fn or cross_entropy_loss(cfg.label_smoothing)
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized() and not _LOCAL_ONLY[0]
     rank = torch.distributed.get_rank() if distributed else 0
     world = torch.distributed.get_world_size() if distributed else 1
 

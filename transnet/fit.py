@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from training.cliutil import parse_csv
-from training.loop import TrainConfig, make_scheduler, progress, resolve_device
+from training.loop import TrainConfig, is_local_only, make_scheduler, progress, resolve_device
 from training.runs import RunDir, UserError, fault_point, load_checkpoint, save_checkpoint
 from transnet.data import (DATA_ON, BlockPairs, PairInfo, choose_placement, find_nonfinite,
                            make_source, nonfinite_message, open_pair, source_channel_std, target_variance)
@@ -169,6 +169,8 @@ def _dist_setup(device_name: str) -> tuple[int, int, bool, torch.device]:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     ours = False
+    if is_local_only():                 # one fit per rank (the study runner shares pairs out)
+        return 0, 1, False, resolve_device(device_name)
     if world > 1 and dist.is_available() and not dist.is_initialized():
         use_cuda = torch.cuda.is_available() and device_name != "cpu"
         dist.init_process_group("nccl" if use_cuda else "gloo")
