@@ -46,7 +46,7 @@ from typing import Any, Callable, Iterator, Sequence
 import h5py
 import numpy as np
 import torch
-from scipy.linalg import blas, eigh, svd, svdvals
+from scipy.linalg import blas
 
 from features.store import iter_blocks
 from training.loop import progress
@@ -273,7 +273,7 @@ class FeatureMoments:
         hb = _fro2(m) / (n - 1) ** 2
         nuc = None
         if nuclear:
-            nuc = ss_x if self.self_pair else float(svdvals(m, overwrite_a=True, check_finite=False).sum())
+            nuc = ss_x if self.self_pair else float(np.linalg.svd(m, compute_uv=False).sum())
         self.m = np.zeros((0, 0))
         return Moments(n, hb, hu, ss_x, ss_y if not self.self_pair else ss_x, nuc)
 
@@ -319,9 +319,39 @@ def gram_factor(k: np.ndarray, rtol: float = 1e-12) -> np.ndarray:
     """F (N, r) with ``F F^T = K`` for a PSD Gram K: rows are features with the same centred Gram,
     r = numerical rank (Procrustes needs singular values of ``Xc^T Yc``, which equal those of
     ``Fx^T Fy``)."""
-    w, u = eigh(k, check_finite=False)
+    w, u = np.linalg.eigh(k)
     keep = w > rtol * max(float(w[-1]), 0.0) if len(w) else np.zeros(0, bool)
     return u[:, keep] * np.sqrt(w[keep])
+
+
+@dataclass(frozen=True)
+class GramStats:
+    """What the HSIC estimators need of one (n, n) Gram matrix besides ``<K, L>``: row sums,
+    diagonal, total and trace. Permuting the samples permutes the vectors and keeps the scalars."""
+
+    rows: np.ndarray
+    diag: np.ndarray
+    total: float
+    trace: float
+
+    @classmethod
+    def of(cls, k: np.ndarray) -> "GramStats":
+        rows = k.sum(1)
+        diag = np.diagonal(k).copy()
+        return cls(rows, diag, float(rows.sum()), float(diag.sum()))
+
+    def permuted(self, perm: np.ndarray) -> "GramStats":
+        return GramStats(self.rows[perm], self.diag[perm], self.total, self.trace)
+
+    def moments_with(self, other: "GramStats", kl: float, nuclear: float | None = None) -> Moments:
+        """Moments of the pair (this Gram K, ``other``'s L) from ``kl = <K, L>``; the same values as
+        :func:`gram_moments` up to float rounding."""
+        n = len(self.rows)
+        hb = (kl - 2.0 / n * float(self.rows @ other.rows) + self.total * other.total / n ** 2) / (n - 1) ** 2
+        rk, rl = self.rows - self.diag, other.rows - other.diag
+        hu = _hsic_unbiased_terms(n, kl - float(self.diag @ other.diag), float(rk.sum()), float(rl.sum()),
+                                  float(rk @ rl))
+        return Moments(n, hb, hu, self.trace - self.total / n, other.trace - other.total / n, nuclear)
 
 
 def gram_moments(k: np.ndarray, l: np.ndarray | None = None, *, fk: np.ndarray | None = None,
@@ -339,7 +369,7 @@ def gram_moments(k: np.ndarray, l: np.ndarray | None = None, *, fk: np.ndarray |
     if self_pair and fk is not None:
         nuc = ss_x
     elif fk is not None and fl is not None:
-        nuc = float(svdvals(fk.T @ fl, check_finite=False).sum()) if fk.shape[1] and fl.shape[1] else 0.0
+        nuc = float(np.linalg.svd(fk.T @ fl, compute_uv=False).sum()) if fk.shape[1] and fl.shape[1] else 0.0
     return Moments(n, hsic_biased(k, l), hsic_unbiased(k, l), ss_x, ss_y, nuc)
 
 
@@ -545,7 +575,7 @@ def _centre(a: np.ndarray) -> np.ndarray:
 def orthonormal_basis(xc: np.ndarray, keep_variance: float | None = None) -> np.ndarray:
     """Orthonormal basis (n, r) of the column space of centred data: numerical rank, or the top
     directions holding ``keep_variance`` of the variance (SVCCA's SVD step)."""
-    u, s, _ = svd(xc, full_matrices=False, check_finite=False)
+    u, s, _ = np.linalg.svd(xc, full_matrices=False)
     if not len(s) or s[0] <= 0:
         return u[:, :0]
     rank = int(np.sum(s > s[0] * max(xc.shape) * np.finfo(np.float64).eps))
@@ -570,7 +600,7 @@ def check_cca_dims(n: int, rx: int, ry: int, metric: str) -> None:
 
 def canonical_correlations(qx: np.ndarray, qy: np.ndarray) -> np.ndarray:
     """Canonical correlations (descending) between the spans of two orthonormal bases."""
-    return np.clip(svdvals(qx.T @ qy, check_finite=False), 0.0, 1.0)
+    return np.clip(np.linalg.svd(qx.T @ qy, compute_uv=False), 0.0, 1.0)
 
 
 def svcca_from_bases(ux: np.ndarray, uy: np.ndarray) -> float:
@@ -580,7 +610,7 @@ def svcca_from_bases(ux: np.ndarray, uy: np.ndarray) -> float:
 def pwcca_from_bases(qx: np.ndarray, qy: np.ndarray, xc: np.ndarray) -> float:
     """Morcos et al. 2018: canonical correlations weighted by how much of x's (centred) neurons each
     of x's canonical variates accounts for, ``a_i = sum_j |<h_i, x_j>|``."""
-    a, rho, _ = svd(qx.T @ qy, full_matrices=False, check_finite=False)
+    a, rho, _ = np.linalg.svd(qx.T @ qy, full_matrices=False)
     rho = np.clip(rho, 0.0, 1.0)
     h = qx @ a[:, :len(rho)]                                                # canonical variates (n, r)
     alpha = np.abs(h.T @ xc).sum(1)                                         # (r,)
@@ -809,10 +839,22 @@ def cka_family_matrices(sources: Sequence[Any], metrics: Sequence[str], *, form:
         for i, j in progress(pairs, total=len(pairs), desc="CKA pairs"):
             xy = selfm[i] if i == j else gram_moments(grams[i], grams[j], fk=factors[i], fl=factors[j])
             record(i, j, xy, selfm[i], selfm[j])
-            for t, perm in enumerate(permutation_indices(n, permutations, seed)):
-                lp = grams[j][np.ix_(perm, perm)]
+        # The null: each net's Gram is permuted once per permutation (not once per pair), and only
+        # <K_i, P L_j P^T> needs the permuted matrix; row sums and diagonals are permuted vectors.
+        stats = [GramStats.of(g) for g in grams]
+        for t, perm in progress(enumerate(permutation_indices(n, permutations, seed)), total=permutations,
+                                desc="CKA null") if permutations else ():
+            for j in range(k):
+                lp = np.take(np.take(grams[j], perm, 0), perm, 1)
+                lst = stats[j].permuted(perm)
                 fl = factors[j][perm] if nuclear else None
-                record(i, j, gram_moments(grams[i], lp, fk=factors[i], fl=fl), selfm[i], selfm[j], t)
+                for i in range(j + 1):
+                    nuc = None
+                    if nuclear:
+                        fk = factors[i]
+                        nuc = float(np.linalg.svd(fk.T @ fl, compute_uv=False).sum()) if fk.shape[1] and fl.shape[1] \
+                            else 0.0
+                    record(i, j, stats[i].moments_with(lst, float(np.vdot(grams[i], lp)), nuc), selfm[i], selfm[j], t)
     else:
         need = 8 * max(dims) ** 2 + 2 * block_bytes
         if need > memory_bytes:

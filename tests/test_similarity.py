@@ -390,3 +390,17 @@ def test_memory_limits_give_an_error_or_a_labelled_warning_never_nan(family):
     assert m["p_values"][0][1] is None and "permutation null skipped" in m["warnings"][0]
     assert body["warnings"] and body["warnings"][0].startswith("cka: ")
     json.dumps(body, allow_nan=False)
+
+
+def test_gram_stats_of_a_permuted_gram_equal_the_moments_of_the_permuted_matrix():
+    from analysis.similarity import GramStats, centred_gram, gram_moments
+
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(30, 7)), rng.normal(size=(30, 5)) + 2.0
+    k, l = x @ x.T, centred_gram(y)
+    perm = rng.permutation(30)
+    lp = l[np.ix_(perm, perm)]
+    want = gram_moments(k, lp)
+    got = GramStats.of(k).moments_with(GramStats.of(l).permuted(perm), float(np.vdot(k, lp)))
+    for f in ("hsic_biased", "hsic_unbiased", "ss_x", "ss_y"):
+        assert getattr(got, f) == pytest.approx(getattr(want, f), rel=1e-10, abs=1e-12), f
