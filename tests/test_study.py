@@ -200,6 +200,14 @@ def _run_cli(sf: Path, out: Path, fault: str | None) -> subprocess.CompletedProc
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _rows(path: Path) -> dict:
     t = read_json(path)
     rows = t["rows"] if isinstance(t, dict) else t
@@ -265,7 +273,7 @@ def test_a_two_process_torchrun_study_gives_the_same_results_as_one_process(tmp_
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
     env.pop("KC_FAULT", None)
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", str(29400 + os.getpid() % 500), str(ROOT / "cli.py"), "study", str(sf),
+                        "--master_port", str(_free_port()), str(ROOT / "cli.py"), "study", str(sf),
                         "--out_dir", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     assert "on 2 processes" in p.stdout
