@@ -20,6 +20,7 @@ import yaml
 
 from analysis.study import load_study, run_study, stage_mode
 from tests.fakedata import make_imagefolder
+from tests.test_extract import _free_port
 from training.runs import UserError, read_json
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -192,20 +193,17 @@ def test_a_second_run_into_the_same_folder_is_refused_while_one_runs(done_study,
 # --------------------------------------------------------------------------- kill and resume
 
 def _run_cli(sf: Path, out: Path, fault: str | None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), "study", str(sf), "--out_dir", str(out)],
+                          cwd=ROOT, env=_env(fault), capture_output=True, text=True, timeout=600)
+
+
+def _env(fault: str | None = None) -> dict[str, str]:
+    """A subprocess environment: one thread per process (CPU determinism), no inherited fault."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
     env.pop("KC_FAULT", None)
     if fault:
         env["KC_FAULT"] = fault
-    return subprocess.run([sys.executable, str(ROOT / "cli.py"), "study", str(sf), "--out_dir", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return env
 
 
 def _rows(path: Path) -> dict:
@@ -270,11 +268,9 @@ def test_a_study_killed_in_training_extraction_and_fitting_resumes_to_the_same_r
 def test_a_two_process_torchrun_study_gives_the_same_results_as_one_process(tmp_path, small_ref):
     sf, ref = small_ref
     out = tmp_path / "two"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
-    env.pop("KC_FAULT", None)
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                         "--master_port", str(_free_port()), str(ROOT / "cli.py"), "study", str(sf),
-                        "--out_dir", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                        "--out_dir", str(out)], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     assert "on 2 processes" in p.stdout
     assert p.stdout.count("study finished") == 1                   # rank 0 alone reports

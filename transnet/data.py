@@ -88,25 +88,21 @@ def open_pair(features: str | Path, source: str, target: str, layer: str, split:
     whose checkpoint changed since extraction are refused unless ``allow_changed_checkpoints``."""
     fa = str(features)
     fb = str(target_features) if target_features else fa
+
+    def side(f: h5py.File, net: str) -> tuple[tuple[int, ...], np.dtype, dict[str, Any], np.ndarray]:
+        ds = get_features(f, split, net, layer)
+        check_checkpoint_unchanged(ds, allow_changed_checkpoints)
+        idx = read_index(f, split)
+        _check_rows(ds, idx)
+        return ds.shape, ds.dtype, provenance_of(ds), idx
+
     with open_features(fa) as f:
-        ds_a = get_features(f, split, source, layer)
-        check_checkpoint_unchanged(ds_a, allow_changed_checkpoints)
-        idx_a = read_index(f, split)
-        shape_a, dtype_a, prov_a = ds_a.shape, ds_a.dtype, provenance_of(ds_a)
-        _check_rows(ds_a, idx_a)
+        shape_a, dtype_a, prov_a, idx_a = side(f, source)
         if fb == fa:
-            ds_b = get_features(f, split, target, layer)
-            check_checkpoint_unchanged(ds_b, allow_changed_checkpoints)
-            idx_b = idx_a
-            shape_b, dtype_b, prov_b = ds_b.shape, ds_b.dtype, provenance_of(ds_b)
-            _check_rows(ds_b, idx_b)
+            shape_b, dtype_b, prov_b, idx_b = side(f, target)
     if fb != fa:
         with open_features(fb) as f:
-            ds_b = get_features(f, split, target, layer)
-            check_checkpoint_unchanged(ds_b, allow_changed_checkpoints)
-            idx_b = read_index(f, split)
-            shape_b, dtype_b, prov_b = ds_b.shape, ds_b.dtype, provenance_of(ds_b)
-            _check_rows(ds_b, idx_b)
+            shape_b, dtype_b, prov_b, idx_b = side(f, target)
         if len(idx_a) != len(idx_b) or not np.array_equal(idx_a, idx_b):
             where = ("different row counts" if len(idx_a) != len(idx_b) else
                      f"first difference at row {int(np.flatnonzero(idx_a != idx_b)[0])}")
