@@ -54,7 +54,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
 def _apply_config(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     """Parse once to find --config, set its values as defaults (unknown keys rejected), parse again."""
-    from training.runs import UserError, load_config_file
+    from common.errors import UserError
+    from common.files import load_config_file
 
     args = p.parse_args(argv)
     if not args.config:
@@ -81,14 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     parser, subs = build_parser()
     if not argv or argv[0] not in subs:
         if argv and not argv[0].startswith("-"):
-            from training.registry import unknown_choice_message
+            from common.registry import unknown_choice_message
 
             parser.print_usage(sys.stderr)
             return _fail(unknown_choice_message("command", argv[0], sorted(subs)), 2)
         parser.parse_args(argv)  # prints help / usage
         parser.print_help()
         return 0
-    from training.runs import UserError
+    from common.errors import UserError
 
     try:
         args = _apply_config(subs[argv[0]], argv[1:])

@@ -9,11 +9,21 @@ from typing import Any
 from analysis import plots
 from analysis.consistency import PAIR_PLANS, ConsistencyConfig, generation_rows, net_matrix, read_table, run_consistency
 from analysis.diagnose import DiagnoseConfig, diagnose_pair, panel_for_rows
-from analysis.report import (SIMILARITY_KIND, Study, diagnosis_readings, family_generations, load_study, make_report,
-                             read_family, study_figures)
-from training.cliutil import Command, add_dataclass_args, add_run_args, dataclass_from_args, parse_csv
-from training.registry import unknown_choice_message
-from training.runs import UserError, read_json, run_mode
+from analysis.report import (
+    SIMILARITY_KIND,
+    Study,
+    diagnosis_readings,
+    family_generations,
+    load_study,
+    make_report,
+    read_family,
+    study_figures,
+)
+from common.errors import UserError
+from common.files import read_json
+from common.options import Command, add_dataclass_args, add_run_args, dataclass_from_args, parse_csv
+from common.registry import unknown_choice_message
+from common.rundir import run_mode
 from transnet.commands import FIT_HELP
 from transnet.data import DATA_ON
 from transnet.fit import FIT_SCHEDULES, LOSS_SCALES, FitConfig, load_transnet

@@ -34,12 +34,14 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from common.errors import UserError
+from common.files import atomic_write, read_json, write_json
+from common.options import parse_csv
+from common.registry import unknown_choice_message
+from common.rundir import RunDir
 from features.store import get_features, list_layers, list_nets, list_splits, open_features
-from training.cliutil import parse_csv
 from training.manifest import read_manifest
-from training.registry import unknown_choice_message
 from training.runner import is_finished
-from training.runs import RunDir, UserError, atomic_write, read_json, write_json
 from transnet.commands import variance_filename
 from transnet.fit import RESUME_FREE, FitConfig, fit_transnet
 

@@ -32,13 +32,17 @@ from analysis.consistency import ConsistencyConfig, run_consistency
 from analysis.diagnose import DiagnoseConfig, diagnose_pair
 from analysis.report import make_report
 from analysis.similarity_commands import similarity_matrix
+from common.errors import UserError
+from common.files import read_json, write_json
+from common.provenance import code_version
+from common.rundir import RunDir
 from features.extract import ExtractConfig, build_feature_data, extract_features, load_net
-from training.data import DataSpec, build_dataset
+from training.data import build_dataset
+from training.datasets import DataSpec
 from training.families import seeded_model
 from training.loop import TrainConfig, train
 from training.manifest import Member, write_manifest
 from training.runner import ModelSpec, checkpoint_fields, is_finished
-from training.runs import RunDir, UserError, code_version, read_json, write_json
 from transnet.fit import FitConfig
 
 MARKER = "demo.json"

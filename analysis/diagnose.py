@@ -32,9 +32,12 @@ from torch import Tensor
 
 from analysis import plots
 from analysis.consistency import pair_dirname
+from common.device import resolve_device
+from common.errors import UserError
+from common.files import atomic_write, read_json, write_json
+from common.progress import progress
+from common.rundir import RunDir
 from features.store import get_features, iter_blocks, open_features, read_index, read_labels, read_rows
-from training.loop import progress, resolve_device
-from training.runs import RunDir, UserError, atomic_write, read_json, write_json
 from transnet.fit import load_transnet
 
 DIRECTIONS = ("blind_spots", "unreliable")
@@ -247,7 +250,8 @@ def _load_checked(path: Path, source: str, target: str, layer: str) -> torch.nn.
 def load_images(features: str, split: str, rows: Sequence[int]) -> np.ndarray | None:
     """The input images of feature-file rows (n, H, W) or (n, H, W, 3), rebuilt from the data set the
     file records (evaluation transform); None when it cannot be rebuilt (data set folder not here)."""
-    from training.data import DataSpec, build_dataset
+    from training.data import build_dataset
+    from training.datasets import DataSpec
 
     with open_features(features) as f:
         root = {k: f.attrs.get(k) for k in ("dataset", "data_spec")}

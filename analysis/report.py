@@ -43,9 +43,11 @@ import numpy as np
 
 from analysis import plots
 from analysis.consistency import asymmetry, generation_rows, natural_key, net_matrix
+from common.errors import UserError
+from common.files import atomic_write, read_json
+from common.provenance import now_utc, provenance
 from features.store import attrs_dict, list_layers, list_nets, list_splits, open_features
 from training.manifest import read_manifest
-from training.runs import UserError, atomic_write, now_utc, provenance, read_json
 
 STUDY_PARTS = ("study.json", "state.json", "families", "features.h5", "consistency", "similarity", "diagnosis")
 SIMILARITY_KIND = {"procrustes": "distance"}          # every other metric is a similarity in [0, 1]

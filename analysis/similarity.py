@@ -48,10 +48,10 @@ import numpy as np
 import torch
 from scipy.linalg import blas
 
+from common.errors import UserError
+from common.progress import progress
+from common.registry import Registry, unknown_choice_message
 from features.store import iter_blocks
-from training.loop import progress
-from training.registry import Registry, unknown_choice_message
-from training.runs import UserError
 
 BLOCK_BYTES = 64 << 20           # float64 working block of a streamed source
 FORMS = ("auto", "features", "gram")

@@ -16,12 +16,32 @@ from typing import Any, Sequence
 
 import h5py
 
-from analysis.similarity import (CCA_FAMILY, CCA_FEATURES, CKA_FAMILY, FORMS, METRICS, MatrixResult,
-                                 cca_matrices, cka_family_matrices, get_metric, minibatch_cka_matrix)
-from features.store import (FeatureFileError, check_checkpoint_unchanged, get_features, list_layers, list_nets,
-                            open_features, provenance_of, read_index)
-from training.cliutil import Command, add_dataclass_args, add_run_args, dataclass_from_args, parse_csv
-from training.runs import RunDir, UserError, run_mode, write_json
+from analysis.similarity import (
+    CCA_FAMILY,
+    CCA_FEATURES,
+    CKA_FAMILY,
+    FORMS,
+    METRICS,
+    MatrixResult,
+    cca_matrices,
+    cka_family_matrices,
+    get_metric,
+    minibatch_cka_matrix,
+)
+from common.errors import UserError
+from common.files import write_json
+from common.options import Command, add_dataclass_args, add_run_args, dataclass_from_args, parse_csv
+from common.rundir import RunDir, run_mode
+from features.store import (
+    FeatureFileError,
+    check_checkpoint_unchanged,
+    get_features,
+    list_layers,
+    list_nets,
+    open_features,
+    provenance_of,
+    read_index,
+)
 
 FLATTENING = {
     "cka": "flat: per-sample C*H*W features, centred over all samples",

@@ -28,22 +28,27 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import os
 import shutil
-import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
-from training.data import DataSpec
-from training.loop import TrainConfig, local_only
+from common.distributed import ControlGroup, DistInfo, local_only
+from common.errors import UserError
+from common.files import load_config_file, read_json, write_json
+from common.provenance import now_utc, sha256_file, sha256_json
+from common.registry import unknown_choice_message
+from common.rundir import RunDir
+from training.datasets import DataSpec
+from training.loop import TrainConfig
 from training.manifest import Member, read_manifest, write_manifest
-from training.registry import unknown_choice_message
 from training.runner import ModelSpec, is_finished, run_training
-from training.runs import RunDir, UserError, load_config_file, now_utc, read_json, sha256_file, sha256_json, write_json
 
 STATE_FILE = "state.json"
+STUDY_TIMEOUT = datetime.timedelta(days=7)   # other ranks wait at a barrier while rank 0 trains a family
 FAMILY_KINDS = ("seeds", "distill", "born_again", "evolve")
 TOP_KEYS = ("name", "description", "data", "train", "members", "extract", "transnet", "pairs", "baselines",
             "diagnose", "report", "device")
@@ -220,82 +225,15 @@ def _remove(paths: Sequence[Path]) -> None:
 
 # =========================================================================== torchrun
 
-class Ranks:
-    """The processes of a study under ``torchrun`` (one process otherwise): gloo collectives for the
-    control plane only. Rank 0 owns the study folder (lock, state, manifests, tables, report); the
-    other ranks train their share of the seeds, extract their shard of the rows and fit their share
-    of the Trans-Net pairs, each as one local process, so the results equal a one-process run."""
-
-    def __init__(self, use_env: bool = True) -> None:
-        """``use_env=False``: one process whatever the environment says (plans, tests)."""
-        self.world = int(os.environ.get("WORLD_SIZE", "1")) if use_env else 1
-        self.rank = int(os.environ.get("RANK", "0")) if use_env else 0
-        self.owned = False
-        if self.world > 1:
-            import datetime
-
-            import torch.distributed as dist
-
-            if not dist.is_initialized():  # long timeout: the other ranks wait while rank 0 trains a family
-                dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
-                self.owned = True
-            self.dist = dist
-            self.rank, self.world = dist.get_rank(), dist.get_world_size()
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            self.dist.barrier()
-
-    def from_main(self, obj: Any) -> Any:
-        """Rank 0's ``obj`` on every rank."""
-        if self.world == 1:
-            return obj
-        box = [obj]
-        self.dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def any_failed(self, failed: bool) -> bool:
-        if self.world == 1:
-            return failed
-        import torch
-
-        t = torch.tensor([int(failed)], dtype=torch.int64)
-        self.dist.all_reduce(t)
-        return bool(t.item())
-
-    def together(self, what: str, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` on this rank; if it fails on any rank, fail on every rank (no rank is left waiting)."""
-        err: BaseException | None = None
-        out = None
-        try:
-            out = fn()
-        except Exception as e:      # re-raised below, after every rank knows
-            err = e
-        if self.any_failed(err is not None):
-            if err is not None:
-                raise err
-            raise UserError(f"{what} failed on another rank; its error is printed above")
-        return out
-
-    def close(self) -> None:
-        if self.owned:
-            self.dist.destroy_process_group()
-            self.owned = False
-
-
 # =========================================================================== the runner
 
 class StudyRunner:
     """Builds the stages of a study and runs them in order with caching."""
 
     def __init__(self, study: Study, study_file: str | os.PathLike, out_dir: str | os.PathLike,
-                 log: Callable[[str], None] = print, ranks: Ranks | None = None):
+                 log: Callable[[str], None] = print, ranks: ControlGroup | None = None):
         self.study, self.study_file, self.root = study, Path(study_file), Path(out_dir)
-        self.ranks = ranks or Ranks()
+        self.ranks = ranks or ControlGroup(timeout=STUDY_TIMEOUT)
         self.log = log if self.ranks.main else (lambda m: None)
         self.features = self.root / "features.h5"
         self.fam_dir = self.root / "families"
@@ -716,12 +654,12 @@ def run_study(study_file: str | os.PathLike, out_dir: str | os.PathLike, dry_run
         raise UserError(f"{root} exists, is not empty and holds no study ({STATE_FILE} missing); choose another "
                         f"--out_dir or pass --overwrite to replace its contents")
     if dry_run:
-        runner = StudyRunner(study, study_file, root, log, ranks=Ranks(use_env=False))
+        runner = StudyRunner(study, study_file, root, log, ranks=ControlGroup(DistInfo()))
         plan = runner.plan() if root.is_dir() else [(s.name, "run") for s in runner.stages()]
         for name, what in plan:
             log(f"  {name:<32} {what}")
         return {"plan": plan}
-    ranks = Ranks()
+    ranks = ControlGroup(timeout=STUDY_TIMEOUT)
     try:
         runner = StudyRunner(study, study_file, root, log, ranks)
         with contextlib.ExitStack() as stack:

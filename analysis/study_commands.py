@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from training.cliutil import Command
+from common.options import Command
 
 
 def _add(p: argparse.ArgumentParser) -> None:

@@ -33,12 +33,13 @@ from torch.utils.data import Dataset
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common.device import autocast, resolve_device  # noqa: E402
+from common.files import read_json, write_json  # noqa: E402
+from common.provenance import provenance  # noqa: E402
 from features import store  # noqa: E402
-from features.extract import ExtractConfig, FeatureData, Net, extract_features, autocast_context  # noqa: E402
+from features.extract import ExtractConfig, FeatureData, Net, extract_features  # noqa: E402
 from features.layers import build_extractor, output_shapes, resolve_layer  # noqa: E402
-from training.loop import resolve_device  # noqa: E402
 from training.models import build_model  # noqa: E402
-from training.runs import provenance, read_json, write_json  # noqa: E402
 
 
 class SyntheticImages(Dataset):
@@ -101,7 +102,7 @@ def forward_ceiling(args, nets: list[Net], device: torch.device, images: int) ->
     steps = max(2, images // args.batch_size)
 
     def step():
-        with autocast_context(device, args.amp):
+        with autocast(device, args.amp):
             for ex in exs:
                 ex(x)
 

@@ -130,7 +130,8 @@ def main() -> None:
         print(json.dumps(worker(args.n, shape, args.check_gram, args.seed)))
         return
 
-    from training.runs import provenance, write_json
+    from common.files import write_json
+    from common.provenance import provenance
 
     runs = []
     for n in [m for m in (args.small_n, args.n) if m]:

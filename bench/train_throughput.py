@@ -22,11 +22,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from training.data import DataSpec, build_dataset, maybe_cache  # noqa: E402
-from training.loop import TrainConfig, resolve_device, train, _autocast  # noqa: E402
-from training.models import build_model  # noqa: E402
-from training.runs import RunDir, provenance  # noqa: E402
 from torch.utils.data import Subset  # noqa: E402
+
+from common.device import autocast, resolve_device  # noqa: E402
+from common.provenance import provenance  # noqa: E402
+from common.rundir import RunDir  # noqa: E402
+from training.data import build_dataset, maybe_cache  # noqa: E402
+from training.datasets import DataSpec  # noqa: E402
+from training.loop import TrainConfig, train  # noqa: E402
+from training.models import build_model  # noqa: E402
 
 
 def pure_compute(model, batch, classes, device, cfg: TrainConfig, steps: int) -> float:
@@ -39,7 +43,7 @@ def pure_compute(model, batch, classes, device, cfg: TrainConfig, steps: int) ->
     model.train()
 
     def step():
-        with _autocast(device, cfg.amp):
+        with autocast(device, cfg.amp):
             loss = torch.nn.functional.cross_entropy(model(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()

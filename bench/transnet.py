@@ -38,9 +38,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
+from common.device import resolve_device  # noqa: E402
+from common.files import write_json  # noqa: E402
+from common.provenance import now_utc, provenance  # noqa: E402
 from features.store import create_features, init_root, init_split, mark_complete  # noqa: E402
-from training.loop import make_scheduler, resolve_device  # noqa: E402
-from training.runs import now_utc, provenance, write_json  # noqa: E402
+from training.loop import make_scheduler  # noqa: E402
 from transnet.data import BlockPairs, choose_placement, make_source, open_pair  # noqa: E402
 from transnet.fit import FitConfig, lr_config, make_optimizer, train_epoch  # noqa: E402
 from transnet.model import TransNet, n_parameters  # noqa: E402

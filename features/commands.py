@@ -6,14 +6,28 @@ import json
 import sys
 from pathlib import Path
 
-from features.extract import (COMPRESSIONS, DTYPES, ExtractConfig, Net, build_feature_data,
-                              data_spec_for, describe_file, dist_from_env, extract_features, load_net, verify_file)
+from common.checkpoints import load_checkpoint
+from common.distributed import dist_from_env
+from common.errors import UserError
+from common.files import jsonable
+from common.options import Command, add_dataclass_args, dataclass_from_args, parse_kv_list
+from common.rundir import run_mode
+from features.extract import (
+    COMPRESSIONS,
+    DTYPES,
+    ExtractConfig,
+    Net,
+    build_feature_data,
+    data_spec_for,
+    describe_file,
+    extract_features,
+    load_net,
+    verify_file,
+)
 from features.layers import format_layers, list_layers
-from training.cliutil import Command, add_dataclass_args, dataclass_from_args, parse_kv_list
 from training.commands import add_data_args
 from training.manifest import read_manifest
 from training.models import ARCHS, build_model, model_from_checkpoint
-from training.runs import UserError, jsonable, load_checkpoint, run_mode
 
 # --------------------------------------------------------------------------- extract
 

@@ -52,14 +52,29 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset, Subset
 
+from common.checkpoints import load_checkpoint
+from common.device import autocast, resolve_device
+from common.distributed import ControlGroup, DistInfo, dist_from_env
+from common.errors import UserError
+from common.faults import fault_point
+from common.files import jsonable
+from common.progress import progress
+from common.provenance import code_version, now_utc, sha256_file
+from common.registry import unknown_choice_message
 from features import store
-from features.layers import (LOGITS, FeatureExtractor, LayerPoint, build_extractor, check_against_hooks,
-                             output_shapes, resolve_layer)
-from training.data import DataSpec, build_dataset, transform_spec
-from training.loop import make_loader, progress, resolve_device
+from features.layers import (
+    LOGITS,
+    FeatureExtractor,
+    LayerPoint,
+    build_extractor,
+    check_against_hooks,
+    output_shapes,
+    resolve_layer,
+)
+from training.data import build_dataset, transform_spec
+from training.datasets import DataSpec
+from training.loop import make_loader
 from training.models import model_from_checkpoint
-from training.registry import unknown_choice_message
-from training.runs import UserError, code_version, fault_point, jsonable, load_checkpoint, now_utc, sha256_file
 
 RESERVED_NAMES = ("index", "label")
 KILL_EXIT_CODE = 75            # exit status of the simulated kill (--max_batches)
@@ -218,23 +233,6 @@ def check_nets_fit_data(nets: Sequence[Net], data: FeatureData) -> None:
 
 # --------------------------------------------------------------------------- sharding
 
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def active(self) -> bool:
-        return self.world > 1
-
-
-def dist_from_env() -> DistInfo:
-    """torchrun's RANK / WORLD_SIZE / LOCAL_RANK (a single process when unset)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return DistInfo(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
-
-
 def shard_rows(n: int, batch_size: int, rank: int, world: int) -> tuple[int, int]:
     """Rows ``[lo, hi)`` of rank ``rank``: contiguous, tiling ``[0, n)`` without overlap or padding, cut
     on the batch grid (so each batch holds the same images as in a one-process run)."""
@@ -255,44 +253,6 @@ def shard_files(out: str | os.PathLike) -> list[Path]:
 
     pat = re.compile(re.escape(out.stem) + r"\.rank\d+of\d+" + re.escape(out.suffix or ".h5") + "$")
     return sorted(p for p in out.parent.glob(f"{out.stem}.rank*of*") if pat.match(p.name)) if out.parent.is_dir() else []
-
-
-class _Group:
-    """Control-plane collectives over gloo (CPU tensors), a no-op for one process."""
-
-    def __init__(self, info: DistInfo):
-        self.info = info
-        self.owned = False
-        if info.active:
-            import torch.distributed as dist
-
-            if not dist.is_initialized():
-                dist.init_process_group("gloo")
-                self.owned = True
-            self.dist = dist
-
-    def barrier(self) -> None:
-        if self.info.active:
-            self.dist.barrier()
-
-    def any_failed(self, failed: bool) -> bool:
-        if not self.info.active:
-            return failed
-        t = torch.tensor([1 if failed else 0], dtype=torch.int64)
-        self.dist.all_reduce(t)
-        return bool(t.item())
-
-    def total(self, value: int) -> int:
-        if not self.info.active:
-            return value
-        t = torch.tensor([int(value)], dtype=torch.int64)
-        self.dist.all_reduce(t)
-        return int(t.item())
-
-    def close(self) -> None:
-        if self.owned:
-            self.dist.destroy_process_group()
-            self.owned = False
 
 
 # --------------------------------------------------------------------------- targets and plans
@@ -542,10 +502,6 @@ def _to_host(t: torch.Tensor, dtype: torch.dtype, cuda: bool) -> torch.Tensor:
     return host
 
 
-def autocast_context(device: torch.device, amp: bool):
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
-
-
 def extract_features(nets: Sequence[Net], data: FeatureData, layers: Sequence[tuple[str, int | None]],
                      out: str | os.PathLike, cfg: ExtractConfig = ExtractConfig(), mode: str = "auto",
                      command: str = "", stop_after: int | None = None, hard_kill: bool = False,
@@ -589,7 +545,7 @@ def extract_features(nets: Sequence[Net], data: FeatureData, layers: Sequence[tu
             ex = ex.to(memory_format=torch.channels_last)
         extractors[n.name], points[n.name] = ex, pts
 
-    group = _Group(info)
+    group = ControlGroup(info)
     try:
         return _run(nets, data, splits, out, cfg, mode, command, extractors, points, shapes, device, info, group,
                     stop_after, hard_kill, on_landed)
@@ -634,7 +590,7 @@ def _device(name: str, info: DistInfo) -> torch.device:
 def _targets(nets: Sequence[Net], data: FeatureData, splits: Sequence[str], cfg: ExtractConfig,
              points: dict[str, list[LayerPoint]], shapes: dict[str, dict[str, tuple[int, ...]]],
              device: torch.device, command: str, rows: dict[str, int]) -> list[Target]:
-    autocast = "bfloat16" if (cfg.amp and device.type == "cuda") else "none"
+    autocast_tag = "bfloat16" if (cfg.amp and device.type == "cuda") else "none"
     code = code_version()
     out = []
     for split in splits:
@@ -642,7 +598,7 @@ def _targets(nets: Sequence[Net], data: FeatureData, splits: Sequence[str], cfg:
             for p in points[n.name]:
                 dtype = "float32" if p.point == "logits" else cfg.dtype
                 identity = {"checkpoint_sha256": n.sha256, "arch": n.arch, "layer": p.name, "node": p.node,
-                            "point": p.point, "dtype": dtype, "autocast": autocast,
+                            "point": p.point, "dtype": dtype, "autocast": autocast_tag,
                             "transform": data.transform, "dataset_spec": data.spec}
                 prov = {"checkpoint": n.checkpoint, "net": n.name, "num_classes": n.num_classes,
                         "command": command, "code_version": code, "created_utc": now_utc(),
@@ -806,7 +762,7 @@ def _pass(data: FeatureData, splits, bounds, targets: Sequence[Target], starts: 
             if cuda and cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             arrays: dict[str, torch.Tensor] = {}
-            with torch.no_grad(), autocast_context(device, cfg.amp):
+            with torch.no_grad(), autocast(device, cfg.amp):
                 for net in nets_needed:
                     outs = extractors[net](x)
                     for t in pending:
@@ -982,8 +938,8 @@ def _verify_net(f: h5py.File, split: str, net: str, dset: Dataset, index: np.nda
             out += [VerifyRow(split, net, l, "failed", reason=str(e)) for l in lays]
             continue
         ex = build_extractor(model, pts).to(dev)
-        autocast = any(attrs[l].get("autocast") == "bfloat16" for l in lays)
-        with autocast_context(dev, autocast):
+        bf16 = any(attrs[l].get("autocast") == "bfloat16" for l in lays)
+        with autocast(dev, bf16):
             rec = ex(x)
         for l, p in zip(lays, pts):
             if attrs[l].get("node") not in (None, p.node):
@@ -998,7 +954,7 @@ def _verify_net(f: h5py.File, split: str, net: str, dset: Dataset, index: np.nda
                 continue
             diff = float((got - stored).abs().max())
             scale = float(stored.abs().max())
-            tol = VERIFY_TOL["bfloat16" if autocast else str(g[l].dtype)]
+            tol = VERIFY_TOL["bfloat16" if bf16 else str(g[l].dtype)]
             rel = diff / max(scale, 1e-12)
             ok = bool(torch.isfinite(stored).all()) and rel <= tol
             out.append(VerifyRow(split, net, l, "ok" if ok else "mismatch", pick.tolist(), diff, rel, tol))

@@ -35,7 +35,7 @@ import torch.nn as nn
 import torchvision
 from torchvision.models.feature_extraction import NodePathTracer
 
-from training.runs import UserError
+from common.errors import UserError
 
 LOGITS = "logits"
 _CONV_RE = re.compile(r"^features\.(\d+)$")

@@ -24,8 +24,9 @@ from typing import Any, Iterator
 import h5py
 import numpy as np
 
-from training.registry import unknown_choice_message
-from training.runs import UserError, code_version, now_utc, sha256_file
+from common.errors import UserError
+from common.provenance import code_version, now_utc, sha256_file
+from common.registry import unknown_choice_message
 
 SCHEMA = "kc-features"
 SCHEMA_VERSION = 1

@@ -16,10 +16,21 @@ import h5py
 import numpy as np
 import pytest
 
-from analysis.consistency import (ConsistencyConfig, asymmetry, build_matrices, generation_rows, net_matrix,
-                                  pair_row, plan_pairs, read_table, run_consistency, table_columns, table_csv)
+from analysis.consistency import (
+    ConsistencyConfig,
+    asymmetry,
+    build_matrices,
+    generation_rows,
+    net_matrix,
+    pair_row,
+    plan_pairs,
+    read_table,
+    run_consistency,
+    table_columns,
+    table_csv,
+)
+from common.errors import UserError
 from features import store
-from training.runs import UserError
 from transnet.fit import FitConfig
 
 C, HW, N_TRAIN, N_TEST = 4, 4, 64, 32

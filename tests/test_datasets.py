@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from common.errors import UserError
 from tests import fakedata as fd
-from training.data import DATASETS, DataSpec, TRANSFORMS, build_dataset
-from training.runs import UserError
+from training.data import build_dataset
+from training.datasets import DATASETS, DataSpec
+from training.transforms import TRANSFORMS
 
 SIZE = (40, 32)
 

@@ -8,12 +8,19 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_consistency import FAST_FIT, PLANTED_CHANNEL, PLANTED_ROW, planted_features
 
 from analysis.consistency import ConsistencyConfig, run_consistency
-from analysis.diagnose import (DiagnoseConfig, ResidualAccumulator, decompose_rows, diagnose_pair, rank_top,
-                               run_diagnosis, summarise)
-from test_consistency import FAST_FIT, PLANTED_CHANNEL, PLANTED_ROW, planted_features
-from training.runs import UserError
+from analysis.diagnose import (
+    DiagnoseConfig,
+    ResidualAccumulator,
+    decompose_rows,
+    diagnose_pair,
+    rank_top,
+    run_diagnosis,
+    summarise,
+)
+from common.errors import UserError
 from transnet.model import TransNet
 
 

@@ -12,13 +12,25 @@ import pytest
 import torch
 import torch.nn as nn
 
+from common.checkpoints import save_checkpoint
+from common.errors import UserError
+from common.provenance import sha256_file
 from features import store
-from features.extract import (ExtractConfig, KILL_EXIT_CODE, SimulatedKill, _Writer, build_feature_data,
-                              data_spec_for, extract_features, load_net, shard_rows)
-from training.data import DataSpec, build_dataset
+from features.extract import (
+    KILL_EXIT_CODE,
+    ExtractConfig,
+    SimulatedKill,
+    _Writer,
+    build_feature_data,
+    data_spec_for,
+    extract_features,
+    load_net,
+    shard_rows,
+)
+from training.data import build_dataset
+from training.datasets import DataSpec
 from training.models import build_model
 from training.runner import ModelSpec, checkpoint_fields
-from training.runs import UserError, save_checkpoint, sha256_file
 
 ROOT = Path(__file__).resolve().parent.parent
 N = 20          # rows per split (--limit)

@@ -12,12 +12,14 @@ import torch
 import torch.nn as nn
 
 import training.families as families
+from common.checkpoints import load_checkpoint, save_checkpoint
+from common.files import read_json
+from common.provenance import sha256_file
 from tests.fakedata import make_imagefolder
 from training.compress import compression_stats, kmeans_1d, project_, prune_magnitude, quantize_shared
 from training.kd import ban_loss
 from training.manifest import read_manifest
 from training.models import build_model, model_from_checkpoint
-from training.runs import load_checkpoint, read_json, save_checkpoint, sha256_file
 
 
 @pytest.fixture(scope="module")

@@ -2,18 +2,21 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from training.data import DataSpec, animal_mnist_split, build_dataset, ArrayDataset, build_transform, TransformSpec
+from common.checkpoints import load_checkpoint, save_checkpoint
+from common.errors import UserError
+from common.files import read_json, write_json
+from common.registry import Registry, UnknownNameError
+from common.rundir import RunDir
+from training.data import animal_mnist_split, build_dataset
+from training.datasets import ArrayDataset, DataSpec
 from training.loop import TrainConfig, lr_factor, train
-from training.models import ARCHS, ARCH_INFO, build_model, load_weights, model_from_checkpoint
-from training.registry import Registry, UnknownNameError
-from training.runs import RunDir, UserError, load_checkpoint, save_checkpoint, write_json, read_json
-
+from training.models import ARCH_INFO, ARCHS, build_model, load_weights, model_from_checkpoint
+from training.transforms import TransformSpec, build_transform
 
 # --------------------------------------------------------------------------- registries and archs
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from common.errors import UserError
 from training.kd import ban_loss, ban_loss_fn, kd_loss, kd_loss_fn, kl_soft, soft_cross_entropy
-from training.runs import UserError
 
 
 def _np_log_softmax(z: np.ndarray) -> np.ndarray:

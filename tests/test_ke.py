@@ -10,9 +10,10 @@ import pytest
 import torch
 import torch.nn as nn
 
+from common.checkpoints import load_checkpoint
+from common.errors import UserError
 from training import ke
 from training.models import build_model, model_from_checkpoint
-from training.runs import UserError, load_checkpoint
 
 
 def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -277,7 +278,8 @@ def _tiny_args(root: Path, out: Path, *extra: str) -> list[str]:
 
 
 def test_evolve_writes_generations_slim_checkpoints_and_family(cli, tiny_folder, tmp_path):
-    from training.data import DataSpec, build_dataset
+    from training.data import build_dataset
+    from training.datasets import DataSpec
     from training.loop import evaluate, make_loader
 
     out = tmp_path / "ke"
@@ -315,7 +317,7 @@ def test_evolve_writes_generations_slim_checkpoints_and_family(cli, tiny_folder,
 
 def test_evolve_resume_continues_the_interrupted_generation_only(tiny_folder, tmp_path, monkeypatch):
     import training.ke_commands as kc
-    from training.data import DataSpec
+    from training.datasets import DataSpec
     from training.loop import TrainConfig
     from training.runner import ModelSpec
 

@@ -5,12 +5,21 @@ import pytest
 import torch
 import torch.nn as nn
 
-from features.layers import (LayerPoint, build_extractor, check_against_hooks, conv_layer_path, list_layers,
-                             output_shapes, resolve_block_aliases, resolve_layer)
-from training.data import DataSpec
+from common.checkpoints import save_checkpoint
+from common.errors import UserError
+from features.layers import (
+    LayerPoint,
+    build_extractor,
+    check_against_hooks,
+    conv_layer_path,
+    list_layers,
+    output_shapes,
+    resolve_block_aliases,
+    resolve_layer,
+)
+from training.datasets import DataSpec
 from training.models import build_model
 from training.runner import ModelSpec, checkpoint_fields
-from training.runs import UserError, save_checkpoint
 
 
 def _eval(arch: str, seed: int = 0, in_channels: int = 1) -> nn.Module:

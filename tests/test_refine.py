@@ -12,12 +12,15 @@ import pytest
 import torch
 from PIL import Image
 
+from common.checkpoints import load_checkpoint, save_checkpoint
+from common.errors import UserError
+from common.provenance import sha256_file
 from features.store import create_features, init_root, init_split, mark_complete
-from training.data import DataSpec, build_dataset
+from training.data import build_dataset
+from training.datasets import DataSpec
 from training.loop import evaluate, make_loader
 from training.models import build_model
 from training.runner import ModelSpec, checkpoint_fields
-from training.runs import UserError, load_checkpoint, save_checkpoint, sha256_file
 from transnet.model import TransNet
 from transnet.refine import SplitClassifier, layer_names, parse_orders, split_at
 

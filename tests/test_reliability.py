@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import cli as cli_mod
+from common.checkpoints import load_checkpoint, save_checkpoint
 from features.extract import ExtractConfig, build_feature_data, data_spec_for, extract_features, load_net
 from tests.test_extract import _ckpt
 from tests.test_similarity import write_features
-from training.runs import load_checkpoint, save_checkpoint
 
 COMMANDS = sorted(cli_mod.build_parser()[1])
 

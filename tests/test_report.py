@@ -11,14 +11,25 @@ import shutil
 import numpy as np
 import pytest
 from scipy.stats import spearmanr
+from test_consistency import FAST_FIT, planted_features
 
 from analysis.consistency import ConsistencyConfig, pair_row, run_consistency
 from analysis.demo import build_demo_study
-from analysis.report import (agreement_points, agreement_readings, consistency_readings, load_study, make_report,
-                             pair_reading, render_html, render_markdown, spearman, summary_lines)
-from test_consistency import FAST_FIT, planted_features
+from analysis.report import (
+    agreement_points,
+    agreement_readings,
+    consistency_readings,
+    load_study,
+    make_report,
+    pair_reading,
+    render_html,
+    render_markdown,
+    spearman,
+    summary_lines,
+)
+from common.errors import UserError
+from common.files import write_json
 from training.manifest import Member, write_manifest
-from training.runs import UserError, write_json
 
 TINY_DEMO = dict(seeds="0,1", train_images=256, epochs=1, rows=48, fit_epochs=3, fit_batch_size=16,
                  permutations=5, baselines="cka,svcca")

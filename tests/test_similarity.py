@@ -12,8 +12,8 @@ import torch
 
 from analysis import similarity as S
 from analysis.similarity_commands import similarity_matrix
+from common.errors import UserError
 from features.store import create_features, init_root, init_split, mark_complete, open_features
-from training.runs import UserError
 
 FORMS = ("features", "gram")
 

@@ -19,9 +19,10 @@ import torch
 import yaml
 
 from analysis.study import load_study, run_study, stage_mode
+from common.errors import UserError
+from common.files import read_json
 from tests.fakedata import make_imagefolder
 from tests.test_extract import _free_port
-from training.runs import UserError, read_json
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -182,7 +183,7 @@ def test_rerun_is_cached_and_a_change_redoes_only_what_depends_on_it(done_study,
 
 
 def test_a_second_run_into_the_same_folder_is_refused_while_one_runs(done_study, tmp_path):
-    from training.runs import RunDir
+    from common.rundir import RunDir
 
     sf, out = copy_study(done_study, tmp_path)
     with RunDir(out, "resume"):                     # another study process holds the folder

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
+from common.errors import UserError
 from features.store import create_features, init_root, init_split, mark_complete, mark_rows_done
 from transnet.data import BlockPairs, MemoryPairs, load_arrays, open_pair
 from transnet.fit import DivergenceError, FitConfig, fit_transnet, load_transnet
 from transnet.model import TransNet
-from training.runs import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYER = "features.4"

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import argparse
 
-from training.cliutil import Command, add_dataclass_args, add_run_args, dataclass_from_args
-from training.data import DataSpec, TRANSFORMS, dataset_names
+from common.options import Command, add_dataclass_args, add_run_args, dataclass_from_args
+from common.rundir import run_mode
+from training.data import dataset_names
+from training.datasets import DataSpec
 from training.loop import OPTIMIZERS, SCHEDULES, TrainConfig
 from training.models import ARCHS
 from training.runner import ModelSpec, run_training
-from training.runs import run_mode
+from training.transforms import TRANSFORMS
 
 DATA_HELP = {
     "name": "data set: " + ", ".join(dataset_names()),

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import prune
 
-from training.runs import UserError
+from common.errors import UserError
 
 PRUNE_SCOPES = ("layer", "global")
 

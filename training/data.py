@@ -1,4 +1,6 @@
-"""Data sets (a registry) and named transform presets.
+"""Building data sets: a :class:`DataSpec` to one split of a registered data set, with its transform,
+the paper's two halves (``--subset``), a cache for deterministic transforms, and the embedded
+Animal-MNIST.
 
 Every data set yields ``(image, label, index)``: ``index`` is the sample's position in the
 split, so later stages (feature files, diagnosis panels) keep sample identity.
@@ -8,171 +10,34 @@ disk read from ``--data_root``; nothing is ever downloaded.
 """
 from __future__ import annotations
 
-import abc
 import gzip
-import math
 import pickle
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision import transforms as T
 
-from training.registry import Registry, UnknownNameError, unknown_choice_message
-from training.runs import UserError
+import training.datasets_disk  # noqa: F401  (the on-disk layouts register themselves in DATASETS)
+from common.errors import UserError
+from common.registry import UnknownNameError, unknown_choice_message
+from training.datasets import DATASETS, ArrayDataset, DataSpec, IndexedDataset, need_file
+from training.transforms import (
+    ANIMAL_MEAN,
+    ANIMAL_STD,
+    DEFAULT_SIZE,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TRANSFORMS,
+    TransformSpec,
+    build_transform,
+)
 
 SPLITS = ("train", "val", "test")
 
-# --------------------------------------------------------------------------- transforms
-
-# Normalisation statistics. ImageNet's for RGB photographs; Animal-MNIST's own for the
-# grayscale silhouettes (measured over all 10,000 images: mean 0.2243, std 0.3870 on [0, 1]).
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-ANIMAL_MEAN, ANIMAL_STD = 0.2243, 0.3870
-
-
-@dataclass(frozen=True)
-class TransformSpec:
-    """A named preset, resolved to concrete sizes; recorded in configs, checkpoints and feature files."""
-
-    preset: str
-    image_size: int
-    channels: int = 3
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"preset": self.preset, "image_size": self.image_size, "channels": self.channels,
-                "mean": list(self.mean), "std": list(self.std)}
-
-    @staticmethod
-    def from_dict(d: dict[str, Any]) -> "TransformSpec":
-        return TransformSpec(d["preset"], int(d["image_size"]), int(d.get("channels", 3)),
-                             tuple(d.get("mean", IMAGENET_MEAN)), tuple(d.get("std", IMAGENET_STD)))
-
-
-def _norm(spec: TransformSpec) -> list[Callable]:
-    return [T.ToTensor(), T.Normalize(spec.mean, spec.std)]
-
-
-def _to_channels(spec: TransformSpec) -> list[Callable]:
-    return [T.Grayscale(num_output_channels=spec.channels)] if spec.channels == 1 else [_ToRGB()]
-
-
-class _ToRGB:
-    def __call__(self, img: Image.Image) -> Image.Image:
-        return img.convert("RGB") if img.mode != "RGB" else img
-
-    def __repr__(self) -> str:
-        return "ToRGB()"
-
-
-def _paper(spec: TransformSpec, train: bool) -> Callable:
-    # The knowledge-consistency paper: squash (no aspect-preserving crop) to size, no augmentation.
-    return T.Compose(_to_channels(spec) + [T.Resize((spec.image_size, spec.image_size))] + _norm(spec))
-
-
-def _ke(spec: TransformSpec, train: bool) -> Callable:
-    # Knowledge Evolution: RandomResizedCrop + flip for training; Resize(256/224 * s) + CenterCrop(s).
-    if train:
-        geo = [T.RandomResizedCrop(spec.image_size), T.RandomHorizontalFlip()]
-    else:
-        geo = [T.Resize(int(round(spec.image_size * 256 / 224))), T.CenterCrop(spec.image_size)]
-    return T.Compose(_to_channels(spec) + geo + _norm(spec))
-
-
-def _small(spec: TransformSpec, train: bool) -> Callable:
-    # Small images (CIFAR-size): resize to size; training adds pad-4 random crop + flip.
-    geo = [T.Resize((spec.image_size, spec.image_size))]
-    if train:
-        geo += [T.RandomCrop(spec.image_size, padding=max(1, spec.image_size // 8)), T.RandomHorizontalFlip()]
-    return T.Compose(_to_channels(spec) + geo + _norm(spec))
-
-
-def _plain(spec: TransformSpec, train: bool) -> Callable:
-    # Resize only, no augmentation in either split (the demo and feature extraction of small data).
-    return T.Compose(_to_channels(spec) + [T.Resize((spec.image_size, spec.image_size))] + _norm(spec))
-
-
-TRANSFORMS: Registry[Callable[[TransformSpec, bool], Callable]] = Registry("transform")
-TRANSFORMS.add("paper", _paper)
-TRANSFORMS.add("ke", _ke)
-TRANSFORMS.add("small", _small)
-TRANSFORMS.add("plain", _plain)
-
-DEFAULT_SIZE = {"paper": 224, "ke": 224, "small": 32, "plain": 32}
-
-
-def build_transform(spec: TransformSpec, train: bool) -> Callable:
-    """The torchvision transform of a preset. ``train=False`` never augments."""
-    return TRANSFORMS.get(spec.preset)(spec, train)
-
-
-# --------------------------------------------------------------------------- data set base
-
-class IndexedDataset(Dataset):
-    """A list of samples read lazily; ``__getitem__`` returns ``(image, label, index)``."""
-
-    def __init__(self, name: str, split: str, num_classes: int, labels: Sequence[int],
-                 transform: Callable | None = None, class_names: Sequence[str] | None = None):
-        self.name, self.split, self.num_classes = name, split, num_classes
-        self.labels = np.asarray(labels, dtype=np.int64)
-        self.transform = transform
-        self.class_names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    @abc.abstractmethod
-    def load_image(self, i: int) -> Image.Image:
-        """The ``i``-th image, untransformed; subclasses read their own storage."""
-
-    def __getitem__(self, i: int):
-        img = self.load_image(i)
-        if self.transform is not None:
-            img = self.transform(img)
-        return img, int(self.labels[i]), i
-
-
-class ArrayDataset(IndexedDataset):
-    """Images held in memory as a uint8 array (N, H, W) or (N, H, W, 3)."""
-
-    def __init__(self, name: str, split: str, images: np.ndarray, labels: Sequence[int], num_classes: int,
-                 transform: Callable | None = None, class_names: Sequence[str] | None = None):
-        super().__init__(name, split, num_classes, labels, transform, class_names)
-        self.images = images
-
-    def load_image(self, i: int) -> Image.Image:
-        a = self.images[i]
-        return Image.fromarray(a, mode="L" if a.ndim == 2 else "RGB")
-
-
-class FileListDataset(IndexedDataset):
-    """Images read from files; an optional box (x0, y0, x1, y1) crops each image first."""
-
-    def __init__(self, name: str, split: str, files: Sequence[Path], labels: Sequence[int], num_classes: int,
-                 transform: Callable | None = None, boxes: Sequence[tuple[float, float, float, float]] | None = None,
-                 class_names: Sequence[str] | None = None):
-        super().__init__(name, split, num_classes, labels, transform, class_names)
-        self.files = [Path(f) for f in files]
-        self.boxes = boxes
-        if len(self.files) != len(self.labels):
-            raise ValueError(f"{len(self.files)} files but {len(self.labels)} labels")
-
-    def load_image(self, i: int) -> Image.Image:
-        try:
-            with Image.open(self.files[i]) as im:
-                img = im.convert("RGB")
-        except OSError as e:
-            raise UserError(f"cannot read image {self.files[i]} ({e})") from e
-        if self.boxes is not None:
-            img = img.crop(tuple(int(round(v)) for v in self.boxes[i]))
-        return img
-
+# --------------------------------------------------------------------------- cache
 
 class CachedDataset(Dataset):
     """Keeps each transformed sample after its first read: for deterministic transforms only
@@ -209,26 +74,7 @@ def maybe_cache(ds: IndexedDataset, spec: "DataSpec", train: bool, num_workers: 
     return CachedDataset(ds)
 
 
-# --------------------------------------------------------------------------- registry
-
-@dataclass(frozen=True)
-class DataSpec:
-    """How to build one data set; recorded in configs."""
-
-    name: str = "animal-mnist"
-    data_root: str | None = None
-    transform: str = "plain"
-    image_size: int | None = None          # None: the preset's default
-    channels: int | None = None            # None: the data set's natural count (1 for animal-mnist)
-    subset: str | None = None              # None | "A" | "B": the paper's two halves
-    subset_kind: str = "class"             # "class": disjoint classes, "sample": disjoint samples
-    split_seed: int = 0                    # seed of data sets without an official split
-    bbox_crop: bool = True                 # CUB-200 / Dogs: crop to the bounding box (paper)
-    options: dict[str, Any] = field(default_factory=dict)
-
-
-DATASETS: Registry[Callable[..., IndexedDataset]] = Registry("data set")
-
+# --------------------------------------------------------------------------- names and specs
 
 def dataset_names() -> list[str]:
     return [n for n in DATASETS.names() if n != "imagefolder"] + ["imagefolder:DIR"]
@@ -274,21 +120,6 @@ def build_dataset(spec: DataSpec, split: str, train_transform: bool | None = Non
     if spec.subset is not None:
         ds = take_subset(ds, spec.subset, spec.subset_kind, spec.split_seed)
     return ds
-
-
-def need_root(spec: DataSpec, layout: str) -> Path:
-    if not spec.data_root:
-        raise UserError(f"data set {spec.name!r} reads from disk: pass --data_root DIR holding {layout}")
-    root = Path(spec.data_root).expanduser()
-    if not root.is_dir():
-        raise UserError(f"--data_root {root} is not a directory; data set {spec.name!r} expects {layout}")
-    return root
-
-
-def need_file(path: Path, layout: str) -> Path:
-    if not path.exists():
-        raise UserError(f"missing {path}; the expected layout is {layout}")
-    return path
 
 
 # --------------------------------------------------------------------------- subsets (two halves)
@@ -389,6 +220,3 @@ def animal_mnist(spec: DataSpec, split: str, transform: Callable, arg: str | Non
     rows = animal_mnist_split(labels, spec.split_seed)[split]
     return ArrayDataset("animal-mnist", split, images[rows], labels[rows], 10, transform, ANIMAL_CLASSES)
 
-
-# On-disk layouts register themselves.
-import training.datasets_disk  # noqa: E402,F401

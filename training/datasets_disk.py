@@ -4,7 +4,7 @@ Each builder registers itself in :data:`training.data.DATASETS` on import, with 
 ``builder(spec, split, transform, arg) -> IndexedDataset``. Nothing is downloaded: every data set is
 read from ``--data_root`` in the layout of its official release (or of the Knowledge Evolution
 repository for ``flower102`` / ``aircraft100``). A missing folder or file raises a
-:class:`~training.runs.UserError` that names the path and the expected layout.
+:class:`~common.errors.UserError` that names the path and the expected layout.
 
 Readers parse the index files into a :class:`FileListing` (files, 0-based labels, class names and
 optional crop boxes ``(x0, y0, x1, y1)`` in PIL's half-open pixel convention); the data set is a
@@ -21,8 +21,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from training.data import DATASETS, ArrayDataset, DataSpec, FileListDataset, IndexedDataset, need_file, need_root
-from training.runs import UserError
+from common.errors import UserError
+from training.datasets import DATASETS, ArrayDataset, DataSpec, FileListDataset, IndexedDataset, need_file, need_root
 
 Box = tuple[float, float, float, float]  # (x0, y0, x1, y1), PIL crop convention
 

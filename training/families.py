@@ -24,15 +24,20 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
-from training.compress import (compression_stats, move_codes, project_, prune_magnitude, quantize_shared,
-                               storage_bits)
-from training.data import DataSpec, build_dataset, transform_spec
+from common.checkpoints import load_checkpoint, save_checkpoint
+from common.device import resolve_device
+from common.errors import UserError
+from common.files import read_json, write_json
+from common.provenance import sha256_file
+from common.rundir import RunDir
+from training.compress import compression_stats, move_codes, project_, prune_magnitude, quantize_shared, storage_bits
+from training.data import build_dataset, transform_spec
+from training.datasets import DataSpec
 from training.kd import ban_loss_fn, kd_loss_fn
-from training.loop import TrainConfig, TrainResult, cross_entropy_loss, evaluate, make_loader, resolve_device, seed_everything
+from training.loop import TrainConfig, TrainResult, cross_entropy_loss, evaluate, make_loader, seed_everything
 from training.manifest import Member, write_manifest
 from training.models import model_from_checkpoint
 from training.runner import ModelSpec, build_for_data, checkpoint_fields, is_finished, run_training
-from training.runs import RunDir, UserError, load_checkpoint, read_json, save_checkpoint, sha256_file, write_json
 
 MEMBER_CHECKPOINTS = ("last", "best")
 
@@ -272,7 +277,7 @@ def _check_same_generation(gdir: Path, ban: BANConfig, teacher_sha: str | None) 
 
 
 def generations_markdown(rows: list[dict[str, Any]], which: str) -> str:
-    lines = [f"| generation | member | test top-1 (%) | ensemble 0..g top-1 (%) | status |",
+    lines = ["| generation | member | test top-1 (%) | ensemble 0..g top-1 (%) | status |",
              "|---:|---|---:|---:|---|"]
     for r in rows:
         lines.append(f"| {r['generation']} | {r['name']} | {r['test_top1']:.2f} | {r['ensemble_top1']:.2f} | "

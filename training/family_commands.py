@@ -14,15 +14,26 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from training.cliutil import Command, add_dataclass_args, add_run_args, dataclass_from_args, parse_csv, parse_kv_list
+from common.errors import UserError
+from common.files import load_config_file
+from common.options import Command, add_dataclass_args, add_run_args, dataclass_from_args, parse_csv, parse_kv_list
+from common.registry import unknown_choice_message
+from common.rundir import run_mode
 from training.commands import TRAIN_HELP, add_data_args, add_model_args, add_train_args, data_from_args
 from training.compress import PRUNE_SCOPES
-from training.families import (MEMBER_CHECKPOINTS, BANConfig, CompressConfig, KDConfig, born_again, compress,
-                               distill, run_grid, write_summary)
+from training.families import (
+    MEMBER_CHECKPOINTS,
+    BANConfig,
+    CompressConfig,
+    KDConfig,
+    born_again,
+    compress,
+    distill,
+    run_grid,
+    write_summary,
+)
 from training.loop import OPTIMIZERS, SCHEDULES, TrainConfig
-from training.registry import unknown_choice_message
 from training.runner import ModelSpec
-from training.runs import UserError, load_config_file, run_mode
 
 KD_HELP = {
     "teacher": "teacher checkpoint (written by `train`; same classes, channels and input size as the data)",

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from training.runs import UserError
+from common.errors import UserError
 
 
 def check_temperature(temperature: float) -> None:

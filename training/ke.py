@@ -37,8 +37,8 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
-from training.registry import unknown_choice_message
-from training.runs import UserError
+from common.errors import UserError
+from common.registry import unknown_choice_message
 
 SPLIT_MODES = ("kels", "wels")
 SPLIT_TYPES = (nn.Conv2d, nn.Linear)          # layers with a fit/reset split

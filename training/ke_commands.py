@@ -24,19 +24,32 @@ from typing import Any, Callable
 
 import torch
 
-from training.cliutil import Command, add_dataclass_args, add_run_args, dataclass_from_args
+from common.checkpoints import load_checkpoint, save_checkpoint
+from common.device import resolve_device
+from common.errors import UserError
+from common.files import atomic_write, read_json, write_json
+from common.options import Command, add_dataclass_args, add_run_args, dataclass_from_args
+from common.provenance import sha256_file
+from common.registry import unknown_choice_message
+from common.rundir import RunDir, run_mode
 from training.commands import add_data_args, add_model_args, add_train_args, data_from_args
-from training.data import DataSpec, build_dataset, transform_spec
-from training.ke import (SPLIT_MODES, LayerSplit, channel_plan, check_split, count_params, extract_slim, reinit,
-                         split_masks)
-from training.loop import TrainConfig, evaluate, make_loader, resolve_device
+from training.data import build_dataset, transform_spec
+from training.datasets import DataSpec
+from training.ke import (
+    SPLIT_MODES,
+    LayerSplit,
+    channel_plan,
+    check_split,
+    count_params,
+    extract_slim,
+    reinit,
+    split_masks,
+)
+from training.loop import TrainConfig, evaluate, make_loader
 from training.loop import validate as validate_train
 from training.manifest import Member, write_manifest
 from training.models import model_from_checkpoint
-from training.registry import unknown_choice_message
 from training.runner import ModelSpec, build_for_data, is_finished, run_training
-from training.runs import (RunDir, UserError, atomic_write, load_checkpoint, read_json, run_mode, save_checkpoint,
-                           sha256_file, write_json)
 
 FAMILY = "knowledge-evolution"
 
@@ -311,8 +324,8 @@ def _run_evolve(args: argparse.Namespace) -> None:
     cfg = dataclass_from_args(TrainConfig, a)
     ke = dataclass_from_args(EvolveConfig, a)
     out = Path(a.out_dir)
-    rows = evolve(data, ModelSpec(a.arch, a.weights), cfg, ke, out, run_mode(a.resume, a.overwrite),
-                  preset=a.preset, preset_keys=from_preset)
+    evolve(data, ModelSpec(a.arch, a.weights), cfg, ke, out, run_mode(a.resume, a.overwrite),
+           preset=a.preset, preset_keys=from_preset)
     print((out / "generations.md").read_text(), end="")
     print(f"generations: {out / 'generations.json'}; family manifest: {out / 'family.json'}")
 

@@ -7,12 +7,11 @@ Determinism on CPU: every epoch reseeds the global RNG and the sampler's generat
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -20,7 +19,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from training.runs import RunDir, UserError, fault_point, load_checkpoint, save_checkpoint
+from common.checkpoints import load_checkpoint, save_checkpoint
+from common.device import autocast, resolve_device
+from common.distributed import is_local_only
+from common.errors import UserError
+from common.faults import fault_point
+from common.progress import progress
+from common.rundir import RunDir
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
@@ -53,18 +58,6 @@ class TrainConfig:
     device: str = "auto"                # auto | cpu | cuda | cuda:N
     grad_clip: float = 0.0              # 0: off
     save_every: int = 1                 # write last.pt every N epochs (resume granularity)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown --device {name!r}; valid: auto, cpu, cuda, cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for, but no CUDA device is available; use --device cpu")
-    return dev
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -129,11 +122,6 @@ def accuracy_counts(logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[in
     return [int(hit[:, :min(k, k_max)].any(dim=1).sum()) for k in ks]
 
 
-def _autocast(device: torch.device, amp: bool):
-    enabled = amp and device.type == "cuda"
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: bool = True,
              return_logits: bool = False) -> dict[str, Any]:
@@ -143,7 +131,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: bo
     all_logits = []
     for x, y, _ in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with _autocast(device, amp):
+        with autocast(device, amp):
             logits = model(x)
         logits = logits.float()
         loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
@@ -187,16 +175,6 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7919) % (2**62)
 
 
-def progress(iterable, total: int | None = None, desc: str = "", leave: bool = False):
-    """tqdm that is quiet when stderr is not a terminal."""
-    import sys
-
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, leave=leave, disable=not sys.stderr.isatty(),
-                dynamic_ncols=True)
-
-
 def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
@@ -211,25 +189,6 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-_LOCAL_ONLY = [False]
-
-
-@contextlib.contextmanager
-def local_only() -> Iterator[None]:
-    """Within this block, training (and Trans-Net fitting) ignores an initialised process group and
-    runs as one process: the study runner under torchrun gives each rank its own members or pairs."""
-    prev = _LOCAL_ONLY[0]
-    _LOCAL_ONLY[0] = True
-    try:
-        yield
-    finally:
-        _LOCAL_ONLY[0] = prev
-
-
-def is_local_only() -> bool:
-    return _LOCAL_ONLY[0]
-
-
 def train(model: nn.Module, train_set: Dataset, test_set: Dataset, cfg: TrainConfig, run: RunDir,
           ckpt_fields: dict[str, Any], loss_fn: LossFn | None = None, teacher: nn.Module | None = None,
           on_epoch_end: Callable[[nn.Module, int], None] | None = None, desc: str = "train",
@@ -241,7 +200,7 @@ def train(model: nn.Module, train_set: Dataset, test_set: Dataset, cfg: TrainCon
     validate(cfg)
     device = resolve_device(cfg.device)
     loss_fn = loss_fn or cross_entropy_loss(cfg.label_smoothing)
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized() and not _LOCAL_ONLY[0]
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized() and not is_local_only()
     rank = torch.distributed.get_rank() if distributed else 0
     world = torch.distributed.get_world_size() if distributed else 1
 
@@ -306,9 +265,9 @@ def train(model: nn.Module, train_set: Dataset, test_set: Dataset, cfg: TrainCon
                 x = x.contiguous(memory_format=torch.channels_last)
             teacher_logits = None
             if teacher is not None:
-                with torch.no_grad(), _autocast(device, cfg.amp):
+                with torch.no_grad(), autocast(device, cfg.amp):
                     teacher_logits = teacher(x).float()
-            with _autocast(device, cfg.amp):
+            with autocast(device, cfg.amp):
                 logits = ddp_model(x)
             loss = loss_fn(logits.float(), y, teacher_logits)
             if not torch.isfinite(loss):

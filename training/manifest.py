@@ -16,7 +16,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from training.runs import UserError, now_utc, read_json, sha256_file, write_json
+from common.errors import UserError
+from common.files import read_json, write_json
+from common.provenance import now_utc, sha256_file
 
 SCHEMA = "kc-family"
 SCHEMA_VERSION = 1

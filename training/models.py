@@ -6,16 +6,14 @@ for ResNets) because feature files store them.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torchvision.models as tvm
 
-from training.registry import Registry, UnknownNameError, unknown_choice_message
-from training.runs import UserError
+from common.errors import UserError
+from common.registry import Registry, UnknownNameError
 
 ARCHS: Registry[Callable[..., nn.Module]] = Registry("arch")
 

@@ -2,17 +2,20 @@
 builder (KD, Born-Again, Knowledge Evolution) call."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 import torch.nn as nn
 
-from training.data import DataSpec, build_dataset, maybe_cache, transform_spec
+from common.checkpoints import load_checkpoint
+from common.errors import UserError
+from common.files import read_json
+from common.rundir import RunDir
+from training.data import build_dataset, maybe_cache, transform_spec
+from training.datasets import DataSpec
 from training.loop import LossFn, TrainConfig, TrainResult, seed_everything, train
 from training.models import build_model, load_weights
-from training.runs import RunDir, UserError, load_checkpoint, read_json
 
 
 @dataclass(frozen=True)

@@ -5,10 +5,14 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from training.cliutil import Command, add_dataclass_args, add_run_args, dataclass_from_args
+from common.device import resolve_device
+from common.errors import UserError
+from common.files import write_json
+from common.options import Command, add_dataclass_args, add_run_args, dataclass_from_args
+from common.provenance import provenance
+from common.rundir import RunDir, run_mode
 from training.commands import add_train_args
-from training.loop import TrainConfig, resolve_device
-from training.runs import RunDir, UserError, provenance, run_mode, write_json
+from training.loop import TrainConfig
 from transnet.data import DATA_ON, choose_placement, make_source, open_pair
 from transnet.fit import FIT_SCHEDULES, LOSS_SCALES, FitConfig, fit_transnet, load_transnet
 from transnet.model import INPUT_NORMS

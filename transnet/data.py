@@ -32,9 +32,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from features.store import (FeatureFileError, check_checkpoint_unchanged, get_features, open_features,
-                            provenance_of, read_index)
-from training.runs import UserError
+from common.errors import UserError
+from features.store import (
+    FeatureFileError,
+    check_checkpoint_unchanged,
+    get_features,
+    open_features,
+    provenance_of,
+    read_index,
+)
 from transnet.variance import ChannelMoments
 
 DATA_ON = ("auto", "device", "ram", "disk")

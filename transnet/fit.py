@@ -39,11 +39,27 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from training.cliutil import parse_csv
-from training.loop import TrainConfig, is_local_only, make_scheduler, progress, resolve_device
-from training.runs import RunDir, UserError, fault_point, load_checkpoint, save_checkpoint
-from transnet.data import (DATA_ON, BlockPairs, PairInfo, choose_placement, find_nonfinite,
-                           make_source, nonfinite_message, open_pair, source_channel_std, target_variance)
+from common.checkpoints import load_checkpoint, save_checkpoint
+from common.device import autocast, resolve_device
+from common.distributed import is_local_only
+from common.errors import UserError
+from common.faults import fault_point
+from common.options import parse_csv
+from common.progress import progress
+from common.rundir import RunDir
+from training.loop import TrainConfig, make_scheduler
+from transnet.data import (
+    DATA_ON,
+    BlockPairs,
+    PairInfo,
+    choose_placement,
+    find_nonfinite,
+    make_source,
+    nonfinite_message,
+    open_pair,
+    source_channel_std,
+    target_variance,
+)
 from transnet.model import INPUT_NORMS, TransNet, n_parameters
 from transnet.variance import variance_report
 
@@ -214,10 +230,6 @@ def make_optimizer(model: nn.Module, cfg: FitConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
 
 
-def _autocast(device: torch.device, amp: bool):
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
-
-
 def train_epoch(model: TransNet, step_model: nn.Module, opt: torch.optim.Optimizer, sched, batches,
                 alphas: list[float], mse_scale: float, device: torch.device, amp: bool = True,
                 channels_last: bool = False, total: int | None = None, desc: str = "fit") -> dict[str, Any]:
@@ -232,7 +244,7 @@ def train_epoch(model: TransNet, step_model: nn.Module, opt: torch.optim.Optimiz
     for xa, xb in progress(batches, total, desc):
         if channels_last:
             xa = xa.contiguous(memory_format=torch.channels_last)
-        with _autocast(device, amp):
+        with autocast(device, amp):
             yhat = step_model(xa)                                  # (b, C_B, H, W)
         mse = F.mse_loss(yhat.float(), xb)
         loss = mse * inv_scale + model.alpha_penalty(alpha_t)

@@ -28,12 +28,18 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from training.data import DataSpec, build_dataset
-from training.loop import TrainConfig, evaluate, make_loader, resolve_device, train
+from common.checkpoints import load_checkpoint
+from common.device import resolve_device
+from common.errors import UserError
+from common.files import read_json
+from common.provenance import sha256_file
+from common.registry import unknown_choice_message
+from common.rundir import RunDir
+from training.data import build_dataset
+from training.datasets import DataSpec
+from training.loop import TrainConfig, evaluate, make_loader, train
 from training.models import model_from_checkpoint
-from training.registry import unknown_choice_message
 from training.runner import is_finished
-from training.runs import RunDir, UserError, load_checkpoint, read_json, sha256_file
 from transnet.fit import load_transnet
 from transnet.model import TransNet
 

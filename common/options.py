@@ -12,7 +12,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from training.runs import UserError
+from common.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,66 @@
+"""What produced an output: code version, library versions, host, device, content hashes."""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+PACKAGE_VERSION = "0.1.0"
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def code_version() -> str:
+    """Git commit of the workbench (``+dirty`` when the tree has changes), else the package version."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_REPO_ROOT, capture_output=True,
+                                text=True, timeout=5).stdout.strip()
+        if commit:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                   cwd=_REPO_ROOT, capture_output=True, text=True, timeout=5).stdout.strip()
+            return commit + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return f"kc-workbench {PACKAGE_VERSION}"
+
+
+def now_utc() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def provenance(device: str | torch.device | None = None) -> dict[str, Any]:
+    """What produced an output: command line, code and library versions, host and device."""
+    dev = str(device) if device is not None else "cpu"
+    info = {
+        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]) if sys.argv else "",
+        "code_version": code_version(),
+        "torch_version": torch.__version__,
+        "numpy_version": np.__version__,
+        "python_version": platform.python_version(),
+        "host": socket.gethostname(),
+        "device": dev,
+    }
+    if dev.startswith("cuda") and torch.cuda.is_available():
+        info["device_name"] = torch.cuda.get_device_name(torch.device(dev))
+    return info
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()

@@ -1,0 +1,148 @@
+"""Run directories: the output folder of one command.
+
+A run directory holds ``config.json`` (resolved options + provenance), ``metrics.json``,
+``log.jsonl`` (one JSON object per epoch), TensorBoard events and checkpoints.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.errors import UserError
+from common.files import atomic_write, jsonable, read_json, write_json
+from common.provenance import now_utc, provenance
+
+
+class RunDir:
+    """An output directory of one command.
+
+    ``mode``: ``new`` refuses a non-empty directory, ``resume`` requires or accepts one,
+    ``overwrite`` empties the run's own files first. A lock file refuses a second process
+    writing into the same directory at the same time.
+    """
+
+    OWN_FILES = ("config.json", "metrics.json", "log.jsonl")
+
+    def __init__(self, path: str | os.PathLike, mode: str = "new", lock: bool = True):
+        self.path = Path(path)
+        if mode not in ("new", "resume", "overwrite"):
+            raise ValueError(f"mode {mode!r}; valid: new, resume, overwrite")
+        self.mode = mode
+        existing = self.path.is_dir() and any(p.name != ".lock" for p in self.path.iterdir())
+        if existing and mode == "new":
+            raise UserError(
+                f"output directory {self.path} exists and is not empty; pass --resume to continue the run "
+                f"in it or --overwrite to replace it")
+        self.resuming = existing and mode == "resume"
+        if existing and mode == "overwrite":
+            import shutil
+
+            for p in self.path.iterdir():
+                if p.name == ".lock":
+                    continue
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock_fd: int | None = None
+        if lock:
+            self._acquire_lock()
+        self._tb = None
+
+    # -- lock
+    def _acquire_lock(self) -> None:
+        import fcntl
+
+        lock_path = self.path / ".lock"
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = lock_path.read_text().strip() or "another process"
+            raise UserError(f"{self.path} is in use by {holder}; wait for it to finish or use another --out_dir")
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._lock_fd is not None:
+            import fcntl
+
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            with contextlib.suppress(FileNotFoundError):
+                (self.path / ".lock").unlink()
+
+    def __enter__(self) -> "RunDir":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+    # -- files
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def write_config(self, config: Any, device: str | torch.device | None = None, **extra: Any) -> dict:
+        """Write ``config.json``: resolved options + provenance. On resume keep the first start time."""
+        prev = read_json(self.file("config.json")) if self.file("config.json").exists() else {}
+        body = {"config": jsonable(config), **jsonable(extra), "provenance": provenance(device),
+                "start_utc": prev.get("start_utc", now_utc()), "end_utc": None}
+        if prev:
+            body["resumed_utc"] = prev.get("resumed_utc", []) + [now_utc()]
+        write_json(self.file("config.json"), body)
+        return body
+
+    def finish(self, metrics: dict[str, Any]) -> None:
+        """Write ``metrics.json`` and stamp the end time into ``config.json``."""
+        write_json(self.file("metrics.json"), metrics)
+        cfg = read_json(self.file("config.json")) if self.file("config.json").exists() else {}
+        cfg["end_utc"] = now_utc()
+        write_json(self.file("config.json"), cfg)
+
+    def log(self, record: dict[str, Any], step: int | None = None) -> None:
+        """Append one JSON line to ``log.jsonl`` and mirror numbers to TensorBoard."""
+        with open(self.file("log.jsonl"), "a") as f:
+            f.write(json.dumps(jsonable(record)) + "\n")
+        if step is not None:
+            tb = self.tensorboard()
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("epoch", "step"):
+                    tb.add_scalar(k, v, step)
+            tb.flush()
+
+    def truncate_log(self, keep_epochs_upto: int) -> None:
+        """On resume drop log lines of epochs after the checkpoint so the log has no duplicates."""
+        p = self.file("log.jsonl")
+        if not p.exists():
+            return
+        lines = [ln for ln in p.read_text().splitlines() if ln.strip()]
+        kept = [ln for ln in lines if json.loads(ln).get("epoch", 0) <= keep_epochs_upto]
+        with atomic_write(p) as f:
+            f.write("".join(ln + "\n" for ln in kept))
+
+    def tensorboard(self):
+        if self._tb is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(self.path / "tb"))
+        return self._tb
+
+
+def run_mode(resume: bool, overwrite: bool) -> str:
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite exclude each other; choose one")
+    return "resume" if resume else "overwrite" if overwrite else "new"

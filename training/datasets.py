@@ -1,0 +1,112 @@
+"""Data-set building blocks: :class:`DataSpec` (how to build one, recorded in configs), the
+``DATASETS`` registry, the indexed base classes every builder returns, and layout checks.
+
+Every data set yields ``(image, label, index)``: ``index`` is the sample's position in the split.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+from common.errors import UserError
+from common.registry import Registry
+
+
+class IndexedDataset(Dataset):
+    """A list of samples read lazily; ``__getitem__`` returns ``(image, label, index)``."""
+
+    def __init__(self, name: str, split: str, num_classes: int, labels: Sequence[int],
+                 transform: Callable | None = None, class_names: Sequence[str] | None = None):
+        self.name, self.split, self.num_classes = name, split, num_classes
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.transform = transform
+        self.class_names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @abc.abstractmethod
+    def load_image(self, i: int) -> Image.Image:
+        """The ``i``-th image, untransformed; subclasses read their own storage."""
+
+    def __getitem__(self, i: int):
+        img = self.load_image(i)
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, int(self.labels[i]), i
+
+
+class ArrayDataset(IndexedDataset):
+    """Images held in memory as a uint8 array (N, H, W) or (N, H, W, 3)."""
+
+    def __init__(self, name: str, split: str, images: np.ndarray, labels: Sequence[int], num_classes: int,
+                 transform: Callable | None = None, class_names: Sequence[str] | None = None):
+        super().__init__(name, split, num_classes, labels, transform, class_names)
+        self.images = images
+
+    def load_image(self, i: int) -> Image.Image:
+        a = self.images[i]
+        return Image.fromarray(a, mode="L" if a.ndim == 2 else "RGB")
+
+
+class FileListDataset(IndexedDataset):
+    """Images read from files; an optional box (x0, y0, x1, y1) crops each image first."""
+
+    def __init__(self, name: str, split: str, files: Sequence[Path], labels: Sequence[int], num_classes: int,
+                 transform: Callable | None = None, boxes: Sequence[tuple[float, float, float, float]] | None = None,
+                 class_names: Sequence[str] | None = None):
+        super().__init__(name, split, num_classes, labels, transform, class_names)
+        self.files = [Path(f) for f in files]
+        self.boxes = boxes
+        if len(self.files) != len(self.labels):
+            raise ValueError(f"{len(self.files)} files but {len(self.labels)} labels")
+
+    def load_image(self, i: int) -> Image.Image:
+        try:
+            with Image.open(self.files[i]) as im:
+                img = im.convert("RGB")
+        except OSError as e:
+            raise UserError(f"cannot read image {self.files[i]} ({e})") from e
+        if self.boxes is not None:
+            img = img.crop(tuple(int(round(v)) for v in self.boxes[i]))
+        return img
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """How to build one data set; recorded in configs."""
+
+    name: str = "animal-mnist"
+    data_root: str | None = None
+    transform: str = "plain"
+    image_size: int | None = None          # None: the preset's default
+    channels: int | None = None            # None: the data set's natural count (1 for animal-mnist)
+    subset: str | None = None              # None | "A" | "B": the paper's two halves
+    subset_kind: str = "class"             # "class": disjoint classes, "sample": disjoint samples
+    split_seed: int = 0                    # seed of data sets without an official split
+    bbox_crop: bool = True                 # CUB-200 / Dogs: crop to the bounding box (paper)
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+DATASETS: Registry[Callable[..., IndexedDataset]] = Registry("data set")
+
+
+def need_root(spec: DataSpec, layout: str) -> Path:
+    if not spec.data_root:
+        raise UserError(f"data set {spec.name!r} reads from disk: pass --data_root DIR holding {layout}")
+    root = Path(spec.data_root).expanduser()
+    if not root.is_dir():
+        raise UserError(f"--data_root {root} is not a directory; data set {spec.name!r} expects {layout}")
+    return root
+
+
+def need_file(path: Path, layout: str) -> Path:
+    if not path.exists():
+        raise UserError(f"missing {path}; the expected layout is {layout}")
+    return path
