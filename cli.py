@@ -18,7 +18,7 @@ import textwrap
 # Packages whose ``commands`` module contributes subcommands, in the order of the data flow.
 COMMAND_MODULES = ("training.commands", "training.family_commands", "training.ke_commands",
                    "features.commands", "transnet.commands", "analysis.similarity_commands",
-                   "analysis.commands", "analysis.study_commands")
+                   "analysis.commands", "studies.commands")
 
 
 def _commands():

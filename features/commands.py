@@ -47,7 +47,7 @@ EXTRACT_HELP = {
 # Data options of `train`, but here each one only overrides what the checkpoints record.
 DATA_DESTS = {"dataset": "name", "data_root": "data_root", "transform": "transform", "image_size": "image_size",
               "channels": "channels", "subset": "subset", "subset_kind": "subset_kind", "split_seed": "split_seed",
-              "bbox_crop": "bbox_crop"}
+              "bbox_crop": "bbox_crop", "train_images": "train_images"}
 
 
 def _add_extract(p: argparse.ArgumentParser) -> None:

@@ -1,5 +1,5 @@
 """The report: readings computed from numbers, a study folder read whole or in part, and the
-self-contained HTML of a small real study (the demo builder, run tiny) holding every table and figure."""
+self-contained HTML of a small real study (the notebooks' demo study, run tiny) holding every table and figure."""
 from __future__ import annotations
 
 import base64
@@ -7,14 +7,15 @@ import json
 import os
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from scipy.stats import spearmanr
 from test_consistency import FAST_FIT, planted_features
 
 from analysis.consistency import ConsistencyConfig, pair_row, run_consistency
-from analysis.demo import build_demo_study
 from analysis.report import (
     agreement_points,
     agreement_readings,
@@ -29,10 +30,24 @@ from analysis.report import (
 )
 from common.errors import UserError
 from common.files import write_json
+from studies.runner import cached_study
 from training.manifest import Member, write_manifest
 
-TINY_DEMO = dict(seeds="0,1", train_images=256, epochs=1, rows=48, fit_epochs=3, fit_batch_size=16,
-                 permutations=5, baselines="cka,svcca")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny_demo_study(path: Path) -> Path:
+    """The notebooks' demo study (``studies/notebook_demo.yaml``), run tiny: 2 seeds, 256 training
+    images, 1 epoch, 48 feature rows per split, 3 Trans-Net epochs, 5 permutations."""
+    d = yaml.safe_load((ROOT / "studies" / "notebook_demo.yaml").read_text())
+    d["data"]["train_images"] = 256
+    d["train"]["epochs"] = 1
+    d["members"]["seeds"]["seeds"] = [0, 1]
+    d["extract"]["limit"] = 48
+    d["transnet"].update(epochs=3, batch_size=16, eval_every=3, save_every=3)
+    d["baselines"]["permutations"] = 5
+    path.write_text(yaml.safe_dump(d, sort_keys=False))
+    return path
 
 
 # --------------------------------------------------------------------------- readings (pure)
@@ -127,8 +142,9 @@ def shared_tmp(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory):
-    # Built once per run: a second worker waits on the demo's lock and reuses the folder.
-    return build_demo_study(shared_tmp(tmp_path_factory) / "demo_study", log=lambda m: None, **TINY_DEMO)
+    # Built once per run: a second worker waits on the study's lock and finds every stage cached.
+    base = shared_tmp(tmp_path_factory)
+    return cached_study(tiny_demo_study(base / "tiny_demo.yaml"), base / "demo_study", log=lambda m: None)
 
 
 def test_report_of_a_real_small_study_holds_every_table_and_figure(demo, tmp_path, cli):
@@ -163,17 +179,18 @@ def test_report_of_a_real_small_study_holds_every_table_and_figure(demo, tmp_pat
     assert (tmp_path / "vis" / "residual_fraction.png").is_file() and (tmp_path / "vis" / "r2.svg").is_file()
 
 
-def test_demo_study_is_a_cache(demo):
+def test_the_demo_study_is_a_cache(demo):
     stamp = (demo / "report.html").stat().st_mtime_ns
     messages = []
-    assert build_demo_study(demo, log=messages.append, **TINY_DEMO) == demo
-    assert messages == [f"demo study in {demo} is up to date"]
+    assert cached_study(demo.parent / "tiny_demo.yaml", demo, log=messages.append) == demo
+    stages = [m for m in messages if m.startswith("[")]
+    assert stages and all(m.endswith(": cached") for m in stages), messages
     assert (demo / "report.html").stat().st_mtime_ns == stamp
-    with pytest.raises(UserError, match="not a demo study folder"):
-        other = demo.parent / "other"
-        other.mkdir()
-        (other / "x.txt").write_text("mine")
-        build_demo_study(other, log=messages.append, **TINY_DEMO)
+    other = demo.parent / "other"
+    other.mkdir()
+    (other / "x.txt").write_text("mine")
+    with pytest.raises(UserError, match="holds no study"):
+        cached_study(demo.parent / "tiny_demo.yaml", other, log=messages.append)
     assert (other / "x.txt").read_text() == "mine"
     shutil.rmtree(other)
 

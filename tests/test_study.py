@@ -18,7 +18,9 @@ import pytest
 import torch
 import yaml
 
-from analysis.study import load_study, run_study, stage_mode
+from studies.cache import stage_mode
+from studies.runner import run_study
+from studies.spec import load_study
 from common.errors import UserError
 from common.files import read_json
 from tests.fakedata import make_imagefolder

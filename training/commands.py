@@ -23,6 +23,7 @@ DATA_HELP = {
     "subset_kind": "class (disjoint class halves) or sample (disjoint sample halves)",
     "split_seed": "seed of the train/test split of data sets that have no official one",
     "bbox_crop": "crop CUB-200 / Dogs images to their bounding box (as the KC paper does)",
+    "train_images": "train on a random subset of this many training images (seeded by --split_seed; 0: all)",
 }
 
 TRAIN_HELP = {

@@ -119,6 +119,8 @@ def build_dataset(spec: DataSpec, split: str, train_transform: bool | None = Non
     ds = builder(spec=spec, split=split, transform=tf, arg=arg)
     if spec.subset is not None:
         ds = take_subset(ds, spec.subset, spec.subset_kind, spec.split_seed)
+    if split == "train" and spec.train_images:
+        ds = take_train_images(ds, spec.train_images, spec.split_seed)
     return ds
 
 
@@ -166,6 +168,18 @@ def take_subset(ds: IndexedDataset, half: str, kind: str, seed: int) -> IndexedD
         cut = len(idx) // 2
         rows.append(idx[:cut] if half == "A" else idx[cut:])
     return SubsetDataset(ds, np.sort(np.concatenate(rows)), None, f"samples {half}")
+
+
+def take_train_images(ds: IndexedDataset, n: int, seed: int) -> IndexedDataset:
+    """A seeded random subset of ``n`` training images (rows kept in data-set order, labels unchanged):
+    a smaller, quicker family (the notebooks' demo study) on the same test split."""
+    if n < 0 or n > len(ds):
+        raise UserError(f"train_images {n} is out of range: the training split of {ds.name} has {len(ds)} images "
+                        f"(0 trains on all of them)")
+    if n == len(ds):
+        return ds
+    rows = np.sort(np.random.default_rng(seed).permutation(len(ds))[:n])
+    return SubsetDataset(ds, rows, None, f"{n} training images")
 
 
 # --------------------------------------------------------------------------- animal-mnist (embedded)

@@ -91,6 +91,7 @@ class DataSpec:
     subset_kind: str = "class"             # "class": disjoint classes, "sample": disjoint samples
     split_seed: int = 0                    # seed of data sets without an official split
     bbox_crop: bool = True                 # CUB-200 / Dogs: crop to the bounding box (paper)
+    train_images: int = 0                  # > 0: train on a seeded random subset of this many training images
     options: dict[str, Any] = field(default_factory=dict)
 
 

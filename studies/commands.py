@@ -18,7 +18,7 @@ def _add(p: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
-    from analysis.study import run_study
+    from studies.runner import run_study
 
     t0 = time.perf_counter()
     res = run_study(args.study_file, args.out_dir, dry_run=args.dry_run, overwrite=args.overwrite)

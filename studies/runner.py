@@ -1,4 +1,5 @@
-"""A whole study from one declarative file: train a family, extract, fit Trans-Nets, compare, report.
+"""The study runner: a whole study from one declarative file (``studies/spec.py``): train a family,
+extract, fit Trans-Nets, compare, diagnose, report.
 
     python cli.py study studies/demo.yaml --out_dir runs/demo [--dry-run]
 
@@ -6,7 +7,7 @@ The study file (YAML) names the data set, the members to train (seeds, a KD stud
 generations, Knowledge-Evolution generations with slim nets), the layers to extract, the pairs to
 compare, the Trans-Net settings, the similarity baselines and the report. See ``studies/*.yaml``.
 
-Every stage is cached. Its *key* is a content hash of its own options and of what it reads (the
+Every stage is cached (``studies/cache.py``). Its *key* is a content hash of its own options and of what it reads (the
 sha256 of every checkpoint it uses, the keys of the stages it depends on). ``state.json`` records each
 stage's key and status: a stage whose outputs are complete and whose key is unchanged is skipped; an
 interrupted stage with the same key resumes; a stage whose key changed is redone from scratch (its
@@ -29,10 +30,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import fcntl
 import os
-import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -42,190 +43,14 @@ from common.files import load_config_file, read_json, write_json
 from common.provenance import now_utc, sha256_file, sha256_json
 from common.registry import unknown_choice_message
 from common.rundir import RunDir
-from training.datasets import DataSpec
+from studies.cache import STATE_FILE, Stage, StudyState, outputs_exist, remove_outputs, stage_mode
+from studies.spec import FAMILY_KINDS, Study, check_keys, load_study, section_dataclass
 from training.loop import TrainConfig
 from training.manifest import Member, read_manifest, write_manifest
 from training.runner import ModelSpec, is_finished, run_training
 
-STATE_FILE = "state.json"
 STUDY_TIMEOUT = datetime.timedelta(days=7)   # other ranks wait at a barrier while rank 0 trains a family
-FAMILY_KINDS = ("seeds", "distill", "born_again", "evolve")
-TOP_KEYS = ("name", "description", "data", "train", "members", "extract", "transnet", "pairs", "baselines",
-            "diagnose", "report", "device")
 
-
-# =========================================================================== the study file
-
-@dataclass(frozen=True)
-class ExtractSpec:
-    layers: tuple[str, ...] = ()
-    splits: tuple[str, ...] = ("train", "test")
-    dtype: str = "float32"
-    batch_size: int = 256
-    logits: bool = True
-
-
-@dataclass(frozen=True)
-class PairGroup:
-    """One group of pairs: a plan (all | chain | star:NAME) over nets, or explicit ``A>B`` pairs."""
-
-    plan: str
-    nets: tuple[str, ...] = ()
-    family: str | None = None
-
-
-@dataclass(frozen=True)
-class Study:
-    name: str
-    data: DataSpec
-    train: TrainConfig
-    members: dict[str, dict[str, Any]]
-    extract: ExtractSpec
-    transnet: dict[str, Any]
-    pairs: tuple[PairGroup, ...]
-    baselines: tuple[str, ...]
-    diagnose: tuple[str, str] | None
-    report: bool = True
-    description: str = ""
-    similarity_split: str = "test"
-    permutations: int = 20
-
-
-def _check_keys(section: str, given: dict[str, Any], valid: Sequence[str]) -> None:
-    bad = sorted(set(given) - set(valid))
-    if bad:
-        raise UserError(f"study file: unknown key(s) {', '.join(repr(b) for b in bad)} in {section}; "
-                        f"valid: {', '.join(valid)}")
-
-
-def _dc(cls: type, section: str, values: dict[str, Any] | None, **fixed: Any):
-    values = dict(values or {})
-    _check_keys(section, values, [f.name for f in dataclasses.fields(cls)])
-    try:
-        return cls(**{**values, **fixed})
-    except TypeError as e:
-        raise UserError(f"study file: {section}: {e}") from None
-
-
-def load_study(path: str | os.PathLike) -> Study:
-    """Read and validate a study file; unknown keys and bad values fail with the valid choices."""
-    if not Path(path).is_file():
-        shipped = sorted(str(p.relative_to(Path(__file__).resolve().parent.parent))
-                         for p in (Path(__file__).resolve().parent.parent / "studies").glob("*.yaml"))
-        raise UserError(f"study file {path} does not exist; shipped studies: {', '.join(shipped) or 'none'}")
-    raw = load_config_file(path)
-    _check_keys("the study file", raw, TOP_KEYS)
-    data = dict(raw.get("data") or {})
-    if "dataset" in data:
-        data["name"] = data.pop("dataset")
-    data_spec = _dc(DataSpec, "data", data)
-    train = _dc(TrainConfig, "train", {**(raw.get("train") or {}),
-                                       **({"device": raw["device"]} if raw.get("device") else {})})
-    members = raw.get("members") or {}
-    if not isinstance(members, dict) or not members:
-        raise UserError(f"study file: members must map family kinds to options; valid kinds: {', '.join(FAMILY_KINDS)}")
-    _check_keys("members", members, FAMILY_KINDS)
-    ex = dict(raw.get("extract") or {})
-    for k in ("layers", "splits"):
-        if k in ex:
-            ex[k] = tuple([ex[k]] if isinstance(ex[k], str) else ex[k])
-    extract = _dc(ExtractSpec, "extract", ex)
-    if not extract.layers:
-        raise UserError("study file: extract.layers must name at least one layer (e.g. features.8); "
-                        "python cli.py list-layers --arch ARCH lists them")
-    groups = []
-    for item in raw.get("pairs") or []:
-        if isinstance(item, str):
-            groups.append(PairGroup(plan=item))
-        elif isinstance(item, dict):
-            _check_keys("a pairs entry", item, ("plan", "nets", "family"))
-            groups.append(PairGroup(plan=str(item.get("plan", "all")), nets=tuple(item.get("nets") or ()),
-                                    family=item.get("family")))
-        else:
-            raise UserError(f"study file: a pairs entry must be a string or a mapping, got {item!r}")
-    if not groups:
-        raise UserError("study file: pairs is empty; give e.g. [{family: seeds, plan: all}] or ['seed0>seed5']")
-    base = raw.get("baselines") or ()
-    sim_split, perms = "test", 20
-    if isinstance(base, dict):  # {metrics: [...], split: test, permutations: 20}
-        _check_keys("baselines", base, ("metrics", "split", "permutations"))
-        sim_split, perms = str(base.get("split", sim_split)), int(base.get("permutations", perms))
-        base = base.get("metrics") or ()
-    base = tuple([base] if isinstance(base, str) else base)
-    if base:
-        from analysis.similarity_commands import parse_metrics
-
-        parse_metrics(",".join(base))
-    diag = raw.get("diagnose")
-    if diag is not None:
-        if not (isinstance(diag, (list, tuple)) and len(diag) == 2):
-            raise UserError(f"study file: diagnose must be a pair [A, B], got {diag!r}")
-        diag = (str(diag[0]), str(diag[1]))
-    return Study(name=str(raw.get("name") or Path(path).stem), data=data_spec, train=train, members=members,
-                 extract=extract, transnet=dict(raw.get("transnet") or {}), pairs=tuple(groups),
-                 baselines=base, diagnose=diag, report=bool(raw.get("report", True)),
-                 description=str(raw.get("description") or ""), similarity_split=sim_split, permutations=perms)
-
-
-# =========================================================================== stages and the cache
-
-@dataclass
-class Stage:
-    name: str
-    key: Callable[[], dict[str, Any]]          # what the stage reads; hashed into its cache key
-    run: Callable[[str], None]                 # run(mode): mode is new | resume | overwrite
-    outputs_ok: Callable[[], bool]             # outputs present and complete
-    out_paths: tuple[Path, ...] = ()           # removed before a changed stage is redone
-    reads_outputs: bool = False                # the key hashes upstream outputs (member checkpoints)
-    independent: bool = False                  # the key reads the study file only (no upstream stage)
-    dist_run: Callable[[str], None] | None = None   # under torchrun, run on every rank (else rank 0 runs ``run``)
-
-
-class StudyState:
-    """``state.json``: per stage its key, status (running | done), times."""
-
-    def __init__(self, root: Path):
-        self.path = root / STATE_FILE
-        self.data: dict[str, Any] = read_json(self.path) if self.path.exists() else {"stages": {}}
-
-    def get(self, name: str) -> dict[str, Any]:
-        return self.data["stages"].get(name, {})
-
-    def set(self, name: str, **values: Any) -> None:
-        self.data["stages"][name] = {**self.get(name), **values}
-        write_json(self.path, self.data)
-
-
-def stage_mode(prev: dict[str, Any], key: str, outputs_ok: bool, has_outputs: bool) -> str:
-    """What to do with a stage: skip | resume | overwrite | new (pure, tested)."""
-    same = prev.get("key") == key
-    if same and prev.get("status") == "done" and outputs_ok:
-        return "skip"
-    if same and has_outputs:
-        return "resume"
-    return "overwrite" if has_outputs else "new"
-
-
-def _exists(paths: Sequence[Path]) -> bool:
-    return any(p.exists() and (p.is_file() or any(p.iterdir())) for p in paths)
-
-
-def _remove(paths: Sequence[Path]) -> None:
-    from features.extract import shard_files
-
-    for p in paths:
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
-        if p.suffix == ".h5":                   # torchrun shard files beside a feature file
-            for shard in shard_files(p):
-                shard.unlink()
-
-
-# =========================================================================== torchrun
-
-# =========================================================================== the runner
 
 class StudyRunner:
     """Builds the stages of a study and runs them in order with caching."""
@@ -314,7 +139,7 @@ class StudyRunner:
 
     def _train_cfg(self, opts: dict[str, Any]) -> TrainConfig:
         over = dict(opts.get("train") or {})
-        _check_keys("members.*.train", over, [f.name for f in dataclasses.fields(TrainConfig)])
+        check_keys("members.*.train", over, [f.name for f in dataclasses.fields(TrainConfig)])
         return replace(self.study.train, **over)
 
     def _run_family(self, kind: str, opts: dict[str, Any], out: Path, mode: str) -> None:
@@ -327,7 +152,7 @@ class StudyRunner:
         arch = str(opts.get("arch", "vgg_tiny"))
         spec = ModelSpec(arch)
         if kind == "seeds":
-            _check_keys("members.seeds", opts, ("arch", "seeds", "train", "prefix"))
+            check_keys("members.seeds", opts, ("arch", "seeds", "train", "prefix"))
             seeds = [int(x) for x in opts.get("seeds", [0, 5])]
             prefix = str(opts.get("prefix", "seed"))
             out.mkdir(parents=True, exist_ok=True)
@@ -362,7 +187,7 @@ class StudyRunner:
                                       metrics={"test_top1": m.get("test_top1")}))
             write_manifest(out, "seeds", members, config={"data": asdict(s.data), "train": asdict(cfg), "seeds": seeds})
         elif kind == "distill":
-            _check_keys("members.distill", opts, ("arch", "teacher", "alpha", "temperature", "train", "name"))
+            check_keys("members.distill", opts, ("arch", "teacher", "alpha", "temperature", "train", "name"))
             teacher = str(opts.get("teacher", ""))
             members = self.all_members()
             if teacher not in members:
@@ -376,7 +201,7 @@ class StudyRunner:
             self.log(f"  {kd.student_name}: test top-1 {res.train.metrics['test_top1']:.2f}% "
                      f"(teacher {res.teacher_metrics['test_top1']:.2f}%)")
         elif kind == "born_again":
-            _check_keys("members.born_again", opts, ("arch", "generations", "lambda", "temperature", "train"))
+            check_keys("members.born_again", opts, ("arch", "generations", "lambda", "temperature", "train"))
             ban = BANConfig(generations=int(opts.get("generations", 3)), lam=float(opts.get("lambda", 0.5)),
                             temperature=float(opts.get("temperature", 1.0)))
             self.log(f"  born-again: {ban.generations} generations of {arch}, lambda {ban.lam}, T {ban.temperature}")
@@ -384,7 +209,7 @@ class StudyRunner:
             for r in res.generations:
                 self.log(f"  {r['name']}: test top-1 {r['test_top1']:.2f}%, ensemble {r['ensemble_top1']:.2f}%")
         elif kind == "evolve":
-            _check_keys("members.evolve", opts, ("arch", "generations", "split", "split_rate", "train"))
+            check_keys("members.evolve", opts, ("arch", "generations", "split", "split_rate", "train"))
             ke = EvolveConfig(generations=int(opts.get("generations", 3)), split=str(opts.get("split", "kels")).lower(),
                               split_rate=float(opts.get("split_rate", 0.5)))
             self.log(f"  knowledge evolution: {ke.generations} generations of {arch}, {ke.split} split {ke.split_rate}")
@@ -422,9 +247,9 @@ class StudyRunner:
         e = self.study.extract
         nets = [load_net(n, m.checkpoint, m.sha256) for n, m in members.items()]
         spec = data_spec_for(nets, {})
-        data = build_feature_data(spec, e.splits)
+        data = build_feature_data(spec, e.splits, e.limit)
         cfg = ExtractConfig(split=",".join(e.splits), dtype=e.dtype, batch_size=e.batch_size, logits=e.logits,
-                            device=self.study.train.device)
+                            device=self.study.train.device, limit=e.limit)
         self.log(f"  extracting {', '.join(e.layers)} of {len(members)} nets ({', '.join(members)}) "
                  f"for splits {', '.join(e.splits)}")
         res = extract_features(nets, data, [(layer, None) for layer in e.layers], self.features, cfg,
@@ -465,7 +290,7 @@ class StudyRunner:
         if "alpha" in t and isinstance(t["alpha"], (list, tuple)):
             t["alpha"] = ",".join(str(a) for a in t["alpha"])
         t.setdefault("device", self.study.train.device)
-        return _dc(FitConfig, "transnet", t)
+        return section_dataclass(FitConfig, "transnet", t)
 
     def _consistency_stage(self, layer: str) -> Stage:
         out = self.root / "consistency" / layer
@@ -579,7 +404,7 @@ class StudyRunner:
                 unknown = True
                 continue
             self._keys[stage.name] = key
-            mode = stage_mode(state.get(stage.name), key, stage.outputs_ok(), _exists(stage.out_paths))
+            mode = stage_mode(state.get(stage.name), key, stage.outputs_ok(), outputs_exist(stage.out_paths))
             what = {"skip": "cached", "resume": "resume (interrupted)", "new": "run",
                     "overwrite": "redo (inputs changed)"}[mode]
             rows.append((stage.name, what))
@@ -599,7 +424,7 @@ class StudyRunner:
             def decide() -> tuple[str, str, dict[str, Any]]:
                 key = sha256_json(stage.key())
                 prev = state.get(stage.name)
-                return key, stage_mode(prev, key, stage.outputs_ok(), _exists(stage.out_paths)), prev
+                return key, stage_mode(prev, key, stage.outputs_ok(), outputs_exist(stage.out_paths)), prev
 
             key, mode, prev = r.from_main(r.together(f"stage {stage.name}", decide) if r.main
                                           else r.together(f"stage {stage.name}", lambda: None))
@@ -610,7 +435,7 @@ class StudyRunner:
                 continue
             if r.main:
                 if mode == "overwrite":
-                    _remove(stage.out_paths)
+                    remove_outputs(stage.out_paths)
                 self.log(f"[{i}/{len(stages)}] {stage.name}: {'resuming' if mode == 'resume' else 'running'}")
                 state.set(stage.name, key=key, status="running", started_utc=now_utc())
             mode = "new" if mode == "overwrite" else mode
@@ -682,6 +507,23 @@ def run_study(study_file: str | os.PathLike, out_dir: str | os.PathLike, dry_run
         ranks.close()
     report = root / "report.html"
     return {"stages": stages, "summary": summary, "report": str(report) if report.exists() else None}
+
+
+def cached_study(study_file: str | os.PathLike, out_dir: str | os.PathLike,
+                 log: Callable[[str], None] = print) -> Path:
+    """The study folder of ``study_file`` in ``out_dir``, run (or resumed) first if any stage is not
+    cached; returns ``out_dir``. For notebooks and tests that share one study: a blocking lock beside
+    the folder (``<out_dir>.lock``) lets several processes ask at once; one runs the stages, the others
+    wait, then find every stage cached."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(out.name + ".lock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)          # blocks until another process is done with the study
+        try:
+            run_study(study_file, out, log=log)
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+    return out
 
 
 def study_summary(root: Path, max_lines: int = 5) -> list[str]:

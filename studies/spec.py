@@ -1,0 +1,130 @@
+"""The study file: one YAML file naming the data, the members to train, the layers, the pairs, the
+Trans-Net settings and the baselines, read into a validated :class:`Study`. See ``studies/*.yaml``."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from common.errors import UserError
+from common.files import load_config_file
+from training.datasets import DataSpec
+from training.loop import TrainConfig
+
+FAMILY_KINDS = ("seeds", "distill", "born_again", "evolve")
+TOP_KEYS = ("name", "description", "data", "train", "members", "extract", "transnet", "pairs", "baselines",
+            "diagnose", "report", "device")
+STUDIES_DIR = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class ExtractSpec:
+    layers: tuple[str, ...] = ()                # module paths (features.8) or fx nodes
+    splits: tuple[str, ...] = ("train", "test")
+    dtype: str = "float32"                      # storage dtype of the layer features
+    batch_size: int = 256                       # images per forward pass
+    logits: bool = True                         # also store each net's logits
+    limit: int = 0                              # only the first N images of every split (0: all)
+
+
+@dataclass(frozen=True)
+class PairGroup:
+    """One group of pairs: a plan (all | chain | star:NAME) over nets, or explicit ``A>B`` pairs."""
+
+    plan: str
+    nets: tuple[str, ...] = ()
+    family: str | None = None
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    data: DataSpec
+    train: TrainConfig
+    members: dict[str, dict[str, Any]]
+    extract: ExtractSpec
+    transnet: dict[str, Any]
+    pairs: tuple[PairGroup, ...]
+    baselines: tuple[str, ...]
+    diagnose: tuple[str, str] | None
+    report: bool = True
+    description: str = ""
+    similarity_split: str = "test"
+    permutations: int = 20
+
+
+def check_keys(section: str, given: dict[str, Any], valid: Sequence[str]) -> None:
+    bad = sorted(set(given) - set(valid))
+    if bad:
+        raise UserError(f"study file: unknown key(s) {', '.join(repr(b) for b in bad)} in {section}; "
+                        f"valid: {', '.join(valid)}")
+
+
+def section_dataclass(cls: type, section: str, values: dict[str, Any] | None, **fixed: Any):
+    values = dict(values or {})
+    check_keys(section, values, [f.name for f in dataclasses.fields(cls)])
+    try:
+        return cls(**{**values, **fixed})
+    except TypeError as e:
+        raise UserError(f"study file: {section}: {e}") from None
+
+
+def load_study(path: str | os.PathLike) -> Study:
+    """Read and validate a study file; unknown keys and bad values fail with the valid choices."""
+    if not Path(path).is_file():
+        shipped = sorted(str(p.relative_to(STUDIES_DIR.parent)) for p in STUDIES_DIR.glob("*.yaml"))
+        raise UserError(f"study file {path} does not exist; shipped studies: {', '.join(shipped) or 'none'}")
+    raw = load_config_file(path)
+    check_keys("the study file", raw, TOP_KEYS)
+    data = dict(raw.get("data") or {})
+    if "dataset" in data:
+        data["name"] = data.pop("dataset")
+    data_spec = section_dataclass(DataSpec, "data", data)
+    train = section_dataclass(TrainConfig, "train", {**(raw.get("train") or {}),
+                                       **({"device": raw["device"]} if raw.get("device") else {})})
+    members = raw.get("members") or {}
+    if not isinstance(members, dict) or not members:
+        raise UserError(f"study file: members must map family kinds to options; valid kinds: {', '.join(FAMILY_KINDS)}")
+    check_keys("members", members, FAMILY_KINDS)
+    ex = dict(raw.get("extract") or {})
+    for k in ("layers", "splits"):
+        if k in ex:
+            ex[k] = tuple([ex[k]] if isinstance(ex[k], str) else ex[k])
+    extract = section_dataclass(ExtractSpec, "extract", ex)
+    if not extract.layers:
+        raise UserError("study file: extract.layers must name at least one layer (e.g. features.8); "
+                        "python cli.py list-layers --arch ARCH lists them")
+    groups = []
+    for item in raw.get("pairs") or []:
+        if isinstance(item, str):
+            groups.append(PairGroup(plan=item))
+        elif isinstance(item, dict):
+            check_keys("a pairs entry", item, ("plan", "nets", "family"))
+            groups.append(PairGroup(plan=str(item.get("plan", "all")), nets=tuple(item.get("nets") or ()),
+                                    family=item.get("family")))
+        else:
+            raise UserError(f"study file: a pairs entry must be a string or a mapping, got {item!r}")
+    if not groups:
+        raise UserError("study file: pairs is empty; give e.g. [{family: seeds, plan: all}] or ['seed0>seed5']")
+    base = raw.get("baselines") or ()
+    sim_split, perms = "test", 20
+    if isinstance(base, dict):  # {metrics: [...], split: test, permutations: 20}
+        check_keys("baselines", base, ("metrics", "split", "permutations"))
+        sim_split, perms = str(base.get("split", sim_split)), int(base.get("permutations", perms))
+        base = base.get("metrics") or ()
+    base = tuple([base] if isinstance(base, str) else base)
+    if base:
+        from analysis.similarity_commands import parse_metrics
+
+        parse_metrics(",".join(base))
+    diag = raw.get("diagnose")
+    if diag is not None:
+        if not (isinstance(diag, (list, tuple)) and len(diag) == 2):
+            raise UserError(f"study file: diagnose must be a pair [A, B], got {diag!r}")
+        diag = (str(diag[0]), str(diag[1]))
+    return Study(name=str(raw.get("name") or Path(path).stem), data=data_spec, train=train, members=members,
+                 extract=extract, transnet=dict(raw.get("transnet") or {}), pairs=tuple(groups),
+                 baselines=base, diagnose=diag, report=bool(raw.get("report", True)),
+                 description=str(raw.get("description") or ""), similarity_split=sim_split, permutations=perms)
