@@ -9,16 +9,9 @@ from typing import Any
 from analysis import plots
 from analysis.consistency import PAIR_PLANS, ConsistencyConfig, generation_rows, net_matrix, read_table, run_consistency
 from analysis.diagnose import DiagnoseConfig, diagnose_pair, panel_for_rows
-from analysis.report import (
-    SIMILARITY_KIND,
-    Study,
-    diagnosis_readings,
-    family_generations,
-    load_study,
-    make_report,
-    read_family,
-    study_figures,
-)
+from analysis.readings import diagnosis_readings, family_generations
+from analysis.report import SIMILARITY_KIND, make_report, study_figures
+from analysis.study_folder import StudyFolder, read_family, read_study_folder
 from common.errors import UserError
 from common.files import read_json
 from common.options import Command, add_dataclass_args, add_run_args, dataclass_from_args, parse_csv
@@ -123,7 +116,7 @@ def visualize(path: str | None, what: str = "auto", out_dir: str | None = None, 
     base = src.parent if src.is_file() else src
     out = Path(out_dir) if out_dir else base / "figures"
     if what == "study":
-        figs = study_figures(load_study(src), out)
+        figs = study_figures(read_study_folder(src), out)
         return [p for ps in figs.values() for p in ps]
     if what == "consistency":
         rows = read_table(src)
@@ -142,7 +135,7 @@ def visualize(path: str | None, what: str = "auto", out_dir: str | None = None, 
                                           row_title="net", col_title="net")
         return paths
     # family
-    st = Study(src)
+    st = StudyFolder(src)
     fam = read_family(src, st)
     if fam is None:
         raise UserError("; ".join(st.warnings) or f"{src} holds no readable family.json")

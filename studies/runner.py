@@ -528,6 +528,6 @@ def cached_study(study_file: str | os.PathLike, out_dir: str | os.PathLike,
 
 def study_summary(root: Path, max_lines: int = 5) -> list[str]:
     """Short plain-language findings computed from the study's tables (no invented claims)."""
-    from analysis.report import summary_lines
+    from analysis.readings import summary_lines
 
     return summary_lines(root)[:max_lines]

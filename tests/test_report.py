@@ -16,18 +16,17 @@ from scipy.stats import spearmanr
 from test_consistency import FAST_FIT, planted_features
 
 from analysis.consistency import ConsistencyConfig, pair_row, run_consistency
-from analysis.report import (
+from analysis.document import render_html, render_markdown
+from analysis.readings import (
     agreement_points,
     agreement_readings,
     consistency_readings,
-    load_study,
-    make_report,
     pair_reading,
-    render_html,
-    render_markdown,
     spearman,
     summary_lines,
 )
+from analysis.report import make_report
+from analysis.study_folder import read_study_folder
 from common.errors import UserError
 from common.files import write_json
 from studies.runner import cached_study
@@ -109,7 +108,7 @@ def test_renderers_escape_text_and_embed_figures(tmp_path):
 
 def test_empty_or_missing_study_folders_are_refused(tmp_path, cli):
     with pytest.raises(UserError, match="does not exist"):
-        load_study(tmp_path / "nope")
+        read_study_folder(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     code, out, err = cli("report", tmp_path / "empty")
     err = " ".join(err.split())                                  # cli.py wraps messages at 100 columns

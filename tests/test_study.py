@@ -18,11 +18,11 @@ import pytest
 import torch
 import yaml
 
+from common.errors import UserError
+from common.files import read_json
 from studies.cache import stage_mode
 from studies.runner import run_study
 from studies.spec import load_study
-from common.errors import UserError
-from common.files import read_json
 from tests.fakedata import make_imagefolder
 from tests.test_extract import _free_port
 

@@ -1,0 +1,221 @@
+"""Plain-language readings of a study's numbers: every sentence with a number in it is computed
+from the tables (consistency rows, similarity matrices, generation curves, a diagnosis); nothing is
+claimed that the files do not hold. Pure functions of their inputs."""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from analysis.consistency import asymmetry, generation_rows, natural_key
+from analysis.study_folder import StudyFolder, read_study_folder
+
+ASYMMETRY_THRESHOLD = 0.05   # residual fractions of the two directions differing less than this: "nearly symmetric"
+OVERLAP_TOLERANCE = 1.15     # fractions (orders + residual) adding up to more than this: say they overlap
+
+
+def pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.0f}%"
+
+
+def pair_reading(row: Mapping[str, Any]) -> str:
+    """'ban_g2 explains 81% of ban_g3's variance at order 0, 3% at order 1; 21% is inconsistent (R² 0.79).'
+
+    When the order components overlap (a fraction above 1, or fractions adding up to well over 1) the
+    sentence says so instead of calling the overshoot 'explained'."""
+    a, b = row["source"], row["target"]
+    k_max = int(row.get("orders", 0))
+    fr = [row.get(f"fraction_order{k}") for k in range(k_max + 1)]
+    total = sum(v for v in fr if v is not None) + (row.get("fraction_residual") or 0.0)
+    if all(v is not None and v <= 1.0 for v in fr) and total <= OVERLAP_TOLERANCE:
+        parts = [f"{pct(fr[0])} of {b}'s variance at order 0"] + [f"{pct(v)} at order {k}" for k, v in enumerate(fr) if k]
+        text = f"{a} explains {', '.join(parts)}; {pct(row.get('fraction_residual'))} is inconsistent"
+    else:
+        parts = [f"{pct(v)} (order {k})" for k, v in enumerate(fr)]
+        text = (f"{a}→{b}: the order components carry {', '.join(parts)} of {b}'s variance, together more than the "
+                f"target's own ({total:.1f}x with the residual), so they overlap and partly cancel; "
+                f"{pct(row.get('fraction_residual'))} is inconsistent")
+    if row.get("r2") is not None:
+        text += f" (held-out R² {row['r2']:.2f})"
+    if row.get("warnings"):
+        text += f" [warning: {row['warnings']}]"
+    return text + "."
+
+
+def consistency_readings(rows: Sequence[Mapping[str, Any]], layer: str) -> list[str]:
+    """Plain-language statements computed from a consistency table (no claim beyond the numbers)."""
+    out = []
+    ok = [r for r in rows if r.get("fraction_residual") is not None]
+    if ok:
+        best = min(ok, key=lambda r: r["fraction_residual"])
+        worst = max(ok, key=lambda r: r["fraction_residual"])
+        res = np.array([r["fraction_residual"] for r in ok])
+        out.append(f"At layer {layer}, over {len(ok)} directed pair(s), the inconsistent part of the target's "
+                   f"variance ranges from {pct(res.min())} ({best['source']}→{best['target']}) to "
+                   f"{pct(res.max())} ({worst['source']}→{worst['target']}); median {pct(float(np.median(res)))}.")
+        f0 = [r.get("fraction_order0") for r in ok if r.get("fraction_order0") is not None]
+        hi = [sum(r.get(f"fraction_order{k}") or 0.0 for k in range(1, int(r.get("orders", 0)) + 1)) for r in ok]
+        if f0 and any(int(r.get("orders", 0)) > 0 for r in ok):
+            where = "the linear (order-0) component" if np.median(f0) >= np.median(hi) else "the nonlinear components"
+            note = (" (fractions above 100% mean that the components overlap and partly cancel)"
+                    if max(np.median(f0), np.median(hi)) > 1 else "")
+            out.append(f"The larger share lies in {where}: median fraction {pct(float(np.median(f0)))} at order 0 "
+                       f"against {pct(float(np.median(hi)))} summed over orders ≥ 1{note}.")
+    asym = asymmetry(rows)
+    if asym:
+        d = asym[0]
+        if abs(d["difference"]) >= ASYMMETRY_THRESHOLD:
+            hard, easy = (d["b"], d["a"]) if d["difference"] > 0 else (d["a"], d["b"])
+            r_hard = max(d["a_to_b"], d["b_to_a"])
+            r_easy = min(d["a_to_b"], d["b_to_a"])
+            out.append(f"Largest asymmetry: {pct(r_hard)} of {hard}'s variance is not rebuilt from {easy}, but only "
+                       f"{pct(r_easy)} of {easy}'s from {hard}: {hard} holds more knowledge that {easy} lacks than "
+                       f"the reverse.")
+        else:
+            out.append(f"The pairs are nearly symmetric: the two directions' residual fractions differ by at most "
+                       f"{pct(abs(d['difference']))} ({d['a']}, {d['b']}).")
+    out += [pair_reading(r) for r in rows]
+    return out
+
+
+def generation_readings(gens: Sequence[Mapping[str, Any]]) -> list[str]:
+    out = []
+    acc = [(g["generation"], g["test_top1"]) for g in gens if g.get("test_top1") is not None]
+    if len(acc) >= 2:
+        out.append(f"Test top-1 goes from {acc[0][1]:.1f}% (generation {acc[0][0]}) to {acc[-1][1]:.1f}% "
+                   f"(generation {acc[-1][0]}).")
+    slim = [(g["generation"], g["slim_test_top1"]) for g in gens if g.get("slim_test_top1") is not None]
+    if len(slim) >= 2:
+        out.append(f"The slim net goes from {slim[0][1]:.1f}% to {slim[-1][1]:.1f}% top-1.")
+    prev = [(g["generation"], g["residual_to_previous"]) for g in gens if g.get("residual_to_previous") is not None]
+    if prev:
+        out.append("Residual fraction to the previous generation: " +
+                   ", ".join(f"g{g} {pct(v)}" for g, v in prev) + ".")
+    first = [(g["generation"], g["residual_to_first"]) for g in gens if g.get("residual_to_first") is not None]
+    if len(first) >= 2:
+        out.append("Residual fraction to the first generation: " +
+                   ", ".join(f"g{g} {pct(v)}" for g, v in first) + ".")
+    return out
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Spearman rank correlation (average ranks for ties); None for fewer than 3 points or a constant side."""
+    from scipy.stats import spearmanr
+
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return None
+    return float(spearmanr(x, y).statistic)
+
+
+def agreement_points(rows: Sequence[Mapping[str, Any]], sim: Mapping[str, Any], metric: str) -> list[dict[str, Any]]:
+    """One point per unordered pair present in both: x = the similarity metric, y = the mean of the two
+    directions' R² (or the one direction fitted). Pairs without a finite value are left out."""
+    nets = sim["nets"]
+    m = sim["metrics"][metric]["matrix"]
+    idx = {n: i for i, n in enumerate(nets)}
+    r2: dict[frozenset, list[float]] = {}
+    for r in rows:
+        if r["source"] in idx and r["target"] in idx and r.get("r2") is not None:
+            r2.setdefault(frozenset((r["source"], r["target"])), []).append(r["r2"])
+    pts = []
+    for key, vals in r2.items():
+        a, b = sorted(key, key=natural_key)
+        v = m[idx[a]][idx[b]]
+        if v is None or not math.isfinite(v):
+            continue
+        pts.append({"label": f"{a}–{b}", "x": float(v), "y": float(np.mean(vals)), "a": a, "b": b})
+    return sorted(pts, key=lambda p: natural_key(p["label"]))
+
+
+def agreement_readings(points: Sequence[Mapping[str, Any]], metric: str) -> list[str]:
+    if len(points) < 3:
+        return [f"Only {len(points)} pair(s) have both {metric} and a Trans-Net R²: too few to compare rankings."]
+    rho = spearman([p["x"] for p in points], [p["y"] for p in points])
+    if rho is None:
+        return [f"{metric} or the Trans-Net R² is the same for every pair: their rankings cannot be compared."]
+    word = "agree" if rho >= 0.7 else "partly agree" if rho >= 0.3 else "disagree"
+    rx = _ranks([p["x"] for p in points])
+    ry = _ranks([p["y"] for p in points])
+    worst = int(np.argmax(np.abs(rx - ry)))
+    weak = f" (only {len(points)} pairs: weak evidence)" if len(points) < 6 else ""
+    text = [f"{metric} and the Trans-Net R² {word} on the ranking of the {len(points)} pairs (Spearman ρ = {rho:.2f})"
+            f"{weak}."]
+    if abs(rx[worst] - ry[worst]) >= 1:
+        p = points[worst]
+        text.append(f"They differ most on {p['label']}: rank {int(rx[worst])} of {len(points)} by {metric} "
+                    f"({p['x']:.2f}) but {int(ry[worst])} by R² ({p['y']:.2f}) (rank 1 = most alike).")
+    return text
+
+
+def _ranks(v: Sequence[float]) -> np.ndarray:
+    from scipy.stats import rankdata
+
+    return rankdata(-np.asarray(v, dtype=float), method="average")
+
+
+def diagnosis_readings(d: Mapping[str, Any]) -> list[str]:
+    a, b = d["a"], d["b"]
+    out = []
+    bs, ur = d["blind_spots"], d["unreliable"]
+    out.append(f"Blind spots of {a}: {pct(bs.get('relative'))} of {b}'s variance at {d['layer']} is not rebuilt from "
+               f"{a} (what {b} knows and {a} lacks); unreliable features of {a}: {pct(ur.get('relative'))} of "
+               f"{a}'s variance is not rebuilt from {b} (what {a} knows and {b} lacks).")
+    for key, owner, other in (("blind_spots", b, a), ("unreliable", a, b)):
+        tc = d[key].get("top_channels") or []
+        if tc:
+            out.append(f"Channels of {owner} that {other} rebuilds worst: " +
+                       ", ".join(f"{c['channel']} ({pct(c['relative'])})" for c in tc[:5]) + ".")
+        ti = d[key].get("top_images") or []
+        if ti:
+            out.append(f"Images where {owner} holds most that {other} lacks (feature-file row, dataset index): " +
+                       ", ".join(f"row {i['row']} / index {i['index']} ({pct(i['relative'])})" for i in ti[:5]) + ".")
+    return out
+
+
+def family_generations(fam: Mapping[str, Any]) -> tuple[list[str], list[int], dict[str, dict[str, Any]]] | None:
+    """(net names in generation order, generation numbers, accuracies by name) of a family with two or
+    more role-'generation' members; slim members add ``slim_test_top1`` to their generation's net."""
+    gens = sorted((m for m in fam["members"] if m["role"] == "generation" and m["generation"] is not None),
+                  key=lambda m: m["generation"])
+    if len(gens) < 2:
+        return None
+    acc = {m["name"]: {"test_top1": m["metrics"].get("test_top1")} for m in gens}
+    by_gen = {m["generation"]: m["name"] for m in gens}
+    for m in fam["members"]:
+        if m["role"] == "slim" and m["generation"] in by_gen:
+            acc[by_gen[m["generation"]]]["slim_test_top1"] = m["metrics"].get("test_top1")
+    return [m["name"] for m in gens], [int(m["generation"]) for m in gens], acc
+
+
+def study_generations(st: StudyFolder) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """family -> layer -> generation rows (accuracies and residual fractions)."""
+    out: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for fam in st.families:
+        g = family_generations(fam)
+        if g is None:
+            continue
+        order, numbers, acc = g
+        layers = {layer: generation_rows(order, c["rows"], acc, numbers) for layer, c in st.consistency.items()}
+        out[fam["name"]] = layers or {"": generation_rows(order, [], acc, numbers)}
+    return out
+
+
+def glance_readings(st: StudyFolder) -> list[str]:
+    """The few statements that answer the study's question, computed from its numbers."""
+    out = []
+    for layer, c in st.consistency.items():
+        out += consistency_readings(c["rows"], layer)[:3]
+    for fam, layers in study_generations(st).items():
+        for layer, rows in layers.items():
+            out += [f"{fam}: {t}" for t in generation_readings(rows)[:2]]
+    for layer, s in st.similarity.items():
+        if layer in st.consistency and "cka" in s.get("metrics", {}):
+            out += agreement_readings(agreement_points(st.consistency[layer]["rows"], s, "cka"), "cka")[:1]
+    return out
+
+
+def summary_lines(study_dir: str | os.PathLike) -> list[str]:
+    """The report's 'At a glance' statements of a study folder (for the study runner's summary)."""
+    return glance_readings(read_study_folder(study_dir))

@@ -1,0 +1,192 @@
+"""Reading a study folder: whatever parts of it exist (study.json, family manifests and their run
+directories, features.h5, consistency, similarity and diagnosis results), with missing or broken
+parts listed rather than fatal.
+
+**The study folder** (written by ``python cli.py study``; every part is optional, but a folder with
+none of them is refused):
+
+    STUDY/study.json                         what was compared (written by the study runner: name,
+                                             description, data, members, extract, transnet, pairs,
+                                             baselines, diagnose; any other keys are shown as given)
+    STUDY/families/<family>/family.json      kc-family manifests (training/manifest.py); each member's
+                                             checkpoint lies in its run directory (config.json,
+                                             metrics.json, log.jsonl). Members with role "generation"
+                                             and a generation number make the generation curves;
+                                             role "slim" members add the slim accuracy of their
+                                             generation. Member names are the net names of features.h5.
+    STUDY/features.h5                        the kc-features file
+    STUDY/consistency/<layer>/               ``python cli.py consistency`` folders: table.json,
+                                             table.csv, matrices.json, config.json, pairs/
+    STUDY/similarity/<layer>/similarity.json ``python cli.py similarity`` output
+    STUDY/diagnosis/<layer>/                 ``python cli.py diagnose`` folders (diagnosis.json, figures/),
+                                             one per layer, or several as diagnosis/<layer>/<A>__<B>/
+    STUDY/figures/                           figures made by the report / ``visualize`` (PNG + SVG)
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from analysis.consistency import natural_key
+from common.errors import UserError
+from common.files import read_json
+from features.store import attrs_dict, list_layers, list_nets, list_splits, open_features
+from training.manifest import read_manifest
+
+STUDY_PARTS = ("study.json", "state.json", "families", "features.h5", "consistency", "similarity", "diagnosis")
+
+
+@dataclass
+class StudyFolder:
+    root: Path
+    info: dict[str, Any] | None = None
+    families: list[dict[str, Any]] = field(default_factory=list)
+    features: dict[str, Any] | None = None
+    consistency: dict[str, dict[str, Any]] = field(default_factory=dict)
+    similarity: dict[str, dict[str, Any]] = field(default_factory=dict)
+    diagnosis: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def layers(self) -> list[str]:
+        return sorted(set(self.consistency) | set(self.similarity) | set(self.diagnosis), key=natural_key)
+
+
+def _read_history(run_dir: Path) -> list[dict[str, Any]]:
+    p = run_dir / "log.jsonl"
+    if not p.is_file():
+        return []
+    out = []
+    for line in p.read_text().splitlines():
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue          # a line cut by an interrupted run
+    return out
+
+
+def read_family(path: Path, study: StudyFolder) -> dict[str, Any] | None:
+    try:
+        body = read_json(path / "family.json")
+        members = read_manifest(path)
+    except UserError as e:
+        study.warnings.append(f"family {path.name}: {e}")
+        return None
+    rows = []
+    for m in members:
+        run_dir = Path(m.checkpoint).parent
+        metrics = dict(m.metrics or {})
+        if (run_dir / "metrics.json").is_file():
+            run_metrics = read_json(run_dir / "metrics.json")
+            for k in ("test_top1", "test_top5", "test_loss", "train_loss", "epoch"):
+                metrics.setdefault(k, run_metrics.get(k))
+        rows.append({"name": m.name, "role": m.role, "generation": m.generation, "teacher": m.teacher,
+                     "arch": m.arch, "metrics": metrics, "run_dir": str(run_dir),
+                     "history": _read_history(run_dir) if m.role != "slim" else []})
+    return {"name": path.name, "family": body.get("family", path.name), "dir": str(path), "members": rows,
+            "config": body.get("config", {})}
+
+
+def _read_features(path: Path, study: StudyFolder) -> dict[str, Any] | None:
+    try:
+        with open_features(path) as f:
+            out: dict[str, Any] = {"path": str(path), "root": attrs_dict(f), "splits": {}}
+            for split in list_splits(f):
+                nets = {}
+                for net in list_nets(f, split):
+                    layers = {}
+                    for layer in list_layers(f, split, net):
+                        ds = f[split][net][layer]
+                        complete = bool(ds.attrs.get("complete", False))
+                        layers[layer] = {"shape": list(ds.shape), "dtype": str(ds.dtype), "complete": complete}
+                        if not complete:
+                            study.warnings.append(f"features.h5: /{split}/{net}/{layer} is incomplete "
+                                                  f"({int(ds.attrs.get('rows_done', 0))} of {ds.shape[0]} rows)")
+                    nets[net] = layers
+                out["splits"][split] = {"n": int(f[split]["index"].shape[0]), "nets": nets}
+            return out
+    except UserError as e:
+        study.warnings.append(str(e))
+        return None
+
+
+def read_study_folder(root: str | os.PathLike) -> StudyFolder:
+    """Read whatever parts of a study folder exist; missing or broken parts are listed, not fatal."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"study folder {root} does not exist or is not a directory")
+    present = [p for p in STUDY_PARTS if (root / p).exists()]
+    if not present:
+        raise UserError(f"{root} is not a study folder: it holds none of {', '.join(STUDY_PARTS)} (see the "
+                        f"layout in analysis/study_folder.py; python cli.py study writes one)")
+    st = StudyFolder(root)
+    if (root / "study.json").is_file():
+        try:
+            st.info = read_json(root / "study.json")
+        except UserError as e:
+            st.warnings.append(str(e))
+    else:
+        st.missing.append("study.json (what was compared): the report lists what the files hold instead")
+    fam_root = root / "families"
+    fam_dirs = sorted(p for p in fam_root.iterdir() if (p / "family.json").is_file()) if fam_root.is_dir() else []
+    for d in fam_dirs:
+        fam = read_family(d, st)
+        if fam:
+            st.families.append(fam)
+    if not fam_dirs:
+        st.missing.append("families/<family>/family.json: no training results (accuracies, training curves)")
+    if (root / "features.h5").is_file():
+        st.features = _read_features(root / "features.h5", st)
+    else:
+        st.missing.append("features.h5: the feature file")
+    for part in ("consistency", "similarity", "diagnosis"):
+        if not (root / part).is_dir() or not any((root / part).iterdir()):
+            st.missing.append(f"{part}/: no {part} results")
+    for d in sorted((root / "consistency").glob("*")) if (root / "consistency").is_dir() else []:
+        if not d.is_dir():
+            continue
+        if not (d / "table.json").is_file():
+            st.warnings.append(f"consistency/{d.name} has no table.json: the consistency run did not finish "
+                               f"(re-run it with --resume)")
+            continue
+        try:
+            body = read_json(d / "table.json")
+            mats = read_json(d / "matrices.json") if (d / "matrices.json").is_file() else None
+            cfg = read_json(d / "config.json") if (d / "config.json").is_file() else {}
+        except UserError as e:
+            st.warnings.append(str(e))
+            continue
+        rows = body.get("rows", [])
+        if not rows:
+            st.warnings.append(f"consistency/{d.name}/table.json holds no pairs")
+            continue
+        nets = (mats or {}).get("nets") or sorted({r["source"] for r in rows} | {r["target"] for r in rows},
+                                                 key=natural_key)
+        st.consistency[rows[0].get("layer") or d.name] = {"dir": str(d), "rows": rows, "matrices": mats,
+                                                          "nets": nets, "config": cfg}
+    for p in sorted((root / "similarity").glob("*/similarity.json")) if (root / "similarity").is_dir() else []:
+        try:
+            body = read_json(p)
+        except UserError as e:
+            st.warnings.append(str(e))
+            continue
+        st.similarity[body.get("layer") or p.parent.name] = {**body, "dir": str(p.parent)}
+    diag_root = root / "diagnosis"
+    found = sorted(diag_root.glob("*/diagnosis.json")) + sorted(diag_root.glob("*/*/diagnosis.json"))
+    for p in found if diag_root.is_dir() else []:
+        try:
+            body = read_json(p)
+        except UserError as e:
+            st.warnings.append(str(e))
+            continue
+        layer = body.get("layer") or (p.parent.name if p.parent.parent == diag_root else p.parent.parent.name)
+        st.diagnosis.setdefault(layer, []).append({**body, "dir": str(p.parent)})
+    for d in sorted(diag_root.glob("*")) if diag_root.is_dir() else []:
+        if d.is_dir() and not (d / "diagnosis.json").is_file() and not any(d.glob("*/diagnosis.json")):
+            st.warnings.append(f"{d.relative_to(root)} has no diagnosis.json: the diagnose run did not finish")
+    return st
