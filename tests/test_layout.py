@@ -1,0 +1,99 @@
+"""The code's shape: imports follow the data flow and never run back, no two modules import each
+other (directly or round a cycle), no module grows into a drawer of several jobs, and every command
+of ``cli.py`` lives in one ``commands`` module of its stage."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# The data flow, upstream first: a package may import only packages at its own level or before it.
+FLOW = ("common", "training", "features", "transnet", "analysis", "studies")
+MAX_LINES = 650
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for pkg in FLOW:
+        for p in sorted((ROOT / pkg).rglob("*.py")):
+            rel = p.relative_to(ROOT).with_suffix("")
+            name = ".".join(rel.parts)
+            out[name.removesuffix(".__init__")] = p
+    return out
+
+
+def _imports(path: Path, known: set[str]) -> set[str]:
+    """Every project module ``path`` imports, at module level or inside functions."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        for n in names:
+            while n and n not in known:
+                n = n.rpartition(".")[0]
+            if n:
+                found.add(n)
+    return found
+
+
+MODULES = _modules()
+GRAPH = {m: _imports(p, set(MODULES)) - {m} for m, p in MODULES.items()}
+
+
+def test_imports_follow_the_data_flow_and_never_run_back():
+    back = [f"{m} imports {d}" for m, deps in GRAPH.items() for d in deps
+            if FLOW.index(d.split(".")[0]) > FLOW.index(m.split(".")[0])]
+    assert not back, "imports against the data flow " + " -> ".join(FLOW) + ": " + "; ".join(sorted(back))
+
+
+def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every back edge of a depth-first walk, as the cycle it closes (empty for a DAG)."""
+    state: dict[str, str] = {}
+    cycles: list[list[str]] = []
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = "open"
+        for d in sorted(graph.get(m, ())):
+            if state.get(d) == "open":
+                cycles.append(path[path.index(d):] + [d])
+            elif d not in state:
+                visit(d, path + [d])
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    return cycles
+
+
+def test_cycle_finder_finds_a_planted_cycle():
+    assert find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
+    assert find_cycles({"a": {"b"}, "b": set(), "c": {"a", "b"}}) == []
+
+
+def test_no_import_cycles_between_modules():
+    cycles = find_cycles(GRAPH)
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_modules_stay_small(module):
+    n = len(MODULES[module].read_text().splitlines())
+    assert n <= MAX_LINES, f"{MODULES[module].relative_to(ROOT)} has {n} lines; split it along its seams"
+
+
+def test_every_command_is_declared_by_one_commands_module_of_its_stage():
+    import cli
+
+    owners: dict[str, str] = {}
+    for mod_name in cli.COMMAND_MODULES:
+        assert mod_name.split(".")[0] in FLOW and mod_name.split(".")[-1].endswith("commands"), mod_name
+        for cmd in __import__(mod_name, fromlist=["COMMANDS"]).COMMANDS:
+            assert cmd.name not in owners, f"{cmd.name} declared by {owners.get(cmd.name)} and {mod_name}"
+            owners[cmd.name] = mod_name
+    assert set(owners) == set(cli.build_parser()[1])
