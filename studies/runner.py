@@ -143,8 +143,9 @@ class StudyRunner:
         return replace(self.study.train, **over)
 
     def _run_family(self, kind: str, opts: dict[str, Any], out: Path, mode: str) -> None:
-        from training.families import BANConfig, KDConfig, born_again, distill
-        from training.ke_commands import EvolveConfig, evolve
+        from training.born_again import BANConfig, born_again
+        from training.distill import KDConfig, distill
+        from training.evolution import EvolveConfig, evolve
 
         s = self.study
         opts = dict(opts)

@@ -11,15 +11,16 @@ import pytest
 import torch
 import torch.nn as nn
 
-import training.families as families
+import training.born_again as born_again_mod
+import training.grid as grid
 from common.checkpoints import load_checkpoint, save_checkpoint
 from common.files import read_json
 from common.provenance import sha256_file
 from tests.fakedata import make_imagefolder
-from training.compress import compression_stats, kmeans_1d, project_, prune_magnitude, quantize_shared
 from training.kd import ban_loss
 from training.manifest import read_manifest
 from training.models import build_model, model_from_checkpoint
+from training.pruning import compression_stats, kmeans_1d, project_, prune_magnitude, quantize_shared
 
 
 @pytest.fixture(scope="module")
@@ -84,13 +85,13 @@ def test_distill_teacher_input_size_mismatch_names_the_size(cli, tiny, tmp_path)
 
 def test_born_again_passes_temperature_and_records_teacher_hash(cli, tiny, tmp_path, monkeypatch):
     seen = []
-    real = families.run_training
+    real = born_again_mod.run_training
 
     def spy(*args, **kw):
         seen.append(kw.get("loss_fn"))
         return real(*args, **kw)
 
-    monkeypatch.setattr(families, "run_training", spy)
+    monkeypatch.setattr(born_again_mod, "run_training", spy)
     out = tmp_path / "ban"
     code, stdout, err = cli("born-again", *tiny["opts"], "--generations", "2", "--lambda", "0.8",
                             "--temperature", "3", "--epochs", "1", "--out_dir", out)
@@ -123,7 +124,7 @@ def test_born_again_rejects_zero_generations(cli, tiny, tmp_path):
 
 
 def test_born_again_resume_continues_interrupted_generation_only(cli, tiny, tmp_path, monkeypatch):
-    real = families.run_training
+    real = born_again_mod.run_training
 
     def interrupt_g1(*args, **kw):
         if kw["family"]["generation"] == 1:
@@ -135,7 +136,7 @@ def test_born_again_resume_continues_interrupted_generation_only(cli, tiny, tmp_
 
     out = tmp_path / "ban"
     argv = ["born-again", *tiny["opts"], "--generations", "2", "--epochs", "2", "--temperature", "2", "--out_dir", out]
-    monkeypatch.setattr(families, "run_training", interrupt_g1)
+    monkeypatch.setattr(born_again_mod, "run_training", interrupt_g1)
     code, _, err = cli(*argv)
     assert code == 130 and "--resume" in err
     assert _log_epochs(out / "g1") == [1]  # epoch 2 was interrupted before its checkpoint
@@ -148,7 +149,7 @@ def test_born_again_resume_continues_interrupted_generation_only(cli, tiny, tmp_
         calls.append(kw["family"]["generation"])
         return real(*args, **kw)
 
-    monkeypatch.setattr(families, "run_training", count)
+    monkeypatch.setattr(born_again_mod, "run_training", count)
     code, _, err = cli(*argv, "--resume")
     assert code == 0, err
     assert calls == [1]                                             # g0 not retrained
@@ -163,7 +164,7 @@ def test_ensemble_top1_averages_softmax():
     labels = torch.tensor([0, 1, 2])
     a = torch.tensor([[5.0, 0, 0], [0, 0, 5.0], [0, 0, 5.0]])      # 2/3 right
     b = torch.tensor([[0, 5.0, 0], [0, 9.0, 0], [0, 0, 1.0]])      # 2/3 right, sample 1 strongly
-    acc = families.ensemble_top1([a, b], labels)
+    acc = born_again_mod.ensemble_top1([a, b], labels)
     assert acc[0] == pytest.approx(200 / 3)
     # mean softmax: sample 0 tie 0/1 (argmax picks 0: right), sample 1 class 1 (right), sample 2 class 2 (right)
     assert acc[1] == pytest.approx(100.0)
@@ -199,16 +200,16 @@ def test_summary_table_shows_only_varying_options_once():
     runs = [{"run": f"r{i}", "config": {"train": {"lr": 0.1, "seed": i}, "kd": {"alpha": a}, "loss": {"alpha": a}},
              "metrics": {"test_top1": 50.0 + i, "best_test_top1": 60.0 + i, "test_loss": 1.0}}
             for i, a in enumerate([0.1, 0.5])]
-    header, rows = families.summary_table(runs)
+    header, rows = grid.summary_table(runs)
     assert header == ["run", "alpha", "seed", "best_test_top1", "last_test_top1", "test_loss"]
     assert rows[1] == ["r1", 0.5, 1, 61.0, 51.0, 1.0]
 
 
 def test_grid_points_and_names():
-    pts = families.grid_points({"alpha": ["0.1", "0.5"], "temperature": ["4"]})
+    pts = grid.grid_points({"alpha": ["0.1", "0.5"], "temperature": ["4"]})
     assert pts == [{"alpha": "0.1", "temperature": "4"}, {"alpha": "0.5", "temperature": "4"}]
-    assert families.point_name(pts[1]) == "alpha=0.5_temperature=4"
-    assert families.point_name({"data_root": "/a b"}) == "data_root=-a-b"
+    assert grid.point_name(pts[1]) == "alpha=0.5_temperature=4"
+    assert grid.point_name({"data_root": "/a b"}) == "data_root=-a-b"
 
 
 # --------------------------------------------------------------------------- compression

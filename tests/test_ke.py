@@ -316,7 +316,7 @@ def test_evolve_writes_generations_slim_checkpoints_and_family(cli, tiny_folder,
 
 
 def test_evolve_resume_continues_the_interrupted_generation_only(tiny_folder, tmp_path, monkeypatch):
-    import training.ke_commands as kc
+    import training.evolution as kc
     from training.datasets import DataSpec
     from training.loop import TrainConfig
     from training.runner import ModelSpec

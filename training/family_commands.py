@@ -19,20 +19,14 @@ from common.files import load_config_file
 from common.options import Command, add_dataclass_args, add_run_args, dataclass_from_args, parse_csv, parse_kv_list
 from common.registry import unknown_choice_message
 from common.rundir import run_mode
+from training.born_again import BANConfig, born_again
 from training.commands import TRAIN_HELP, add_data_args, add_model_args, add_train_args, data_from_args
-from training.compress import PRUNE_SCOPES
-from training.families import (
-    MEMBER_CHECKPOINTS,
-    BANConfig,
-    CompressConfig,
-    KDConfig,
-    born_again,
-    compress,
-    distill,
-    run_grid,
-    write_summary,
-)
+from training.compress import CompressConfig, compress
+from training.distill import KDConfig, distill
+from training.families import MEMBER_CHECKPOINTS
+from training.grid import run_grid, write_summary
 from training.loop import OPTIMIZERS, SCHEDULES, TrainConfig
+from training.pruning import PRUNE_SCOPES
 from training.runner import ModelSpec
 
 KD_HELP = {

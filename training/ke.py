@@ -1,5 +1,5 @@
 """Knowledge Evolution (Taha et al., CVPR 2021): split masks, re-initialisation between generations
-and slim-network extraction. Pure functions over ``nn.Module``s; no I/O (``training/ke_commands.py``
+and slim-network extraction. Pure functions over ``nn.Module``s; no I/O (``training/evolution.py``
 runs the generations and writes the files).
 
 Every conv/linear weight is split into a *fit hypothesis* (a fixed binary mask, stored with the
