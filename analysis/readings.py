@@ -38,7 +38,7 @@ def pair_reading(row: Mapping[str, Any]) -> str:
                 f"target's own ({total:.1f}x with the residual), so they overlap and partly cancel; "
                 f"{pct(row.get('fraction_residual'))} is inconsistent")
     if row.get("r2") is not None:
-        text += f" (held-out R² {row['r2']:.2f})"
+        text += f" ({'in-sample' if row.get('held_out') is False else 'held-out'} R² {row['r2']:.2f})"
     if row.get("warnings"):
         text += f" [warning: {row['warnings']}]"
     return text + "."
