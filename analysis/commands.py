@@ -7,7 +7,15 @@ from pathlib import Path
 from typing import Any
 
 from analysis import plots
-from analysis.consistency import PAIR_PLANS, ConsistencyConfig, generation_rows, net_matrix, read_table, run_consistency
+from analysis.consistency import (
+    PAIR_PLANS,
+    ConsistencyConfig,
+    generation_rows,
+    held_out_label,
+    net_matrix,
+    read_table,
+    run_consistency,
+)
 from analysis.diagnose import DiagnoseConfig, diagnose_pair, panel_for_rows
 from analysis.readings import diagnosis_readings, family_generations
 from analysis.report import SIMILARITY_KIND, make_report, study_figures
@@ -61,10 +69,8 @@ def consistency_figures(folder: Path, rows: list[dict[str, Any]], nets: list[str
     out = out or folder / "figures"
     paths = plots.matrix_heatmap(net_matrix(rows, nets, "fraction_residual"), nets, out / "residual_fraction",
                                  f"Residual fraction at {layer}", "residual fraction of Var(x_B)")
-    held = {r.get("held_out", True) is not False for r in rows}          # in-sample rows say so in the title
-    kind = "Held-out R²" if held == {True} else ("In-sample R²" if held == {False} else "R² (some pairs in-sample)")
-    title = f"{kind} at {layer}"
-    paths += plots.matrix_heatmap(net_matrix(rows, nets, "r2"), nets, out / "r2", title, "R²")
+    paths += plots.matrix_heatmap(net_matrix(rows, nets, "r2"), nets, out / "r2",
+                                  f"{held_out_label(rows)} R² at {layer}", "R²")
     paths += plots.order_fraction_bars(rows, out / "order_fractions", f"Variance explained per order at {layer}")
     return paths
 

@@ -134,6 +134,22 @@ def _finite_or_none(v: Any) -> float | None:
     return v if math.isfinite(v) else None
 
 
+def _report_key(column: str) -> str:
+    """The variance report's location of a row column: ``var_order1`` -> ``var_orders[1]``, ``gate2`` ->
+    ``gates[1]``, ``r2`` -> ``r2`` (as ``common.files.write_json`` names non-finite values)."""
+    for prefix, key, start in (("var_order", "var_orders", 0), ("fraction_order", "fraction_orders", 0),
+                               ("gate", "gates", 1)):
+        if column.startswith(prefix) and column[len(prefix):].isdigit():
+            return f"{key}[{int(column[len(prefix):]) - start}]"
+    return column
+
+
+def held_out_label(rows: Sequence[Mapping[str, Any]]) -> str:
+    """``Held-out``, ``In-sample`` or ``Held-out and in-sample``: what the rows' R² and fractions are."""
+    kinds = {r.get("held_out") is not False for r in rows}
+    return "In-sample" if kinds == {False} else ("Held-out and in-sample" if len(kinds) == 2 else "Held-out")
+
+
 def pair_row(report: Mapping[str, Any], transnet_dir: str | None = None) -> dict[str, Any]:
     """One tidy table row from a variance report (``metrics.json``/``variance.json`` of a Trans-Net run).
 
@@ -162,7 +178,9 @@ def pair_row(report: Mapping[str, Any], transnet_dir: str | None = None) -> dict
         row[k] = clean
     if bad:
         reason = " (the target has zero variance)" if not (_finite_or_none(report.get("var_target")) or 0) > 0 else ""
-        warnings.append(f"undefined: {', '.join(bad)}{reason}")
+        why = report.get("nonfinite_values") or {}         # what write_json stored as null (common/files.py)
+        named = [f"{k} ({why[_report_key(k)]})" if _report_key(k) in why else k for k in bad]
+        warnings.append(f"undefined: {', '.join(named)}{reason}")
     fit_warnings = list(report.get("warnings") or ([report["warning"]] if report.get("warning") else []))
     if report.get("held_out") is False and not any("in-sample" in w for w in fit_warnings):
         fit_warnings.insert(0, "in-sample report (no held-out split)")

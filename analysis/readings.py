@@ -47,6 +47,11 @@ def pair_reading(row: Mapping[str, Any]) -> str:
 def consistency_readings(rows: Sequence[Mapping[str, Any]], layer: str) -> list[str]:
     """Plain-language statements computed from a consistency table (no claim beyond the numbers)."""
     out = []
+    inside = [f"{r['source']}→{r['target']}" for r in rows if r.get("held_out") is False]
+    if inside:
+        out.append(f"Warning: {len(inside)} of {len(rows)} pair(s) ({', '.join(inside)}) are scored on their "
+                   f"training split (in-sample, not held-out): a Trans-Net can memorise its training rows, so "
+                   f"their R² and fractions overstate the consistency.")
     ok = [r for r in rows if r.get("fraction_residual") is not None]
     if ok:
         best = min(ok, key=lambda r: r["fraction_residual"])

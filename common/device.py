@@ -54,24 +54,38 @@ def effective_precision(device: torch.device, precision: str) -> str:
     return precision if device.type == "cuda" else "fp32"
 
 
+def tf32_mode(precision: str) -> str:
+    """PyTorch's ``fp32_precision`` value for float32 convolutions and matmuls under ``precision``:
+    ``ieee`` (TF32 off) for ``fp32``, ``tf32`` for ``tf32`` and ``bf16``."""
+    return "ieee" if check_precision(precision) == "fp32" else "tf32"
+
+
 @contextlib.contextmanager
-def float32_math(device: torch.device, precision: str) -> Iterator[None]:
-    """Inside the block, float32 convolutions and matmuls on CUDA use IEEE float32 (``fp32``) or TF32
-    (``tf32``, ``bf16``); the previous settings come back afterwards. A no-op off CUDA. Uses PyTorch's
-    per-backend ``fp32_precision`` flags only (mixing them with the legacy ``allow_tf32`` flags is an
-    error in PyTorch)."""
-    check_precision(precision)
-    if device.type != "cuda":
-        yield
-        return
+def cuda_float32_flags(mode: str) -> Iterator[None]:
+    """Set cuDNN convolutions' and CUDA matmuls' ``fp32_precision`` to ``mode`` (``ieee`` | ``tf32``)
+    inside the block and put the previous values back afterwards. Only PyTorch's per-backend
+    ``fp32_precision`` flags are touched (mixing them with the legacy ``allow_tf32`` flags is an error
+    in PyTorch). The flags are process-wide; they matter only to CUDA kernels."""
     conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
     saved = (conv.fp32_precision, matmul.fp32_precision)
-    mode = "ieee" if precision == "fp32" else "tf32"
     conv.fp32_precision = matmul.fp32_precision = mode
     try:
         yield
     finally:
         conv.fp32_precision, matmul.fp32_precision = saved
+
+
+@contextlib.contextmanager
+def float32_math(device: torch.device, precision: str) -> Iterator[None]:
+    """Inside the block, float32 convolutions and matmuls on CUDA use IEEE float32 (``fp32``: TF32
+    off, although PyTorch's default lets cuDNN convolutions use it) or TF32 (``tf32``, ``bf16``). A
+    no-op off CUDA, where float32 is always IEEE."""
+    mode = tf32_mode(precision)
+    if device.type != "cuda":
+        yield
+        return
+    with cuda_float32_flags(mode):
+        yield
 
 
 def precision_autocast(device: torch.device, precision: str):

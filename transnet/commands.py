@@ -8,14 +8,15 @@ from typing import Any
 
 from common.device import PRECISIONS, resolve_device
 from common.errors import UserError
-from common.files import write_json
+from common.files import read_json, write_json
 from common.options import Command, add_dataclass_args, add_run_args, dataclass_from_args
 from common.provenance import provenance
 from common.rundir import RunDir, run_mode
 from training.commands import add_train_args
 from training.loop import TrainConfig
 from transnet.data import DATA_ON, choose_placement, make_source, open_pair
-from transnet.fit import FIT_SCHEDULES, LOSS_SCALES, FitConfig, add_warning, fit_transnet, in_sample_warning, load_transnet
+from transnet.fit import (FIT_SCHEDULES, LOSS_SCALES, FitConfig, add_warning, fit_transnet, in_sample_warning,
+                          load_transnet)
 from transnet.model import INPUT_NORMS, STD_CORRECTIONS
 from transnet.original import ImportConfig, import_transnet
 from transnet.refine import REFINE_PRESET, RefineConfig, run_refine
@@ -205,8 +206,11 @@ def _run_import(args: argparse.Namespace) -> None:
     m = import_transnet(cfg, args.out_dir, run_mode(args.resume, args.overwrite))
     if "r2" in m:
         print(summary_line(m))
-    print(f"imported {cfg.checkpoint} (sha256 {m['source_checkpoint_sha256'][:12]}...); wrote "
-          f"{Path(args.out_dir) / 'transnet.pt'}, config.json (key mapping) and metrics.json")
+    print(f"imported {cfg.checkpoint} (sha256 {m['source_checkpoint_sha256'][:12]}...); keys mapped:")
+    for key, ours in read_json(Path(args.out_dir) / "config.json")["imported"]["mapping"].items():
+        print(f"  {key} -> {ours}")
+    print(f"wrote {Path(args.out_dir) / 'transnet.pt'}, config.json (source sha256, key mapping, assumptions) "
+          f"and metrics.json")
 
 
 # --------------------------------------------------------------------------- refine

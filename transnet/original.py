@@ -3,11 +3,12 @@
     python cli.py import-transnet --checkpoint checkpoint_L30_.pth.tar --features f.h5 --source seed0 \\
         --target seed5 --layer features.30 --out_dir tn_orig
 
-The original training script saves ``{"epoch", "arch", "state_dict", "optimizer"}`` with
-``torch.save``; ``arch`` there names the CNN, not the Trans-Net. Its Trans-Net (the
-``LinearTester`` module, 3 conv levels and 2 gates by default) holds these state-dict entries, the
-**accepted layout** (a ``module.`` prefix, left by ``DataParallel``/DDP, is stripped; a bare state
-dict without the outer dict is accepted too):
+The original training script (``Training_TransNet.py``) saves ``{"epoch", "arch", "state_dict",
+"optimizer"}`` with ``torch.save``; ``arch`` there names the CNN, not the Trans-Net. Its Trans-Net
+(``LinearTester`` in ``Model_zoo/linearTest_sigmoidP_instance.py``: 3 bias-free conv levels and a
+2-entry gate parameter by default) holds these state-dict entries, the **accepted layout** (a
+``module.`` prefix, left by ``DataParallel``/DDP, is stripped; a bare state dict without the outer
+dict is accepted too):
 
     linearLayers_conv.<j>.weight    (C_out, C_in, k, k), j = 0..K in forward order: conv j is applied
                                     j-th, conv K is the 0-order conv (our ``convs[j]``)
@@ -15,12 +16,16 @@ dict without the outer dict is accepted too):
                                     gates the ReLU after conv j (our ``gate_logits[j]``). The original
                                     always allocates 2; a net with K < G gates uses the first K.
     nonLinearLayers_p               (G,) the same gates as probabilities, accepted instead of logits
+                                    (the original keeps them as a plain attribute, not in its state
+                                    dict; a checkpoint re-saved by another tool may hold them)
 
-The running-normalisation variant (trained with instance_bn off) also stores ``nonLinearLayers_norm``
-and ``running_times``: it is refused (its inner normalisers are running averages, not instance
-stds). The layout comes from reading the original's published module and training script (facts
-only, none of its code); the importer names the keys it found and those it expected when they do
-not match.
+Refused, with the keys named: the running-normalisation variant (trained with ``--modified_norm``,
+i.e. instance_bn off), which also stores ``nonLinearLayers_norm`` and ``running_times`` (its inner
+normalisers are running averages, not instance stds); an affine input norm (``--bn --affine``:
+``linearLayers_bn.weight``/``.bias``); any other key. The layout was read from the original's
+published module and training script (copies in the repositories ``nexuslrf/knowledge_consistency``
+and ``ZJUICSR/AIcert``, folder ``function/formal_verify/knowledge_consistency/``; facts only, none of
+their code).
 
 Assumptions the checkpoint cannot show, recorded in ``config.json``: the input was normalised by the
 per-sample spatial std (the default, no ``--bn``), convs use same padding (k // 2), the forward pass
@@ -56,6 +61,7 @@ CONV_KEY = re.compile(r"^linearLayers_conv\.(\d+)\.weight$")
 GATE_LOGITS_KEY = "nonLinearLayers_p_pre"
 GATE_PROBS_KEY = "nonLinearLayers_p"
 RUNNING_NORM_KEYS = ("nonLinearLayers_norm", "running_times")
+INPUT_NORM_PREFIX = "linearLayers_bn."
 STRIP_PREFIXES = ("module.",)
 EXPECTED = (f"linearLayers_conv.0.weight ... linearLayers_conv.K.weight and {GATE_LOGITS_KEY} (logits) or "
             f"{GATE_PROBS_KEY} (probabilities)")
@@ -117,6 +123,15 @@ def map_original(state: Mapping[str, Tensor]) -> tuple[list[Tensor], Tensor, dic
         raise UserError(f"the checkpoint holds {', '.join(running)}: it was trained with running (batch) "
                         f"normalisers (instance_bn off), which this Trans-Net does not implement; only the "
                         f"instance-std variant (the original's default) can be imported")
+    affine = [k for k in found if k.startswith(INPUT_NORM_PREFIX)]
+    if affine:
+        raise UserError(f"the checkpoint holds {', '.join(affine)}: it was trained with an affine input norm "
+                        f"(--bn --affine), which this Trans-Net does not implement; only the original's default "
+                        f"input (divided by the per-sample spatial std) can be imported")
+    known = set(convs.values()) | {GATE_LOGITS_KEY, GATE_PROBS_KEY}
+    unknown = [k for k in found if k not in known]
+    if unknown:
+        raise UserError(f"unexpected keys in the checkpoint: {', '.join(unknown)}; expected only {EXPECTED}")
     k = len(convs) - 1
     weights = [state[convs[j]] for j in range(k + 1)]
     mapping = {convs[j]: f"convs.{j}.weight" for j in range(k + 1)}
@@ -147,6 +162,10 @@ def transnet_from_original(state: Mapping[str, Tensor], std_correction: int = 1,
     """Our TransNet (instance input norm, eval mode, float32) with the original's weights, and the key mapping."""
     weights, logits, mapping = map_original(state)
     shapes = [tuple(w.shape) for w in weights]
+    bad = [f"linearLayers_conv.{j}.weight" for j, w in enumerate(weights) if not bool(torch.isfinite(w).all())]
+    bad += ["the gate vector"] if not bool((~torch.isnan(logits)).all()) else []
+    if bad:
+        raise UserError(f"non-finite values in {', '.join(bad)}: the original fit diverged or the file is damaged")
     if any(len(s) != 4 or s[2] != s[3] or s[2] % 2 == 0 for s in shapes):
         raise UserError(f"conv weights must be (C_out, C_in, k, k) with one odd k; got {shapes}")
     if len({s[2] for s in shapes}) != 1:
