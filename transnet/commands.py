@@ -206,8 +206,11 @@ def _run_import(args: argparse.Namespace) -> None:
     m = import_transnet(cfg, args.out_dir, run_mode(args.resume, args.overwrite))
     if "r2" in m:
         print(summary_line(m))
-    print(f"imported {cfg.checkpoint} (sha256 {m['source_checkpoint_sha256'][:12]}...); keys mapped:")
-    for key, ours in read_json(Path(args.out_dir) / "config.json")["imported"]["mapping"].items():
+    imported = read_json(Path(args.out_dir) / "config.json")["imported"]
+    strip = "".join(f", prefix {x!r} stripped" for x in imported["stripped_prefixes"])
+    print(f"imported {cfg.checkpoint} (sha256 {m['source_checkpoint_sha256'][:12]}...; "
+          f"{len(imported['found_keys'])} tensors{strip}); keys mapped:")
+    for key, ours in imported["mapping"].items():
         print(f"  {key} -> {ours}")
     print(f"wrote {Path(args.out_dir) / 'transnet.pt'}, config.json (source sha256, key mapping, assumptions) "
           f"and metrics.json")

@@ -205,6 +205,7 @@ def import_transnet(cfg: ImportConfig, out_dir: str | os.PathLike, mode: str = "
     raw = load_checkpoint(path)
     model, mapping = transnet_from_original(original_state(raw), cfg.std_correction)
     sha = sha256_file(path)
+    file_keys = sorted(str(k) for k in raw.get("state_dict", raw))       # as stored, before prefixes are stripped
 
     split = cfg.eval_split if cfg.eval_split != NO_EVAL else cfg.train_split
     pair = open_pair(cfg.features, cfg.source, cfg.target, cfg.layer, split, cfg.target_features,
@@ -215,7 +216,8 @@ def import_transnet(cfg: ImportConfig, out_dir: str | os.PathLike, mode: str = "
                         f"{pair.shape_b[0]}; is it the Trans-Net of this pair and layer?")
     imported = {"from": str(path.resolve()), "sha256": sha, "mapping": mapping, "assumptions": list(ASSUMPTIONS),
                 "original_epoch": raw.get("epoch"), "original_arch": raw.get("arch"),
-                "found_keys": sorted(original_state(raw))}
+                "found_keys": file_keys, "stripped_prefixes": sorted({x for k in file_keys for x in STRIP_PREFIXES
+                                                                      if k.startswith(x)})}
     dev = resolve_device(cfg.device)
     root = pair.provenance_a.get("root", {})
     with RunDir(out_dir, mode) as run:
