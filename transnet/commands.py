@@ -41,8 +41,9 @@ FIT_HELP = {
     "input_norm": "input normalisation: instance (paper: per-sample spatial std), global (per-channel std of "
                   "the training features), none",
     "std_correction": "spatial std convention of every instance std: 0 = population std (divide by H*W; default), "
-                      "1 = unbiased std (divide by H*W-1; the original code). Fits agree under either (the factor "
-                      "is absorbed by the last conv); weights moved between conventions do not. 1x1 maps always "
+                      "1 = unbiased std (divide by H*W-1; the original code). Fits agree under either up to the "
+                      "optimiser's path (the factor is absorbed by the last conv); weights moved between conventions "
+                      "do not (components off by sqrt(HW/(HW-1))). 1x1 maps always "
                       "use s = 1",
     "std_floor": "floor F for every instance std, a fraction of the slice's rms: s = max(std, F*rms) + eps, so "
                  "spatially constant slices give |x̂| <= 1/F instead of x/eps; 0 = off (the paper's preset)",
