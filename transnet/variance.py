@@ -12,6 +12,9 @@ report says so in its ``note``.
 The same pass counts the source's spatially constant non-zero (sample, channel) slices
 (``constant_source_slices`` of ``source_slices``): with the instance input norm their std is 0 and
 x̂ = x / eps there, so the report warns (``warnings``) unless ``std_floor`` bounds them.
+
+On CUDA the report's forward passes run in IEEE float32 (TF32 off, ``common.device.float32_math``)
+whatever ``--precision`` a fit trained in, so that a reported number does not depend on it.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import Tensor
 
+from common.device import float32_math
 from transnet.model import constant_slices
 
 NOTE = ("The order components Y_k and the residual are not orthogonal, so their variances (and "
@@ -162,7 +166,9 @@ def variance_report(model: torch.nn.Module, batches: Iterable[tuple[Tensor, Tens
                     device: torch.device | str | None = None, **fields: Any) -> dict[str, Any]:
     """The ``variance.json`` / ``metrics.json`` dict: ``fields`` (split, source, target, layer, ...)
     first, then the variances, fractions, R², gates (order 1 first) and MSE."""
-    acc = accumulate(model, batches, device)
+    where = torch.device(device) if device is not None else next(model.parameters()).device
+    with float32_math(where, "fp32"):
+        acc = accumulate(model, batches, device)
     rep = acc.report()
     gates = [float(g) for g in model.gates().detach().cpu()]
     out = {**fields, **{k: v for k, v in rep.items() if k != "note"}, "gates": gates, "note": rep["note"]}
