@@ -1,11 +1,11 @@
-"""The Trans-Net's numerical and labelling edges (issue 11): 1x1 maps, spatially constant slices and
-the std floor, in-sample reports, non-finite JSON values, the two std conventions and checkpoints of
-the original code, and the fit's precision. Tiny planted problems on the CPU."""
+"""Trustworthy numbers at the edges (issue 11): 1x1 maps, spatially constant source slices, in-sample
+reports, ±inf in JSON files, and the --precision option. Each test fails on the code before the fix.
+Tiny tensors on the CPU."""
 from __future__ import annotations
 
-import hashlib
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,346 +13,275 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from analysis.consistency import pair_row
-from analysis.report import pair_reading
-from common.device import PRECISIONS, effective_precision, float32_math, precision_autocast
+from analysis.consistency import ConsistencyConfig, held_out_label, pair_row, read_table, run_consistency
+from analysis.readings import consistency_readings, pair_reading
+from common.device import autocast, cuda_float32_flags, float32_math, precision_autocast, tf32_mode
 from common.errors import UserError
-from common.files import read_json, write_json
-from test_transnet_fit import LAYER, write_features
-from transnet.fit import FitConfig, fit_transnet, load_transnet
-from transnet.model import TransNet, constant_slices, instance_std
-from transnet.original import map_original, original_state
+from common.files import NONFINITE_KEY, jsonable, read_json, write_json
+from test_consistency import FAST_FIT, FAST_FIT_ARGS, planted_features
+from test_transnet_fit import FAST, LAYER, write_features
+from transnet.commands import run_variance, summary_line
+from transnet.fit import FitConfig, fit_transnet, load_transnet, validate
+from transnet.model import EPS, TransNet, constant_slices, instance_std
 
-FAST = dict(source="A", target="B", layer=LAYER, lr=2e-2, final_lr=1e-4, schedule="cosine", weight_decay=0.0,
-            eval_every=1000, save_every=1000, device="cpu")
-
-
-def _normal(n: int, seed: int, c: int = 4, s: int = 6) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((n, c, s, s)).astype(np.float32)
+# The paper's preset (instance input norm, 3x3 kernels, 2 orders) with a fast schedule.
+FAITHFUL_FAST = {k: v for k, v in FAST.items() if k not in ("input_norm", "kernel")}
 
 
-# --------------------------------------------------------------------------- 1. 1x1 maps
+# =========================================================================== 1. 1x1 feature maps
 
-def test_one_by_one_maps_use_unit_std_in_every_level():
-    x = torch.randn(5, 3, 1, 1, dtype=torch.double) * 7
-    assert torch.equal(instance_std(x), torch.ones(5, 3, 1, 1, dtype=torch.double))
-    assert torch.equal(instance_std(x, correction=1, floor=0.5), torch.ones(5, 3, 1, 1, dtype=torch.double))
+def test_instance_std_of_a_1x1_map_is_one():
+    x = torch.randn(5, 3, 1, 1, dtype=torch.float64) * 7.0
+    s = instance_std(x)
+    assert s.shape == (5, 3, 1, 1) and torch.equal(s, torch.ones_like(s))       # before: eps = 1e-5
+    assert torch.equal(instance_std(x, correction=1), torch.ones_like(s))       # unbiased std would be NaN
+    assert torch.equal(TransNet(3, 2, 3, "instance").double().normalise_input(x), x)
+
+
+def test_1x1_forward_equals_the_unit_std_formula():
+    """On 1x1 maps a k x k conv with same padding reduces to its centre tap and s = 1 at every level:
+    ŷ = W2 (x + p1 ReLU(W1 (x + p0 ReLU(W0 x))))."""
     torch.manual_seed(0)
-    m = TransNet(3, 2, 3, "instance").double().eval()
-    w = [c.weight[:, :, 1, 1] for c in m.convs]            # a 3x3 kernel on a 1x1 map: only the centre tap
-    q = torch.sigmoid(m.gate_logits)
-    v = x[:, :, 0, 0]                                       # s = 1: x̂ = x, inner maps divided by 1
+    net = TransNet(4, 2, 3, "instance").double().eval()
+    net.set_gates([0.7, 0.4])                                              # order 1 first: p1, p0
+    x = torch.randn(6, 4, 1, 1, dtype=torch.float64)
+    w = [c.weight[:, :, 1, 1] for c in net.convs]                          # centre taps (C, C)
+    p0, p1 = 0.4, 0.7
+    v = x[:, :, 0, 0]                                                      # (N, C)
     h0 = v @ w[0].T
-    h1 = (v + q[0] * h0.clamp(min=0)) @ w[1].T
-    want = (v + q[1] * h1.clamp(min=0)) @ w[2].T
-    torch.testing.assert_close(m(x)[:, :, 0, 0], want, rtol=0, atol=1e-12)
-    comps, yhat = m.decompose(x)
-    torch.testing.assert_close(sum(comps), yhat, rtol=0, atol=1e-12)
+    h1 = (v + p0 * F.relu(h0)) @ w[1].T
+    y = (v + p1 * F.relu(h1)) @ w[2].T
+    with torch.no_grad():
+        got = net(x)[:, :, 0, 0]
+        comps, yhat = net.decompose(x)
+    assert torch.allclose(got, y, atol=1e-12)
+    assert torch.allclose(sum(comps), yhat, atol=1e-12)
 
 
-def test_planted_one_by_one_linear_target_is_recovered(tmp_path):
-    """Before: x̂ and the hidden maps were divided by eps, max|ŷ| 5.6e13 and held-out R² -6.5e24."""
+def test_planted_linear_1x1_target_is_fitted_in_the_faithful_preset(tmp_path):
+    """B = W A + noise on (N, 8, 1, 1) maps (an avgpool-like layer). Before the fix x̂ = x / eps:
+    held-out R² -6.5e24 and max |ŷ| 5.6e13; the original code (s = 1) fits it."""
     rng = np.random.default_rng(0)
     w = rng.standard_normal((8, 8)).astype(np.float32)
 
-    def make(n, seed):
-        a = _normal(n, seed, c=8, s=1)
+    def pair(n, seed):
+        a = np.random.default_rng(seed).standard_normal((n, 8, 1, 1)).astype(np.float32)
         return a, np.einsum("oc,nchw->nohw", w, a) + 0.1 * rng.standard_normal(a.shape).astype(np.float32)
 
-    (a, b), (ta, tb) = make(512, 1), make(256, 2)
+    (a, b), (ta, tb) = pair(512, 1), pair(256, 2)
     f = write_features(tmp_path / "f.h5", {"train": {"A": a, "B": b}, "test": {"A": ta, "B": tb}})
-    m = fit_transnet(FitConfig(features=str(f), epochs=60, **FAST), tmp_path / "run")   # paper's instance norm
-    assert m["held_out"] and m["r2"] >= 0.95
-    model, _ = load_transnet(tmp_path / "run")
+    m = fit_transnet(FitConfig(features=str(f), epochs=60, **FAITHFUL_FAST), tmp_path / "run")
+    assert m["r2"] >= 0.95 and m["held_out"]
+    net, _ = load_transnet(tmp_path / "run")
     with torch.no_grad():
-        assert float(model(torch.from_numpy(ta)).abs().max()) < 10 * float(np.abs(tb).max())
+        assert float(net(torch.from_numpy(ta)).abs().max()) < 10 * float(np.abs(tb).max())
 
 
-# --------------------------------------------------------------------------- 2. constant slices, std floor
+# =========================================================================== 2. constant source slices
 
-def test_constant_slices_are_exactly_the_equal_non_zero_ones():
-    x = torch.randn(3, 4, 5, 5)
-    x[0, 1] = 0.5                       # constant, non-zero: flagged
-    x[1, 2] = 0.0                       # constant zero: x / eps = 0, harmless
-    x[2, 3] = 2.0
-    x[2, 3, 4, 4] = 2.001               # nearly constant: not exactly
-    want = torch.zeros(3, 4, dtype=torch.bool)
-    want[0, 1] = True
-    assert torch.equal(constant_slices(x), want)
-    assert torch.equal(constant_slices(x.half()), want)
-    assert not constant_slices(torch.randn(2, 3, 1, 1)).any()     # 1x1 maps use s = 1
+def _with_constant_slices(x: np.ndarray, where: list[tuple[int, int, float]]) -> np.ndarray:
+    x = x.copy()
+    for n, c, v in where:
+        x[n, c] = v
+    return x
 
 
-def test_std_floor_bounds_a_constant_slice_and_keeps_the_scale_invariance():
-    torch.manual_seed(0)
-    x = torch.randn(4, 3, 6, 6, dtype=torch.double)
-    x[1, 2] = -0.5
-    plain = TransNet(3, 2, 3, "instance").double().eval()
-    floored = TransNet(3, 2, 3, "instance", std_floor=0.01).double().eval()
-    floored.load_state_dict(plain.state_dict())
-    assert float(plain.normalise_input(x)[1, 2].abs().max()) == pytest.approx(0.5 / 1e-5)     # the blow-up
-    assert float(floored.normalise_input(x)[1, 2].abs().max()) == pytest.approx(100.0, rel=1e-3)  # 1 / F
-    # the floor does not bind on ordinary slices, and ŷ stays invariant to positive per-slice scales
-    torch.testing.assert_close(floored.normalise_input(x)[0], plain.normalise_input(x)[0], rtol=0, atol=0)
-    scale = torch.rand(4, 3, 1, 1, dtype=torch.double) * 5 + 0.1
-    torch.testing.assert_close(floored(x * scale), floored(x), rtol=1e-6, atol=1e-6)
-    with pytest.raises(ValueError, match="std_floor"):
-        TransNet(3, std_floor=-1)
+def test_constant_slices_are_found_exactly_in_any_dtype():
+    x = torch.randn(4, 3, 5, 5)
+    x[1, 2] = 0.5                      # constant, non-zero: found
+    x[3, 0] = -2.0                     # found
+    x[0, 1] = 0.0                      # constant zero: x / eps = 0, harmless, not counted
+    x[2, 2] = 0.25
+    x[2, 2, 4, 4] = 0.2500001          # nearly constant: not counted
+    want = np.zeros((4, 3), dtype=bool)
+    want[1, 2] = want[3, 0] = True
+    for dtype in (torch.float32, torch.float16, torch.float64):
+        assert np.array_equal(constant_slices(x.to(dtype)).numpy(), want if dtype != torch.float16 else
+                              want | (np.arange(12).reshape(4, 3) == 8))       # fp16 rounds 0.2500001 to 0.25
+    assert not constant_slices(torch.randn(4, 3, 1, 1)).any()                  # 1x1 maps: s = 1, nothing to warn
 
 
-def test_constant_source_slices_are_counted_and_warned_in_metrics_and_table(tmp_path):
-    a, ta = _normal(256, 3), _normal(128, 4)
-    a[5, 1], ta[7, 2], ta[9, 0] = 0.5, 0.25, -3.0
+def test_std_floor_bounds_a_constant_slice_and_keeps_the_rest_and_the_scale_invariance():
+    torch.manual_seed(1)
+    x = torch.randn(3, 4, 6, 6, dtype=torch.float64)
+    x[1, 2] = 0.5
+    faithful = TransNet(4, 2, 3, "instance").double().eval()
+    floored = TransNet(4, 2, 3, "instance", std_floor=0.01).double().eval()
+    floored.load_state_dict(faithful.state_dict())
+    assert float(faithful.normalise_input(x)[1, 2].abs().max()) == pytest.approx(0.5 / EPS)   # the paper's preset
+    xf = floored.normalise_input(x)
+    assert float(xf[1, 2].abs().max()) <= 1 / 0.01
+    ok = torch.ones(3, 4, dtype=torch.bool)
+    ok[1, 2] = False
+    assert torch.equal(xf[ok], faithful.normalise_input(x)[ok])               # std >> 0.01 rms elsewhere
+    # The floor scales like the std, so the faithful mode's scale invariance stays (exact with eps = 0).
+    no_eps = TransNet(4, 2, 3, "instance", std_floor=0.01, eps=0.0).double().eval()
+    no_eps.load_state_dict(faithful.state_dict())
+    scale = torch.rand(3, 4, 1, 1, dtype=torch.float64) * 5 + 0.1
+    with torch.no_grad():
+        assert torch.allclose(no_eps(x * scale), no_eps(x), atol=1e-10, rtol=1e-10)
+        comps, yhat = floored.decompose(x)
+    assert torch.allclose(sum(comps), yhat, atol=1e-9)
+    with pytest.raises(UserError, match="--std_floor must be in"):
+        validate(FitConfig(features="f", source="A", target="B", layer="L", std_floor=-0.1))
+
+
+@pytest.mark.parametrize("data_on", ["ram", "disk"])
+def test_fit_counts_constant_source_slices_and_warns_in_metrics_and_the_table(tmp_path, data_on):
+    rng = np.random.default_rng(3)
+    a = _with_constant_slices(rng.standard_normal((128, 4, 6, 6)).astype(np.float32), [(5, 1, 0.5), (9, 3, -1.0)])
+    ta = _with_constant_slices(rng.standard_normal((64, 4, 6, 6)).astype(np.float32), [(7, 2, 0.25)])
     f = write_features(tmp_path / "f.h5", {"train": {"A": a, "B": a[:, ::-1].copy()},
                                            "test": {"A": ta, "B": ta[:, ::-1].copy()}})
-    m = fit_transnet(FitConfig(features=str(f), epochs=2, kernel=1, **FAST), tmp_path / "r")
-    assert (m["constant_source_slices"], m["source_slices"]) == (2, 128 * 4)
-    assert (m["train_constant_source_slices"], m["train_source_slices"]) == (1, 256 * 4)
-    assert len(m["warnings"]) == 2 and all("spatially constant" in w and "--std_floor" in w for w in m["warnings"])
-    assert "2 of 512" in m["warning"] and "split 'test'" in m["warning"]
-    row = pair_row(read_json(tmp_path / "r" / "metrics.json"), "r")
-    assert row["constant_source_slices"] == 2 and "spatially constant" in row["warnings"]
-    # with the floor the numbers are bounded and the warning says so
-    m = fit_transnet(FitConfig(features=str(f), epochs=2, kernel=1, std_floor=0.01, **FAST), tmp_path / "fl")
-    assert "bounds their normalised values to ±100" in m["warning"]
-    # global input norm divides by a per-channel std: counted, no warning
-    m = fit_transnet(FitConfig(features=str(f), epochs=2, kernel=1, input_norm="global", **FAST), tmp_path / "g")
-    assert m["constant_source_slices"] == 2 and not m["warnings"]
+    base = FitConfig(features=str(f), epochs=2, data_on=data_on, block_rows=32, **FAITHFUL_FAST)
+    m = fit_transnet(base, tmp_path / "run")
+    assert (m["train_constant_source_slices"], m["train_source_slices"]) == (2, 128 * 4)
+    assert (m["constant_source_slices"], m["source_slices"]) == (1, 64 * 4)
+    assert any("1 of 256" in w and "'test'" in w and "divided by eps" in w for w in m["warnings"])
+    assert any("2 of 512" in w and "'train'" in w for w in m["warnings"])
+    assert read_json(tmp_path / "run" / "metrics.json")["warnings"] == m["warnings"]
+    row = pair_row(m)
+    assert row["constant_source_slices"] == 1 and "spatially constant" in row["warnings"]
+    assert "warning: 1 of 256" in summary_line(m)
+    # The variance command counts and warns too.
+    rep = run_variance(tmp_path / "run", split="test", device="cpu")
+    assert rep["constant_source_slices"] == 1 and "spatially constant" in rep["warning"]
+
+    floored = fit_transnet(replace(base, std_floor=0.01), tmp_path / "floored")
+    assert floored["std_floor"] == 0.01 and floored["constant_source_slices"] == 1
+    assert any("--std_floor 0.01 bounds" in w for w in floored["warnings"])
+    net, _ = load_transnet(tmp_path / "floored")
+    assert net.std_floor == 0.01 and float(net.normalise_input(torch.from_numpy(ta)).abs().max()) <= 100
+    # Without the instance norm nothing is divided by the slice's zero std: counted, no warning.
+    glob = fit_transnet(replace(base, input_norm="global", kernel=1), tmp_path / "global")
+    assert glob["constant_source_slices"] == 1 and not glob["warnings"]
 
 
-@pytest.mark.parametrize("option, value, needle", [("--std_floor", "2", "--std_floor must be in [0, 1]"),
-                                                   ("--std_correction", "2", "invalid choice"),
-                                                   ("--precision", "fp16", "invalid choice")])
-def test_bad_edge_options_are_refused(tmp_path, cli, option, value, needle):
-    f = write_features(tmp_path / "f.h5", {"train": {"A": _normal(8, 0), "B": _normal(8, 1)}})
-    code, _, err = cli("fit-transnet", "--features", f, "--source", "A", "--target", "B", "--layer", LAYER,
-                       "--eval_split", "none", "--device", "cpu", option, value, "--out_dir", tmp_path / "o")
-    assert code != 0 and needle in err
+# =========================================================================== 3. in-sample reports
+
+@pytest.fixture(scope="module")
+def pair_file(tmp_path_factory) -> Path:
+    rng = np.random.default_rng(4)
+    a, ta = rng.standard_normal((128, 4, 6, 6)).astype(np.float32), rng.standard_normal((64, 4, 6, 6)).astype(np.float32)
+    return write_features(tmp_path_factory.mktemp("pair") / "f.h5", {"train": {"A": a, "B": 2 * a},
+                                                                      "test": {"A": ta, "B": 2 * ta}})
 
 
-# --------------------------------------------------------------------------- 3. in-sample labels
+def test_fit_on_the_training_split_is_labelled_in_sample(pair_file, tmp_path):
+    m = fit_transnet(FitConfig(features=str(pair_file), epochs=2, eval_split="train", **FAST), tmp_path / "in")
+    assert m["held_out"] is False and m["split"] == "train"                     # before: "held_out": true
+    assert m["warnings"][0].startswith("in-sample report: split 'train' is the training split")
+    assert "in-sample R²" in summary_line(m) and "warning: in-sample" in summary_line(m)
+    assert read_json(tmp_path / "in" / "config.json")["held_out"] is False
+    part = fit_transnet(FitConfig(features=str(pair_file), epochs=1, eval_split="train", train_rows=32, **FAST),
+                        tmp_path / "part")
+    assert "first 32 of 128 rows" in part["warning"]
+    none = fit_transnet(FitConfig(features=str(pair_file), epochs=1, eval_split="none", **FAST), tmp_path / "none")
+    assert none["held_out"] is False and "in-sample" in none["warning"]
+    held = fit_transnet(FitConfig(features=str(pair_file), epochs=1, **FAST), tmp_path / "held")
+    assert held["held_out"] is True and not held["warnings"]
+    rep = run_variance(tmp_path / "held", split="train", device="cpu")
+    assert rep["held_out"] is False and "in-sample" in rep["warning"]
 
-def test_eval_on_the_training_split_is_labelled_in_sample(tmp_path, cli):
-    """Before: ``--eval_split train`` wrote ``held_out: true`` with no warning."""
-    f = write_features(tmp_path / "f.h5", {"train": {"A": _normal(64, 0), "B": _normal(64, 1)},
-                                           "test": {"A": _normal(32, 2), "B": _normal(32, 3)}})
-    code, text, err = cli("fit-transnet", "--features", f, "--source", "A", "--target", "B", "--layer", LAYER,
-                          "--eval_split", "train", "--epochs", 1, "--device", "cpu", "--out_dir", tmp_path / "r")
+
+def test_consistency_on_the_training_split_labels_and_warns(tmp_path, cli):
+    f = planted_features(tmp_path / "planted.h5")
+    out = tmp_path / "cons"
+    code, stdout, err = cli("consistency", "--features", f, "--layer", "conv", "--pairs", "a>b", "--nets", "a,b",
+                            "--split", "train", *FAST_FIT_ARGS, "--out_dir", out)
     assert code == 0, err
-    m = read_json(tmp_path / "r" / "metrics.json")
-    assert m["held_out"] is False and "in-sample" in m["warnings"][0] and "in-sample R²" in text
-    assert read_json(tmp_path / "r" / "config.json")["held_out"] is False
-    m = fit_transnet(FitConfig(features=str(f), epochs=1, train_rows=32, eval_split="train", **FAST), tmp_path / "p")
-    assert m["held_out"] is False and "first 32 of 64 rows" in m["warning"]
-    assert fit_transnet(FitConfig(features=str(f), epochs=1, **FAST), tmp_path / "t")["held_out"] is True
+    assert "is the fits' --train_split: every report is in-sample" in stdout
+    (row,) = read_table(out)
+    assert row["held_out"] is False and row["warnings"].startswith("in-sample report")
+    assert "held_out" in (out / "table.csv").read_text().splitlines()[0].split(",")
+    assert read_json(out / "metrics.json")["in_sample_pairs"] == ["a>b"]
+    assert held_out_label([row]) == "In-sample" and held_out_label([row, {**row, "held_out": True}]).startswith("Held")
+    assert "in-sample R²" in pair_reading(row)
+    readings = consistency_readings([row], "conv")
+    assert readings[0].startswith("Warning: 1 of 1 pair(s) (a→b) are scored on their training split")
+    held = run_consistency(ConsistencyConfig(str(f), "conv", "a>b", "a,b"), FAST_FIT, tmp_path / "held",
+                           log=lambda m: None)
+    assert held["rows"][0]["held_out"] is True and "held-out R²" in pair_reading(held["rows"][0])
+    assert not consistency_readings(held["rows"], "conv")[0].startswith("Warning")
 
 
-def test_consistency_on_the_training_split_is_labelled_in_the_table_and_report(tmp_path, cli):
-    a = _normal(64, 0)
-    nets = {"A": a, "B": a[:, [1, 0, 3, 2]].copy()}
-    f = write_features(tmp_path / "f.h5", {"train": nets, "test": {k: v[:32] for k, v in nets.items()}})
-    code, text, err = cli("consistency", "--features", f, "--layer", LAYER, "--split", "train", "--epochs", 1,
-                          "--device", "cpu", "--no_figures", "--out_dir", tmp_path / "c")
-    assert code == 0, err
-    assert "every report is in-sample" in text
-    rows = read_json(tmp_path / "c" / "table.json")["rows"]
-    assert len(rows) == 2 and all(r["held_out"] is False and "in-sample" in r["warnings"] for r in rows)
-    assert "held_out" in (tmp_path / "c" / "table.csv").read_text().splitlines()[0]
-    assert read_json(tmp_path / "c" / "metrics.json")["in_sample_pairs"] == ["A>B", "B>A"]
-    assert "in-sample R²" in pair_reading(rows[0]) and "held-out" not in pair_reading(rows[0])
+# =========================================================================== 5. ±inf in JSON
+
+def _strict(text: str):
+    def refuse(token):
+        raise ValueError(f"non-standard JSON token {token}")
+    return json.loads(text, parse_constant=refuse)
 
 
-# --------------------------------------------------------------------------- 5. non-finite JSON
-
-def test_write_json_maps_every_non_finite_value_to_null_and_records_why(tmp_path):
-    """Before: ``write_json`` raised ValueError on ±inf (a diverged pair's r2 = -inf)."""
-    p = tmp_path / "m.json"
-    write_json(p, {"r2": -math.inf, "mse": math.inf, "frac": [0.5, float("nan")], "g": np.float32("inf"),
-                   "t": torch.tensor([1.0, -math.inf]), "nested": {"x": np.float64("-inf")}, "ok": 1.5})
-    text = p.read_text()
-    body = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON token {c}"))
-    assert body["r2"] is None and body["mse"] is None and body["frac"] == [0.5, None] and body["g"] is None
-    assert body["t"] == [1.0, None] and body["nested"] == {"x": None} and body["ok"] == 1.5
-    assert body["nonfinite_values"] == {"r2": "-inf", "mse": "inf", "frac[1]": "nan", "g": "inf", "t[1]": "-inf",
-                                        "nested.x": "-inf"}
-    write_json(p, {**body, "r2b": -math.inf})             # a rewrite keeps the earlier record
-    assert read_json(p)["nonfinite_values"]["r2"] == "-inf" and read_json(p)["nonfinite_values"]["r2b"] == "-inf"
-    write_json(p, [math.inf])                              # a list has no room for the record: values only
-    assert read_json(p) == [None]
-
-
-# --------------------------------------------------------------------------- 6. std conventions
-
-def _reference_forward(x, weights, probs, correction, eps=1e-5):
-    """An independent forward pass of the original's Trans-Net: s = std (given correction) + eps, 1 on 1x1."""
-    def s(t):
-        if t.shape[2] * t.shape[3] == 1:
-            return torch.ones_like(t[:, :, :1, :1])
-        return t.std(dim=(2, 3), keepdim=True, correction=correction) + eps
-    pad = weights[0].shape[-1] // 2
-    xh = x / s(x)
-    out = F.conv2d(xh, weights[0], padding=pad)
-    for j in range(1, len(weights)):
-        out = F.conv2d(xh + probs[j - 1] * F.relu(out / s(out)), weights[j], padding=pad)
-    return out
+def test_write_json_maps_inf_and_nan_to_null_and_records_why(tmp_path):
+    body = {"r2": -math.inf, "mse": math.inf, "var_target": 2.0, "gates": [0.5, float("nan")],
+            "nested": {"m": np.array([[1.0, np.inf]]), "t": torch.tensor([-np.inf])}, "n": np.float32(np.nan)}
+    write_json(tmp_path / "m.json", body)                       # before: ValueError (Out of range float values)
+    text = (tmp_path / "m.json").read_text()
+    got = _strict(text)
+    assert "Infinity" not in text and "NaN" not in text
+    assert got["r2"] is None and got["mse"] is None and got["var_target"] == 2.0 and got["gates"] == [0.5, None]
+    assert got["nested"] == {"m": [[1.0, None]], "t": [None]} and got["n"] is None
+    assert got[NONFINITE_KEY] == {"r2": "-inf", "mse": "inf", "gates[1]": "nan", "nested.m[0][1]": "inf",
+                                  "nested.t[0]": "-inf", "n": "nan"}
+    # Re-writing what was read keeps the earlier reasons; a finite body gets no such key.
+    write_json(tmp_path / "m2.json", {**got, "extra": -math.inf})
+    assert read_json(tmp_path / "m2.json")[NONFINITE_KEY] == {**got[NONFINITE_KEY], "extra": "-inf"}
+    write_json(tmp_path / "ok.json", {"r2": 0.5})
+    assert NONFINITE_KEY not in read_json(tmp_path / "ok.json")
+    write_json(tmp_path / "list.json", [1.0, math.inf])
+    assert _strict((tmp_path / "list.json").read_text()) == [1.0, None]
+    assert jsonable({"a": -math.inf}) == {"a": None}
 
 
-@pytest.mark.parametrize("size", [8, 4])
-def test_the_two_std_conventions_differ_by_the_bessel_factor(size):
-    """Before: only the population std existed; the original's components were sqrt(HW/(HW-1)) smaller."""
-    torch.manual_seed(0)
-    x = torch.randn(6, 4, size, size, dtype=torch.double)
-    pop = TransNet(4, 2, 3, "instance", eps=0.0).double().eval()
-    unb = TransNet(4, 2, 3, "instance", eps=0.0, std_correction=1).double().eval()
-    unb.load_state_dict(pop.state_dict())
-    c = math.sqrt(size * size / (size * size - 1))      # 1.0079 at 8x8, 1.0328 at 4x4
-    probs = torch.sigmoid(pop.gate_logits)
-    torch.testing.assert_close(unb(x), _reference_forward(x, [m.weight for m in pop.convs], probs, 1, 0.0),
-                               rtol=1e-10, atol=1e-10)
-    for yp, yu in zip(pop.decompose(x)[0], unb.decompose(x)[0]):
-        torch.testing.assert_close(yp, yu * c, rtol=1e-10, atol=1e-10)    # every component, the same factor
+def test_a_diverged_pairs_minus_inf_r2_reaches_the_table_as_a_named_undefined_value(tmp_path):
+    report = {"split": "test", "n_samples": 8, "source": "a", "target": "b", "layer": "L", "var_target": 1.0,
+              "var_orders": [math.inf, 0.1], "var_residual": math.inf, "fraction_orders": [math.inf, 0.1],
+              "fraction_residual": math.inf, "r2": -math.inf, "gates": [0.5], "mse": math.inf}
+    write_json(tmp_path / "metrics.json", report)
+    row = pair_row(read_json(tmp_path / "metrics.json"))
+    assert row["r2"] is None and "r2 (-inf)" in row["warnings"] and "var_order0 (inf)" in row["warnings"]
+    assert "fraction_order1" not in row["warnings"] and row["fraction_order1"] == 0.1
 
 
-# --------------------------------------------------------------------------- 6. the original's checkpoints
+# =========================================================================== 7. --precision
 
-def _original_checkpoint(path: Path, weights, logits, prefix="module.", extra=None) -> Path:
-    """A checkpoint in the original code's layout (its training script's torch.save dict)."""
-    state = {f"{prefix}linearLayers_conv.{j}.weight": w.float() for j, w in enumerate(weights)}
-    state[f"{prefix}nonLinearLayers_p_pre"] = logits.float()
-    state.update(extra or {})
-    torch.save({"epoch": 800, "arch": "vgg16_bn", "state_dict": state,
-                "optimizer": {"state": {}, "param_groups": [{"lr": torch.tensor(1e-6), "params": [0, 1, 2, 3]}]}},
-               path)
-    return path
-
-
-def _teacher(c=4, k=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    weights = [torch.randn(c, c, k, k, generator=g, dtype=torch.double) * 0.3 for _ in range(3)]
-    return weights, torch.tensor([1.5, -0.8], dtype=torch.double)      # forward order: q_0 after conv 0
-
-
-def test_import_transnet_reproduces_the_original_forward_and_feeds_the_analysis(tmp_path, cli):
-    weights, logits = _teacher()
-    probs = torch.sigmoid(logits)
-    a, ta = _normal(64, 0, s=5), _normal(32, 1, s=5)
-    with torch.no_grad():
-        b, tb = (_reference_forward(torch.from_numpy(v).double(), weights, probs, 1).float().numpy() for v in (a, ta))
-        swapped = _reference_forward(torch.from_numpy(ta).double(), weights, probs.flip(0), 1)
-    assert float((swapped - torch.from_numpy(tb).double()).abs().max()) > 1e-2     # the gate order matters here
-    f = write_features(tmp_path / "f.h5", {"train": {"A": a, "B": b}, "test": {"A": ta, "B": tb}})
-    ck = _original_checkpoint(tmp_path / "checkpoint_L30_.pth.tar", weights, logits)
-    run = tmp_path / "cons" / "pairs" / "A__B"
-    code, text, err = cli("import-transnet", "--checkpoint", ck, "--features", f, "--source", "A", "--target", "B",
-                          "--layer", LAYER, "--device", "cpu", "--out_dir", run)
-    assert code == 0, err
-    assert "held-out R² 1.0000" in text
-    m = read_json(run / "metrics.json")
-    assert m["imported"] and m["held_out"] and m["r2"] > 0.99999 and m["std_correction"] == 1
-    cfg = read_json(run / "config.json")
-    assert cfg["kind"] == "import-transnet"
-    assert cfg["imported"]["sha256"] == hashlib.sha256(ck.read_bytes()).hexdigest()
-    assert cfg["imported"]["mapping"] == {"linearLayers_conv.0.weight": "convs.0.weight",
-                                          "linearLayers_conv.1.weight": "convs.1.weight",
-                                          "linearLayers_conv.2.weight": "convs.2.weight",
-                                          "nonLinearLayers_p_pre": "gate_logits[0:2]"}
-    assert cfg["imported"]["original_epoch"] == 800 and cfg["imported"]["assumptions"]
-    model, info = load_transnet(run)
-    assert (model.std_correction, info["source"], info["layer"]) == (1, "A", LAYER)
-    with torch.no_grad():
-        torch.testing.assert_close(model(torch.from_numpy(ta)).double(), torch.from_numpy(tb).double(),
-                                   rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(model.gates(), probs.flip(0).float())   # gates() lists order 1 (nearest output) first
-
-    code, _, err = cli("variance", "--transnet", run, "--split", "train", "--device", "cpu")
-    assert code == 0, err
-    var = read_json(run / "variance_train.json")
-    assert var["held_out"] is False and var["r2"] > 0.99999
-    code, text, err = cli("consistency", "--features", f, "--layer", LAYER, "--pairs", "A>B", "--device", "cpu",
-                          "--no_figures", "--resume", "--out_dir", tmp_path / "cons")
-    assert code == 0, err
-    assert "(1 reused)" in text
-    row = read_json(tmp_path / "cons" / "table.json")["rows"][0]
-    assert row["imported"] is True and row["r2"] == pytest.approx(m["r2"])
-    code, _, err = cli("visualize", "--what", "panel", "--transnet", run, "--rows", "0,1", "--channels", "0",
-                       "--out_dir", tmp_path / "fig")
-    assert code == 0, err
-    assert any(p.suffix == ".png" for p in (tmp_path / "fig").iterdir())
-
-
-def test_the_importer_names_missing_and_unsupported_keys(tmp_path):
-    weights, logits = _teacher()
-    state = original_state(torch.load(_original_checkpoint(tmp_path / "c.pt", weights, logits), weights_only=True))
-    assert sorted(state)[0] == "linearLayers_conv.0.weight"                 # the DataParallel prefix is gone
-    with pytest.raises(UserError, match=r"expected linearLayers_conv\.0\.weight .* found conv1\.weight"):
-        map_original({"conv1.weight": weights[0]})
-    with pytest.raises(UserError, match="no gate vector .* found linearLayers_conv.0.weight"):
-        map_original({k: v for k, v in state.items() if "conv" in k})
-    with pytest.raises(UserError, match="running_times"):
-        map_original({**state, "running_times": torch.zeros(3)})
-    probs = {**{k: v for k, v in state.items() if "conv" in k}, "nonLinearLayers_p": torch.sigmoid(logits)}
-    _, got, mapping = map_original(probs)
-    torch.testing.assert_close(got, logits, rtol=1e-6, atol=1e-6)
-    assert "via logit(p)" in mapping["nonLinearLayers_p"]
-    # the original allocates 2 gates even for a 2-conv net: the first K are used, the rest named as unused
-    two = {"linearLayers_conv.0.weight": weights[0], "linearLayers_conv.1.weight": weights[1],
-           "nonLinearLayers_p_pre": logits}
-    _, got, mapping = map_original(two)
-    assert got.tolist() == [1.5] and "unused" in mapping["nonLinearLayers_p_pre"]
-
-
-def test_import_refuses_a_checkpoint_that_does_not_fit_the_features(tmp_path, cli):
-    weights, logits = _teacher(c=3)
-    ck = _original_checkpoint(tmp_path / "c.pt", weights, logits)
-    f = write_features(tmp_path / "f.h5", {"test": {"A": _normal(8, 0), "B": _normal(8, 1)}})
-    code, _, err = cli("import-transnet", "--checkpoint", ck, "--features", f, "--source", "A", "--target", "B",
-                       "--layer", LAYER, "--device", "cpu", "--out_dir", tmp_path / "o")
-    assert code != 0 and "maps 3 -> 3 channels" in err and "4 -> 4" in err
-
-
-# --------------------------------------------------------------------------- 7. precision
-
-def test_every_precision_computes_fp32_on_the_cpu_and_is_recorded(tmp_path):
-    f = write_features(tmp_path / "f.h5", {"train": {"A": _normal(64, 0), "B": _normal(64, 1)},
-                                           "test": {"A": _normal(32, 2), "B": _normal(32, 3)}})
-    runs = {p: fit_transnet(FitConfig(features=str(f), epochs=2, precision=p, **FAST), tmp_path / p) for p in PRECISIONS}
-    assert [(m["precision"], m["precision_effective"]) for m in runs.values()] == [
-        ("fp32", "fp32"), ("tf32", "fp32"), ("bf16", "fp32")]
-    assert read_json(tmp_path / "bf16" / "config.json")["precision_effective"] == "fp32"
-    ref = load_transnet(tmp_path / "fp32")[0].state_dict()
-    for p in ("tf32", "bf16"):
-        assert runs[p]["r2"] == runs["fp32"]["r2"]
-        assert all(torch.equal(v, ref[k]) for k, v in load_transnet(tmp_path / p)[0].state_dict().items())
+def test_precision_choices_are_checked(tmp_path, cli):
     with pytest.raises(UserError, match="unknown --precision 'fp16'; valid: fp32, tf32, bf16"):
-        fit_transnet(FitConfig(features=str(f), precision="fp16", **FAST), tmp_path / "bad")
+        validate(FitConfig(features="f", source="A", target="B", layer="L", precision="fp16"))
+    assert FitConfig.precision == "fp32"                        # the paper-faithful default
+    with pytest.raises(SystemExit) as e:                        # argparse: the choices, no traceback
+        cli("fit-transnet", "--features", "f.h5", "--source", "A", "--target", "B", "--layer", "L",
+            "--precision", "fp16", "--out_dir", tmp_path / "x")
+    assert e.value.code != 0 and not (tmp_path / "x").exists()
 
 
-def test_precision_contexts_set_tf32_only_on_cuda_and_restore_it():
+def test_every_precision_computes_in_fp32_on_the_cpu_and_is_recorded(pair_file, tmp_path):
+    runs = {p: fit_transnet(FitConfig(features=str(pair_file), epochs=2, precision=p, **FAST), tmp_path / p)
+            for p in ("fp32", "tf32", "bf16")}
+    for p, m in runs.items():
+        assert m["precision"] == p and m["precision_effective"] == "fp32"
+        assert read_json(tmp_path / p / "config.json")["precision_effective"] == "fp32"
+    assert runs["bf16"]["r2"] == runs["fp32"]["r2"] == runs["tf32"]["r2"]       # bitwise: no bf16 on the CPU
+    assert runs["bf16"]["train_mse"] == runs["fp32"]["train_mse"]
+    x = torch.randn(4, 8)
+    with precision_autocast(torch.device("cpu"), "bf16"):
+        assert (x @ x.T).dtype == torch.float32
+    with autocast(torch.device("cpu"), True):                   # the training/extraction context is unchanged
+        assert (x @ x.T).dtype == torch.float32
+
+
+def test_fp32_switches_tf32_off_for_cuda_convs_and_matmuls_and_restores_the_flags():
     conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
     before = (conv.fp32_precision, matmul.fp32_precision)
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    with float32_math(cpu, "tf32"):
-        assert (conv.fp32_precision, matmul.fp32_precision) == before          # CPU: nothing touched
-    with precision_autocast(cpu, "bf16"):
-        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
-    for name, mode in (("fp32", "ieee"), ("tf32", "tf32"), ("bf16", "tf32")):     # the CUDA path's flags
-        with float32_math(cuda, name):
-            assert (conv.fp32_precision, matmul.fp32_precision) == (mode, mode)
+    assert (tf32_mode("fp32"), tf32_mode("tf32"), tf32_mode("bf16")) == ("ieee", "tf32", "tf32")
+    with cuda_float32_flags(tf32_mode("fp32")):                 # what float32_math does on a CUDA device
+        assert (conv.fp32_precision, matmul.fp32_precision) == ("ieee", "ieee")
+        with cuda_float32_flags(tf32_mode("tf32")):
+            assert (conv.fp32_precision, matmul.fp32_precision) == ("tf32", "tf32")
+        assert (conv.fp32_precision, matmul.fp32_precision) == ("ieee", "ieee")
+    assert (conv.fp32_precision, matmul.fp32_precision) == before
+    with float32_math(torch.device("cpu"), "fp32"):            # off CUDA: nothing to switch
         assert (conv.fp32_precision, matmul.fp32_precision) == before
-    assert effective_precision(cpu, "bf16") == "fp32" and effective_precision(cuda, "bf16") == "bf16"
-
-
-def test_variance_reports_run_in_ieee_fp32_whatever_the_fit_precision(monkeypatch):
-    import transnet.variance as variance
-
-    seen, real = [], variance.float32_math
-
-    def spy(device, precision):
-        seen.append((torch.device(device).type, precision))
-        return real(device, precision)
-
-    monkeypatch.setattr(variance, "float32_math", spy)
-    net = TransNet(4, 2, 3, "instance")
-    x = torch.randn(3, 4, 5, 5)
-    rep = variance.variance_report(net, [(x, x)], device="cpu", split="test")
-    assert seen == [("cpu", "fp32")] and rep["n_samples"] == 3
+    with pytest.raises(UserError, match="valid: fp32, tf32, bf16"):
+        tf32_mode("fp64")
