@@ -285,3 +285,19 @@ def test_fp32_switches_tf32_off_for_cuda_convs_and_matmuls_and_restores_the_flag
         assert (conv.fp32_precision, matmul.fp32_precision) == before
     with pytest.raises(UserError, match="valid: fp32, tf32, bf16"):
         tf32_mode("fp64")
+
+
+def test_variance_reports_run_in_ieee_fp32_whatever_the_fit_precision(monkeypatch):
+    import transnet.variance as variance
+
+    seen, real = [], variance.float32_math
+
+    def spy(device, precision):
+        seen.append((torch.device(device).type, precision))
+        return real(device, precision)
+
+    monkeypatch.setattr(variance, "float32_math", spy)
+    net = TransNet(4, 2, 3, "instance")
+    x = torch.randn(3, 4, 5, 5)
+    rep = variance.variance_report(net, [(x, x)], device="cpu", split="test")
+    assert seen == [("cpu", "fp32")] and rep["n_samples"] == 3
