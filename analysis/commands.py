@@ -7,7 +7,15 @@ from pathlib import Path
 from typing import Any
 
 from analysis import plots
-from analysis.consistency import PAIR_PLANS, ConsistencyConfig, generation_rows, net_matrix, read_table, run_consistency
+from analysis.consistency import (
+    PAIR_PLANS,
+    ConsistencyConfig,
+    generation_rows,
+    held_out_label,
+    net_matrix,
+    read_table,
+    run_consistency,
+)
 from analysis.diagnose import DiagnoseConfig, diagnose_pair, panel_for_rows
 from analysis.readings import diagnosis_readings, family_generations
 from analysis.report import SIMILARITY_KIND, make_report, study_figures
@@ -17,10 +25,8 @@ from common.files import read_json
 from common.options import Command, add_dataclass_args, add_run_args, dataclass_from_args, parse_csv
 from common.registry import unknown_choice_message
 from common.rundir import run_mode
-from transnet.commands import FIT_HELP
-from transnet.data import DATA_ON
-from transnet.fit import FIT_SCHEDULES, LOSS_SCALES, FitConfig, load_transnet
-from transnet.model import INPUT_NORMS
+from transnet.commands import FIT_CHOICES, FIT_HELP
+from transnet.fit import FitConfig, load_transnet
 
 CONSISTENCY_HELP = {
     "features": "kc-features file holding every net at --layer (train and test splits)",
@@ -30,7 +36,8 @@ CONSISTENCY_HELP = {
     "nets": "comma list of nets in family order (chain order, matrix order); default: every net in the file",
     "family": "a family.json (or its folder): compare its members (feature-file net names = member names), "
               "in generation order",
-    "split": "held-out split the variances are reported on",
+    "split": "held-out split the variances are reported on (a split other than --train_split; --split equal to "
+             "--train_split gives in-sample reports, labelled held_out false with a warning in the table)",
 }
 
 
@@ -40,8 +47,7 @@ def _add_consistency(p: argparse.ArgumentParser) -> None:
     add_dataclass_args(p, ConsistencyConfig, help=CONSISTENCY_HELP)
     g = p.add_argument_group("Trans-Net fitting (as fit-transnet; applied to every pair)")
     add_dataclass_args(g, FitConfig, skip=("features", "source", "target", "layer", "eval_split"), help=FIT_HELP,
-                       choices={"input_norm": list(INPUT_NORMS), "schedule": list(FIT_SCHEDULES),
-                                "loss_scale": list(LOSS_SCALES), "data_on": list(DATA_ON)})
+                       choices=FIT_CHOICES)
     p.add_argument("--no_figures", action="store_true", help="skip the heatmap and stacked-bar figures")
     add_run_args(p)
 
@@ -63,7 +69,8 @@ def consistency_figures(folder: Path, rows: list[dict[str, Any]], nets: list[str
     out = out or folder / "figures"
     paths = plots.matrix_heatmap(net_matrix(rows, nets, "fraction_residual"), nets, out / "residual_fraction",
                                  f"Residual fraction at {layer}", "residual fraction of Var(x_B)")
-    paths += plots.matrix_heatmap(net_matrix(rows, nets, "r2"), nets, out / "r2", f"Held-out R² at {layer}", "R²")
+    paths += plots.matrix_heatmap(net_matrix(rows, nets, "r2"), nets, out / "r2",
+                                  f"{held_out_label(rows)} R² at {layer}", "R²")
     paths += plots.order_fraction_bars(rows, out / "order_fractions", f"Variance explained per order at {layer}")
     return paths
 

@@ -10,13 +10,21 @@ The consistency folder ``D`` (one layer):
     D/pairs/<source>__<target>/ one fit-transnet run directory per ordered pair (metrics.json holds the
                                held-out variance report; a variance.json of the same split, written
                                there later by ``python cli.py variance``, wins)
-    D/table.csv, table.json    one row per pair: source, target, layer, split, n_samples, var_target,
-                               var_order<k>, var_residual, fraction_order<k>, fraction_residual, r2,
-                               gate<k> (p_k, order 1 first), mse (held-out), warnings, transnet_dir
+    D/table.csv, table.json    one row per pair: source, target, layer, split, held_out, n_samples,
+                               var_target, var_order<k>, var_residual, fraction_order<k>,
+                               fraction_residual, r2, gate<k> (p_k, order 1 first), mse (held-out),
+                               constant_source_slices, imported, warnings, transnet_dir
     D/matrices.json            net x net matrices (row = source A, column = target B; diagonal and
                                pairs not fitted are null) of fraction_residual, fraction_order<k>, r2,
                                plus the pairs x fractions matrix
     D/metrics.json             summary (pairs fitted, reused, mean residual fraction)
+
+A report is held-out only when its split differs from the fits' ``--train_split``; ``--split`` equal
+to it gives in-sample rows (``held_out`` false, a warning, a line in the log). Rows also carry the
+fit's warnings (e.g. spatially constant source slices, ``transnet/variance.py``). A pair folder may
+hold a Trans-Net imported from the original code (``python cli.py import-transnet --out_dir
+D/pairs/A__B``): it is reused as it is (its options are the original's, not the fit options given
+here) and its row says ``imported``.
 
 Knowledge consistency is asymmetric: A→B asks how much of x_B can be rebuilt from x_A, B→A the
 reverse, so every plan lists ordered pairs and ``all``/``chain``/``star`` include both directions.
@@ -44,12 +52,13 @@ from training.manifest import read_manifest
 from training.runner import is_finished
 from transnet.commands import variance_filename
 from transnet.fit import RESUME_FREE, FitConfig, fit_transnet
+from transnet.original import IMPORT_KIND
 
 PAIR_PLANS = ("all", "chain", "star:NAME", "A>B,C>D")
 PAIR_SEP = "__"
 # Fit options the consistency folder owns per pair (the rest come from the user's fit options).
 PER_PAIR = ("features", "source", "target", "layer", "eval_split")
-BASE_COLUMNS = ("source", "target", "layer", "split", "n_samples", "var_target")
+BASE_COLUMNS = ("source", "target", "layer", "split", "held_out", "n_samples", "var_target")
 TAIL_COLUMNS = ("var_residual", "fraction_residual", "r2", "mse")
 
 
@@ -125,6 +134,22 @@ def _finite_or_none(v: Any) -> float | None:
     return v if math.isfinite(v) else None
 
 
+def _report_key(column: str) -> str:
+    """The variance report's location of a row column: ``var_order1`` -> ``var_orders[1]``, ``gate2`` ->
+    ``gates[1]``, ``r2`` -> ``r2`` (as ``common.files.write_json`` names non-finite values)."""
+    for prefix, key, start in (("var_order", "var_orders", 0), ("fraction_order", "fraction_orders", 0),
+                               ("gate", "gates", 1)):
+        if column.startswith(prefix) and column[len(prefix):].isdigit():
+            return f"{key}[{int(column[len(prefix):]) - start}]"
+    return column
+
+
+def held_out_label(rows: Sequence[Mapping[str, Any]]) -> str:
+    """``Held-out``, ``In-sample`` or ``Held-out and in-sample``: what the rows' R² and fractions are."""
+    kinds = {r.get("held_out") is not False for r in rows}
+    return "In-sample" if kinds == {False} else ("Held-out and in-sample" if len(kinds) == 2 else "Held-out")
+
+
 def pair_row(report: Mapping[str, Any], transnet_dir: str | None = None) -> dict[str, Any]:
     """One tidy table row from a variance report (``metrics.json``/``variance.json`` of a Trans-Net run).
 
@@ -135,6 +160,7 @@ def pair_row(report: Mapping[str, Any], transnet_dir: str | None = None) -> dict
             raise UserError(f"variance report of {transnet_dir or 'a pair'} lacks {key!r}; is it a fit-transnet "
                             f"metrics.json or variance.json?")
     row: dict[str, Any] = {k: report.get(k) for k in ("source", "target", "layer", "split", "n_samples")}
+    row["held_out"] = report.get("held_out") is not False
     warnings: list[str] = []
     numbers: dict[str, Any] = {"var_target": report.get("var_target")}
     numbers.update({f"var_order{k}": v for k, v in enumerate(report["var_orders"])})
@@ -152,9 +178,15 @@ def pair_row(report: Mapping[str, Any], transnet_dir: str | None = None) -> dict
         row[k] = clean
     if bad:
         reason = " (the target has zero variance)" if not (_finite_or_none(report.get("var_target")) or 0) > 0 else ""
-        warnings.append(f"undefined: {', '.join(bad)}{reason}")
-    if report.get("held_out") is False or report.get("warning"):
-        warnings.append(report.get("warning") or "in-sample report (no held-out split)")
+        why = report.get("nonfinite_values") or {}         # what write_json stored as null (common/files.py)
+        named = [f"{k} ({why[_report_key(k)]})" if _report_key(k) in why else k for k in bad]
+        warnings.append(f"undefined: {', '.join(named)}{reason}")
+    fit_warnings = list(report.get("warnings") or ([report["warning"]] if report.get("warning") else []))
+    if report.get("held_out") is False and not any("in-sample" in w for w in fit_warnings):
+        fit_warnings.insert(0, "in-sample report (no held-out split)")
+    warnings += fit_warnings
+    row["constant_source_slices"] = report.get("constant_source_slices")
+    row["imported"] = bool(report.get("imported"))
     row["orders"] = len(report["var_orders"]) - 1
     row["warnings"] = "; ".join(warnings)
     row["transnet_dir"] = transnet_dir
@@ -167,7 +199,8 @@ def table_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     cols = list(BASE_COLUMNS)
     cols += [f"var_order{k}" for k in range(k_max + 1)] + ["var_residual"]
     cols += [f"fraction_order{k}" for k in range(k_max + 1)] + ["fraction_residual", "r2"]
-    cols += [f"gate{k}" for k in range(1, k_max + 1)] + ["mse", "orders", "warnings", "transnet_dir"]
+    cols += [f"gate{k}" for k in range(1, k_max + 1)] + ["mse", "constant_source_slices", "orders", "imported",
+                                                        "warnings", "transnet_dir"]
     return cols
 
 
@@ -314,11 +347,24 @@ def pair_report(pair_dir: Path, split: str) -> dict[str, Any]:
                     f"refit it with --overwrite or run python cli.py variance --transnet {pair_dir} --split {split}")
 
 
+def _check_imported(report: Mapping[str, Any], fit: FitConfig, pair_dir: Path) -> None:
+    got = (report.get("source"), report.get("target"), report.get("layer"))
+    if got != (fit.source, fit.target, fit.layer):
+        raise UserError(f"{pair_dir} holds an imported Trans-Net of {got[0]} -> {got[1]} at {got[2]}, but this "
+                        f"folder is the pair {fit.source} -> {fit.target} at {fit.layer}")
+
+
 def fit_or_reuse(fit: FitConfig, pair_dir: Path, split: str) -> tuple[dict[str, Any], bool]:
     """Fit one pair into ``pair_dir`` or reuse a finished fit with the same options; returns
-    (report, reused). A finished fit with other options is an error (it is never silently mixed in)."""
+    (report, reused). A finished fit with other options is an error (it is never silently mixed in).
+    A finished ``import-transnet`` run is reused as it is (its options are the original code's)."""
     if is_finished(pair_dir):
-        saved = read_json(pair_dir / "config.json").get("config", {})
+        body = read_json(pair_dir / "config.json")
+        if body.get("kind") == IMPORT_KIND:
+            report = pair_report(pair_dir, split)
+            _check_imported(report, fit, pair_dir)
+            return report, True
+        saved = body.get("config", {})
         diffs = _fit_diff(saved, fit)
         if diffs:
             raise UserError(f"{pair_dir} was fitted with other options ({'; '.join(diffs)}); use the same options, "
@@ -339,6 +385,9 @@ def run_consistency(cfg: ConsistencyConfig, fit: FitConfig, out_dir: str | os.Pa
         raise UserError("--features and --layer are required")
     nets = resolve_nets(cfg.features, cfg.layer, cfg.split, fit.train_split, config_nets(cfg))
     pairs = plan_pairs(nets, cfg.pairs)
+    if cfg.split == fit.train_split:
+        log(f"warning: --split {cfg.split} is the fits' --train_split: every report is in-sample, not held-out "
+            f"(the rows say held_out false)")
     out = Path(out_dir)
     rows: list[dict[str, Any]] = []
     reused = 0
@@ -360,7 +409,8 @@ def run_consistency(cfg: ConsistencyConfig, fit: FitConfig, out_dir: str | os.Pa
         run.finish({"layer": cfg.layer, "split": cfg.split, "nets": nets, "n_pairs": len(pairs), "reused": reused,
                     "fitted": len(pairs) - reused,
                     "mean_fraction_residual": sum(res) / len(res) if res else None,
-                    "pairs_with_warnings": [f"{r['source']}>{r['target']}" for r in rows if r["warnings"]]})
+                    "pairs_with_warnings": [f"{r['source']}>{r['target']}" for r in rows if r["warnings"]],
+                    "in_sample_pairs": [f"{r['source']}>{r['target']}" for r in rows if not r["held_out"]]})
     return {"rows": rows, "matrices": matrices, "nets": nets, "pairs": pairs, "reused": reused}
 
 
@@ -368,8 +418,9 @@ def write_tables(out: Path, rows: Sequence[Mapping[str, Any]], matrices: Mapping
     with atomic_write(out / "table.csv") as f:
         f.write(table_csv(rows))
     write_json(out / "table.json", {"columns": table_columns(rows), "rows": list(rows),
-                                    "note": "fractions are of Var(x_B) on held-out features; the components "
-                                            "are not orthogonal, so they need not sum to 1"})
+                                    "note": "fractions are of Var(x_B) on held-out features (rows with held_out "
+                                            "false: on the training split, in-sample); the components are not "
+                                            "orthogonal, so they need not sum to 1"})
     write_json(out / "matrices.json", matrices)
     return [out / "table.csv", out / "table.json", out / "matrices.json"]
 

@@ -38,7 +38,7 @@ def pair_reading(row: Mapping[str, Any]) -> str:
                 f"target's own ({total:.1f}x with the residual), so they overlap and partly cancel; "
                 f"{pct(row.get('fraction_residual'))} is inconsistent")
     if row.get("r2") is not None:
-        text += f" (held-out R² {row['r2']:.2f})"
+        text += f" ({'in-sample' if row.get('held_out') is False else 'held-out'} R² {row['r2']:.2f})"
     if row.get("warnings"):
         text += f" [warning: {row['warnings']}]"
     return text + "."
@@ -47,6 +47,11 @@ def pair_reading(row: Mapping[str, Any]) -> str:
 def consistency_readings(rows: Sequence[Mapping[str, Any]], layer: str) -> list[str]:
     """Plain-language statements computed from a consistency table (no claim beyond the numbers)."""
     out = []
+    inside = [f"{r['source']}→{r['target']}" for r in rows if r.get("held_out") is False]
+    if inside:
+        out.append(f"Warning: {len(inside)} of {len(rows)} pair(s) ({', '.join(inside)}) are scored on their "
+                   f"training split (in-sample, not held-out): a Trans-Net can memorise its training rows, so "
+                   f"their R² and fractions overstate the consistency.")
     ok = [r for r in rows if r.get("fraction_residual") is not None]
     if ok:
         best = min(ok, key=lambda r: r["fraction_residual"])

@@ -91,7 +91,7 @@ class Trainer:
         _sync(self.device)
         t0 = time.perf_counter()
         st = train_epoch(self.model, self.model, self.opt, self.sched, batches, [0.1] * self.model.orders, 1.0,
-                         self.device, self.amp, self.cl, self.steps, "bench")
+                         self.device, "bf16" if self.amp else "tf32", self.cl, self.steps, "bench")
         float(st["loss_sum"])                      # the per-epoch sync the fit does too
         _sync(self.device)
         return time.perf_counter() - t0, st["rows"]

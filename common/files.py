@@ -1,13 +1,15 @@
 """JSON and config files: plain-type conversion, atomic writes, readers with clear errors.
 
 Files that must never look complete when half-written go through :func:`atomic_write` (write
-``*.tmp`` then ``os.replace``).
+``*.tmp`` then ``os.replace``). JSON is strict (no NaN/Infinity tokens): non-finite numbers are
+written as ``null`` and :func:`write_json` records which ones they were (``nonfinite_values``).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Iterator
@@ -18,24 +20,38 @@ import torch
 from common.errors import UserError
 
 
-def jsonable(obj: Any) -> Any:
-    """Dataclasses, paths, tensors and numpy scalars to plain JSON types."""
+NONFINITE_KEY = "nonfinite_values"
+
+
+def _nonfinite_name(v: float) -> str:
+    return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+
+
+def jsonable(obj: Any, nonfinite: dict[str, str] | None = None, path: str = "") -> Any:
+    """Dataclasses, paths, tensors and numpy scalars to plain JSON types. NaN, inf and -inf (which
+    strict JSON cannot hold) become ``None``; when ``nonfinite`` is a dict, each one's location
+    (``r2``, ``var_orders[1]``, ``metrics.cka.matrix[0][2]``) is recorded there as ``"nan"``,
+    ``"inf"`` or ``"-inf"``."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return jsonable(dataclasses.asdict(obj))
+        return jsonable(dataclasses.asdict(obj), nonfinite, path)
     if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
+        if nonfinite is None:
+            return {str(k): jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v, nonfinite, f"{path}.{k}" if path else str(k)) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
+        if nonfinite is None:
+            return [jsonable(v) for v in obj]
+        return [jsonable(v, nonfinite, f"{path}[{i}]") for i, v in enumerate(obj)]
     if isinstance(obj, Path):
         return str(obj)
-    if isinstance(obj, torch.Tensor):
-        return jsonable(obj.tolist())
-    if isinstance(obj, np.ndarray):
-        return jsonable(obj.tolist())
+    if isinstance(obj, (torch.Tensor, np.ndarray)):
+        return jsonable(obj.tolist(), nonfinite, path)
     if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None if np.isnan(obj) else obj
+        return jsonable(obj.item(), nonfinite, path)
+    if isinstance(obj, float) and not math.isfinite(obj):
+        if nonfinite is not None:
+            nonfinite[path or "."] = _nonfinite_name(obj)
+        return None
     return obj
 
 
@@ -56,8 +72,16 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as strict JSON, atomically. NaN and ±inf are written as ``null``; in a mapping the
+    reason is kept under ``"nonfinite_values"``: location -> ``"nan"`` | ``"inf"`` | ``"-inf"`` (e.g. a
+    diverged pair's ``{"r2": null, ..., "nonfinite_values": {"r2": "-inf"}}``), merged with what an
+    earlier write recorded there. A top-level list has no place for it: its values become null only."""
+    bad: dict[str, str] = {}
+    body = jsonable(obj, bad)
+    if bad and isinstance(body, dict):
+        body[NONFINITE_KEY] = {**(body.get(NONFINITE_KEY) or {}), **bad}
     with atomic_write(path) as f:
-        json.dump(jsonable(obj), f, indent=2, allow_nan=False)
+        json.dump(body, f, indent=2, allow_nan=False)
         f.write("\n")
 
 

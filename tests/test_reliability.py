@@ -75,6 +75,8 @@ BAD_CALLS = {
     "fit-transnet": lambda g: ["--features", g["junk_h5"], "--source", "a", "--target", "b", "--layer",
                                "features.8", "--out_dir", g["out"]],
     "variance": lambda g: ["--transnet", g["dir"]],
+    "import-transnet": lambda g: ["--checkpoint", g["junk_pt"], "--features", g["missing"], "--source", "a",
+                                  "--target", "b", "--layer", "features.8", "--out_dir", g["out"]],
     "refine": lambda g: ["--transnet", g["dir"], "--out_dir", g["out"]],
     "similarity": lambda g: ["--features", g["junk_h5"], "--layer", "features.8", "--out_dir", g["out"]],
     "consistency": lambda g: ["--features", g["missing"], "--layer", "features.8", "--out_dir", g["out"]],

@@ -1,21 +1,24 @@
-"""Subcommands ``fit-transnet``, ``variance`` and ``refine``; each ``run_*`` is callable from Python."""
+"""Subcommands ``fit-transnet``, ``variance``, ``import-transnet`` and ``refine``; each ``run_*`` is
+callable from Python."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 from typing import Any
 
-from common.device import resolve_device
+from common.device import PRECISIONS, resolve_device
 from common.errors import UserError
-from common.files import write_json
+from common.files import read_json, write_json
 from common.options import Command, add_dataclass_args, add_run_args, dataclass_from_args
 from common.provenance import provenance
 from common.rundir import RunDir, run_mode
 from training.commands import add_train_args
 from training.loop import TrainConfig
 from transnet.data import DATA_ON, choose_placement, make_source, open_pair
-from transnet.fit import FIT_SCHEDULES, LOSS_SCALES, FitConfig, fit_transnet, load_transnet
-from transnet.model import INPUT_NORMS
+from transnet.fit import (FIT_SCHEDULES, LOSS_SCALES, FitConfig, add_warning, fit_transnet, in_sample_warning,
+                          load_transnet)
+from transnet.model import INPUT_NORMS, STD_CORRECTIONS
+from transnet.original import ImportConfig, import_transnet
 from transnet.refine import REFINE_PRESET, RefineConfig, run_refine
 from transnet.variance import variance_report
 
@@ -30,12 +33,20 @@ FIT_HELP = {
     "train_split": "split to fit on",
     "train_rows": "fit on the first N rows of --train_split only (0: every row); held-out metrics still use "
                   "the whole --eval_split",
-    "eval_split": "held-out split for the metrics ('none': in-sample report only)",
+    "eval_split": "held-out split for the metrics: a split other than --train_split ('none', or --train_split "
+                  "itself, gives an in-sample report, labelled held_out: false with a warning)",
     "orders": "K: number of gates / nonlinear orders (0 = linear Trans-Net, one conv)",
     "kernel": "conv kernel size (odd)",
     "alpha": "α per order, order 1 first (comma list; one value = every order): loss + Σ α_k p_k²",
     "input_norm": "input normalisation: instance (paper: per-sample spatial std), global (per-channel std of "
                   "the training features), none",
+    "std_correction": "spatial std convention of every instance std: 0 = population std (divide by H*W; default), "
+                      "1 = unbiased std (divide by H*W-1; the original code). Fits agree under either up to the "
+                      "optimiser's path (the factor is absorbed by the last conv); weights moved between conventions "
+                      "do not (components off by sqrt(HW/(HW-1))). 1x1 maps always "
+                      "use s = 1",
+    "std_floor": "floor F for every instance std, a fraction of the slice's rms: s = max(std, F*rms) + eps, so "
+                 "spatially constant slices give |x̂| <= 1/F instead of x/eps; 0 = off (the paper's preset)",
     "freeze_gates": "keep the gates at --gate_init",
     "gate_init": "initial gate value p (0.5 = the paper)",
     "loss_scale": "none (paper) or target_var (MSE / Var(x_B): scale-free, a deviation from the paper)",
@@ -47,26 +58,35 @@ FIT_HELP = {
     "data_on": "where the features live while fitting: auto, device (GPU memory), ram (pinned), disk "
                "(contiguous HDF5 blocks)",
     "block_rows": "rows per contiguous HDF5 read", "device": "auto, cpu, cuda or cuda:N",
-    "amp": "bf16 autocast on CUDA", "channels_last": "channels_last memory format on CUDA", "seed": "random seed",
+    "precision": "arithmetic on CUDA: fp32 (IEEE float32, TF32 off: the paper-faithful choice), tf32 (TF32 tensor "
+                 "cores for convs and matmuls) or bf16 (bf16 autocast); on the CPU every choice computes in fp32 "
+                 "(metrics.json records precision and precision_effective)",
+    "channels_last": "channels_last memory format on CUDA", "seed": "random seed",
 }
+
+
+# Choices of the fit options (shared with the consistency command).
+FIT_CHOICES = {"input_norm": list(INPUT_NORMS), "schedule": list(FIT_SCHEDULES), "loss_scale": list(LOSS_SCALES),
+               "data_on": list(DATA_ON), "precision": list(PRECISIONS), "std_correction": list(STD_CORRECTIONS)}
 
 
 # --------------------------------------------------------------------------- fit-transnet
 
 def _add_fit(p: argparse.ArgumentParser) -> None:
-    add_dataclass_args(p, FitConfig, help=FIT_HELP,
-                       choices={"input_norm": list(INPUT_NORMS), "schedule": list(FIT_SCHEDULES),
-                                "loss_scale": list(LOSS_SCALES), "data_on": list(DATA_ON)})
+    add_dataclass_args(p, FitConfig, help=FIT_HELP, choices=FIT_CHOICES)
     add_run_args(p)
 
 
 def summary_line(m: dict[str, Any]) -> str:
-    fr = ", ".join(f"Y{k} {v:.3f}" for k, v in enumerate(m["fraction_orders"]))
+    num = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731  (null after a non-finite value)
+    fr = ", ".join(f"Y{k} {num(v, '.3f')}" for k, v in enumerate(m["fraction_orders"]))
     gates = ", ".join(f"{g:.3f}" for g in m.get("gates", []))
     where = "held-out" if m.get("held_out", True) else "in-sample"
-    return (f"{m['source']} -> {m['target']} at {m['layer']}: {where} R² {m['r2']:.4f} on {m['split']} "
-            f"(n={m['n_samples']}); variance fractions {fr}, residual {m['fraction_residual']:.3f}"
+    line = (f"{m['source']} -> {m['target']} at {m['layer']}: {where} R² {num(m['r2'], '.4f')} on {m['split']} "
+            f"(n={m['n_samples']}); variance fractions {fr}, residual {num(m['fraction_residual'], '.3f')}"
             + (f"; gates (order 1 first) {gates}" if gates else ""))
+    warns = m.get("warnings") or ([m["warning"]] if m.get("warning") else [])
+    return line + "".join(f"\nwarning: {w}" for w in warns)
 
 
 def _run_fit(args: argparse.Namespace) -> None:
@@ -106,7 +126,12 @@ def run_variance(transnet_dir: str | Path, features: str | None = None, split: s
     model = model.to(dev)
     rep = variance_report(model, src.sequential(batch_size), device=dev, split=split, source=pair.source,
                           target=pair.target, layer=pair.layer)
-    rep["held_out"] = split != (info.get("config") or {}).get("train_split", "train")
+    train_split = (info.get("config") or {}).get("train_split", "train")
+    rep["held_out"] = split != train_split
+    if not rep["held_out"]:
+        cfg = info.get("config") or {}
+        add_warning(rep, in_sample_warning(split, train_split, int(cfg.get("train_rows") or 0), pair.n),
+                    first=True)
     rep.update({"transnet": info["path"], "features": str(Path(feats).resolve()),
                 "feature_provenance": {"source": pair.provenance_a, "target": pair.provenance_b}})
     name = variance_filename(split)
@@ -148,6 +173,48 @@ def _run_variance(args: argparse.Namespace) -> None:
                        mode=run_mode(args.resume, args.overwrite))
     print(summary_line(rep))
     print(f"wrote {rep['path']}")
+
+
+# --------------------------------------------------------------------------- import-transnet
+
+IMPORT_HELP = {
+    "checkpoint": "Trans-Net checkpoint saved by the original code (torch.save of {'epoch', 'arch', 'state_dict', "
+                  "'optimizer'}, or a bare state dict): linearLayers_conv.<j>.weight for j = 0..K in forward order "
+                  "and nonLinearLayers_p_pre (K gate logits, forward order) or nonLinearLayers_p (probabilities); "
+                  "a 'module.' prefix is stripped",
+    "features": "kc-features file holding the pair the Trans-Net maps (its shapes are checked)",
+    "source": "net A in the file: the Trans-Net's input", "target": "net B in the file: the features it rebuilds",
+    "layer": "layer (module path) in the file, e.g. features.30",
+    "target_features": "a second kc-features file for the target (same rows required)",
+    "train_split": "the split the original was fitted on (reports on it are labelled in-sample)",
+    "eval_split": "split of the variance report written to metrics.json ('none': no report now; run variance later)",
+    "std_correction": "spatial std of every instance std: 1 = unbiased, as the original computes it (default); "
+                      "0 = population std (changes every component by sqrt(HW/(HW-1)))",
+    "batch_size": "rows per batch of the variance pass", "data_on": "where the features are held",
+    "device": "auto, cpu, cuda or cuda:N",
+    "allow_changed_checkpoints": "use stored features even when their checkpoint file changed since extraction",
+}
+
+
+def _add_import(p: argparse.ArgumentParser) -> None:
+    add_dataclass_args(p, ImportConfig, help=IMPORT_HELP,
+                       choices={"data_on": list(DATA_ON), "std_correction": list(STD_CORRECTIONS)})
+    add_run_args(p)
+
+
+def _run_import(args: argparse.Namespace) -> None:
+    cfg = dataclass_from_args(ImportConfig, args)
+    m = import_transnet(cfg, args.out_dir, run_mode(args.resume, args.overwrite))
+    if "r2" in m:
+        print(summary_line(m))
+    imported = read_json(Path(args.out_dir) / "config.json")["imported"]
+    strip = "".join(f", prefix {x!r} stripped" for x in imported["stripped_prefixes"])
+    print(f"imported {cfg.checkpoint} (sha256 {m['source_checkpoint_sha256'][:12]}...; "
+          f"{len(imported['found_keys'])} tensors{strip}); keys mapped:")
+    for key, ours in imported["mapping"].items():
+        print(f"  {key} -> {ours}")
+    print(f"wrote {Path(args.out_dir) / 'transnet.pt'}, config.json (source sha256, key mapping, assumptions) "
+          f"and metrics.json")
 
 
 # --------------------------------------------------------------------------- refine
@@ -192,6 +259,12 @@ COMMANDS = [
             _add_variance, _run_variance,
             "One streaming float64 pass over a split; writes variance.json (variance_<split>.json for splits other "
             "than test) into the Trans-Net run directory, or into --out_dir."),
+    Command("import-transnet", "import a Trans-Net checkpoint saved by the original code", _add_import, _run_import,
+            "Load a Trans-Net checkpoint of the original code (Liang et al., ICLR 2020; key layout in "
+            "transnet/original.py), check it against a kc-features pair, and write a run directory (transnet.pt, "
+            "config.json with the source sha256 and the key mapping, metrics.json with the variance report of "
+            "--eval_split) that variance, consistency (as D/pairs/A__B), diagnose and the figures accept. Uses the "
+            "original's unbiased spatial std (--std_correction 1)."),
     Command("refine", "feed Trans-Net orders into net B's upper part and fine-tune it", _add_refine, _run_refine,
             "Net A up to the layer and the Trans-Net (frozen) feed the chosen orders into net B's upper part, which "
             "is fine-tuned; reports top-1 against the original B and against fine-tuning B on its own features with "

@@ -41,6 +41,7 @@ from features.store import (
     provenance_of,
     read_index,
 )
+from transnet.model import constant_slices
 from transnet.variance import ChannelMoments
 
 DATA_ON = ("auto", "device", "ram", "disk")
@@ -456,3 +457,13 @@ def target_variance(src: MemoryPairs | BlockPairs, rows: int = 256) -> float:
     for _, b in src.sequential(rows):
         acc.update(b)
     return acc.variance()
+
+
+def count_constant_source(src: MemoryPairs | BlockPairs, rows: int = 256) -> tuple[int, int]:
+    """(spatially constant non-zero slices, all slices) of the source features, over (sample, channel);
+    one pass over x_A in contiguous blocks (see ``transnet.model.constant_slices``)."""
+    bad = total = 0
+    for block in src.source_blocks(rows):
+        bad += int(constant_slices(block).sum())
+        total += int(block.shape[0] * block.shape[1])
+    return bad, total

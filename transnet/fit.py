@@ -9,7 +9,20 @@ centred variance of the training targets: a scale-free variant and a **deviation
 Defaults are the paper's preset: Adam, lr 1e-4 decayed geometrically per epoch to 1e-6 at the last
 epoch, weight decay 1e-4 (gate logits included), batch 64, 1000 epochs, fitted on the ``train``
 split. Held-out metrics (the variance report of design.md) come from ``--eval_split`` every
-``--eval_every`` epochs and at the end.
+``--eval_every`` epochs and at the end. A report is **held-out** only when its split differs from
+the training split: ``--eval_split`` equal to ``--train_split`` (or ``none``) gives an in-sample
+report, written with ``"held_out": false`` and a warning.
+
+Numerical edges (see ``transnet/model.py``): 1×1 maps use s = 1; ``--std_correction 0|1`` picks the
+population (default) or the unbiased (the original code's) spatial std; spatially constant non-zero
+source slices are counted on the training and the evaluation split (``train_constant_source_slices``,
+``constant_source_slices``) and warned about, and ``--std_floor F`` (off in the paper's preset)
+bounds s below by F times the slice's rms.
+
+``--precision fp32|tf32|bf16`` (``common/device.py``): the arithmetic on CUDA. ``fp32`` (default) is
+the paper-faithful choice, with TF32 off; ``tf32`` and ``bf16`` (autocast) are faster. On the CPU
+every choice computes in float32; ``metrics.json`` records ``precision`` and
+``precision_effective``.
 
 The run directory holds ``config.json``, ``log.jsonl``, TensorBoard events, ``last.pt`` (resume state:
 model, optimiser, schedule, history; written every ``--save_every`` epochs and only after a finite
@@ -19,7 +32,7 @@ per-dataset provenance, and the normalisation statistics.
 
 Features are held where ``--data_on`` says (``auto``: GPU memory when they fit in half of the free
 memory, else pinned RAM, else contiguous HDF5 blocks read in a shuffled block order; see
-``transnet/data.py``); batches are gathered on the device, with bf16 autocast and TF32 on a GPU.
+``transnet/data.py``); batches are gathered on the device.
 
 Small or synthetic problems converge very slowly at the paper's lr 1e-4 (identity: R² 0.57 after 400
 epochs); ``--lr 1e-2`` for ~200 epochs converges (methods.md §5).
@@ -40,7 +53,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.checkpoints import load_checkpoint, save_checkpoint
-from common.device import autocast, resolve_device
+from common.device import PRECISIONS, effective_precision, float32_math, precision_autocast, resolve_device
 from common.distributed import is_local_only
 from common.errors import UserError
 from common.faults import fault_point
@@ -53,6 +66,7 @@ from transnet.data import (
     BlockPairs,
     PairInfo,
     choose_placement,
+    count_constant_source,
     find_nonfinite,
     make_source,
     nonfinite_message,
@@ -60,8 +74,8 @@ from transnet.data import (
     source_channel_std,
     target_variance,
 )
-from transnet.model import INPUT_NORMS, TransNet, n_parameters
-from transnet.variance import variance_report
+from transnet.model import INPUT_NORMS, STD_CORRECTIONS, TransNet, n_parameters
+from transnet.variance import constant_warning, variance_report
 
 FIT_SCHEDULES = ("geometric", "cosine", "constant")
 LOSS_SCALES = ("none", "target_var")
@@ -81,11 +95,14 @@ class FitConfig:
     target_features: str | None = None  # a second file for the target (must hold the same rows)
     train_split: str = "train"
     train_rows: int = 0                 # fit on the first N rows of the training split (0: all of them)
-    eval_split: str = "test"            # held-out metrics; "none": report on the training split
+    eval_split: str = "test"            # held-out metrics (a split other than train_split; "none" or
+                                        # train_split itself: an in-sample report, labelled so)
     orders: int = 2                     # K gates and K+1 convs; 0 = the linear Trans-Net (one conv)
     kernel: int = 3
     alpha: str = "0.1"                  # α per order, order 1 first; one value = every order
     input_norm: str = "instance"        # instance (paper) | global | none
+    std_correction: int = 0             # spatial std: 0 population (divide by HW), 1 unbiased (the original code)
+    std_floor: float = 0.0              # s = max(std, F * rms) + eps per slice; 0 = off (paper)
     freeze_gates: bool = False
     gate_init: float = 0.5              # initial p of every gate (0.5 = logit 0, the paper)
     loss_scale: str = "none"            # none (paper) | target_var (MSE / Var(x_B): a deviation)
@@ -100,7 +117,7 @@ class FitConfig:
     data_on: str = "auto"               # auto | device | ram | disk (contiguous HDF5 blocks)
     block_rows: int = 256               # rows per contiguous HDF5 read
     device: str = "auto"
-    amp: bool = True                    # bf16 autocast on CUDA (ignored on CPU)
+    precision: str = "fp32"             # CUDA arithmetic: fp32 (paper, TF32 off) | tf32 | bf16; CPU: always fp32
     channels_last: bool = True          # CUDA only
     seed: int = 0
     allow_changed_checkpoints: bool = False   # use features whose checkpoint changed since extraction
@@ -108,7 +125,7 @@ class FitConfig:
 
 # Options that may differ when a run is resumed (they change speed or paths, not the result).
 RESUME_FREE = ("features", "target_features", "device", "data_on", "block_rows", "eval_every", "save_every",
-               "amp", "channels_last", "allow_changed_checkpoints")
+               "channels_last", "allow_changed_checkpoints")
 
 
 class DivergenceError(UserError):
@@ -145,7 +162,7 @@ def validate(cfg: FitConfig) -> list[float]:
         if not getattr(cfg, name):
             raise UserError(f"--{name} is required")
     checks = [("input_norm", INPUT_NORMS), ("schedule", FIT_SCHEDULES), ("loss_scale", LOSS_SCALES),
-              ("data_on", DATA_ON)]
+              ("data_on", DATA_ON), ("precision", PRECISIONS)]
     for name, valid in checks:
         if getattr(cfg, name) not in valid:
             raise UserError(f"unknown --{name} {getattr(cfg, name)!r}; valid: {', '.join(valid)}")
@@ -168,6 +185,11 @@ def validate(cfg: FitConfig) -> list[float]:
         raise UserError("--gate_init 0 or 1 is an infinite logit; use it with --freeze_gates")
     if cfg.weight_decay < 0:
         raise UserError(f"--weight_decay must be >= 0, got {cfg.weight_decay}")
+    if cfg.std_correction not in STD_CORRECTIONS:
+        raise UserError(f"--std_correction must be 0 (population std) or 1 (unbiased, the original code), "
+                        f"got {cfg.std_correction!r}")
+    if not 0.0 <= cfg.std_floor <= 1.0:
+        raise UserError(f"--std_floor must be in [0, 1] (a fraction of the slice's rms; 0 = off), got {cfg.std_floor}")
     return parse_alpha(cfg.alpha, cfg.orders)
 
 
@@ -213,13 +235,15 @@ def _barrier(world: int) -> None:
 def build_transnet(cfg: FitConfig, info: PairInfo) -> TransNet:
     torch.manual_seed(cfg.seed)
     return TransNet(info.shape_a[0], cfg.orders, cfg.kernel, cfg.input_norm, cfg.freeze_gates,
-                    out_channels=info.shape_b[0], gate_init=cfg.gate_init)
+                    out_channels=info.shape_b[0], gate_init=cfg.gate_init, std_correction=cfg.std_correction,
+                    std_floor=cfg.std_floor)
 
 
 def model_args(model: TransNet) -> dict[str, Any]:
     return {"channels": model.channels, "out_channels": model.out_channels, "orders": model.orders,
             "kernel": model.kernel, "input_norm": model.input_norm,
-            "freeze_gates": not model.gate_logits.requires_grad, "eps": model.eps}
+            "freeze_gates": not model.gate_logits.requires_grad, "eps": model.eps,
+            "std_correction": model.std_correction, "std_floor": model.std_floor}
 
 
 def make_optimizer(model: nn.Module, cfg: FitConfig) -> torch.optim.Optimizer:
@@ -231,7 +255,7 @@ def make_optimizer(model: nn.Module, cfg: FitConfig) -> torch.optim.Optimizer:
 
 
 def train_epoch(model: TransNet, step_model: nn.Module, opt: torch.optim.Optimizer, sched, batches,
-                alphas: list[float], mse_scale: float, device: torch.device, amp: bool = True,
+                alphas: list[float], mse_scale: float, device: torch.device, precision: str = "fp32",
                 channels_last: bool = False, total: int | None = None, desc: str = "fit") -> dict[str, Any]:
     """One pass over ``batches`` of ``(x_A, x_B)`` on ``device``. ``step_model`` is ``model`` or its DDP
     wrapper. Returns device tensors (no sync inside the loop): sums of MSE and loss, and the count."""
@@ -244,7 +268,7 @@ def train_epoch(model: TransNet, step_model: nn.Module, opt: torch.optim.Optimiz
     for xa, xb in progress(batches, total, desc):
         if channels_last:
             xa = xa.contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp):
+        with precision_autocast(device, precision):
             yhat = step_model(xa)                                  # (b, C_B, H, W)
         mse = F.mse_loss(yhat.float(), xb)
         loss = mse * inv_scale + model.alpha_penalty(alpha_t)
@@ -260,11 +284,32 @@ def train_epoch(model: TransNet, step_model: nn.Module, opt: torch.optim.Optimiz
     return {"mse_sum": mse_sum, "loss_sum": loss_sum, "steps": steps, "rows": rows}
 
 
-def _report(model: TransNet, src, info: PairInfo, batch_size: int, device: torch.device, held_out: bool) -> dict[str, Any]:
+def in_sample_warning(split: str, train_split: str, train_rows: int = 0, n_split: int = 0) -> str:
+    """The warning of a report computed on the training split (not held-out)."""
+    part = (f" (fitted on its first {train_rows} of {n_split} rows, so partly)"
+            if 0 < train_rows < n_split else "")
+    return (f"in-sample report: split {split!r} is the training split {train_split!r}{part}; the Trans-Net "
+            f"saw these rows and can memorise them, so R² and the fractions are not held-out figures")
+
+
+def add_warning(rep: dict[str, Any], warning: str | None, first: bool = False) -> dict[str, Any]:
+    """Add ``warning`` to the report's ``warnings`` list (at the front when ``first``); ``warning``
+    holds them all, joined."""
+    warns = list(rep.get("warnings") or [])
+    if warning and warning not in warns:
+        warns.insert(0 if first else len(warns), warning)
+    rep["warnings"] = warns
+    if warns:
+        rep["warning"] = "; ".join(warns)
+    return rep
+
+
+def _report(model: TransNet, src, info: PairInfo, batch_size: int, device: torch.device, held_out: bool,
+            warning: str | None) -> dict[str, Any]:
     rep = variance_report(model, src.sequential(batch_size), device=device, split=info.split,
                           source=info.source, target=info.target, layer=info.layer)
     rep["held_out"] = held_out
-    return rep
+    return add_warning(rep, warning, first=True)
 
 
 def _checkpoint(model: TransNet, cfg: FitConfig, alphas: list[float], infos: dict[str, PairInfo],
@@ -316,16 +361,22 @@ def _fit(cfg: FitConfig, alphas: list[float], out_dir: Path, mode: str, rank: in
     if cfg.batch_size % world:
         raise UserError(f"--batch_size {cfg.batch_size} must be divisible by the {world} DDP processes")
     if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")         # TF32 for fp32 matmuls; cudnn convs use it already
         torch.backends.cudnn.benchmark = True              # fixed shapes: let cudnn pick the fastest kernels
+    with float32_math(device, cfg.precision):              # fp32: TF32 off; tf32/bf16: TF32 on (CUDA only)
+        return _fit_body(cfg, alphas, out_dir, mode, rank, world, device, on_epoch_end)
+
+
+def _fit_body(cfg: FitConfig, alphas: list[float], out_dir: Path, mode: str, rank: int, world: int,
+              device: torch.device, on_epoch_end) -> dict[str, Any]:
     train_info = open_pair(cfg.features, cfg.source, cfg.target, cfg.layer, cfg.train_split, cfg.target_features,
                            cfg.allow_changed_checkpoints)
     if 0 < cfg.train_rows < train_info.n:     # the first rows: a fixed, reproducible subset
         train_info = replace(train_info, n=cfg.train_rows)
     infos = {"train": train_info}
-    held_out = cfg.eval_split != NO_EVAL
+    evaluates = cfg.eval_split != NO_EVAL                # a split of its own to report on
+    held_out = evaluates and cfg.eval_split != cfg.train_split
     eval_info = train_info
-    if held_out:
+    if evaluates:
         eval_info = open_pair(cfg.features, cfg.source, cfg.target, cfg.layer, cfg.eval_split, cfg.target_features,
                               cfg.allow_changed_checkpoints)
         if (eval_info.shape_a, eval_info.shape_b) != (train_info.shape_a, train_info.shape_b):
@@ -338,7 +389,7 @@ def _fit(cfg: FitConfig, alphas: list[float], out_dir: Path, mode: str, rank: in
         # ---- data
         placement = choose_placement(train_info.nbytes, device, cfg.data_on)
         train_src = make_source(train_info, device, placement, cfg.block_rows)
-        if held_out:
+        if evaluates:
             eval_place = choose_placement(eval_info.nbytes, device, cfg.data_on,
                                           reserved=train_info.nbytes if placement != "disk" else 0)
             eval_src = make_source(eval_info, device, eval_place, cfg.block_rows)
@@ -389,7 +440,8 @@ def _fit(cfg: FitConfig, alphas: list[float], out_dir: Path, mode: str, rank: in
         if rank == 0:
             run.write_config(cfg, device=device, alphas=alphas, world_size=world, placement=placement,
                              eval_placement=eval_place, n_train=train_info.n,
-                             n_eval=eval_info.n if held_out else None, n_parameters=n_parameters(model),
+                             n_eval=eval_info.n if evaluates else None, n_parameters=n_parameters(model),
+                             held_out=held_out, precision_effective=effective_precision(device, cfg.precision),
                              model_args=model_args(model), norm_stats=norm_stats,
                              feature_provenance={k: {"source": i.provenance_a, "target": i.provenance_b}
                                                  for k, i in infos.items()},
@@ -397,13 +449,20 @@ def _fit(cfg: FitConfig, alphas: list[float], out_dir: Path, mode: str, rank: in
                                              (" / Var(x_B) (deviation from the paper)" if mse_scale != 1.0 else "")
                                              + " + sum_k alpha_k p_k^2")
 
+        # ---- what the reports must say: in-sample, constant source slices of the training split
+        sample_warning = None
+        if not held_out:
+            sample_warning = ("no held-out split (--eval_split none): the report is in-sample" if not evaluates
+                              else in_sample_warning(cfg.eval_split, cfg.train_split, cfg.train_rows, eval_info.n))
+        train_constant = count_constant_source(train_src, cfg.block_rows) if rank == 0 else (0, 0)
+
         # ---- epochs
         last_rep = None
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.perf_counter()
             stats = train_epoch(model, step_model, opt, sched,
                                 train_src.batches(cfg.batch_size, cfg.seed, epoch, rank, world), alphas,
-                                mse_scale, device, cfg.amp, use_cl, steps, f"fit {epoch + 1}/{cfg.epochs}")
+                                mse_scale, device, cfg.precision, use_cl, steps, f"fit {epoch + 1}/{cfg.epochs}")
             mse = float(stats["mse_sum"]) / max(stats["steps"], 1)       # one sync per epoch
             loss = float(stats["loss_sum"]) / max(stats["steps"], 1)
             dt = time.perf_counter() - t0
@@ -419,7 +478,7 @@ def _fit(cfg: FitConfig, alphas: list[float], out_dir: Path, mode: str, rank: in
                                       "gates": gates, **{f"gate_{k + 1}": g for k, g in enumerate(gates)}}
             last_epoch = epoch + 1 == cfg.epochs
             if ((epoch + 1) % cfg.eval_every == 0 or last_epoch) and rank == 0:
-                rep = last_rep = _report(model, eval_src, eval_info, eval_batch, device, held_out)
+                rep = last_rep = _report(model, eval_src, eval_info, eval_batch, device, held_out, sample_warning)
                 record.update({"eval_r2": rep["r2"], "eval_mse": rep["mse"],
                                **{f"eval_fraction_order{k}": v for k, v in enumerate(rep["fraction_orders"])}})
             _barrier(world)
@@ -437,14 +496,20 @@ def _fit(cfg: FitConfig, alphas: list[float], out_dir: Path, mode: str, rank: in
         # ---- final report and model
         metrics: dict[str, Any] = {}
         if rank == 0:
-            final = last_rep or _report(model, eval_src, eval_info, eval_batch, device, held_out)
+            final = last_rep or _report(model, eval_src, eval_info, eval_batch, device, held_out, sample_warning)
             last = history[-1] if history else {}
             metrics = {**final, "train_split": cfg.train_split, "n_train": train_info.n,
                        "train_mse": last.get("train_mse"), "train_loss": last.get("train_loss"),
                        "epochs": len(history), "train_time_s": sum(h["epoch_time_s"] for h in history),
-                       "features": str(Path(cfg.features).resolve()), "placement": placement}
-            if not held_out:
-                metrics["warning"] = "no held-out split (--eval_split none): the report is in-sample"
+                       "features": str(Path(cfg.features).resolve()), "placement": placement,
+                       "precision": cfg.precision, "precision_effective": effective_precision(device, cfg.precision),
+                       "input_norm": cfg.input_norm, "std_correction": cfg.std_correction,
+                       "std_floor": cfg.std_floor, "train_constant_source_slices": train_constant[0],
+                       "train_source_slices": train_constant[1]}
+            tw = constant_warning(train_constant[0], train_constant[1], cfg.train_split, train_info.source,
+                                  cfg.input_norm, cfg.std_floor, model.eps)
+            if tw:
+                add_warning(metrics, tw)
             save_checkpoint(out_dir / FINAL_CKPT, _checkpoint(model, cfg, alphas, infos, norm_stats,
                                                               len(history), metrics))
             run.finish(metrics)
@@ -489,10 +554,12 @@ def load_transnet(run_dir_or_ckpt: str | os.PathLike, map_location: str | torch.
         raise UserError(f"{path} is not a Trans-Net checkpoint (kind {ck.get('kind', ck.get('arch'))!r})")
     args = dict(ck["model_args"])
     model = TransNet(args.pop("channels"), args.pop("orders"), args.pop("kernel"), args.pop("input_norm"),
-                     args.pop("freeze_gates"), out_channels=args.pop("out_channels"), eps=args.pop("eps"))
+                     args.pop("freeze_gates"), out_channels=args.pop("out_channels"), eps=args.pop("eps"),
+                     std_correction=args.pop("std_correction", 0), std_floor=args.pop("std_floor", 0.0))
     model.load_state_dict(ck["state_dict"])
     model.to(map_location).eval()
     info = {k: ck.get(k) for k in ("source", "target", "layer", "features", "target_features", "config", "epoch",
-                                   "metrics", "norm_stats", "feature_provenance", "alphas", "dataset", "transform")}
+                                   "metrics", "norm_stats", "feature_provenance", "alphas", "dataset", "transform",
+                                   "imported")}
     info["path"] = str(path)
     return model, info

@@ -10,7 +10,23 @@ bias-free k x k convolutions nested so that the normalised input x̂ is re-injec
     ŷ    = h_K
 
 s(·) is the per-sample, per-channel spatial std (not centred out of the map, no gradient through
-it, eps added): the original's inner normalisation, kept in every mode.
+it, eps added): the original's inner normalisation, kept in every mode. See ``instance_std`` for its
+three edge rules, each a constructor argument recorded with every checkpoint:
+
+- **Std convention** (``std_correction``): 0 = population std (divide by H·W, the default here), 1 =
+  unbiased std (divide by H·W − 1, the original code). A net fitted under either convention is the
+  same function class (the factor √(HW/(HW−1)) passes through every level and is absorbed by the
+  last conv), so fits under either agree up to the optimiser's path (a planted 4×4 problem after 40
+  epochs: R² 0.791 vs 0.798); weights moved *between* conventions give components off by that
+  factor (0.8 % at 8×8, 3.3 % at 4×4), which is why ``import-transnet`` sets 1.
+- **1×1 maps** (H·W = 1, e.g. an ``avgpool`` output): a single value has no spatial spread, so s = 1
+  exactly (the original's rule); dividing by std + eps = eps would scale x̂ by 1e5 per level.
+- **Spatially constant slices** (one sample, one channel, every position equal and non-zero; common
+  after float16 rounding): s = eps and x̂ = x / eps. The paper's preset keeps that (it is what the
+  original computes); ``constant_slices`` finds them so that reports can count and warn, and
+  ``std_floor`` F > 0 bounds s from below by F times the slice's root mean square,
+  s = max(std, F·rms) + eps, which keeps the scale invariance (rms scales like std) and bounds
+  |x̂| by 1/F on a constant slice.
 
 **Numbering of orders (reversed, as in the paper).** The last conv W_K is the 0-order conv; the gate
 q_{K-1} nearest the output belongs to order 1, q_{K-2} to order 2, ..., q_0 to order K. Everything
@@ -53,13 +69,36 @@ INPUT_NORMS = ("instance", "global", "none")
 EPS = 1e-5
 
 
-def instance_std(x: Tensor, eps: float = EPS) -> Tensor:
-    """x: (N, C, H, W) -> (N, C, 1, 1): spatial std per sample and channel (population std, i.e.
-    correction 0, so 1x1 maps do not give NaN) plus ``eps``, detached (no gradient through it).
-    Computed in at least float32 (also under bf16 autocast)."""
+STD_CORRECTIONS = (0, 1)
+
+
+def instance_std(x: Tensor, eps: float = EPS, correction: int = 0, floor: float = 0.0) -> Tensor:
+    """x: (N, C, H, W) -> (N, C, 1, 1) normaliser s per sample and channel, detached (no gradient
+    through it), computed in at least float32 (also under bf16 autocast):
+
+        s = max(std(x), floor · rms(x)) + eps      over the H·W positions (std with ``correction``)
+        s = 1                                      when H·W = 1 (no spatial spread; the original's rule)
+
+    ``correction`` 0: population std (default), 1: unbiased std (the original). ``floor`` 0: off."""
     x = x.detach()
+    n, c, h, w = x.shape
+    if h * w == 1:
+        return torch.ones((n, c, 1, 1), dtype=x.dtype, device=x.device)
     xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    return xf.std(dim=(2, 3), keepdim=True, correction=0).add_(eps).to(x.dtype)
+    s = xf.std(dim=(2, 3), keepdim=True, correction=correction)
+    if floor > 0:
+        s = torch.maximum(s, xf.pow(2).mean(dim=(2, 3), keepdim=True).sqrt_().mul_(floor))
+    return s.add_(eps).to(x.dtype)
+
+
+def constant_slices(x: Tensor) -> Tensor:
+    """x: (N, C, H, W) -> (N, C) bool: the slices whose H·W > 1 values are all equal and non-zero,
+    where the instance std is 0 and x / (std + eps) = x / eps. Exact (max = min), any dtype."""
+    x = x.detach()
+    if x.shape[2] * x.shape[3] == 1:
+        return torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
+    hi, lo = x.amax(dim=(2, 3)), x.amin(dim=(2, 3))
+    return (hi == lo) & (hi != 0)
 
 
 def _logit(p: float) -> float:
@@ -79,16 +118,21 @@ class TransNet(nn.Module):
     conv maps C_A -> C_B, every inner level re-injects x̂ and so keeps C_A). Spatial size is kept
     (same padding, odd ``kernel``). ``gate_init`` is the initial p of every gate (0.5 = logit 0, the
     original); ``freeze_gates`` keeps the gates fixed (``gate_init=0`` with frozen gates is the
-    linear-only net with the inner convs still present). State lives in parameters and buffers, so
+    linear-only net with the inner convs still present). ``std_correction`` (0 | 1) and ``std_floor``
+    (>= 0) shape every instance std (see ``instance_std``). State lives in parameters and buffers, so
     ``.to(device)`` moves everything.
     """
 
     def __init__(self, channels: int, orders: int = 2, kernel: int = 3, input_norm: str = "instance",
                  freeze_gates: bool = False, out_channels: int | None = None, gate_init: float = 0.5,
-                 eps: float = EPS):
+                 eps: float = EPS, std_correction: int = 0, std_floor: float = 0.0):
         super().__init__()
         if input_norm not in INPUT_NORMS:
             raise ValueError(f"unknown input_norm {input_norm!r}; valid: {', '.join(INPUT_NORMS)}")
+        if std_correction not in STD_CORRECTIONS:
+            raise ValueError(f"std_correction must be 0 or 1, got {std_correction!r}")
+        if not std_floor >= 0:
+            raise ValueError(f"std_floor must be >= 0, got {std_floor}")
         if orders < 0:
             raise ValueError(f"orders must be >= 0, got {orders}")
         if kernel < 1 or kernel % 2 == 0:
@@ -101,6 +145,8 @@ class TransNet(nn.Module):
         self.kernel = int(kernel)
         self.input_norm = input_norm
         self.eps = float(eps)
+        self.std_correction = int(std_correction)
+        self.std_floor = float(std_floor)
         c_in, c_out = self.channels, self.out_channels
         # convs[j] is applied j-th; convs[K] is the 0-order conv.
         self.convs = nn.ModuleList(
@@ -135,7 +181,8 @@ class TransNet(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"channels={self.channels}, out_channels={self.out_channels}, orders={self.orders}, "
-                f"kernel={self.kernel}, input_norm={self.input_norm!r}")
+                f"kernel={self.kernel}, input_norm={self.input_norm!r}, std_correction={self.std_correction}, "
+                f"std_floor={self.std_floor}")
 
     # ------------------------------------------------------------------ pieces
     def forward_gates(self) -> Tensor:
@@ -146,10 +193,14 @@ class TransNet(nn.Module):
         """(K,) p_k per order, **order 1 first** (the gate nearest the output first)."""
         return self.forward_gates().flip(0)
 
+    def std(self, x: Tensor) -> Tensor:
+        """x: (N, C, H, W) -> (N, C, 1, 1): this net's instance std s(x) (its correction, floor, eps)."""
+        return instance_std(x, self.eps, self.std_correction, self.std_floor)
+
     def normalise_input(self, x: Tensor) -> Tensor:
         """x: (N, C, H, W) -> x̂ of the same shape."""
         if self.input_norm == "instance":
-            return x / instance_std(x, self.eps)
+            return x / self.std(x)
         if self.input_norm == "global":
             return x / (self.input_scale.to(x.dtype) + self.eps)[None, :, None, None]
         return x
@@ -166,7 +217,7 @@ class TransNet(nn.Module):
         q = self.forward_gates().to(x.dtype)
         h = self.convs[0](xh)
         for j in range(1, self.orders + 1):
-            h = self.convs[j](xh + q[j - 1] * F.relu(h / instance_std(h, self.eps)))
+            h = self.convs[j](xh + q[j - 1] * F.relu(h / self.std(h)))
         return h
 
     def decompose(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
@@ -181,7 +232,7 @@ class TransNet(nn.Module):
         h = self.convs[0](xh)                          # the real h_0
         parts = [h]                                    # [c_0^(0)]
         for j in range(1, self.orders + 1):
-            s = instance_std(h, self.eps)              # (N, C, 1, 1) normaliser of h_{j-1}
+            s = self.std(h)                            # (N, C, 1, 1) normaliser of h_{j-1}
             mask = (h / s > 0).to(x.dtype)             # M_{j-1}
             gated = [q[j - 1] * mask * c / s for c in parts]      # orders 1..j of level j's input
             inp = torch.cat([xh] + gated, dim=0)                  # ((j+1) N, C, H, W)

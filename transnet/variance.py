@@ -8,6 +8,13 @@ equals a two-pass computation over the whole split without holding it.
 
 The components are not orthogonal, so var_orders + var_residual need not equal var_target; every
 report says so in its ``note``.
+
+The same pass counts the source's spatially constant non-zero (sample, channel) slices
+(``constant_source_slices`` of ``source_slices``): with the instance input norm their std is 0 and
+x̂ = x / eps there, so the report warns (``warnings``) unless ``std_floor`` bounds them.
+
+On CUDA the report's forward passes run in IEEE float32 (TF32 off, ``common.device.float32_math``)
+whatever ``--precision`` a fit trained in, so that a reported number does not depend on it.
 """
 from __future__ import annotations
 
@@ -16,6 +23,9 @@ from typing import Any, Iterable, Sequence
 
 import torch
 from torch import Tensor
+
+from common.device import float32_math
+from transnet.model import constant_slices
 
 NOTE = ("The order components Y_k and the residual are not orthogonal, so their variances (and "
         "fractions) need not add up to the target's variance (to 1). Variances are per-channel "
@@ -81,6 +91,8 @@ class VarianceAccumulator:
     sq_err: float = 0.0
     n_values: int = 0
     n_samples: int = 0
+    constant_source: int = 0        # (sample, channel) slices of x_A that are spatially constant and non-zero
+    source_slices: int = 0          # all (sample, channel) slices of x_A seen
 
     def __post_init__(self) -> None:
         if not self.components:
@@ -103,6 +115,11 @@ class VarianceAccumulator:
         self.n_values += res.numel()
         self.n_samples += int(target.shape[0])
 
+    def count_source(self, source: Tensor) -> None:
+        """source: (N, C_A, H, W) x_A of the batch: count its constant non-zero slices."""
+        self.constant_source += int(constant_slices(source).sum())
+        self.source_slices += int(source.shape[0] * source.shape[1])
+
     def report(self) -> dict[str, Any]:
         """The contract's numbers (design.md): variances, fractions of var_target, R², MSE."""
         var_t = self.target.variance()
@@ -119,6 +136,8 @@ class VarianceAccumulator:
             "fraction_residual": frac(var_r),
             "r2": 1.0 - frac(var_r),
             "mse": self.sq_err / max(self.n_values, 1),
+            "constant_source_slices": self.constant_source,
+            "source_slices": self.source_slices,
             "note": NOTE,
         }
 
@@ -137,6 +156,7 @@ def accumulate(model: torch.nn.Module, batches: Iterable[tuple[Tensor, Tensor]],
                 xa, xb = xa.to(device, non_blocking=True), xb.to(device, non_blocking=True)
             comps, yhat = model.decompose(xa.to(dtype))
             acc.update(comps, yhat, xb)
+            acc.count_source(xa)
     finally:
         model.train(was_training)
     return acc
@@ -146,8 +166,31 @@ def variance_report(model: torch.nn.Module, batches: Iterable[tuple[Tensor, Tens
                     device: torch.device | str | None = None, **fields: Any) -> dict[str, Any]:
     """The ``variance.json`` / ``metrics.json`` dict: ``fields`` (split, source, target, layer, ...)
     first, then the variances, fractions, R², gates (order 1 first) and MSE."""
-    acc = accumulate(model, batches, device)
+    where = torch.device(device) if device is not None else next(model.parameters()).device
+    with float32_math(where, "fp32"):
+        acc = accumulate(model, batches, device)
     rep = acc.report()
     gates = [float(g) for g in model.gates().detach().cpu()]
     out = {**fields, **{k: v for k, v in rep.items() if k != "note"}, "gates": gates, "note": rep["note"]}
+    warning = constant_warning(acc.constant_source, acc.source_slices, fields.get("split"), fields.get("source"),
+                               getattr(model, "input_norm", "instance"), getattr(model, "std_floor", 0.0),
+                               getattr(model, "eps", 1e-5))
+    out["warnings"] = [warning] if warning else []
+    if warning:
+        out["warning"] = warning
     return out
+
+
+def constant_warning(n_constant: int, n_slices: int, split: str | None, source: str | None, input_norm: str,
+                     std_floor: float, eps: float) -> str | None:
+    """The warning for ``n_constant`` spatially constant non-zero source slices (None when there are none,
+    or when the input is not instance-normalised and so not divided by their zero std)."""
+    if n_constant <= 0 or input_norm != "instance":
+        return None
+    where = f"{n_constant} of {n_slices} (sample, channel) slices of source {source!r} in split {split!r}"
+    if std_floor > 0:
+        return (f"{where} are spatially constant and non-zero; --std_floor {std_floor:g} bounds their "
+                f"normalised values to ±{1 / std_floor:g}")
+    return (f"{where} are spatially constant and non-zero: their instance std is 0, so the input there is "
+            f"divided by eps = {eps:g} (scaled up {1 / eps:.0e}x) and can dominate the fit and the "
+            f"components; refit with --std_floor (e.g. 0.01) or check the features (float16 rounding?)")
