@@ -37,8 +37,9 @@ from common.device import autocast, resolve_device  # noqa: E402
 from common.files import read_json, write_json  # noqa: E402
 from common.provenance import provenance  # noqa: E402
 from features import store  # noqa: E402
-from features.extract import ExtractConfig, FeatureData, Net, extract_features  # noqa: E402
+from features.extract import ExtractConfig, extract_features  # noqa: E402
 from features.layers import build_extractor, output_shapes, resolve_layer  # noqa: E402
+from features.nets import FeatureData, Net  # noqa: E402
 from training.models import build_model  # noqa: E402
 
 

@@ -12,19 +12,10 @@ from common.errors import UserError
 from common.files import jsonable
 from common.options import Command, add_dataclass_args, dataclass_from_args, parse_kv_list
 from common.rundir import run_mode
-from features.extract import (
-    COMPRESSIONS,
-    DTYPES,
-    ExtractConfig,
-    Net,
-    build_feature_data,
-    data_spec_for,
-    describe_file,
-    extract_features,
-    load_net,
-    verify_file,
-)
+from features.extract import COMPRESSIONS, DTYPES, ExtractConfig, extract_features
+from features.inspection import describe_file, verify_file
 from features.layers import format_layers, list_layers
+from features.nets import Net, build_feature_data, data_spec_for, load_net
 from training.commands import add_data_args
 from training.manifest import read_manifest
 from training.models import ARCHS, build_model, model_from_checkpoint
