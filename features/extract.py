@@ -15,6 +15,9 @@ How it works
 - Datasets are pre-sized and pre-allocated (one sample per chunk, no compression by default) after
   the file plan (``features/targets.py``: what an existing output may hold under ``auto``, ``resume``
   and ``overwrite``) accepted the request. A killed process leaves a readable file marked incomplete.
+- Every batch of every dataset is checked for non-finite values on the device, before the host copy
+  (``features/nonfinite.py``): float16 overflow is refused, NaN/inf computed by the net are counted
+  per dataset (attribute ``nonfinite``) and reported as a warning.
 - Under torchrun each rank writes its row shard and rank 0 joins them as virtual datasets
   (``features/shards.py``).
 """
@@ -24,6 +27,7 @@ import contextlib
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -49,6 +53,7 @@ from features.layers import (
     resolve_layer,
 )
 from features.nets import FeatureData, Net, check_net_name, check_nets_fit_data
+from features.nonfinite import NonFiniteFeaturesWarning, stored_counts, value_range, warning_text
 from features.shards import join_shards, shard_files, shard_path, shard_rows
 from features.targets import Target, build_targets, create_targets, open_output, plan_file, plan_joined
 from features.writer import FeatureWriter, WriteBatch
@@ -94,13 +99,13 @@ class ExtractResult:
     bytes_written: int
     shards: list[Path] = field(default_factory=list)
     images: int = 0                            # images computed by all ranks
+    nonfinite: dict[str, int] = field(default_factory=dict)   # NaN/inf values stored per dataset path (rank 0)
 
 
-def _to_host(t: torch.Tensor, dtype: torch.dtype, cuda: bool) -> torch.Tensor:
-    t = t.detach().to(dtype)
+def _to_host(t: torch.Tensor, cuda: bool) -> torch.Tensor:
     if not cuda:
         return t.contiguous()
-    host = torch.empty(t.shape, dtype=dtype, pin_memory=True)
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     host.copy_(t, non_blocking=True)
     return host
 
@@ -111,10 +116,15 @@ def extract_features(nets: Sequence[Net], data: FeatureData, layers: Sequence[tu
                      on_landed: Callable[[int], None] | None = None) -> ExtractResult:
     """Extract ``layers`` (``(name, conv_layer)`` requests; ``conv_layer`` wins when set) of every net into ``out``.
 
-    ``mode``: auto | resume | overwrite (module doc). ``stop_after`` (tests, ``--max_batches``): stop once that
+    ``mode``: auto | resume | overwrite (``features/targets.py``). ``stop_after`` (tests, ``--max_batches``): stop once that
     many batches were handed to the writer, raising :class:`SimulatedKill`, or with ``hard_kill`` ending the
     process at once (``os._exit``) without closing the file, as a kill would. Under torchrun each rank writes
     its shard and rank 0 joins them into ``out``.
+
+    Non-finite values (``features/nonfinite.py``): a float16 layer with a value beyond the float16 range
+    (or a NaN/inf) is refused with a :class:`UserError` asking for ``--dtype float32``; float32 layers keep
+    NaN/inf as computed, count them in the ``nonfinite`` attribute (``ExtractResult.nonfinite``) and raise a
+    :class:`NonFiniteFeaturesWarning`.
     """
     _validate(nets, layers, cfg, mode)
     info = dist_from_env()
@@ -150,10 +160,13 @@ def extract_features(nets: Sequence[Net], data: FeatureData, layers: Sequence[tu
 
     group = ControlGroup(info)
     try:
-        return _run(nets, data, splits, out, cfg, mode, command, extractors, points, shapes, device, info, group,
-                    stop_after, hard_kill, on_landed)
+        res = _run(nets, data, splits, out, cfg, mode, command, extractors, points, shapes, device, info, group,
+                   stop_after, hard_kill, on_landed)
     finally:
         group.close()
+    if any(n > 0 for n in res.nonfinite.values()):
+        warnings.warn(warning_text(res.nonfinite, str(out)), NonFiniteFeaturesWarning, stacklevel=2)
+    return res
 
 
 def _validate(nets: Sequence[Net], layers: Sequence[tuple[str, int | None]], cfg: ExtractConfig, mode: str) -> None:
@@ -241,7 +254,8 @@ def _run(nets, data, splits, out, cfg, mode, command, extractors, points, shapes
 
     # 3. the pass
     t0 = time.perf_counter()
-    writer = FeatureWriter(f, starts, cfg.queue_batches, cfg.flush_s, on_landed)
+    counts = {p: stored_counts(f[p], s0) for p, s0 in starts.items() if 0 < s0 < f[p].shape[0]}   # resume
+    writer = FeatureWriter(f, starts, cfg.queue_batches, cfg.flush_s, on_landed, counts)
     try:
         rows_done = _pass(data, splits, bounds, local_targets, starts, extractors, cfg, device, writer,
                           stop_after, hard_kill, info)
@@ -271,8 +285,16 @@ def _run(nets, data, splits, out, cfg, mode, command, extractors, points, shapes
         if info.rank == 0:
             shards = join_shards(out, data, splits, n_rows, full_targets, todo, cfg.batch_size, info.world, command)
         group.barrier()
-    return ExtractResult(out, rows_done, [t.path for t in full_targets], skipped, seconds,
-                         n_img / max(seconds, 1e-9), writer.bytes, shards, n_img)
+    paths = [t.path for t in full_targets]
+    nonfinite = _nonfinite_counts(out, paths) if info.rank == 0 else {}
+    return ExtractResult(out, rows_done, paths, skipped, seconds, n_img / max(seconds, 1e-9), writer.bytes, shards,
+                         n_img, nonfinite)
+
+
+def _nonfinite_counts(out: Path, paths: Sequence[str]) -> dict[str, int]:
+    """The ``nonfinite`` attribute of each requested dataset of the finished output (where recorded)."""
+    with store.open_features(out, "r") as f:
+        return {p: int(f[p].attrs["nonfinite"]) for p in paths if p in f and "nonfinite" in f[p].attrs}
 
 
 def _pass(data: FeatureData, splits, bounds, targets: Sequence[Target], starts: dict[str, int],
@@ -306,17 +328,22 @@ def _pass(data: FeatureData, splits, bounds, targets: Sequence[Target], starts: 
             if cuda and cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             arrays: dict[str, torch.Tensor] = {}
+            ranges: list[torch.Tensor] = []
             with torch.no_grad(), autocast(device, cfg.amp):
                 for net in nets_needed:
                     outs = extractors[net](x)
                     for t in pending:
                         if t.net == net and starts[t.path] < row + b:
-                            arrays[t.path] = _to_host(outs[t.layer], torch_dtype[t.dtype], cuda)
+                            raw = outs[t.layer].detach()                    # (b, C, H, W) on the device
+                            # [min, max] of the rows still to write (a resume may start inside a batch)
+                            ranges.append(value_range(raw[max(0, starts[t.path] - row):]))
+                            arrays[t.path] = _to_host(raw.to(torch_dtype[t.dtype]), cuda)
+            ranges_host = _to_host(torch.stack(ranges), cuda)             # (len(arrays), 2)
             event = None
             if cuda:
                 event = torch.cuda.Event()
                 event.record()
-            writer.put(WriteBatch(split, row, row + b, arrays, event))
+            writer.put(WriteBatch(split, row, row + b, arrays, ranges_host, event))
             row += b
             handed += 1
             fault_point("extract_batch")                 # reliability tests kill the process here

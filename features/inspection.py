@@ -1,5 +1,5 @@
 """Inspection of a feature file: :func:`describe_file` (what it holds: root provenance and, per
-split/net/layer, shape, dtype, completeness, progress, provenance) and :func:`verify_file` (re-compute a
+split/net/layer, shape, dtype, completeness, progress, non-finite values, provenance) and :func:`verify_file` (re-compute a
 few random stored rows from the recorded checkpoints and compare within a tolerance per storage dtype).
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from training.datasets import DataSpec
 
 def describe_file(path: str | os.PathLike) -> dict[str, Any]:
     """What a feature file holds: root provenance, and per split/net/layer shape, dtype, completeness,
-    progress and provenance attributes (JSON-able)."""
+    progress, non-finite count and largest magnitude, and provenance attributes (JSON-able)."""
     with store.open_features(path, "r") as f:
         desc: dict[str, Any] = {"file": str(path), "root": store.attrs_dict(f), "splits": {}}
         for split in store.list_splits(f):
@@ -39,6 +39,8 @@ def describe_file(path: str | os.PathLike) -> dict[str, Any]:
                     entry = {"shape": list(ds.shape), "dtype": str(ds.dtype), "complete": bool(a.pop("complete", False)),
                              "rows_done": int(a.pop("rows_done", 0)), "virtual": bool(ds.is_virtual),
                              "chunks": list(ds.chunks) if ds.chunks else None, "compression": ds.compression,
+                             # NaN/inf values and largest finite magnitude of the rows done (None: not recorded)
+                             "nonfinite": a.pop("nonfinite", None), "max_abs": a.pop("max_abs", None),
                              "attrs": a}
                     if ds.is_virtual:
                         try:

@@ -5,7 +5,8 @@ every batch holds the same images as in a single-process run) into ``<stem>.rank
 the output (:func:`shard_path`). Rank 0 then writes the output file with the real ``index``/``label``
 datasets and each feature dataset as an h5py *virtual dataset* over the shards (:func:`join_shards`).
 The shard files hold the data and must stay beside the output file (moving the folder as a whole is
-fine); a missing shard is detected by the reader.
+fine); a missing shard is detected by the reader. The join's ``nonfinite`` count is the sum of the
+shards' counts, its ``max_abs`` their maximum.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import numpy as np
 
 from features import store
 from features.nets import FeatureData
+from features.nonfinite import joined_counts
 from features.targets import Target, prepare_root
 
 
@@ -65,6 +67,11 @@ def join_shards(out: Path, data: FeatureData, splits, n_rows: dict[str, int], ta
                 complete = all(bool(g[t.path].attrs.get("complete", False)) for g in opened)
                 attrs.update({"complete": complete, "rows_done": int(sum(done)) if complete else 0,
                               "shards": [p.name for p in shards]})
+                counts = joined_counts([g[t.path] for g in opened])       # summed over the shards
+                for key in ("nonfinite", "max_abs"):
+                    attrs.pop(key, None)
+                if counts is not None:
+                    attrs.update({"nonfinite": counts.nonfinite, "max_abs": counts.max_abs})
                 sources = [(p.name, lo, hi) for p, (lo, hi) in zip(shards, bounds[t.split])]
                 store.create_virtual_features(f, t.split, t.net, t.layer, sources, t.shape, t.dtype, attrs)
     finally:

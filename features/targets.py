@@ -30,6 +30,7 @@ from common.provenance import code_version, now_utc
 from features import store
 from features.layers import LayerPoint
 from features.nets import FeatureData, Net
+from features.nonfinite import ValueCounts, write_counts
 
 
 @dataclass
@@ -147,6 +148,7 @@ def create_targets(f: h5py.File, targets: Sequence[Target]) -> None:
         if t.path not in f:
             ds = store.create_features(f, t.split, t.net, t.layer, t.shape, t.dtype, {**t.identity, **t.provenance},
                                        compression=t.compression, preallocate=True)
+            write_counts(ds, ValueCounts())      # no rows yet: nothing non-finite
             if t.shape[0] == 0:        # an empty shard: nothing to write
                 store.mark_complete(ds)
 

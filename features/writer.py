@@ -5,6 +5,10 @@ does not grow with the number of images.
 Progress is crash-safe: ``rows_done`` of a dataset is raised only after the rows it covers were
 flushed, at most every ``flush_s`` seconds (and on :meth:`FeatureWriter.close`), and ``complete`` is
 set when the last row lands. A process killed mid-way leaves a readable file marked incomplete.
+
+Before a batch is written its values are checked (``features/nonfinite.py``): a float16 batch with a
+non-finite stored value is refused (the writer fails, nothing of that batch lands), and the
+``nonfinite`` / ``max_abs`` counts of each dataset are raised together with ``rows_done``.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import numpy as np
 import torch
 
 from features import store
+from features.nonfinite import ValueCounts, batch_counts, check_storable, write_counts
 
 
 @dataclass
@@ -27,6 +32,8 @@ class WriteBatch:
     start: int                                   # first row in the target file
     stop: int
     arrays: dict[str, torch.Tensor]              # dataset path -> (stop - start, ...) host tensor
+    ranges: torch.Tensor                         # (len(arrays), 2) float32 host: [min, max] of the computed
+                                                 # values of each array's rows still to write, arrays' order
     event: Any = None                            # CUDA event to wait for before reading the host tensors
 
 
@@ -34,13 +41,15 @@ class FeatureWriter:
     """Writes batches from a bounded queue in a thread; raises ``rows_done`` only after a flush."""
 
     def __init__(self, f: h5py.File, starts: dict[str, int], max_batches: int, flush_s: float,
-                 on_landed: Callable[[int], None] | None = None):
+                 on_landed: Callable[[int], None] | None = None, counts: dict[str, ValueCounts] | None = None):
         self.f = f
         self.q: queue.Queue = queue.Queue(maxsize=max(1, max_batches))
         self.flush_s = flush_s
         self.done = dict(starts)                 # rows written (in order) per dataset path
         self.marked = dict(starts)               # rows_done on disk
         self.n = {p: f[p].shape[0] for p in starts}
+        self.dtypes = {p: str(f[p].dtype) for p in starts}
+        self.counts = {p: (counts or {}).get(p, ValueCounts()) for p in starts}   # of the rows written, per path
         self.error: BaseException | None = None
         self.batches = 0
         self.bytes = 0
@@ -91,26 +100,34 @@ class FeatureWriter:
     def _write(self, b: WriteBatch) -> None:
         if b.event is not None:
             b.event.synchronize()
-        for path, t in b.arrays.items():
+        ranges = b.ranges.tolist()
+        checked = []                             # every array of the batch is checked before any is written
+        for i, (path, t) in enumerate(b.arrays.items()):
             lo = max(b.start, self.done[path])
             if lo >= b.stop:
                 continue
             if lo != self.done[path]:
                 raise RuntimeError(f"rows of /{path} arrived out of order ({lo} after {self.done[path]})")
-            arr = t[lo - b.start:].numpy()
-            arr = np.ascontiguousarray(arr)
+            arr = np.ascontiguousarray(t[lo - b.start:].numpy())
+            vmin, vmax = ranges[i]
+            counts = batch_counts(vmin, vmax, arr, self.dtypes[path])
+            check_storable(path, (lo, b.stop), vmin, vmax, counts, self.dtypes[path], self.f.filename)
+            checked.append((path, lo, arr, counts))
+        for path, lo, arr, counts in checked:
             self.f[path].write_direct(arr, dest_sel=np.s_[lo:b.stop])
             self.done[path] = b.stop
+            self.counts[path] = self.counts[path].add(counts)
             self.bytes += arr.nbytes
 
     def _checkpoint(self) -> None:
-        """Flush the data, then raise rows_done/complete, then flush those attributes."""
+        """Flush the data, then raise rows_done/complete and the counts, then flush those attributes."""
         changed = [p for p in self.done if self.done[p] != self.marked[p]]
         if not changed:
             return
         self.f.flush()
         for p in changed:
             ds = self.f[p]
+            write_counts(ds, self.counts[p])
             if self.done[p] >= self.n[p]:
                 store.mark_complete(ds)
             else:
