@@ -5,7 +5,10 @@
 (b) disk: the same bytes (same datasets, dtype, one sample per chunk, pre-allocated) written with h5py
     from host memory into the same folder, timed until the file is closed;
 (c) extraction: ``features.extract.extract_features`` over a synthetic data set of ``--n`` images
-    (loading, host<->device copies, the writer thread, flushes and the progress bookkeeping).
+    (loading, host<->device copies, the non-finite checks, the writer thread, flushes and the progress
+    bookkeeping);
+(d) the non-finite check alone (``features.nonfinite.value_range`` on the device-resident outputs of (a)),
+    reported as its time relative to the forward pass of (a).
 (a), (b) and (c) are repeated ``--repeats`` times, interleaved, and the best of each is kept (the load
 of a shared machine changes during a run). Prints (c) / min(a, b) in images (= net pairs for two nets) per second, and the peak RSS of an
 extraction of N and of 4N images in fresh child processes (it must not grow with N). Writes
@@ -37,8 +40,10 @@ from common.device import autocast, resolve_device  # noqa: E402
 from common.files import read_json, write_json  # noqa: E402
 from common.provenance import provenance  # noqa: E402
 from features import store  # noqa: E402
-from features.extract import ExtractConfig, FeatureData, Net, extract_features  # noqa: E402
+from features.extract import ExtractConfig, extract_features  # noqa: E402
 from features.layers import build_extractor, output_shapes, resolve_layer  # noqa: E402
+from features.nonfinite import value_range  # noqa: E402
+from features.nets import FeatureData, Net  # noqa: E402
 from training.models import build_model  # noqa: E402
 
 
@@ -88,8 +93,9 @@ def sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def forward_ceiling(args, nets: list[Net], device: torch.device, images: int) -> float:
-    """(a) images/s through every net's extractor, one resident batch, nothing else."""
+def forward_ceiling(args, nets: list[Net], device: torch.device, images: int) -> tuple[float, float]:
+    """(a) images/s through every net's extractor, one resident batch, nothing else; and (d) images/s of
+    the non-finite check on those outputs."""
     exs = []
     for n in nets:
         ex = build_extractor(n.model, [resolve_layer(n.model, args.layer)]).to(device)
@@ -113,7 +119,17 @@ def forward_ceiling(args, nets: list[Net], device: torch.device, images: int) ->
     for _ in range(steps):
         step()
     sync(device)
-    return steps * args.batch_size / (time.perf_counter() - t0)
+    forward = steps * args.batch_size / (time.perf_counter() - t0)
+    with autocast(device, args.amp):
+        outs = [ex(x)[args.layer] for ex in exs]
+    for _ in range(2):
+        torch.stack([value_range(o) for o in outs])
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        torch.stack([value_range(o) for o in outs])
+    sync(device)
+    return forward, steps * args.batch_size / (time.perf_counter() - t0)
 
 
 def write_ceiling(args, nets: list[Net], workdir: Path, n: int) -> tuple[float, int]:
@@ -196,14 +212,16 @@ def main(argv=None) -> None:
         return
     device = resolve_device(args.device)
     nets = make_nets(args)
-    fwds, disks, exts = [], [], []
+    fwds, disks, exts, checks = [], [], [], []
     try:
         for _ in range(args.repeats):  # interleaved, best of each: a shared machine's load varies over a run
-            fwds.append(forward_ceiling(args, nets, device, args.n))
+            fwd, check = forward_ceiling(args, nets, device, args.n)
+            fwds.append(fwd)
+            checks.append(check)
             disk, nbytes = write_ceiling(args, nets, workdir, args.n)
             disks.append(disk)
             exts.append(run_extraction(args, args.n, workdir, nets))
-        fwd, disk = max(fwds), max(disks)
+        fwd, disk, check = max(fwds), max(disks), max(checks)
         ext = max(exts, key=lambda e: e["images_per_s"])
         rss = [] if args.no_rss else [child_rss(args, args.n, workdir), child_rss(args, 4 * args.n, workdir)]
     finally:
@@ -217,8 +235,9 @@ def main(argv=None) -> None:
         "forward_images_per_s": fwd, "write_images_per_s": disk, "write_gb_per_s": nbytes / 1e9 * disk / args.n,
         "bytes_per_image": nbytes / args.n, "extract_images_per_s": ext["images_per_s"],
         "extract_seconds": ext["seconds"], "bound": "forward" if fwd < disk else "disk",
-        "ratio_to_ceiling": ratio, "rss": rss, "repeats": {"forward": fwds, "write": disks,
-                                                          "extract": [e["images_per_s"] for e in exts]},
+        "ratio_to_ceiling": ratio, "check_images_per_s": check, "check_time_over_forward": fwd / check,
+        "rss": rss, "repeats": {"forward": fwds, "write": disks, "extract": [e["images_per_s"] for e in exts],
+                                "check": checks},
     }
     if rss:
         result["rss_growth_4n_over_n"] = rss[1]["peak_rss_mb"] / rss[0]["peak_rss_mb"]
@@ -235,6 +254,7 @@ def main(argv=None) -> None:
           f"{result['bytes_per_image'] / 1e6:.3f} MB/image)")
     print(f"  (c) extract   {ext['images_per_s']:9.1f} images/s")
     print(f"  extraction / min(a, b) = {ratio:.2f} ({result['bound']}-bound)")
+    print(f"  (d) non-finite check {check:9.1f} images/s: {fwd / check:.4f} of the forward time")
     for r in rss:
         print(f"  peak RSS, {r['n']:6d} images: {r['peak_rss_mb']:.0f} MB")
     if rss:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
+import warnings
 from pathlib import Path
 
 from common.checkpoints import load_checkpoint
@@ -12,19 +14,11 @@ from common.errors import UserError
 from common.files import jsonable
 from common.options import Command, add_dataclass_args, dataclass_from_args, parse_kv_list
 from common.rundir import run_mode
-from features.extract import (
-    COMPRESSIONS,
-    DTYPES,
-    ExtractConfig,
-    Net,
-    build_feature_data,
-    data_spec_for,
-    describe_file,
-    extract_features,
-    load_net,
-    verify_file,
-)
+from features.extract import COMPRESSIONS, DTYPES, ExtractConfig, extract_features
+from features.inspection import describe_file, verify_file
 from features.layers import format_layers, list_layers
+from features.nets import Net, build_feature_data, data_spec_for, load_net
+from features.nonfinite import NonFiniteFeaturesWarning
 from training.commands import add_data_args
 from training.manifest import read_manifest
 from training.models import ARCHS, build_model, model_from_checkpoint
@@ -33,7 +27,9 @@ from training.models import ARCHS, build_model, model_from_checkpoint
 
 EXTRACT_HELP = {
     "split": "comma-separated splits to extract (train, test, val)",
-    "dtype": "storage dtype of the layer features (logits are always float32)",
+    "dtype": "storage dtype of the layer features (logits are always float32); float16 is refused for a layer "
+             "with values beyond its range (65504) or NaN/inf: use float32 there (which stores NaN/inf as "
+             "computed, counts them and warns)",
     "batch_size": "images per forward pass", "device": "auto, cpu, cuda or cuda:N (torchrun: cuda:LOCAL_RANK)",
     "num_workers": "data-loader worker processes", "amp": "bf16 autocast on CUDA (recorded in the file)",
     "channels_last": "channels_last memory format on CUDA", "logits": "also store each net's logits",
@@ -123,8 +119,15 @@ def _run_extract(args: argparse.Namespace) -> int:
     mode = run_mode(args.resume, args.overwrite)
     mode = "auto" if mode == "new" else mode
     stop = args.max_batches
-    res = extract_features(nets, data, layers, args.out, cfg, mode, command=command_line(args, "extract"),
-                           stop_after=stop, hard_kill=stop is not None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", NonFiniteFeaturesWarning)
+        res = extract_features(nets, data, layers, args.out, cfg, mode, command=command_line(args, "extract"),
+                               stop_after=stop, hard_kill=stop is not None)
+    for w in caught:                           # NaN/inf stored (float32): one paragraph on stderr
+        if issubclass(w.category, NonFiniteFeaturesWarning):
+            print(textwrap.fill(f"warning: {w.message}", width=100), file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     if dist_from_env().rank != 0:
         return 0
     done = res.images
@@ -166,6 +169,9 @@ def format_description(desc: dict) -> str:
             for layer, e in nd.items():
                 a = e["attrs"]
                 state = "complete" if e["complete"] else f"INCOMPLETE ({e['rows_done']} of {e['shape'][0]} rows)"
+                if e.get("nonfinite") is not None and (e["complete"] or e["rows_done"]):
+                    state += (f", {e['nonfinite']} NON-FINITE values" if e["nonfinite"] else ", all finite")
+                    state += f" (max |x| {e['max_abs']:.4g})" if e.get("max_abs") is not None else ""
                 where = a.get("node", layer)
                 extra = f"node {where}, point {a.get('point', '?')}" + (
                     f", conv_layer {a['conv_layer']}" if a.get("conv_layer") not in (None, "") else "")

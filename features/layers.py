@@ -426,7 +426,8 @@ def check_against_hooks(model: nn.Module, extractor: FeatureExtractor, input_sha
     x = torch.randn((1,) + tuple(input_shape), generator=torch.Generator().manual_seed(seed)).to(dev)
     want = build_extractor(model, module_points, method="hooks")(x)
     got = extractor(x)
-    for p in module_points:
-        if got[p.name].shape != want[p.name].shape or not torch.equal(got[p.name], want[p.name]):
+    for p in module_points:          # bitwise equal, a NaN equal to a NaN (a net may compute NaN/inf there)
+        g, w = got[p.name], want[p.name]
+        if g.shape != w.shape or not torch.allclose(g, w, rtol=0.0, atol=0.0, equal_nan=True):
             raise UserError(f"layer {p.name!r}: the last graph node inside module {p.node!r} is not what the module "
                             f"returns; name the exact node instead (python cli.py list-layers lists them)")

@@ -5,7 +5,8 @@
     /<split>/index          (N,) int64 dataset index of each row, rows in dataset order
     /<split>/label          (N,) int64
     /<split>/<net>/<layer>  (N, C, H, W) float16|float32, one sample per chunk
-        attrs: checkpoint, checkpoint_sha256, arch, layer, conv_layer?, point, complete, rows_done
+        attrs: checkpoint, checkpoint_sha256, arch, layer, conv_layer?, point, complete, rows_done,
+               nonfinite? (NaN/inf values among the rows done), max_abs? (their largest finite |value|)
     /<split>/<net>/logits   (N, num_classes) float32, optional
 
 A feature dataset may also be an h5py virtual dataset over shard files beside the file (written by

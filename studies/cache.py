@@ -54,7 +54,7 @@ def outputs_exist(paths: Sequence[Path]) -> bool:
 
 
 def remove_outputs(paths: Sequence[Path]) -> None:
-    from features.extract import shard_files
+    from features.shards import shard_files
 
     for p in paths:
         if p.is_dir():

@@ -242,7 +242,8 @@ class StudyRunner:
         return True
 
     def _run_extract(self, mode: str) -> None:
-        from features.extract import ExtractConfig, build_feature_data, data_spec_for, extract_features, load_net
+        from features.extract import ExtractConfig, extract_features
+        from features.nets import build_feature_data, data_spec_for, load_net
 
         members = self.all_members()
         e = self.study.extract

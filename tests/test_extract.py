@@ -16,17 +16,10 @@ from common.checkpoints import save_checkpoint
 from common.errors import UserError
 from common.provenance import sha256_file
 from features import store
-from features.extract import (
-    KILL_EXIT_CODE,
-    ExtractConfig,
-    SimulatedKill,
-    _Writer,
-    build_feature_data,
-    data_spec_for,
-    extract_features,
-    load_net,
-    shard_rows,
-)
+from features.extract import KILL_EXIT_CODE, ExtractConfig, SimulatedKill, extract_features
+from features.nets import build_feature_data, data_spec_for, load_net
+from features.shards import shard_rows
+from features.writer import FeatureWriter
 from training.data import build_dataset
 from training.datasets import DataSpec
 from training.models import build_model
@@ -212,7 +205,7 @@ def test_killed_process_leaves_readable_file_and_resume_completes(ckpts, tmp_pat
 
 def test_full_disk_leaves_readable_incomplete_file(ckpts, tmp_path, monkeypatch):
     out = tmp_path / "f.h5"
-    real_write, calls = _Writer._write, []
+    real_write, calls = FeatureWriter._write, []
 
     def failing_write(self, b):
         calls.append(1)
@@ -220,10 +213,10 @@ def test_full_disk_leaves_readable_incomplete_file(ckpts, tmp_path, monkeypatch)
             raise OSError(errno.ENOSPC, "No space left on device")
         real_write(self, b)
 
-    monkeypatch.setattr(_Writer, "_write", failing_write)
+    monkeypatch.setattr(FeatureWriter, "_write", failing_write)
     with pytest.raises(UserError, match="readable and marked incomplete.*--resume"):
         _api(ckpts, ["a"], out)()
-    monkeypatch.setattr(_Writer, "_write", real_write)
+    monkeypatch.setattr(FeatureWriter, "_write", real_write)
     with store.open_features(out) as f:
         ds = f["test/a/features.4"]
         assert not ds.attrs["complete"] and int(ds.attrs["rows_done"]) == 2 * BS

@@ -161,6 +161,20 @@ def test_container_point_is_checked_against_hooks():
     check_against_hooks(m, ex, (1, 32, 32))   # passes: layer2's last node is its output
 
 
+def test_self_check_accepts_a_net_that_computes_nan_and_still_catches_a_wrong_node():
+    m = _eval("vgg_tiny")
+    with torch.no_grad():
+        m.features[1].running_var[0] = -1.0          # BN channel 0: sqrt(-1) = NaN, everywhere after it
+    ex = build_extractor(m, [resolve_layer(m, "features.1"), resolve_layer(m, "features.4")])
+    assert torch.isnan(ex(_x())["features.4"]).all()
+    check_against_hooks(m, ex, (1, 32, 32))          # NaN == NaN here: the points are the modules' outputs
+    wrong = build_extractor(m, [LayerPoint("features.1", "features.1", "output")])
+    real_forward = wrong.forward
+    wrong.forward = lambda x: {k: v + 1 for k, v in real_forward(x).items()}
+    with pytest.raises(UserError, match="not what the module returns"):
+        check_against_hooks(m, wrong, (1, 32, 32))
+
+
 def test_list_layers_shapes_types_and_conv_index():
     rows = {r.path: r for r in list_layers(_eval("vgg_tiny"), (1, 32, 32))}
     assert rows["features.0"].type == "Conv2d" and rows["features.0"].shape == (16, 32, 32)

@@ -13,7 +13,8 @@ import torch
 
 import cli as cli_mod
 from common.checkpoints import load_checkpoint, save_checkpoint
-from features.extract import ExtractConfig, build_feature_data, data_spec_for, extract_features, load_net
+from features.extract import ExtractConfig, extract_features
+from features.nets import build_feature_data, data_spec_for, load_net
 from tests.test_extract import _ckpt
 from tests.test_similarity import write_features
 

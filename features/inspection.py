@@ -1,0 +1,169 @@
+"""Inspection of a feature file: :func:`describe_file` (what it holds: root provenance and, per
+split/net/layer, shape, dtype, completeness, progress, non-finite values, provenance) and :func:`verify_file` (re-compute a
+few random stored rows from the recorded checkpoints and compare within a tolerance per storage dtype).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from common.device import autocast, resolve_device
+from common.errors import UserError
+from common.files import jsonable
+from features import store
+from features.layers import build_extractor, resolve_layer
+from features.nets import DATA_FIELDS, Net, load_net
+from training.data import build_dataset
+from training.datasets import DataSpec
+
+
+def describe_file(path: str | os.PathLike) -> dict[str, Any]:
+    """What a feature file holds: root provenance, and per split/net/layer shape, dtype, completeness,
+    progress, non-finite count and largest magnitude, and provenance attributes (JSON-able)."""
+    with store.open_features(path, "r") as f:
+        desc: dict[str, Any] = {"file": str(path), "root": store.attrs_dict(f), "splits": {}}
+        for split in store.list_splits(f):
+            g = f[split]
+            sd: dict[str, Any] = {"rows": int(g["index"].shape[0]) if "index" in g else None, "nets": {}}
+            for net in store.list_nets(f, split):
+                nd = {}
+                for layer in sorted(g[net].keys()):
+                    ds = g[net][layer]
+                    a = store.attrs_dict(ds)
+                    entry = {"shape": list(ds.shape), "dtype": str(ds.dtype), "complete": bool(a.pop("complete", False)),
+                             "rows_done": int(a.pop("rows_done", 0)), "virtual": bool(ds.is_virtual),
+                             "chunks": list(ds.chunks) if ds.chunks else None, "compression": ds.compression,
+                             # NaN/inf values and largest finite magnitude of the rows done (None: not recorded)
+                             "nonfinite": a.pop("nonfinite", None), "max_abs": a.pop("max_abs", None),
+                             "attrs": a}
+                    if ds.is_virtual:
+                        try:
+                            store.check_virtual_sources(ds)
+                            entry["sources_ok"] = True
+                        except store.FeatureFileError as e:
+                            entry["sources_ok"] = False
+                            entry["problem"] = str(e)
+                    nd[layer] = entry
+                sd["nets"][net] = nd
+            desc["splits"][split] = sd
+    return jsonable(desc)
+
+
+VERIFY_TOL = {"float32": 1e-4, "float16": 4e-3, "bfloat16": 3e-2}   # max |diff| / max |stored|
+
+
+@dataclass
+class VerifyRow:
+    split: str
+    net: str
+    layer: str
+    status: str                  # ok | mismatch | skipped | failed
+    rows: list[int] = field(default_factory=list)
+    max_abs_diff: float | None = None
+    rel_diff: float | None = None
+    tolerance: float | None = None
+    reason: str = ""
+
+
+@torch.no_grad()
+def verify_file(path: str | os.PathLike, rows: int = 4, seed: int = 0, device: str = "cpu") -> list[VerifyRow]:
+    """Re-compute ``rows`` random stored rows of every dataset from its checkpoint and compare.
+
+    The data set comes from the file's ``dataset_spec`` (eval transform); each net is rebuilt from the
+    ``checkpoint`` attribute (its sha256 must match ``checkpoint_sha256``) and the layer re-resolved.
+    A row passes when ``max|recomputed - stored| <= tol * max|stored|`` (tol per storage dtype and autocast,
+    :data:`VERIFY_TOL`; batch composition changes the last bits of a float32 result)."""
+    dev = resolve_device(device)
+    rng = np.random.default_rng(seed)
+    results: list[VerifyRow] = []
+    nets: dict[str, Net | str] = {}
+    with store.open_features(path, "r") as f:
+        root = store.attrs_dict(f)
+        spec = root.get("dataset_spec")
+        for split in store.list_splits(f):
+            index, labels = store.read_index(f, split), store.read_labels(f, split)
+            try:
+                if not isinstance(spec, dict):
+                    raise UserError("the file records no dataset_spec (written by another tool?)")
+                dset = build_dataset(DataSpec(**{k: v for k, v in spec.items() if k in DATA_FIELDS}), split,
+                                     train_transform=False)
+            except UserError as e:
+                for net in store.list_nets(f, split):
+                    for layer in sorted(f[split][net].keys()):
+                        results.append(VerifyRow(split, net, layer, "skipped", reason=f"data set unavailable: {e}"))
+                continue
+            for net in store.list_nets(f, split):
+                results += _verify_net(f, split, net, dset, index, labels, nets, rng, rows, dev)
+    return results
+
+
+def _verify_net(f: h5py.File, split: str, net: str, dset: Dataset, index: np.ndarray, labels: np.ndarray,
+                cache: dict[str, Any], rng: np.random.Generator, rows: int, dev: torch.device) -> list[VerifyRow]:
+    g = f[split][net]
+    layers = sorted(g.keys())
+    attrs = {layer: store.attrs_dict(g[layer]) for layer in layers}
+    out: list[VerifyRow] = []
+    by_ckpt: dict[tuple[str, str], list[str]] = {}
+    for layer in layers:
+        a = attrs[layer]
+        by_ckpt.setdefault((str(a.get("checkpoint") or ""), str(a.get("checkpoint_sha256") or "")), []).append(layer)
+    for (ckpt, sha), lays in by_ckpt.items():
+        if not ckpt:
+            out += [VerifyRow(split, net, l, "skipped", reason="no checkpoint recorded") for l in lays]
+            continue
+        key = f"{ckpt}|{sha}"
+        if key not in cache:
+            try:
+                cache[key] = load_net(net, ckpt, expect_sha256=sha or None)
+            except UserError as e:
+                cache[key] = str(e)
+        loaded = cache[key]
+        if isinstance(loaded, str):
+            out += [VerifyRow(split, net, l, "failed", reason=loaded) for l in lays]
+            continue
+        model = loaded.model.to(dev).eval()
+        n_ok = min(int(attrs[l].get("rows_done", 0)) if not attrs[l].get("complete") else g[l].shape[0] for l in lays)
+        if n_ok == 0:
+            out += [VerifyRow(split, net, l, "skipped", reason="no rows written yet") for l in lays]
+            continue
+        pick = np.sort(rng.choice(n_ok, size=min(rows, n_ok), replace=False))
+        items = [dset[int(index[i])] for i in pick]
+        x = torch.stack([it[0] for it in items]).to(dev)
+        y = np.array([it[1] for it in items])
+        if not np.array_equal(y, labels[pick]):
+            out += [VerifyRow(split, net, l, "mismatch", pick.tolist(), reason="labels differ from the data set")
+                    for l in lays]
+            continue
+        try:
+            pts = [resolve_layer(model, str(attrs[l].get("layer") or l)) for l in lays]
+        except UserError as e:
+            out += [VerifyRow(split, net, l, "failed", reason=str(e)) for l in lays]
+            continue
+        ex = build_extractor(model, pts).to(dev)
+        bf16 = any(attrs[l].get("autocast") == "bfloat16" for l in lays)
+        with autocast(dev, bf16):
+            rec = ex(x)
+        for l, p in zip(lays, pts):
+            if attrs[l].get("node") not in (None, p.node):
+                out.append(VerifyRow(split, net, l, "failed", reason=f"layer {p.name!r} now resolves to {p.node!r}, "
+                                     f"the file recorded {attrs[l].get('node')!r}"))
+                continue
+            stored = torch.from_numpy(np.asarray(g[l][pick.tolist()])).float()
+            got = rec[p.name].to(torch.float16 if g[l].dtype == np.float16 else torch.float32).float().cpu()
+            if got.shape != stored.shape:
+                out.append(VerifyRow(split, net, l, "mismatch", pick.tolist(),
+                                     reason=f"shape {tuple(got.shape)} recomputed, {tuple(stored.shape)} stored"))
+                continue
+            diff = float((got - stored).abs().max())
+            scale = float(stored.abs().max())
+            tol = VERIFY_TOL["bfloat16" if bf16 else str(g[l].dtype)]
+            rel = diff / max(scale, 1e-12)
+            ok = bool(torch.isfinite(stored).all()) and rel <= tol
+            out.append(VerifyRow(split, net, l, "ok" if ok else "mismatch", pick.tolist(), diff, rel, tol))
+    return out

@@ -1,0 +1,137 @@
+"""The background writer: batches of host tensors come through a bounded queue and are written into
+the pre-allocated datasets by one thread, so the forward passes and the HDF5 writes overlap and memory
+does not grow with the number of images.
+
+Progress is crash-safe: ``rows_done`` of a dataset is raised only after the rows it covers were
+flushed, at most every ``flush_s`` seconds (and on :meth:`FeatureWriter.close`), and ``complete`` is
+set when the last row lands. A process killed mid-way leaves a readable file marked incomplete.
+
+Before a batch is written its values are checked (``features/nonfinite.py``): a float16 batch with a
+non-finite stored value is refused (the writer fails, nothing of that batch lands), and the
+``nonfinite`` / ``max_abs`` counts of each dataset are raised together with ``rows_done``.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import h5py
+import numpy as np
+import torch
+
+from features import store
+from features.nonfinite import ValueCounts, batch_counts, check_storable, write_counts
+
+
+@dataclass
+class WriteBatch:
+    split: str
+    start: int                                   # first row in the target file
+    stop: int
+    arrays: dict[str, torch.Tensor]              # dataset path -> (stop - start, ...) host tensor
+    ranges: torch.Tensor                         # (len(arrays), 2) float32 host: [min, max] of the computed
+                                                 # values of each array's rows still to write, arrays' order
+    event: Any = None                            # CUDA event to wait for before reading the host tensors
+
+
+class FeatureWriter:
+    """Writes batches from a bounded queue in a thread; raises ``rows_done`` only after a flush."""
+
+    def __init__(self, f: h5py.File, starts: dict[str, int], max_batches: int, flush_s: float,
+                 on_landed: Callable[[int], None] | None = None, counts: dict[str, ValueCounts] | None = None):
+        self.f = f
+        self.q: queue.Queue = queue.Queue(maxsize=max(1, max_batches))
+        self.flush_s = flush_s
+        self.done = dict(starts)                 # rows written (in order) per dataset path
+        self.marked = dict(starts)               # rows_done on disk
+        self.n = {p: f[p].shape[0] for p in starts}
+        self.dtypes = {p: str(f[p].dtype) for p in starts}
+        self.counts = {p: (counts or {}).get(p, ValueCounts()) for p in starts}   # of the rows written, per path
+        self.error: BaseException | None = None
+        self.batches = 0
+        self.bytes = 0
+        self.on_landed = on_landed
+        self._last_flush = time.monotonic()
+        self.thread = threading.Thread(target=self._run, name="kc-h5-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, item: WriteBatch) -> None:
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                self.q.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def close(self) -> None:
+        """Write what is queued, flush, and mark progress; re-raise a writer error."""
+        if self.thread.is_alive():
+            self.q.put(None)
+            self.thread.join()
+        try:                                     # mark what landed, also after a failure
+            self._checkpoint()
+        except BaseException as e:  # noqa: BLE001 - reported below
+            self.error = self.error or e
+        if self.error is not None:
+            raise self.error
+
+    def _run(self) -> None:
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue  # drain after a failure
+            try:
+                self._write(item)
+                if time.monotonic() - self._last_flush >= self.flush_s:
+                    self._checkpoint()
+                self.batches += 1
+                if self.on_landed is not None:
+                    self.on_landed(self.batches)
+            except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                self.error = e
+
+    def _write(self, b: WriteBatch) -> None:
+        if b.event is not None:
+            b.event.synchronize()
+        ranges = b.ranges.tolist()
+        checked = []                             # every array of the batch is checked before any is written
+        for i, (path, t) in enumerate(b.arrays.items()):
+            lo = max(b.start, self.done[path])
+            if lo >= b.stop:
+                continue
+            if lo != self.done[path]:
+                raise RuntimeError(f"rows of /{path} arrived out of order ({lo} after {self.done[path]})")
+            arr = np.ascontiguousarray(t[lo - b.start:].numpy())
+            vmin, vmax = ranges[i]
+            counts = batch_counts(vmin, vmax, arr, self.dtypes[path])
+            check_storable(path, (lo, b.stop), vmin, vmax, counts, self.dtypes[path], self.f.filename)
+            checked.append((path, lo, arr, counts))
+        for path, lo, arr, counts in checked:
+            self.f[path].write_direct(arr, dest_sel=np.s_[lo:b.stop])
+            self.done[path] = b.stop
+            self.counts[path] = self.counts[path].add(counts)
+            self.bytes += arr.nbytes
+
+    def _checkpoint(self) -> None:
+        """Flush the data, then raise rows_done/complete and the counts, then flush those attributes."""
+        changed = [p for p in self.done if self.done[p] != self.marked[p]]
+        if not changed:
+            return
+        self.f.flush()
+        for p in changed:
+            ds = self.f[p]
+            write_counts(ds, self.counts[p])
+            if self.done[p] >= self.n[p]:
+                store.mark_complete(ds)
+            else:
+                store.mark_rows_done(ds, self.done[p])
+            self.marked[p] = self.done[p]
+        self.f.flush()
+        self._last_flush = time.monotonic()
