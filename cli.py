@@ -15,33 +15,45 @@ import os
 import sys
 import textwrap
 
-# Packages whose ``commands`` module contributes subcommands, in the order of the data flow.
-COMMAND_MODULES = ("training.commands", "training.family_commands", "training.ke_commands",
-                   "features.commands", "transnet.commands", "analysis.similarity_commands",
-                   "analysis.commands", "studies.commands")
+# The modules that contribute subcommands, in the order of the data flow, with the commands each
+# defines (tests/test_cli.py checks this index against every module's COMMANDS). Running one command
+# imports its module only; ``--help`` and an unknown name import them all.
+COMMAND_MODULES = {
+    "training.commands": ("train",),
+    "training.family_commands": ("distill", "born-again", "search", "summarize", "compress"),
+    "training.ke_commands": ("evolve",),
+    "features.commands": ("extract", "inspect", "list-layers"),
+    "transnet.commands": ("fit-transnet", "variance", "import-transnet", "refine"),
+    "analysis.similarity_commands": ("similarity",),
+    "analysis.commands": ("consistency", "visualize", "diagnose", "report"),
+    "studies.commands": ("study",),
+}
 
 
-def _commands():
+def module_of(command: str) -> str | None:
+    """The module that defines ``command``, or None for an unknown name."""
+    return next((m for m, names in COMMAND_MODULES.items() if command in names), None)
+
+
+def _commands(modules: list[str] | None = None):
     out = []
-    for mod_name in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(mod_name)
-        except ModuleNotFoundError as e:
-            if e.name == mod_name:
-                continue
-            raise
-        out.extend(mod.COMMANDS)
+    for mod_name in modules or list(COMMAND_MODULES):
+        out.extend(importlib.import_module(mod_name).COMMANDS)
     return out
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+def build_parser(command: str | None = None) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The parser of every command, or of ``command`` alone (its module is the only one imported)."""
     parser = argparse.ArgumentParser(
         prog="cli.py", description="Knowledge-consistency workbench: train network families, cache their "
         "activations, fit Trans-Nets between pairs and explain what knowledge they share.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     subs = {}
-    for cmd in _commands():
+    module = module_of(command) if command else None
+    for cmd in _commands([module] if module else None):
+        if module and cmd.name != command:
+            continue
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.description or cmd.help,
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         cmd.add_args(p)
@@ -79,7 +91,7 @@ def _fail(msg: str, code: int = 1) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
-    parser, subs = build_parser()
+    parser, subs = build_parser(argv[0] if argv else None)
     if not argv or argv[0] not in subs:
         if argv and not argv[0].startswith("-"):
             from common.registry import unknown_choice_message

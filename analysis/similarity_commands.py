@@ -16,18 +16,12 @@ from typing import Any, Sequence
 
 import h5py
 
-from analysis.similarity import (
-    CCA_FAMILY,
-    CCA_FEATURES,
-    CKA_FAMILY,
-    FORMS,
-    METRICS,
-    MatrixResult,
-    cca_matrices,
-    cka_family_matrices,
-    get_metric,
-    minibatch_cka_matrix,
-)
+from analysis.cca import CCA_FAMILY, CCA_FEATURES, cca_matrices
+from analysis.cka import FORMS
+from analysis.cka_matrices import CKA_FAMILY, cka_family_matrices
+from analysis.minibatch_cka import minibatch_cka_matrix
+from analysis.similarity import METRICS, get_metric
+from analysis.similarity_results import MatrixResult
 from common.errors import UserError
 from common.files import write_json
 from common.options import Command, add_dataclass_args, add_run_args, dataclass_from_args, parse_csv

@@ -8,7 +8,7 @@ For each N a fresh child process (so peak RSS is its own) writes two nets' featu
 kc-features file (float16, one sample per chunk, written block by block): ``a`` standard normal,
 ``b = a with its channels permuted + equal-variance independent noise`` (population CKA 0.5). It then
 measures the float64 GEMM rate (scipy BLAS ``dgemm``, the routine the CKA accumulators call) and
-computes CKA of the pair in the feature-space form (``analysis.similarity.pair_moments``, form
+computes CKA of the pair in the feature-space form (``analysis.cka.pair_moments``, form
 ``features``): three streaming passes over row blocks (x with itself, y with itself, the pair), each
 holding one p x p (or p x q) float64 matrix whatever N is. Reported: samples/s, achieved GFLOP/s
 (N·p² + N·q² + 2·N·p·q: two symmetric rank-k updates and one GEMM), their ratio to the GEMM rate,
@@ -79,7 +79,7 @@ def write_pair(path: Path, n: int, shape: tuple[int, int, int], seed: int, block
 
 
 def worker(n: int, shape: tuple[int, int, int], check_gram: bool, seed: int) -> dict:
-    from analysis.similarity import cka_from_moments, pair_moments
+    from analysis.cka import cka_from_moments, pair_moments
     from features.store import get_features, open_features
 
     p = int(np.prod(shape))

@@ -11,11 +11,11 @@ import dataclasses
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-import torch
 
 from common.errors import UserError
 
@@ -44,7 +44,7 @@ def jsonable(obj: Any, nonfinite: dict[str, str] | None = None, path: str = "") 
         return [jsonable(v, nonfinite, f"{path}[{i}]") for i, v in enumerate(obj)]
     if isinstance(obj, Path):
         return str(obj)
-    if isinstance(obj, (torch.Tensor, np.ndarray)):
+    if isinstance(obj, np.ndarray) or _is_tensor(obj):
         return jsonable(obj.tolist(), nonfinite, path)
     if isinstance(obj, np.generic):
         return jsonable(obj.item(), nonfinite, path)
@@ -112,3 +112,9 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must hold a mapping of option: value, got {type(data).__name__}")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def _is_tensor(obj: Any) -> bool:
+    """A torch tensor (torch is not imported for it: no tensor exists unless torch was imported)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.Tensor)

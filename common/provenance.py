@@ -9,11 +9,14 @@ import platform
 import socket
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 PACKAGE_VERSION = "0.1.0"
 _REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -43,15 +46,28 @@ def provenance(device: str | torch.device | None = None) -> dict[str, Any]:
     info = {
         "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]) if sys.argv else "",
         "code_version": code_version(),
-        "torch_version": torch.__version__,
+        "torch_version": _torch_version(),
         "numpy_version": np.__version__,
         "python_version": platform.python_version(),
         "host": socket.gethostname(),
         "device": dev,
     }
-    if dev.startswith("cuda") and torch.cuda.is_available():
-        info["device_name"] = torch.cuda.get_device_name(torch.device(dev))
+    if dev.startswith("cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            info["device_name"] = torch.cuda.get_device_name(torch.device(dev))
     return info
+
+
+def _torch_version() -> str:
+    """The torch version, without importing torch when a command did not (the similarity command)."""
+    if "torch" in sys.modules:
+        return sys.modules["torch"].__version__
+    try:
+        return metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:

@@ -10,13 +10,14 @@ import json
 import os
 import socket
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from common.errors import UserError
 from common.files import atomic_write, jsonable, read_json, write_json
 from common.provenance import now_utc, provenance
+
+if TYPE_CHECKING:
+    import torch
 
 
 class RunDir:

@@ -97,3 +97,22 @@ def test_every_command_is_declared_by_one_commands_module_of_its_stage():
             assert cmd.name not in owners, f"{cmd.name} declared by {owners.get(cmd.name)} and {mod_name}"
             owners[cmd.name] = mod_name
     assert set(owners) == set(cli.build_parser()[1])
+    for mod_name, names in cli.COMMAND_MODULES.items():
+        declared = [c.name for c in __import__(mod_name, fromlist=["COMMANDS"]).COMMANDS]
+        assert list(names) == declared, f"cli.COMMAND_MODULES lists {names} for {mod_name}, which declares {declared}"
+
+
+def test_one_command_imports_its_own_module_only():
+    """``cli.py similarity ...`` must not pay for importing torchvision and the training code."""
+    import subprocess
+    import sys
+
+    code = ("import sys, cli; cli.build_parser('similarity'); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('training', 'transnet', 'studies', "
+            "'torchvision', 'torch')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
+    import cli
+
+    parser, subs = cli.build_parser("similarity")
+    assert list(subs) == ["similarity"]

@@ -10,7 +10,12 @@ import pytest
 import scipy.linalg as sl
 import torch
 
+from analysis import cca as CC
+from analysis import cka as C
+from analysis import minibatch_cka as MB
 from analysis import similarity as S
+from analysis import similarity_results as R
+from analysis import sources as SRC
 from analysis.similarity_commands import similarity_matrix
 from common.errors import UserError
 from features.store import create_features, init_root, init_split, mark_complete, open_features
@@ -138,10 +143,10 @@ def test_unbiased_hsic_matches_u_statistic_definition():
     x, y = x.reshape(8, -1), y.reshape(8, -1)
     k, l = x @ x.T, y @ y.T
     want = ref_hsic_u_bruteforce(k, l)
-    assert S.hsic_unbiased(k, l) == pytest.approx(want, rel=1e-10)
-    assert S.feature_moments(x, y, block_bytes=40).hsic_unbiased == pytest.approx(want, rel=1e-10)
-    kc = S.centred_gram(x, block_bytes=8 * 8)      # translation invariance: centred Grams give the same
-    assert S.gram_moments(kc, S.centred_gram(y)).hsic_unbiased == pytest.approx(want, rel=1e-10)
+    assert C.hsic_unbiased(k, l) == pytest.approx(want, rel=1e-10)
+    assert C.feature_moments(x, y, block_bytes=40).hsic_unbiased == pytest.approx(want, rel=1e-10)
+    kc = C.centred_gram(x, block_bytes=8 * 8)      # translation invariance: centred Grams give the same
+    assert C.gram_moments(kc, C.centred_gram(y)).hsic_unbiased == pytest.approx(want, rel=1e-10)
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -166,9 +171,9 @@ def test_torch_tensors_are_accepted():
 
 def test_zero_variance_features_raise_a_clear_error():
     x, _ = planted()
-    with pytest.raises(S.SimilarityError, match="zero variance"):
+    with pytest.raises(SRC.SimilarityError, match="zero variance"):
         S.linear_cka_similarity(x, np.ones_like(x))
-    with pytest.raises(S.SimilarityError, match="zero variance"):
+    with pytest.raises(SRC.SimilarityError, match="zero variance"):
         S.procrustes_distance(np.ones_like(x), x, form="gram")
 
 
@@ -193,9 +198,9 @@ def test_streaming_from_h5_equals_in_memory_reference(tmp_path, form):
     path = write_features(tmp_path / "f.h5", {"a": x, "b": y})
     with open_features(path) as f:
         dx, dy = f["test/a/conv"], f["test/b/conv"]
-        xy, xx, yy = S.pair_moments(dx, dy, form=form, nuclear=True, block_bytes=16 * 8 * 5)  # many blocks
-        assert S.cka_from_moments(xy, xx, yy) == pytest.approx(ref_cka(x.astype(float), y.astype(float)), rel=1e-10)
-        assert S.procrustes_from_moments(xy) == pytest.approx(ref_procrustes(x.astype(float), y.astype(float)),
+        xy, xx, yy = C.pair_moments(dx, dy, form=form, nuclear=True, block_bytes=16 * 8 * 5)  # many blocks
+        assert C.cka_from_moments(xy, xx, yy) == pytest.approx(ref_cka(x.astype(float), y.astype(float)), rel=1e-10)
+        assert C.procrustes_from_moments(xy) == pytest.approx(ref_procrustes(x.astype(float), y.astype(float)),
                                                               rel=1e-9)
         mb_h5 = S.minibatch_cka_similarity(dx, dy, batch_size=16, seed=3)
     assert mb_h5 == pytest.approx(S.minibatch_cka_similarity(x, y, batch_size=16, seed=3), rel=1e-12)
@@ -203,7 +208,7 @@ def test_streaming_from_h5_equals_in_memory_reference(tmp_path, form):
 
 def test_minibatch_cka_matches_reference_over_the_same_batches():
     x, y = planted(seed=10, n=70)
-    batches = S.minibatch_indices(70, 16, seed=2)
+    batches = MB.minibatch_indices(70, 16, seed=2)
     assert len(batches) == 4 and all(len(b) == 16 for b in batches)
     assert len(np.unique(np.concatenate(batches))) == 64
     xf, yf = x.reshape(70, -1), y.reshape(70, -1)
@@ -244,9 +249,9 @@ def test_cca_of_features_with_themselves_or_an_invertible_map_of_them_is_one():
 
 def test_cca_feature_modes_shape_samples_as_documented():
     x = np.arange(2 * 3 * 2 * 2, dtype=float).reshape(2, 3, 2, 2)
-    np.testing.assert_allclose(S.cca_samples(x, "pooled"), x.mean((2, 3)))
-    np.testing.assert_allclose(S.cca_samples(x, "flat"), x.reshape(2, -1))
-    pos = S.cca_samples(x, "positions")
+    np.testing.assert_allclose(CC.cca_samples(x, "pooled"), x.mean((2, 3)))
+    np.testing.assert_allclose(CC.cca_samples(x, "flat"), x.reshape(2, -1))
+    pos = CC.cca_samples(x, "positions")
     assert pos.shape == (8, 3)
     np.testing.assert_allclose(pos[5], x[1, :, 0, 1])
 
@@ -254,9 +259,9 @@ def test_cca_feature_modes_shape_samples_as_documented():
 def test_cca_refuses_fewer_samples_than_dimensions():
     rng = np.random.default_rng(13)
     x, y = rng.normal(size=(20, 3, 3, 3)), rng.normal(size=(20, 3, 3, 3))
-    with pytest.raises(S.SimilarityError, match="pooled"):
+    with pytest.raises(SRC.SimilarityError, match="pooled"):
         S.pwcca_similarity(x, y, features="flat")
-    with pytest.raises(S.SimilarityError, match="samples"):
+    with pytest.raises(SRC.SimilarityError, match="samples"):
         S.svcca_similarity(x, y, features="flat")
     assert 0 < S.svcca_similarity(x, y, features="pooled") < 1
 
@@ -291,8 +296,8 @@ def test_permutation_null_small_p_for_planted_and_uniform_p_for_independent():
 
 def test_null_summary_direction():
     null = np.array([0.1, 0.2, 0.3, 0.4])
-    assert S.null_summary(0.35, null, "similarity").p_value == pytest.approx(2 / 5)
-    assert S.null_summary(0.35, null, "distance").p_value == pytest.approx(4 / 5)
+    assert R.null_summary(0.35, null, "similarity").p_value == pytest.approx(2 / 5)
+    assert R.null_summary(0.35, null, "distance").p_value == pytest.approx(4 / 5)
 
 
 # --------------------------------------------------------------------------- the command
@@ -383,7 +388,7 @@ def test_cca_with_flat_features_and_few_samples_is_refused(cli, family, tmp_path
 def test_memory_limits_give_an_error_or_a_labelled_warning_never_nan(family):
     path, _ = family
     with pytest.raises(UserError, match="memory_gb"):
-        similarity_matrix(path, "conv", metrics="cka", cka_form="gram", memory_gb=1e-4)
+        similarity_matrix(path, "conv", metrics="cka", cka_form="gram", memory_gb=5e-5)
     body = similarity_matrix(path, "conv", metrics="cka", permutations=5, memory_gb=50e3 / 2 ** 30)
     m = body["metrics"]["cka"]
     assert all(v is not None for row in m["matrix"] for v in row)
@@ -393,7 +398,7 @@ def test_memory_limits_give_an_error_or_a_labelled_warning_never_nan(family):
 
 
 def test_gram_stats_of_a_permuted_gram_equal_the_moments_of_the_permuted_matrix():
-    from analysis.similarity import GramStats, centred_gram, gram_moments
+    from analysis.cka import GramStats, centred_gram, gram_moments
 
     rng = np.random.default_rng(3)
     x, y = rng.normal(size=(30, 7)), rng.normal(size=(30, 5)) + 2.0
