@@ -15,8 +15,7 @@ import cli as cli_mod
 from common.checkpoints import load_checkpoint, save_checkpoint
 from features.extract import ExtractConfig, extract_features
 from features.nets import build_feature_data, data_spec_for, load_net
-from tests.test_extract import _ckpt
-from tests.test_similarity import write_features
+from tests.fakedata import tiny_checkpoint, write_features_one_split
 
 COMMANDS = sorted(cli_mod.build_parser()[1])
 
@@ -106,8 +105,8 @@ def test_debug_shows_the_traceback(tmp_path):
 
 def _features(tmp_path: Path) -> Path:
     rng = np.random.default_rng(0)
-    return write_features(tmp_path / "f.h5", {"a": rng.normal(size=(64, 8, 3, 3)).astype(np.float32),
-                                             "b": rng.normal(size=(64, 8, 3, 3)).astype(np.float32)})
+    return write_features_one_split(tmp_path / "f.h5", {"a": rng.normal(size=(64, 8, 3, 3)).astype(np.float32),
+                                                      "b": rng.normal(size=(64, 8, 3, 3)).astype(np.float32)})
 
 
 @pytest.mark.parametrize("damage", ["truncate", "zero_header", "empty"])
@@ -132,7 +131,7 @@ def test_damaged_feature_file_is_detected_and_named(cli, tmp_path, damage):
 # --------------------------------------------------------------------------- changed checkpoints
 
 def test_features_of_a_checkpoint_changed_since_extraction_are_refused_unless_allowed(cli, tmp_path):
-    ck = {"a": _ckpt(tmp_path / "a.pt", seed=0), "b": _ckpt(tmp_path / "b.pt", seed=1)}
+    ck = {"a": tiny_checkpoint(tmp_path / "a.pt", seed=0), "b": tiny_checkpoint(tmp_path / "b.pt", seed=1)}
     nets = [load_net(n, p) for n, p in ck.items()]
     cfg = ExtractConfig(split="test", dtype="float32", batch_size=8, limit=24)
     data = build_feature_data(data_spec_for(nets, {}), ["test"], cfg.limit)
