@@ -22,7 +22,7 @@ from transnet.data import BlockPairs, MemoryPairs, load_arrays, open_pair
 from transnet.fit import DivergenceError, FitConfig, fit_transnet, load_transnet
 from transnet.model import TransNet
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CONTRACT_KEYS = {"split", "n_samples", "source", "target", "layer", "var_target", "var_orders", "var_residual",
                  "fraction_orders", "fraction_residual", "r2", "gates", "mse", "note"}
 

@@ -32,7 +32,7 @@ from studies.runner import cached_study
 from tests.fakedata import FAST_FIT, planted_features
 from training.manifest import Member, write_manifest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def tiny_demo_study(path: Path) -> Path:

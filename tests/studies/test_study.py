@@ -26,7 +26,7 @@ from studies.spec import load_study
 from tests.fakedata import make_imagefolder
 from tests.processes import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def study_dict(data_root: Path, **over) -> dict:

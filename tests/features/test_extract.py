@@ -23,7 +23,7 @@ from tests.processes import exit_status, flat, free_port, in_child
 from training.data import build_dataset
 from training.datasets import DataSpec
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

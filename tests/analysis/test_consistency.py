@@ -1,7 +1,7 @@
 """Family consistency: pair plans, tidy rows and matrices, and the fit-or-reuse loop on planted features.
 
 The planted feature file (``tests.fakedata.planted_features``, also used by test_diagnose.py,
-test_report.py and test_transnet_edges.py) holds four nets at one
+test_report.py and transnet/test_transnet_edges.py) holds four nets at one
 layer: ``b`` is a scaled channel permutation of ``a`` (fully consistent, linear), ``c`` is independent
 of ``a`` (fully inconsistent), ``d`` equals 2·a except channel 2, which is independent noise, and
 test row 5 of ``d``, which is all noise (a planted blind spot in one channel and one image).

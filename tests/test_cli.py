@@ -1,7 +1,7 @@
 """Faults a user meets: garbage options, corrupt or truncated feature files, checkpoints that changed
-after extraction. (Kill-and-resume of whole studies is in test_study.py; of single stages in
-test_foundation.py, test_extract.py and test_transnet_fit.py; full disks in test_extract.py; NaN
-features in test_transnet_fit.py.)"""
+after extraction. (Kill-and-resume of whole studies is in studies/test_study.py; of single stages in
+training/test_training.py, features/test_extract.py and transnet/test_transnet_fit.py; full disks in
+features/test_extract.py; NaN features in transnet/test_transnet_fit.py.)"""
 from __future__ import annotations
 
 import shutil
