@@ -1,4 +1,5 @@
-"""Faults a user meets: garbage options, corrupt or truncated feature files, checkpoints that changed
+"""The command line: ``train`` end to end from a config file, bad names and config keys; and the faults a
+user meets: garbage options, corrupt or truncated feature files, checkpoints that changed
 after extraction. (Kill-and-resume of whole studies is in studies/test_study.py; of single stages in
 training/test_training.py, features/test_extract.py and transnet/test_transnet_fit.py; full disks in
 features/test_extract.py; NaN features in transnet/test_transnet_fit.py.)"""
@@ -13,6 +14,7 @@ import torch
 
 import cli as cli_mod
 from common.checkpoints import load_checkpoint, save_checkpoint
+from common.files import read_json
 from features.extract import ExtractConfig, extract_features
 from features.nets import build_feature_data, data_spec_for, load_net
 from tests.fakedata import tiny_checkpoint, write_features_one_split
@@ -162,3 +164,37 @@ def test_features_of_a_checkpoint_changed_since_extraction_are_refused_unless_al
     shutil.move(ck["b"], tmp_path / "elsewhere.pt")                # a checkpoint moved away cannot be checked
     code, _, err = cli(*sim, "--out_dir", tmp_path / "s3")
     assert code == 0, err
+
+
+# --------------------------------------------------------------------------- train from a config file, bad names
+
+def test_cli_train_end_to_end_with_config_file(cli, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("epochs: 1\narch: vgg_tiny\nbatch_size: 256\nimage_size: 16\n")
+    code, out, err = cli("train", "--config", cfg, "--out_dir", tmp_path / "run")
+    assert code == 0, err
+    conf = read_json(tmp_path / "run" / "config.json")
+    assert conf["config"]["train"]["epochs"] == 1 and conf["config"]["model"]["arch"] == "vgg_tiny"
+    assert conf["provenance"]["code_version"] and conf["end_utc"]
+    assert "test top-1" in out
+    # a second run into the same directory is refused with the fix named
+    code, out, err = cli("train", "--config", cfg, "--out_dir", tmp_path / "run")
+    assert code == 1 and "--overwrite" in err and "Traceback" not in err
+
+
+def test_cli_config_file_with_unknown_key_is_refused(cli, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("epochz: 1\n")
+    code, _, err = cli("train", "--config", cfg, "--out_dir", tmp_path / "run")
+    assert code == 1 and "epochz" in err and "epochs" in err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["train", "--arch", "nope", "--out_dir", "X"], "unknown arch 'nope'"),
+    (["train", "--dataset", "mnist", "--out_dir", "X"], "unknown data set 'mnist'"),
+    (["trian"], "did you mean 'train'"),
+])
+def test_cli_bad_names_exit_nonzero_without_traceback(cli, tmp_path, argv, needle):
+    argv = [str(tmp_path / a) if a == "X" else a for a in argv]
+    code, out, err = cli(*argv)
+    assert code != 0 and needle in err and "Traceback" not in err
