@@ -7,6 +7,11 @@ colour and the rest is grey, so a crop can be checked by its size and colour.
 
     from tests.fakedata import make_cub_layout
     root = make_cub_layout(tmp_path, n_classes=3, per_class=4, size=(40, 32))
+
+Also the other builders shared by several test files: small untrained checkpoints (``tiny_checkpoint``),
+kc-features files of given arrays (``write_features_one_split``, ``write_features_by_split``), the planted
+family features (``planted_features``) and the options of quick Trans-Net fits (``FAST_FIT``,
+``FAST_FIT_ARGS``, ``FAST_FIT_KWARGS``).
 """
 from __future__ import annotations
 
@@ -16,8 +21,19 @@ import pickle
 from pathlib import Path
 from typing import Sequence
 
+import h5py
 import numpy as np
+import torch
+import torch.nn as nn
 from PIL import Image
+
+from common.checkpoints import save_checkpoint
+from features import store
+from features.store import create_features, init_root, init_split, mark_complete, mark_rows_done, open_features
+from training.datasets import DataSpec
+from training.models import build_model
+from training.runner import ModelSpec, checkpoint_fields
+from transnet.fit import FitConfig
 
 GREY = (128, 128, 128)
 VOC_ANIMALS = ("bird", "cat", "cow", "dog", "horse", "sheep")
@@ -300,3 +316,102 @@ def make_mix_layout(root: Path, cub_classes: int = 3, dog_classes: int = 2, per_
     make_cub_layout(root, cub_classes, per_class, size)
     make_dogs_layout(Path(root) / "StanfordDogs", dog_classes, per_class, size)
     return Path(root)
+
+
+# --------------------------------------------------------------------------- small checkpoints
+
+EXTRACT_ROWS = 20        # rows per split the extraction tests read (--limit)
+EXTRACT_BATCH = 4        # their batch size: 5 batches per split
+
+
+def tiny_checkpoint(path: Path, arch: str = "vgg_tiny", seed: int = 0, num_classes: int = 10,
+                    data: DataSpec = DataSpec()) -> Path:
+    """An untrained ``arch`` checkpoint (seeded) with BN statistics that make the BN output non-trivial,
+    in the workbench's checkpoint layout. Returns ``path``."""
+    torch.manual_seed(seed)
+    m = build_model(arch, num_classes, 1, data.image_size or 32)
+    for mod in m.modules():                       # BN statistics that make the BN output non-trivial
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.5, 0.5)
+            mod.running_var.uniform_(0.5, 2.0)
+    fields = checkpoint_fields(ModelSpec(arch), data, num_classes, {})
+    save_checkpoint(path, {**fields, "state_dict": m.state_dict(), "epoch": 0, "metrics": {}})
+    return path
+
+
+# --------------------------------------------------------------------------- kc-features files
+
+def write_features_one_split(path, nets: dict[str, np.ndarray], layer="conv", split="test", dtype="float32"):
+    """A kc-features file of one split: ``nets[net] = (N, C, H, W)`` array at ``layer``, all complete."""
+    n = len(next(iter(nets.values())))
+    with open_features(path, "w") as f:
+        init_root(f, "toy", {"name": "plain"}, 4, "pytest")
+        init_split(f, split, np.arange(n), np.arange(n) % 3)
+        for name, x in nets.items():
+            ds = create_features(f, split, name, layer, x.shape, dtype, {"arch": "toy"})
+            ds[...] = x
+            mark_complete(ds)
+    return path
+
+
+FIT_LAYER = "features.4"
+# FitConfig options of a quick Trans-Net fit (global input scale, 1x1 kernels) between nets A and B at FIT_LAYER.
+FAST_FIT_KWARGS = dict(source="A", target="B", layer=FIT_LAYER, input_norm="global", kernel=1, lr=2e-2,
+                       final_lr=1e-4, schedule="cosine", weight_decay=0.0, eval_every=1000, save_every=1000,
+                       device="cpu")
+
+
+def write_features_by_split(path: Path, splits: dict[str, dict[str, np.ndarray]], layer: str = FIT_LAYER,
+                            complete: bool = True, index_offset: int = 0, dtype: str = "float32") -> Path:
+    """A kc-features file: ``splits[split][net] = (N, C, H, W)`` array."""
+    with h5py.File(path, "w") as f:
+        init_root(f, "synthetic", {"preset": "plain"}, 8, "pytest")
+        for split, nets in splits.items():
+            n = next(iter(nets.values())).shape[0]
+            init_split(f, split, np.arange(n) + index_offset, np.zeros(n, dtype=np.int64))
+            for net, x in nets.items():
+                ds = create_features(f, split, net, layer, x.shape, dtype,
+                                     {"arch": "synthetic", "layer": layer, "checkpoint": f"{net}.pt"})
+                ds[...] = x
+                if complete:
+                    mark_complete(ds)
+                else:
+                    mark_rows_done(ds, n // 2)
+    return path
+
+
+# --------------------------------------------------------------------------- planted family features
+
+PLANTED_C, PLANTED_HW, PLANTED_N_TRAIN, PLANTED_N_TEST = 4, 4, 64, 32
+PLANTED_CHANNEL, PLANTED_ROW = 2, 5
+# Linear, per-position Trans-Nets (1x1 kernels, global input scale) converge in seconds on this data.
+FAST_FIT = FitConfig(orders=1, kernel=1, input_norm="global", epochs=60, lr=0.03, schedule="constant",
+                     batch_size=16, eval_every=60, save_every=60, device="cpu")
+FAST_FIT_ARGS = ["--orders", "1", "--kernel", "1", "--input_norm", "global", "--epochs", "60", "--lr", "0.03",
+                 "--schedule", "constant", "--batch_size", "16", "--eval_every", "60", "--save_every", "60",
+                 "--device", "cpu"]
+
+
+def planted_features(path: Path, seed: int = 0) -> Path:
+    """Four nets at layer ``conv`` (PLANTED_C channels of PLANTED_HW x PLANTED_HW): ``b`` is a scaled
+    channel permutation of ``a`` (fully consistent, linear), ``c`` is independent of ``a`` (fully
+    inconsistent), ``d`` equals 2·a except channel PLANTED_CHANNEL, which is independent noise, and test
+    row PLANTED_ROW of ``d``, which is all noise (a planted blind spot in one channel and one image)."""
+    C, HW = PLANTED_C, PLANTED_HW
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(C)
+    with h5py.File(path, "w") as f:
+        store.init_root(f, "planted", {}, HW, "tests.fakedata.planted_features")
+        for split, n in (("train", PLANTED_N_TRAIN), ("test", PLANTED_N_TEST)):
+            a = rng.normal(size=(n, C, HW, HW)).astype(np.float32)
+            d = 2.0 * a
+            d[:, PLANTED_CHANNEL] = rng.normal(size=(n, HW, HW))
+            if split == "test":
+                d[PLANTED_ROW] = 2.0 * rng.normal(size=(C, HW, HW))
+            nets = {"a": a, "b": 2.0 * a[:, perm], "c": rng.normal(size=a.shape).astype(np.float32), "d": d}
+            store.init_split(f, split, np.arange(n) * 3, np.arange(n) % 3)
+            for name, x in nets.items():
+                ds = store.create_features(f, split, name, "conv", x.shape, "float32", {"arch": "planted"})
+                ds[...] = x
+                store.mark_complete(ds)
+    return path

@@ -18,8 +18,10 @@ from analysis.consistency import ConsistencyConfig, run_consistency
 from analysis.diagnose import DiagnoseConfig, diagnose_pair
 from common.errors import UserError
 from common.files import read_json
-from test_consistency import FAST_FIT
-from test_transnet_fit import FAST, LAYER, write_features
+from tests.fakedata import FAST_FIT
+from tests.fakedata import FAST_FIT_KWARGS as FAST
+from tests.fakedata import FIT_LAYER as LAYER
+from tests.fakedata import write_features_by_split
 from transnet.commands import run_variance
 from transnet.fit import FitConfig, fit_transnet, load_transnet
 from transnet.model import TransNet
@@ -105,8 +107,8 @@ def test_fits_under_either_convention_agree(tmp_path):
     rng = np.random.default_rng(7)
     mix = rng.standard_normal((C, C)).astype(np.float32)
     a, ta = rng.standard_normal((256, C, 4, 4)).astype(np.float32), rng.standard_normal((128, C, 4, 4)).astype(np.float32)
-    f = write_features(tmp_path / "f.h5", {"train": {"A": a, "B": np.einsum("oc,nchw->nohw", mix, a)},
-                                           "test": {"A": ta, "B": np.einsum("oc,nchw->nohw", mix, ta)}})
+    f = write_features_by_split(tmp_path / "f.h5", {"train": {"A": a, "B": np.einsum("oc,nchw->nohw", mix, a)},
+                                                    "test": {"A": ta, "B": np.einsum("oc,nchw->nohw", mix, ta)}})
     fast = {k: v for k, v in FAST.items() if k != "input_norm"}
     m0 = fit_transnet(FitConfig(features=str(f), epochs=40, std_correction=0, **fast), tmp_path / "c0")
     m1 = fit_transnet(FitConfig(features=str(f), epochs=40, std_correction=1, **fast), tmp_path / "c1")
@@ -151,8 +153,8 @@ def original_pair(tmp_path_factory):
     a, ta = rng.standard_normal((64, C, S, S)), rng.standard_normal((32, C, S, S))
     b = original_reference(torch.from_numpy(a), w, logits)[0].numpy()
     tb = original_reference(torch.from_numpy(ta), w, logits)[0].numpy()
-    f = write_features(root / "f.h5", {"train": {"A": a.astype(np.float32), "B": b.astype(np.float32)},
-                                       "test": {"A": ta.astype(np.float32), "B": tb.astype(np.float32)}})
+    f = write_features_by_split(root / "f.h5", {"train": {"A": a.astype(np.float32), "B": b.astype(np.float32)},
+                                                "test": {"A": ta.astype(np.float32), "B": tb.astype(np.float32)}})
     ck = original_checkpoint(root / "checkpoint_L30_.pth.tar", w, logits)
     return {"features": f, "checkpoint": ck, "weights": w, "logits": logits, "test_a": ta}
 

@@ -27,7 +27,10 @@ from features.nonfinite import (
     range_is_clean,
     value_range,
 )
-from tests.test_extract import BS, N, _ckpt, _exit_status, _flat, _free_port, _in_child
+from tests.fakedata import EXTRACT_BATCH as BS
+from tests.fakedata import EXTRACT_ROWS as N
+from tests.fakedata import tiny_checkpoint
+from tests.processes import exit_status, flat, free_port, in_child
 from training.data import build_dataset
 from training.datasets import DataSpec
 
@@ -55,8 +58,9 @@ def _wild(sd) -> None:
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     d = tmp_path_factory.mktemp("ckpts")
-    big = _edit(_ckpt(d / "big.pt", seed=3), lambda sd: sd["features.0.weight"].mul_(3e4))   # finite, > 65504
-    return {"a": _ckpt(d / "a.pt", seed=0), "big": big, "wild": _edit(_ckpt(d / "wild.pt", seed=4), _wild)}
+    big = _edit(tiny_checkpoint(d / "big.pt", seed=3), lambda sd: sd["features.0.weight"].mul_(3e4))   # finite, > 65504
+    return {"a": tiny_checkpoint(d / "a.pt", seed=0), "big": big,
+            "wild": _edit(tiny_checkpoint(d / "wild.pt", seed=4), _wild)}
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +109,7 @@ def test_float16_overflow_is_refused_naming_net_layer_split_count_and_float32(cl
     with np.errstate(over="ignore"):
         n_over = int(np.count_nonzero(np.isinf(ref.astype(np.float16))))
     assert np.isfinite(ref).all() and n_over > 0
-    msg = _flat(err)
+    msg = flat(err)
     assert code == 1 and "Traceback" not in err
     assert "net 'big', layer 'features.1', split 'test'" in msg and f"rows 0-{BS - 1}" in msg
     assert f"{n_over} values exceed the float16 range" in msg
@@ -163,7 +167,7 @@ def test_float32_nonfinite_is_counted_per_dataset_warned_and_shown_by_inspect(cl
             assert want > 0 and counts[f"{split}/wild/{layer}"] == (want, float(np.abs(ref[np.isfinite(ref)]).max()))
             assert counts[f"{split}/a/{layer}"] == (0, float(np.abs(reference["a", split, layer]).max()))
     n1 = _count(reference["wild", "test", "features.1"])
-    msg = _flat(err)
+    msg = flat(err)
     assert msg.startswith("warning:") and f"net 'wild', layer 'features.1', split 'test': {n1} non-finite" in msg
     assert "net 'a'" not in msg
     code, so, _ = cli("inspect", out)
@@ -206,8 +210,8 @@ def test_counts_of_a_killed_process_match_its_rows_and_resume_completes_them(ckp
     full, part = tmp_path / "full.h5", tmp_path / "part.h5"
     with pytest.warns(NonFiniteFeaturesWarning):
         _run(ckpts, ["wild"], full)
-    pid = _in_child(lambda: _run(ckpts, ["wild"], part, stop_after=3, hard_kill=True))
-    assert _exit_status(pid) == KILL_EXIT_CODE
+    pid = in_child(lambda: _run(ckpts, ["wild"], part, stop_after=3, hard_kill=True))
+    assert exit_status(pid) == KILL_EXIT_CODE
     with h5py.File(part, "r") as f:
         for path, (n, _) in _counts(part).items():
             assert n == _count(f[path][:int(f[path].attrs["rows_done"])])
@@ -238,14 +242,14 @@ def test_sharded_counts_are_the_sum_over_the_shards(ckpts, tmp_path):
     argv = ["extract", "--nets", f"a={ckpts['a']}", f"wild={ckpts['wild']}", "--layer", "features.1", "--layer",
             "features.4", "--split", "train,test", "--limit", str(N), "--batch_size", str(BS), "--dtype", "float32",
             "--out", str(sharded)]
-    port = str(_free_port())
+    port = str(free_port())
     env = [{"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port} for r in range(2)]
     import cli as cli_mod
 
     cli_mod.build_parser()
-    pids = [_in_child(lambda: cli_mod.main(argv), env[r]) for r in range(2)]
-    assert [_exit_status(p) for p in pids] == [0, 0]
+    pids = [in_child(lambda: cli_mod.main(argv), env[r]) for r in range(2)]
+    assert [exit_status(p) for p in pids] == [0, 0]
     joined, want = _counts(sharded), _counts(single)
     assert joined == want and any(n > 0 for n, _ in joined.values())
     shard_counts = [_counts(tmp_path / f"sharded.rank{r}of2.h5") for r in range(2)]

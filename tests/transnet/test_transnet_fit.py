@@ -15,34 +15,16 @@ import pytest
 import torch
 
 from common.errors import UserError
-from features.store import create_features, init_root, init_split, mark_complete, mark_rows_done
+from tests.fakedata import FAST_FIT_KWARGS as FAST
+from tests.fakedata import FIT_LAYER as LAYER
+from tests.fakedata import write_features_by_split
 from transnet.data import BlockPairs, MemoryPairs, load_arrays, open_pair
 from transnet.fit import DivergenceError, FitConfig, fit_transnet, load_transnet
 from transnet.model import TransNet
 
-ROOT = Path(__file__).resolve().parent.parent
-LAYER = "features.4"
+ROOT = Path(__file__).resolve().parents[2]
 CONTRACT_KEYS = {"split", "n_samples", "source", "target", "layer", "var_target", "var_orders", "var_residual",
                  "fraction_orders", "fraction_residual", "r2", "gates", "mse", "note"}
-
-
-def write_features(path: Path, splits: dict[str, dict[str, np.ndarray]], layer: str = LAYER,
-                   complete: bool = True, index_offset: int = 0, dtype: str = "float32") -> Path:
-    """A kc-features file: ``splits[split][net] = (N, C, H, W)`` array."""
-    with h5py.File(path, "w") as f:
-        init_root(f, "synthetic", {"preset": "plain"}, 8, "pytest")
-        for split, nets in splits.items():
-            n = next(iter(nets.values())).shape[0]
-            init_split(f, split, np.arange(n) + index_offset, np.zeros(n, dtype=np.int64))
-            for net, x in nets.items():
-                ds = create_features(f, split, net, layer, x.shape, dtype,
-                                     {"arch": "synthetic", "layer": layer, "checkpoint": f"{net}.pt"})
-                ds[...] = x
-                if complete:
-                    mark_complete(ds)
-                else:
-                    mark_rows_done(ds, n // 2)
-    return path
 
 
 def _source(n: int, seed: int, scale: float = 1.0, channel_std=(1.0, 2.0, 0.5, 3.0)) -> np.ndarray:
@@ -53,11 +35,7 @@ def _source(n: int, seed: int, scale: float = 1.0, channel_std=(1.0, 2.0, 0.5, 3
 
 def _pair_file(path: Path, make_b, n_train=256, n_test=128, **source) -> Path:
     a, ta = _source(n_train, 0, **source), _source(n_test, 1, **source)
-    return write_features(path, {"train": {"A": a, "B": make_b(a)}, "test": {"A": ta, "B": make_b(ta)}})
-
-
-FAST = dict(source="A", target="B", layer=LAYER, input_norm="global", kernel=1, lr=2e-2, final_lr=1e-4,
-            schedule="cosine", weight_decay=0.0, eval_every=1000, save_every=1000, device="cpu")
+    return write_features_by_split(path, {"train": {"A": a, "B": make_b(a)}, "test": {"A": ta, "B": make_b(ta)}})
 
 
 # --------------------------------------------------------------------------- planted structure
@@ -96,8 +74,8 @@ def test_planted_nonlinear_target_needs_the_higher_orders(tmp_path):
 
 
 def test_independent_target_has_no_held_out_r2(tmp_path):
-    f = write_features(tmp_path / "f.h5", {"train": {"A": _source(256, 0), "B": _source(256, 2)},
-                                           "test": {"A": _source(128, 1), "B": _source(128, 3)}})
+    f = write_features_by_split(tmp_path / "f.h5", {"train": {"A": _source(256, 0), "B": _source(256, 2)},
+                                                    "test": {"A": _source(128, 1), "B": _source(128, 3)}})
     m = fit_transnet(FitConfig(features=str(f), epochs=40, kernel=3, **{k: v for k, v in FAST.items() if k != "kernel"}),
                      tmp_path / "run")
     assert -0.1 < m["r2"] < 0.03
@@ -196,7 +174,7 @@ def test_fit_from_hdf5_blocks_recovers_a_permutation(tmp_path):
 
 def _row_id_file(tmp_path: Path, n: int = 100) -> Path:
     ids = np.broadcast_to(np.arange(n, dtype=np.float32)[:, None, None, None], (n, 2, 3, 3)).copy()
-    return write_features(tmp_path / "ids.h5", {"train": {"A": ids, "B": -ids}})
+    return write_features_by_split(tmp_path / "ids.h5", {"train": {"A": ids, "B": -ids}})
 
 
 @pytest.mark.parametrize("kind", ["memory", "disk"])
@@ -236,8 +214,9 @@ def test_bad_inputs_give_clear_errors(tmp_path):
         h["train/B/" + LAYER].attrs["complete"] = False
     with pytest.raises(UserError, match=r"incomplete .*--resume"):
         fit_transnet(replace(base, features=str(incomplete)), tmp_path / "r4")
-    other = write_features(tmp_path / "other.h5", {"train": {"B": _source(256, 9)}, "test": {"B": _source(128, 8)}},
-                           index_offset=1)
+    other = write_features_by_split(tmp_path / "other.h5",
+                                    {"train": {"B": _source(256, 9)}, "test": {"B": _source(128, 8)}},
+                                    index_offset=1)
     with pytest.raises(UserError, match="index arrays differ"):
         fit_transnet(replace(base, target_features=str(other)), tmp_path / "r5")
 

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import yaml
 from scipy.stats import spearmanr
-from test_consistency import FAST_FIT, planted_features
 
 from analysis.consistency import ConsistencyConfig, pair_row, run_consistency
 from analysis.document import render_html, render_markdown
@@ -30,9 +29,10 @@ from analysis.study_folder import read_study_folder
 from common.errors import UserError
 from common.files import write_json
 from studies.runner import cached_study
+from tests.fakedata import FAST_FIT, planted_features
 from training.manifest import Member, write_manifest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def tiny_demo_study(path: Path) -> Path:

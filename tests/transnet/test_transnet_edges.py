@@ -18,8 +18,9 @@ from analysis.readings import consistency_readings, pair_reading
 from common.device import autocast, cuda_float32_flags, float32_math, precision_autocast, tf32_mode
 from common.errors import UserError
 from common.files import NONFINITE_KEY, jsonable, read_json, write_json
-from test_consistency import FAST_FIT, FAST_FIT_ARGS, planted_features
-from test_transnet_fit import FAST, LAYER, write_features
+from tests.fakedata import FAST_FIT, FAST_FIT_ARGS
+from tests.fakedata import FAST_FIT_KWARGS as FAST
+from tests.fakedata import planted_features, write_features_by_split
 from transnet.commands import run_variance, summary_line
 from transnet.fit import FitConfig, fit_transnet, load_transnet, validate
 from transnet.model import EPS, TransNet, constant_slices, instance_std
@@ -69,7 +70,7 @@ def test_planted_linear_1x1_target_is_fitted_in_the_faithful_preset(tmp_path):
         return a, np.einsum("oc,nchw->nohw", w, a) + 0.1 * rng.standard_normal(a.shape).astype(np.float32)
 
     (a, b), (ta, tb) = pair(512, 1), pair(256, 2)
-    f = write_features(tmp_path / "f.h5", {"train": {"A": a, "B": b}, "test": {"A": ta, "B": tb}})
+    f = write_features_by_split(tmp_path / "f.h5", {"train": {"A": a, "B": b}, "test": {"A": ta, "B": tb}})
     m = fit_transnet(FitConfig(features=str(f), epochs=60, **FAITHFUL_FAST), tmp_path / "run")
     assert m["r2"] >= 0.95 and m["held_out"]
     net, _ = load_transnet(tmp_path / "run")
@@ -131,8 +132,8 @@ def test_fit_counts_constant_source_slices_and_warns_in_metrics_and_the_table(tm
     rng = np.random.default_rng(3)
     a = _with_constant_slices(rng.standard_normal((128, 4, 6, 6)).astype(np.float32), [(5, 1, 0.5), (9, 3, -1.0)])
     ta = _with_constant_slices(rng.standard_normal((64, 4, 6, 6)).astype(np.float32), [(7, 2, 0.25)])
-    f = write_features(tmp_path / "f.h5", {"train": {"A": a, "B": a[:, ::-1].copy()},
-                                           "test": {"A": ta, "B": ta[:, ::-1].copy()}})
+    f = write_features_by_split(tmp_path / "f.h5", {"train": {"A": a, "B": a[:, ::-1].copy()},
+                                                    "test": {"A": ta, "B": ta[:, ::-1].copy()}})
     base = FitConfig(features=str(f), epochs=2, data_on=data_on, block_rows=32, **FAITHFUL_FAST)
     m = fit_transnet(base, tmp_path / "run")
     assert (m["train_constant_source_slices"], m["train_source_slices"]) == (2, 128 * 4)
@@ -163,8 +164,8 @@ def test_fit_counts_constant_source_slices_and_warns_in_metrics_and_the_table(tm
 def pair_file(tmp_path_factory) -> Path:
     rng = np.random.default_rng(4)
     a, ta = rng.standard_normal((128, 4, 6, 6)).astype(np.float32), rng.standard_normal((64, 4, 6, 6)).astype(np.float32)
-    return write_features(tmp_path_factory.mktemp("pair") / "f.h5", {"train": {"A": a, "B": 2 * a},
-                                                                      "test": {"A": ta, "B": 2 * ta}})
+    return write_features_by_split(tmp_path_factory.mktemp("pair") / "f.h5", {"train": {"A": a, "B": 2 * a},
+                                                                               "test": {"A": ta, "B": 2 * ta}})
 
 
 def test_fit_on_the_training_split_is_labelled_in_sample(pair_file, tmp_path):

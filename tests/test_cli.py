@@ -1,7 +1,8 @@
-"""Faults a user meets: garbage options, corrupt or truncated feature files, checkpoints that changed
-after extraction. (Kill-and-resume of whole studies is in test_study.py; of single stages in
-test_foundation.py, test_extract.py and test_transnet_fit.py; full disks in test_extract.py; NaN
-features in test_transnet_fit.py.)"""
+"""The command line: ``train`` end to end from a config file, bad names and config keys; and the faults a
+user meets: garbage options, corrupt or truncated feature files, checkpoints that changed
+after extraction. (Kill-and-resume of whole studies is in studies/test_study.py; of single stages in
+training/test_training.py, features/test_extract.py and transnet/test_transnet_fit.py; full disks in
+features/test_extract.py; NaN features in transnet/test_transnet_fit.py.)"""
 from __future__ import annotations
 
 import shutil
@@ -13,10 +14,10 @@ import torch
 
 import cli as cli_mod
 from common.checkpoints import load_checkpoint, save_checkpoint
+from common.files import read_json
 from features.extract import ExtractConfig, extract_features
 from features.nets import build_feature_data, data_spec_for, load_net
-from tests.test_extract import _ckpt
-from tests.test_similarity import write_features
+from tests.fakedata import tiny_checkpoint, write_features_one_split
 
 COMMANDS = sorted(cli_mod.build_parser()[1])
 
@@ -106,8 +107,8 @@ def test_debug_shows_the_traceback(tmp_path):
 
 def _features(tmp_path: Path) -> Path:
     rng = np.random.default_rng(0)
-    return write_features(tmp_path / "f.h5", {"a": rng.normal(size=(64, 8, 3, 3)).astype(np.float32),
-                                             "b": rng.normal(size=(64, 8, 3, 3)).astype(np.float32)})
+    return write_features_one_split(tmp_path / "f.h5", {"a": rng.normal(size=(64, 8, 3, 3)).astype(np.float32),
+                                                      "b": rng.normal(size=(64, 8, 3, 3)).astype(np.float32)})
 
 
 @pytest.mark.parametrize("damage", ["truncate", "zero_header", "empty"])
@@ -132,7 +133,7 @@ def test_damaged_feature_file_is_detected_and_named(cli, tmp_path, damage):
 # --------------------------------------------------------------------------- changed checkpoints
 
 def test_features_of_a_checkpoint_changed_since_extraction_are_refused_unless_allowed(cli, tmp_path):
-    ck = {"a": _ckpt(tmp_path / "a.pt", seed=0), "b": _ckpt(tmp_path / "b.pt", seed=1)}
+    ck = {"a": tiny_checkpoint(tmp_path / "a.pt", seed=0), "b": tiny_checkpoint(tmp_path / "b.pt", seed=1)}
     nets = [load_net(n, p) for n, p in ck.items()]
     cfg = ExtractConfig(split="test", dtype="float32", batch_size=8, limit=24)
     data = build_feature_data(data_spec_for(nets, {}), ["test"], cfg.limit)
@@ -163,3 +164,37 @@ def test_features_of_a_checkpoint_changed_since_extraction_are_refused_unless_al
     shutil.move(ck["b"], tmp_path / "elsewhere.pt")                # a checkpoint moved away cannot be checked
     code, _, err = cli(*sim, "--out_dir", tmp_path / "s3")
     assert code == 0, err
+
+
+# --------------------------------------------------------------------------- train from a config file, bad names
+
+def test_cli_train_end_to_end_with_config_file(cli, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("epochs: 1\narch: vgg_tiny\nbatch_size: 256\nimage_size: 16\n")
+    code, out, err = cli("train", "--config", cfg, "--out_dir", tmp_path / "run")
+    assert code == 0, err
+    conf = read_json(tmp_path / "run" / "config.json")
+    assert conf["config"]["train"]["epochs"] == 1 and conf["config"]["model"]["arch"] == "vgg_tiny"
+    assert conf["provenance"]["code_version"] and conf["end_utc"]
+    assert "test top-1" in out
+    # a second run into the same directory is refused with the fix named
+    code, out, err = cli("train", "--config", cfg, "--out_dir", tmp_path / "run")
+    assert code == 1 and "--overwrite" in err and "Traceback" not in err
+
+
+def test_cli_config_file_with_unknown_key_is_refused(cli, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("epochz: 1\n")
+    code, _, err = cli("train", "--config", cfg, "--out_dir", tmp_path / "run")
+    assert code == 1 and "epochz" in err and "epochs" in err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["train", "--arch", "nope", "--out_dir", "X"], "unknown arch 'nope'"),
+    (["train", "--dataset", "mnist", "--out_dir", "X"], "unknown data set 'mnist'"),
+    (["trian"], "did you mean 'train'"),
+])
+def test_cli_bad_names_exit_nonzero_without_traceback(cli, tmp_path, argv, needle):
+    argv = [str(tmp_path / a) if a == "X" else a for a in argv]
+    code, out, err = cli(*argv)
+    assert code != 0 and needle in err and "Traceback" not in err

@@ -24,9 +24,9 @@ from studies.cache import stage_mode
 from studies.runner import run_study
 from studies.spec import load_study
 from tests.fakedata import make_imagefolder
-from tests.test_extract import _free_port
+from tests.processes import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def study_dict(data_root: Path, **over) -> dict:
@@ -272,7 +272,7 @@ def test_a_two_process_torchrun_study_gives_the_same_results_as_one_process(tmp_
     sf, ref = small_ref
     out = tmp_path / "two"
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", str(_free_port()), str(ROOT / "cli.py"), "study", str(sf),
+                        "--master_port", str(free_port()), str(ROOT / "cli.py"), "study", str(sf),
                         "--out_dir", str(out)], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     assert "on 2 processes" in p.stdout

@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_consistency import FAST_FIT, PLANTED_CHANNEL, PLANTED_ROW, planted_features
 
 from analysis.consistency import ConsistencyConfig, run_consistency
 from analysis.diagnose import (
@@ -21,6 +20,7 @@ from analysis.diagnose import (
     summarise,
 )
 from common.errors import UserError
+from tests.fakedata import FAST_FIT, PLANTED_CHANNEL, PLANTED_ROW, planted_features
 from transnet.model import TransNet
 
 

@@ -2,17 +2,13 @@
 from __future__ import annotations
 
 import errno
-import os
-import sys
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 
-from common.checkpoints import save_checkpoint
 from common.errors import UserError
 from common.provenance import sha256_file
 from features import store
@@ -20,34 +16,21 @@ from features.extract import KILL_EXIT_CODE, ExtractConfig, SimulatedKill, extra
 from features.nets import build_feature_data, data_spec_for, load_net
 from features.shards import shard_rows
 from features.writer import FeatureWriter
+from tests.fakedata import EXTRACT_BATCH as BS
+from tests.fakedata import EXTRACT_ROWS as N
+from tests.fakedata import tiny_checkpoint
+from tests.processes import exit_status, flat, free_port, in_child
 from training.data import build_dataset
 from training.datasets import DataSpec
-from training.models import build_model
-from training.runner import ModelSpec, checkpoint_fields
 
-ROOT = Path(__file__).resolve().parent.parent
-N = 20          # rows per split (--limit)
-BS = 4          # 5 batches per split
-
-
-def _ckpt(path: Path, arch: str = "vgg_tiny", seed: int = 0, num_classes: int = 10,
-          data: DataSpec = DataSpec()) -> Path:
-    torch.manual_seed(seed)
-    m = build_model(arch, num_classes, 1, data.image_size or 32)
-    for mod in m.modules():                       # BN statistics that make the BN output non-trivial
-        if isinstance(mod, nn.BatchNorm2d):
-            mod.running_mean.uniform_(-0.5, 0.5)
-            mod.running_var.uniform_(0.5, 2.0)
-    fields = checkpoint_fields(ModelSpec(arch), data, num_classes, {})
-    save_checkpoint(path, {**fields, "state_dict": m.state_dict(), "epoch": 0, "metrics": {}})
-    return path
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     d = tmp_path_factory.mktemp("ckpts")
-    return {"a": _ckpt(d / "a.pt", seed=0), "b": _ckpt(d / "b.pt", seed=1),
-            "r": _ckpt(d / "r.pt", arch="cifar_resnet20", seed=2)}
+    return {"a": tiny_checkpoint(d / "a.pt", seed=0), "b": tiny_checkpoint(d / "b.pt", seed=1),
+            "r": tiny_checkpoint(d / "r.pt", arch="cifar_resnet20", seed=2)}
 
 
 @pytest.fixture(scope="module")
@@ -72,11 +55,6 @@ def _api(ckpts, names, out, layers=(("features.4", 4),), split="test", mode="aut
     c = ExtractConfig(split=split, dtype=cfg.pop("dtype", "float32"), batch_size=BS, limit=N, **cfg)
     data = build_feature_data(data_spec_for(nets, {}), c.split.split(","), c.limit)
     return lambda **kw: extract_features(nets, data, list(layers), out, c, mode, command="test", **kw)
-
-
-def _flat(text: str) -> str:
-    """cli.py wraps error paragraphs: compare with the line breaks removed."""
-    return " ".join(text.split())
 
 
 def _datasets(path: Path) -> dict[str, np.ndarray]:
@@ -161,31 +139,10 @@ def test_resume_after_simulated_kill_equals_uninterrupted_run(cli, ckpts, tmp_pa
     argv = ["extract", "--nets", f"a={ckpts['a']}", f"b={ckpts['b']}", "--conv_layer", 4, "--split", "test",
             "--limit", N, "--batch_size", BS, "--out", part]
     code, _, err = cli(*argv)
-    assert code == 1 and "--resume" in err and "incomplete, 8 of 20 rows" in _flat(err)
+    assert code == 1 and "--resume" in err and "incomplete, 8 of 20 rows" in flat(err)
     code, _, err = cli(*argv, "--resume")
     assert code == 0, err
     _assert_same_files(full, part)
-
-
-def _in_child(fn, env: dict[str, str] | None = None) -> int:
-    """Run ``fn`` in a forked copy of this process (torch already imported: no start-up cost); the
-    child never returns into pytest. Returns the child's pid."""
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.environ.update(env or {})
-            code = int(fn() or 0)
-        except BaseException as e:  # noqa: BLE001 - reported through the exit status
-            sys.stderr.write(f"child failed: {type(e).__name__}: {e}\n")
-        finally:
-            os._exit(code)
-    return pid
-
-
-def _exit_status(pid: int) -> int:
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
 
 
 @pytest.mark.xdist_group("subprocess")
@@ -194,8 +151,8 @@ def test_killed_process_leaves_readable_file_and_resume_completes(ckpts, tmp_pat
     _api(ckpts, ["a"], full)()
     # The child ends with os._exit in the middle of the pass (the writer thread may be mid-write, the
     # file is never closed), as a kill would.
-    pid = _in_child(lambda: _api(ckpts, ["a"], part, flush_s=0.0)(stop_after=3, hard_kill=True))
-    assert _exit_status(pid) == KILL_EXIT_CODE
+    pid = in_child(lambda: _api(ckpts, ["a"], part, flush_s=0.0)(stop_after=3, hard_kill=True))
+    assert exit_status(pid) == KILL_EXIT_CODE
     with store.open_features(part) as f:           # the file of a killed process opens, incomplete
         ds = f["test/a/features.4"]
         assert not ds.attrs["complete"] and 0 <= int(ds.attrs["rows_done"]) <= 3 * BS
@@ -231,7 +188,7 @@ def test_resume_with_another_checkpoint_is_refused_naming_the_field(cli, ckpts, 
     _api(ckpts, ["a"], out)()
     code, _, err = cli("extract", "--nets", f"a={ckpts['b']}", "--conv_layer", 4, "--split", "test", "--limit", N,
                        "--batch_size", BS, "--dtype", "float32", "--out", out, "--resume")
-    assert code == 1 and "checkpoint_sha256" in _flat(err) and "--overwrite" in err
+    assert code == 1 and "checkpoint_sha256" in flat(err) and "--overwrite" in err
     code, _, err = cli("extract", "--nets", f"a={ckpts['a']}", "--conv_layer", 4, "--split", "test", "--limit", N,
                        "--batch_size", BS, "--dtype", "float16", "--out", out, "--resume")
     assert code == 1 and "dtype" in err
@@ -264,7 +221,7 @@ def test_existing_output_is_refused_unless_resume_or_overwrite(cli, ckpts, tmp_p
             "--batch_size", BS, "--out", out]
     assert cli(*argv)[0] == 0
     code, _, err = cli(*argv)
-    assert code == 1 and "already holds /test/a/features.4 (complete)" in _flat(err) and "--overwrite" in err
+    assert code == 1 and "already holds /test/a/features.4 (complete)" in flat(err) and "--overwrite" in err
     with h5py.File(out, "a") as f:
         f["test/a/features.4"][0, 0, 0, 0] = 12345.0
     code, _, err = cli(*argv, "--overwrite")
@@ -283,14 +240,6 @@ def test_shard_rows_tile_the_split_on_the_batch_grid():
         assert all(lo % bs == 0 and lo <= hi for lo, hi in bounds)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.xdist_group("subprocess")
 def test_two_process_sharded_extraction_equals_single_process(ckpts, tmp_path):
     single, sharded = tmp_path / "single.h5", tmp_path / "sharded.h5"
@@ -300,7 +249,7 @@ def test_two_process_sharded_extraction_equals_single_process(ckpts, tmp_path):
     argv = ["extract", "--nets", f"a={ckpts['a']}", f"b={ckpts['b']}", "--conv_layer", "4", "--logits",
             "--split", "train,test", "--limit", str(N), "--batch_size", str(BS), "--dtype", "float32",
             "--out", str(sharded)]
-    port = str(_free_port())
+    port = str(free_port())
 
     def rank_env(r: int) -> dict[str, str]:
         return {"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
@@ -309,8 +258,8 @@ def test_two_process_sharded_extraction_equals_single_process(ckpts, tmp_path):
     import cli as cli_mod
 
     cli_mod.build_parser()                      # import every command module once, before forking
-    pids = [_in_child(lambda: cli_mod.main(argv), rank_env(r)) for r in range(2)]
-    assert [_exit_status(p) for p in pids] == [0, 0]
+    pids = [in_child(lambda: cli_mod.main(argv), rank_env(r)) for r in range(2)]
+    assert [exit_status(p) for p in pids] == [0, 0]
     assert sorted(p.name for p in tmp_path.glob("sharded*")) == ["sharded.h5", "sharded.rank0of2.h5",
                                                                 "sharded.rank1of2.h5"]
     _assert_same_files(single, sharded)
@@ -352,7 +301,8 @@ def test_inspect_prints_contents_and_verify_detects_tampering(cli, ckpts, tmp_pa
 @pytest.fixture(scope="module")
 def odd_ckpts(tmp_path_factory):
     d = tmp_path_factory.mktemp("odd")
-    return {"five": _ckpt(d / "five.pt", num_classes=5), "seed1": _ckpt(d / "s1.pt", data=DataSpec(split_seed=1))}
+    return {"five": tiny_checkpoint(d / "five.pt", num_classes=5),
+            "seed1": tiny_checkpoint(d / "s1.pt", data=DataSpec(split_seed=1))}
 
 
 @pytest.mark.parametrize("args, message", [
@@ -376,7 +326,7 @@ def test_bad_input_is_refused_with_a_clear_message(cli, ckpts, odd_ckpts, tmp_pa
     assert code == 1
     import re
 
-    assert re.search(message, _flat(err)), err
+    assert re.search(message, flat(err)), err
     assert not (tmp_path / "f.h5").exists()
 
 
@@ -395,4 +345,4 @@ def test_family_manifest_members_are_extracted_and_checked(cli, ckpts, tmp_path)
     write_manifest(fam, "seeds", [Member("s0", str(ckpts["a"]), "seed", sha256="0" * 64)])
     code, _, err = cli("extract", "--family", fam, "--conv_layer", 4, "--split", "test", "--limit", 8,
                        "--out", tmp_path / "g.h5")
-    assert code == 1 and "changed since the manifest" in _flat(err)
+    assert code == 1 and "changed since the manifest" in flat(err)

@@ -18,7 +18,8 @@ from analysis import similarity_results as R
 from analysis import sources as SRC
 from analysis.similarity_commands import similarity_matrix
 from common.errors import UserError
-from features.store import create_features, init_root, init_split, mark_complete, open_features
+from features.store import create_features, mark_complete, open_features
+from tests.fakedata import write_features_one_split
 
 FORMS = ("features", "gram")
 
@@ -179,23 +180,11 @@ def test_zero_variance_features_raise_a_clear_error():
 
 # --------------------------------------------------------------------------- streaming from a feature file
 
-def write_features(path, nets: dict[str, np.ndarray], layer="conv", split="test", dtype="float32"):
-    n = len(next(iter(nets.values())))
-    with open_features(path, "w") as f:
-        init_root(f, "toy", {"name": "plain"}, 4, "pytest")
-        init_split(f, split, np.arange(n), np.arange(n) % 3)
-        for name, x in nets.items():
-            ds = create_features(f, split, name, layer, x.shape, dtype, {"arch": "toy"})
-            ds[...] = x
-            mark_complete(ds)
-    return path
-
-
 @pytest.mark.parametrize("form", FORMS)
 def test_streaming_from_h5_equals_in_memory_reference(tmp_path, form):
     x, y = planted(seed=9, n=50)
     x, y = x.astype(np.float32), y.astype(np.float32)
-    path = write_features(tmp_path / "f.h5", {"a": x, "b": y})
+    path = write_features_one_split(tmp_path / "f.h5", {"a": x, "b": y})
     with open_features(path) as f:
         dx, dy = f["test/a/conv"], f["test/b/conv"]
         xy, xx, yy = C.pair_moments(dx, dy, form=form, nuclear=True, block_bytes=16 * 8 * 5)  # many blocks
@@ -308,7 +297,7 @@ def family(tmp_path):
     a = rng.normal(size=(60, 4, 3, 3)).astype(np.float32)
     b = (2.0 * a[:, [2, 0, 3, 1]]).astype(np.float32)              # an orthogonal map of a, scaled
     c = rng.normal(size=(60, 5, 3, 3)).astype(np.float32)           # unrelated, other width
-    path = write_features(tmp_path / "feats.h5", {"a": a, "b": b, "c": c})
+    path = write_features_one_split(tmp_path / "feats.h5", {"a": a, "b": b, "c": c})
     return path, {"a": a, "b": b, "c": c}
 
 
@@ -365,7 +354,7 @@ def test_gram_form_equals_feature_form_including_the_null(family):
 def test_missing_layer_error_lists_what_the_net_has(cli, tmp_path):
     rng = np.random.default_rng(21)
     path = tmp_path / "f.h5"
-    write_features(path, {"a": rng.normal(size=(10, 2, 2, 2)), "b": rng.normal(size=(10, 2, 2, 2))})
+    write_features_one_split(path, {"a": rng.normal(size=(10, 2, 2, 2)), "b": rng.normal(size=(10, 2, 2, 2))})
     with open_features(path, "a") as f:
         ds = create_features(f, "test", "a", "extra", (10, 3), "float32", {})
         ds[...] = rng.normal(size=(10, 3))

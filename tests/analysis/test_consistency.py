@@ -1,6 +1,7 @@
 """Family consistency: pair plans, tidy rows and matrices, and the fit-or-reuse loop on planted features.
 
-The planted feature file (also used by test_diagnose.py and test_report.py) holds four nets at one
+The planted feature file (``tests.fakedata.planted_features``, also used by test_diagnose.py,
+test_report.py and transnet/test_transnet_edges.py) holds four nets at one
 layer: ``b`` is a scaled channel permutation of ``a`` (fully consistent, linear), ``c`` is independent
 of ``a`` (fully inconsistent), ``d`` equals 2·a except channel 2, which is independent noise, and
 test row 5 of ``d``, which is all noise (a planted blind spot in one channel and one image).
@@ -31,37 +32,10 @@ from analysis.consistency import (
 )
 from common.errors import UserError
 from features import store
-from transnet.fit import FitConfig
-
-C, HW, N_TRAIN, N_TEST = 4, 4, 64, 32
-PLANTED_CHANNEL, PLANTED_ROW = 2, 5
-# Linear, per-position Trans-Nets (1x1 kernels, global input scale) converge in seconds on this data.
-FAST_FIT = FitConfig(orders=1, kernel=1, input_norm="global", epochs=60, lr=0.03, schedule="constant",
-                     batch_size=16, eval_every=60, save_every=60, device="cpu")
-FAST_FIT_ARGS = ["--orders", "1", "--kernel", "1", "--input_norm", "global", "--epochs", "60", "--lr", "0.03",
-                 "--schedule", "constant", "--batch_size", "16", "--eval_every", "60", "--save_every", "60",
-                 "--device", "cpu"]
-
-
-def planted_features(path: Path, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(C)
-    with h5py.File(path, "w") as f:
-        store.init_root(f, "planted", {}, HW, "test_consistency.planted_features")
-        for split, n in (("train", N_TRAIN), ("test", N_TEST)):
-            a = rng.normal(size=(n, C, HW, HW)).astype(np.float32)
-            d = 2.0 * a
-            d[:, PLANTED_CHANNEL] = rng.normal(size=(n, HW, HW))
-            if split == "test":
-                d[PLANTED_ROW] = 2.0 * rng.normal(size=(C, HW, HW))
-            nets = {"a": a, "b": 2.0 * a[:, perm], "c": rng.normal(size=a.shape).astype(np.float32), "d": d}
-            store.init_split(f, split, np.arange(n) * 3, np.arange(n) % 3)
-            for name, x in nets.items():
-                ds = store.create_features(f, split, name, "conv", x.shape, "float32", {"arch": "planted"})
-                ds[...] = x
-                store.mark_complete(ds)
-    return path
-
+from tests.fakedata import FAST_FIT, FAST_FIT_ARGS, planted_features
+from tests.fakedata import PLANTED_C as C
+from tests.fakedata import PLANTED_HW as HW
+from tests.fakedata import PLANTED_N_TEST as N_TEST
 
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory) -> Path:

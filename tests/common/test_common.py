@@ -1,0 +1,54 @@
+"""Common foundations: registries, checkpoint files, run directories."""
+from __future__ import annotations
+
+import pytest
+
+from common.checkpoints import load_checkpoint
+from common.errors import UserError
+from common.files import write_json
+from common.registry import Registry, UnknownNameError
+from common.rundir import RunDir
+
+# --------------------------------------------------------------------------- registries
+
+def test_unknown_registry_name_lists_choices_and_close_match():
+    reg = Registry("arch")
+    reg.add("resnet18", lambda: 1)
+    reg.add("vgg16_bn", lambda: 2)
+    with pytest.raises(UnknownNameError) as e:
+        reg.get("resnet19")
+    msg = str(e.value)
+    assert "'resnet19'" in msg and "did you mean 'resnet18'" in msg and "vgg16_bn" in msg
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+def test_truncated_checkpoint_is_named(tmp_path):
+    p = tmp_path / "broken.pt"
+    p.write_bytes(b"PK\x03\x04garbage")
+    with pytest.raises(UserError, match="broken.pt cannot be read"):
+        load_checkpoint(p)
+
+
+# --------------------------------------------------------------------------- run dirs
+
+def test_run_dir_refuses_nonempty_unless_resume_or_overwrite(tmp_path):
+    out = tmp_path / "run"
+    with RunDir(out) as r:
+        write_json(r.file("metrics.json"), {"a": 1})
+    with pytest.raises(UserError, match="--resume .* --overwrite"):
+        RunDir(out)
+    with RunDir(out, "resume") as r:
+        assert r.resuming and r.file("metrics.json").exists()
+    with RunDir(out, "overwrite") as r:
+        assert not r.file("metrics.json").exists()
+
+
+def test_concurrent_run_into_same_dir_is_refused(tmp_path):
+    first = RunDir(tmp_path / "run")
+    try:
+        with pytest.raises(UserError, match="in use by pid"):
+            RunDir(tmp_path / "run", "resume")
+    finally:
+        first.close()
+    RunDir(tmp_path / "run", "resume").close()
