@@ -116,3 +116,18 @@ def test_one_command_imports_its_own_module_only():
 
     parser, subs = cli.build_parser("similarity")
     assert list(subs) == ["similarity"]
+
+
+def test_the_readme_command_table_names_every_command_and_its_module():
+    import re
+
+    import cli
+
+    table = {}
+    for line in (ROOT / "README.md").read_text().splitlines():
+        m = re.fullmatch(r"\| (`[^|]+`) \| `([\w/]+)\.py` \|", line.strip())
+        if m:
+            for name in re.findall(r"`([\w-]+)`", m.group(1)):
+                table[name] = m.group(2).replace("/", ".")
+    want = {name: mod for mod, names in cli.COMMAND_MODULES.items() for name in names}
+    assert table == want
