@@ -46,10 +46,9 @@ from common.errors import UserError
 from common.files import atomic_write, read_json, write_json
 from common.options import parse_csv
 from common.registry import unknown_choice_message
-from common.rundir import RunDir
+from common.rundir import RunDir, is_finished
 from features.store import get_features, list_layers, list_nets, list_splits, open_features
 from training.manifest import read_manifest
-from training.runner import is_finished
 from transnet.commands import variance_filename
 from transnet.fit import RESUME_FREE, FitConfig, fit_transnet
 from transnet.original import IMPORT_KIND

@@ -147,3 +147,11 @@ def run_mode(resume: bool, overwrite: bool) -> str:
     if resume and overwrite:
         raise UserError("--resume and --overwrite exclude each other; choose one")
     return "resume" if resume else "overwrite" if overwrite else "new"
+
+
+def is_finished(out_dir: str | Path) -> bool:
+    """A run is finished when ``metrics.json`` exists and ``config.json`` has an end time."""
+    out = Path(out_dir)
+    if not (out / "metrics.json").exists() or not (out / "config.json").exists():
+        return False
+    return read_json(out / "config.json").get("end_utc") is not None

@@ -42,12 +42,12 @@ from common.errors import UserError
 from common.files import load_config_file, read_json, write_json
 from common.provenance import now_utc, sha256_file, sha256_json
 from common.registry import unknown_choice_message
-from common.rundir import RunDir
+from common.rundir import RunDir, is_finished
 from studies.cache import STATE_FILE, Stage, StudyState, outputs_exist, remove_outputs, stage_mode
 from studies.spec import FAMILY_KINDS, Study, check_keys, load_study, section_dataclass
 from training.loop import TrainConfig
 from training.manifest import Member, read_manifest, write_manifest
-from training.runner import ModelSpec, is_finished, run_training
+from training.runner import ModelSpec, run_training
 
 STUDY_TIMEOUT = datetime.timedelta(days=7)   # other ranks wait at a barrier while rank 0 trains a family
 

@@ -15,7 +15,7 @@ import torch
 from common.checkpoints import load_checkpoint
 from common.errors import UserError
 from common.files import read_json, write_json
-from common.rundir import RunDir
+from common.rundir import RunDir, is_finished
 from training.datasets import DataSpec
 from training.families import (
     check_member_checkpoint,
@@ -30,7 +30,7 @@ from training.kd import ban_loss_fn
 from training.loop import TrainConfig, cross_entropy_loss
 from training.manifest import Member, write_manifest
 from training.models import model_from_checkpoint
-from training.runner import ModelSpec, is_finished, run_training
+from training.runner import ModelSpec, run_training
 
 
 @dataclass(frozen=True)

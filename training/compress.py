@@ -13,7 +13,7 @@ from common.checkpoints import load_checkpoint, save_checkpoint
 from common.device import resolve_device
 from common.errors import UserError
 from common.provenance import sha256_file
-from common.rundir import RunDir
+from common.rundir import RunDir, is_finished
 from training.datasets import DataSpec
 from training.families import (
     data_num_classes,
@@ -24,7 +24,7 @@ from training.loop import TrainConfig
 from training.manifest import Member, write_manifest
 from training.models import model_from_checkpoint
 from training.pruning import compression_stats, move_codes, project_, prune_magnitude, quantize_shared, storage_bits
-from training.runner import ModelSpec, checkpoint_fields, is_finished, run_training
+from training.runner import ModelSpec, checkpoint_fields, run_training
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from common.device import resolve_device
 from common.errors import UserError
 from common.files import atomic_write, read_json, write_json
 from common.provenance import sha256_file
-from common.rundir import RunDir
+from common.rundir import RunDir, is_finished
 from training.data import build_dataset, transform_spec
 from training.datasets import DataSpec
 from training.ke import LayerSplit, channel_plan, check_split, count_params, extract_slim, reinit, split_masks
@@ -30,7 +30,7 @@ from training.loop import TrainConfig, evaluate, make_loader
 from training.loop import validate as validate_train
 from training.manifest import Member, write_manifest
 from training.models import model_from_checkpoint
-from training.runner import ModelSpec, build_for_data, is_finished, run_training
+from training.runner import ModelSpec, build_for_data, run_training
 
 FAMILY = "knowledge-evolution"
 

@@ -15,11 +15,10 @@ from typing import Any, Callable, Sequence
 
 from common.errors import UserError
 from common.files import read_json
-from common.rundir import RunDir
+from common.rundir import RunDir, is_finished
 from training.families import (
     non_empty,
 )
-from training.runner import is_finished
 
 
 def grid_points(grid: dict[str, Sequence[str]]) -> list[dict[str, str]]:

@@ -10,7 +10,6 @@ import torch.nn as nn
 
 from common.checkpoints import load_checkpoint
 from common.errors import UserError
-from common.files import read_json
 from common.rundir import RunDir
 from training.data import build_dataset, maybe_cache, transform_spec
 from training.datasets import DataSpec
@@ -69,11 +68,3 @@ def run_training(data: DataSpec, model_spec: ModelSpec, cfg: TrainConfig, out_di
         test_set = maybe_cache(test_set, data, False, cfg.num_workers)
         return train(model, train_set, test_set, cfg, run, fields, loss_fn=loss_fn, teacher=teacher,
                      desc=desc, on_epoch_end=on_epoch_end, on_step_end=on_step_end)
-
-
-def is_finished(out_dir: str | Path) -> bool:
-    """A run is finished when ``metrics.json`` exists and ``config.json`` has an end time."""
-    out = Path(out_dir)
-    if not (out / "metrics.json").exists() or not (out / "config.json").exists():
-        return False
-    return read_json(out / "config.json").get("end_utc") is not None

@@ -34,12 +34,11 @@ from common.errors import UserError
 from common.files import read_json
 from common.provenance import sha256_file
 from common.registry import unknown_choice_message
-from common.rundir import RunDir
+from common.rundir import RunDir, is_finished
 from training.data import build_dataset
 from training.datasets import DataSpec
 from training.loop import TrainConfig, evaluate, make_loader, train
 from training.models import model_from_checkpoint
-from training.runner import is_finished
 from transnet.fit import load_transnet
 from transnet.model import TransNet
 
