@@ -27,6 +27,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import h5py
 import numpy as np
 from scipy.linalg import blas
 
@@ -37,9 +38,11 @@ from analysis.sources import (
     check_same_rows,
     column_blocks,
     n_rows,
+    read_whole,
     row_blocks,
     row_dim,
     rows_per_block,
+    stored_bytes,
 )
 from common.errors import UserError
 from common.registry import unknown_choice_message
@@ -197,17 +200,24 @@ def feature_moments(x: Any, y: Any = None, *, nuclear: bool = False, block_bytes
         acc.update(xb, yb)
     return acc.result(nuclear)
 
-def centred_gram(x: Any, *, block_bytes: int = BLOCK_BYTES, out: np.ndarray | None = None) -> np.ndarray:
+def centred_gram(x: Any, *, block_bytes: int = BLOCK_BYTES, out: np.ndarray | None = None,
+                 load_bytes: int = 0) -> np.ndarray:
     """``Kc = Xc Xc^T`` (N, N) of the flattened, column-centred features, accumulated over channel
     blocks by symmetric rank-k updates (memory O(N^2) + one block, independent of C·H·W). Returns a
-    C-contiguous symmetric array (``out`` when given: a C-contiguous (N, N) float64 array)."""
+    C-contiguous symmetric array (``out`` when given: a C-contiguous (N, N) float64 array).
+
+    ``load_bytes``: an h5py source no larger than this (in its stored dtype) is read whole in one
+    contiguous read and its channel blocks are cut in memory; larger ones are read a channel block at
+    a time (every block touches every sample's chunk)."""
     src = as_source(x)
     n = n_rows(src)
+    if isinstance(src, h5py.Dataset) and stored_bytes(src) <= load_bytes:
+        src = read_whole(src)
     if out is None:
         out = np.empty((n, n), dtype=np.float64)
     k = out.T                                                                # F-contiguous: BLAS writes in place
     k[...] = 0.0
-    for xb in column_blocks(src, block_bytes):                              # (n, cols)
+    for xb in column_blocks(src, block_bytes, reuse=True):                  # (n, cols)
         xb -= xb.mean(0)
         k = blas.dsyrk(1.0, xb.T, beta=1.0, c=k, trans=1, lower=0, overwrite_c=1)
     if not np.shares_memory(k, out):                                         # BLAS did not work in place

@@ -47,13 +47,14 @@ def gram_stack_bytes(n: int, k: int, nuclear: bool) -> int:
     return k * n * n * 8 * (2 if nuclear else 1)
 
 
-def gram_stack(sources: Sequence[Any], *, block_bytes: int = BLOCK_BYTES) -> np.ndarray:
-    """The centred Gram matrix of every source, as one (K, N, N) float64 array."""
+def gram_stack(sources: Sequence[Any], *, block_bytes: int = BLOCK_BYTES, load_bytes: int = 0) -> np.ndarray:
+    """The centred Gram matrix of every source, as one (K, N, N) float64 array (``load_bytes``: see
+    :func:`analysis.cka.centred_gram`)."""
     srcs = [as_source(s) for s in sources]
     n = check_same_rows(*srcs)
     grams = np.empty((len(srcs), n, n), dtype=np.float64)
     for i, s in progress(enumerate(srcs), total=len(srcs), desc="Gram matrices"):
-        centred_gram(s, block_bytes=block_bytes, out=grams[i])
+        centred_gram(s, block_bytes=block_bytes, out=grams[i], load_bytes=load_bytes)
     return grams
 
 
@@ -151,7 +152,8 @@ def _gram_form(srcs: list, res: dict[str, MatrixResult], n: int, dims: list[int]
             f"the Gram form of CKA holds one {n} x {n} float64 matrix per net: {gib(need)} for {k} nets, "
             f"more than --memory_gb {memory_bytes / 2 ** 30:g}; raise --memory_gb, compare fewer --nets at "
             f"a time, or use --cka_form features (memory {gib(8 * max(dims) ** 2)}, independent of N)")
-    grams = gram_stack(srcs, block_bytes=block_bytes)
+    # what the budget leaves beside the stack and the read blocks may hold one net's stored features
+    grams = gram_stack(srcs, block_bytes=block_bytes, load_bytes=memory_bytes - need)
     stats = [GramStats.of(g) for g in grams]
     kl = gram_inner_products(grams)
     factors = [gram_factor(g) for g in progress(grams, total=k, desc="Gram factors")] if nuclear else [None] * k
