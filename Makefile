@@ -1,5 +1,8 @@
 # make demo: set up .venv if needed, then run the demo study (report in runs/demo/report.html)
 # make test: set up .venv if needed, then run the test suite (notebooks included)
+# make bench: set up .venv if needed, then run bench/*.py; the peer libraries that
+#   bench/similarity_peers.py times come from requirements-bench.txt, installed by hand with
+#   $(PY) -m pip install --no-deps -r requirements-bench.txt (peers not installed are skipped)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -31,6 +34,9 @@ bench: $(STAMP)
 	$(PY) bench/extract.py
 	$(PY) bench/transnet.py
 	$(PY) bench/similarity.py
+	@echo "similarity peers (ckatorch, pytorch-cka, torch-cka) come from requirements-bench.txt:" \
+		"$(PY) -m pip install --no-deps -r requirements-bench.txt; those not installed are skipped"
+	$(PY) bench/similarity_peers.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
