@@ -211,15 +211,18 @@ def centred_gram(x: Any, *, block_bytes: int = BLOCK_BYTES, out: np.ndarray | No
     a time (every block touches every sample's chunk)."""
     src = as_source(x)
     n = n_rows(src)
+    checked = False
     if isinstance(src, h5py.Dataset) and stored_bytes(src) <= load_bytes:
-        src = read_whole(src)
+        src, checked = read_whole(src), True
     if out is None:
         out = np.empty((n, n), dtype=np.float64)
     k = out.T                                                                # F-contiguous: BLAS writes in place
-    k[...] = 0.0
-    for xb in column_blocks(src, block_bytes, reuse=True):                  # (n, cols)
-        xb -= xb.mean(0)
-        k = blas.dsyrk(1.0, xb.T, beta=1.0, c=k, trans=1, lower=0, overwrite_c=1)
+    beta = 0.0                                                               # the first block overwrites
+    for xb in column_blocks(src, block_bytes, reuse=True, centre=True, check=not checked):   # (n, cols)
+        k = blas.dsyrk(1.0, xb.T, beta=beta, c=k, trans=1, lower=0, overwrite_c=1)
+        beta = 1.0
+    if beta == 0.0:                                                          # no columns at all
+        k[...] = 0.0
     if not np.shares_memory(k, out):                                         # BLAS did not work in place
         out.T[...] = k
     symmetrise_upper(out.T)

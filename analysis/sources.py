@@ -117,23 +117,27 @@ def row_blocks(src: Source, block_bytes: int = BLOCK_BYTES, rows: int | None = N
             yield blk.reshape(len(blk), -1)
 
 
-def column_blocks(src: Source, block_bytes: int = BLOCK_BYTES, reuse: bool = False) -> Iterator[np.ndarray]:
+def column_blocks(src: Source, block_bytes: int = BLOCK_BYTES, reuse: bool = False, centre: bool = False,
+                  check: bool = True) -> Iterator[np.ndarray]:
     """Blocks of whole channels (axis 1) over all rows, as (N, cols) float64, C-contiguous.
 
     ``reuse``: every block is written into one buffer allocated once (a block is valid until the
-    next one is taken), which spares a fresh 64 MiB allocation and its page faults per block."""
+    next one is taken), which spares a fresh 64 MiB allocation and its page faults per block.
+    ``centre``: each column minus its mean over all rows, converted and centred in one pass.
+    ``check=False`` skips the NaN/inf check (for a source already checked)."""
     n = n_rows(src)
     inner = int(np.prod(src.shape[2:], dtype=np.int64))
     per = max(1, int(block_bytes) // (8 * n * max(1, inner)))
     buf = np.empty(n * min(per, int(src.shape[1])) * inner, dtype=np.float64) if reuse else None
     for c0 in range(0, int(src.shape[1]), per):
         raw = np.asarray(src[:, c0:c0 + per]).reshape(n, -1)
-        if buf is None:
-            blk = np.array(raw, dtype=np.float64, order="C")
+        if check:
+            check_finite(raw, src)
+        blk = np.empty(raw.shape) if buf is None else buf[:raw.size].reshape(raw.shape)
+        if centre:
+            np.subtract(raw, raw.mean(0, dtype=np.float64), out=blk)
         else:
-            blk = buf[:raw.size].reshape(raw.shape)
             np.copyto(blk, raw)
-        check_finite(blk, src)
         yield blk
 
 

@@ -354,10 +354,10 @@ def timed(cmd: list[str], cwd: Path, log: Path) -> dict:
             "log_tail": tail if p.returncode else tail[-500:]}
 
 
-def run_project(tree: Path, features: Path, nets: list[str], out_dir: Path, log: Path) -> dict:
+def run_project(tree: Path, features: Path, nets: list[str], out_dir: Path, log: Path, permutations: int = 0) -> dict:
     cmd = [sys.executable, str(tree / "cli.py"), "similarity", "--features", str(features), "--layer", LAYER,
-           "--split", SPLIT, "--nets", ",".join(nets), "--metric", ",".join(ESTIMATORS), "--permutations", "0",
-           "--out_dir", str(out_dir)]
+           "--split", SPLIT, "--nets", ",".join(nets), "--metric", ",".join(ESTIMATORS), "--permutations",
+           str(permutations), "--out_dir", str(out_dir)]
     r = timed(cmd, tree, log)
     if r["returncode"] == 0:
         body = json.loads((out_dir / "similarity.json").read_text())
@@ -400,6 +400,8 @@ def main() -> None:
                     "'none' for none)")
     ap.add_argument("--tree", default=str(ROOT), help="project checkout whose cli.py is timed (default: this one)")
     ap.add_argument("--compare_tree", default="", help="a second project checkout timed in the same run (optional)")
+    ap.add_argument("--null", type=int, default=0, help="also time the project with this many permutations of the "
+                    "null (its default is 100; the peers compute none), reported beside the like-for-like run")
     ap.add_argument("--tol", type=float, default=1e-6, help="largest |difference| accepted between tools")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", default="", help="copy the features file here (default: it is deleted)")
@@ -438,6 +440,7 @@ def main() -> None:
     trees = {"project": Path(args.tree).resolve()}
     if args.compare_tree:
         trees["compare_tree"] = Path(args.compare_tree).resolve()
+    null_label = f"project (null {args.null})" if args.null > 0 else ""
     for label, tree in trees.items():
         if not (tree / "cli.py").is_file():
             sys.exit(f"--{'tree' if label == 'project' else 'compare_tree'} {tree}: no cli.py there")
@@ -480,13 +483,16 @@ def main() -> None:
         body["features_file_mb"] = features.stat().st_size / 2 ** 20
         print(f"GEMM float64 (4096^2, best of 3): scipy dgemm {gemm[0]['scipy_dgemm']:.1f} GFLOP/s, "
               f"torch mm {gemm[0]['torch_mm']:.1f} GFLOP/s")
-        tools = list(trees) + [r for r in routes if r in installed]
+        tools = list(trees) + ([null_label] if null_label else []) + [r for r in routes if r in installed]
         for rnd in range(args.repeat):
             # each round starts one tool later, so that no tool is always the first (or last) to run
             for label in tools[rnd % len(tools):] + tools[:rnd % len(tools)]:
                 stem = tmp / f"{label.replace(':', '_')}-{rnd}"
                 if label in trees:
                     r = run_project(trees[label], features, nets, stem, stem.with_suffix(".log"))
+                elif label == null_label:
+                    stem = tmp / f"project-null-{rnd}"
+                    r = run_project(trees["project"], features, nets, stem, stem.with_suffix(".log"), args.null)
                 else:
                     r = run_peer(label, features, nets, stem.with_suffix(".json"), stem.with_suffix(".log"))
                 runs.setdefault(label, []).append(r)
