@@ -97,13 +97,17 @@ def svcca_from_bases(ux: np.ndarray, uy: np.ndarray) -> float:
     return float(canonical_correlations(ux, uy).mean())
 
 
-def pwcca_from_bases(qx: np.ndarray, qy: np.ndarray, xc: np.ndarray) -> float:
+def pwcca_from_bases(qx: np.ndarray, qy: np.ndarray, xc: np.ndarray | None = None, *,
+                     proj: np.ndarray | None = None) -> float:
     """Morcos et al. 2018: canonical correlations weighted by how much of x's (centred) neurons each
-    of x's canonical variates accounts for, ``a_i = sum_j |<h_i, x_j>|``."""
+    of x's canonical variates accounts for, ``a_i = sum_j |<h_i, x_j>|``. The variates are
+    ``h = qx a``, so ``h^T xc = a^T (qx^T xc)``: ``proj = qx^T xc`` (r, C), computed once per net,
+    spares the (n, r) variates and an n·r·C product per pair and permutation."""
     a, rho, _ = np.linalg.svd(qx.T @ qy, full_matrices=False)
     rho = np.clip(rho, 0.0, 1.0)
-    h = qx @ a[:, :len(rho)]                                                # canonical variates (n, r)
-    alpha = np.abs(h.T @ xc).sum(1)                                         # (r,)
+    if proj is None:
+        proj = qx.T @ xc
+    alpha = np.abs(a[:, :len(rho)].T @ proj).sum(1)                         # (r,)
     if not alpha.sum() > 0:
         raise SimilarityError("PWCCA is undefined: the features have zero variance")
     return float(alpha @ rho / alpha.sum())
@@ -158,9 +162,9 @@ def cca_matrices(sources: Sequence[Any], metrics: Sequence[str], *, features: st
     views = []
     for s in progress(srcs, total=k, desc="CCA bases"):
         xc = _centre(cca_samples(s, features, block_bytes))
-        views.append({"xc": xc,
-                      "svcca": orthonormal_basis(xc, keep_variance) if "svcca" in metrics else None,
-                      "pwcca": orthonormal_basis(xc) if "pwcca" in metrics else None})
+        q = orthonormal_basis(xc) if "pwcca" in metrics else None
+        views.append({"svcca": orthonormal_basis(xc, keep_variance) if "svcca" in metrics else None,
+                      "pwcca": q, "pwcca_proj": q.T @ xc if q is not None else None})
     rows = n * hw
     res = {}
     for m in metrics:
@@ -202,4 +206,4 @@ def cca_matrices(sources: Sequence[Any], metrics: Sequence[str], *, features: st
 def _cca_value(metric: str, view_x: dict[str, np.ndarray], qy: np.ndarray) -> float:
     if metric == "svcca":
         return svcca_from_bases(view_x["svcca"], qy)
-    return pwcca_from_bases(view_x["pwcca"], qy, view_x["xc"])
+    return pwcca_from_bases(view_x["pwcca"], qy, proj=view_x["pwcca_proj"])

@@ -57,3 +57,18 @@ def test_matrix_null_equals_the_one_pair_permutation_test(nets, metric):
         assert res.matrix[i, j] == pytest.approx(ref.observed, rel=1e-9, abs=1e-12)
         np.testing.assert_allclose(res.null[:, i, j], ref.null, rtol=1e-8, atol=1e-10)
         np.testing.assert_allclose(res.null[:, j, i], ref.null, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("metric", ["svcca", "pwcca"])
+def test_cca_matrix_null_equals_the_one_pair_permutation_test(nets, metric):
+    """Each net's basis (and PWCCA's projection of its neurons) computed once gives, pair by pair and
+    permutation by permutation, what recomputing the metric on permuted rows gives."""
+    from analysis.cca import cca_matrices
+
+    res = cca_matrices(nets, [metric], features="pooled", permutations=6, seed=2)[metric]
+    # PWCCA is computed for every ordered pair; SVCCA for i <= j, mirrored (its null permutes the
+    # column net of the upper triangle)
+    for i, j in ((0, 1), (1, 3), (2, 2)) + (((3, 1),) if metric == "pwcca" else ()):
+        ref = permutation_test(metric, nets[i], nets[j], permutations=6, seed=2, features="pooled")
+        assert res.matrix[i, j] == pytest.approx(ref.observed, rel=1e-9)
+        np.testing.assert_allclose(res.null[:, i, j], ref.null, rtol=1e-9)
