@@ -189,7 +189,8 @@ HELP = {
                     "(each position a sample)",
     "svcca_keep": "fraction of variance kept by SVCCA's SVD step",
     "batch_size": "cka_minibatch: samples per minibatch",
-    "memory_gb": "memory the computation may hold at once (GiB)",
+    "memory_gb": "GiB the arrays of the computation may hold at once (Gram matrices or accumulators and read "
+                 "blocks; the interpreter and libraries add about 0.4 GiB); auto picks the form that fits",
     "allow_changed_checkpoints": "use stored features even when their checkpoint changed since extraction",
 }
 
