@@ -38,7 +38,7 @@ from common.files import atomic_write, read_json, write_json
 from common.progress import progress
 from common.rundir import RunDir
 from features.store import get_features, iter_blocks, open_features, read_index, read_labels, read_rows
-from transnet.fit import load_transnet
+from transnet.fit import in_sample_warning, load_transnet
 
 DIRECTIONS = ("blind_spots", "unreliable")
 
@@ -238,13 +238,24 @@ def resolve_transnets(cfg: DiagnoseConfig) -> tuple[Path, Path]:
     return ab, ba
 
 
-def _load_checked(path: Path, source: str, target: str, layer: str) -> torch.nn.Module:
+def _load_checked(path: Path, source: str, target: str, layer: str) -> tuple[torch.nn.Module, dict[str, Any]]:
     model, info = load_transnet(path)
     got = (info.get("source"), info.get("target"), info.get("layer"))
     if got != (source, target, layer):
         raise UserError(f"Trans-Net {path} maps {got[0]} -> {got[1]} at layer {got[2]}, but "
                         f"{source} -> {target} at layer {layer} is needed here")
-    return model
+    return model, info
+
+
+def in_sample_warnings(split: str, infos: dict[str, dict[str, Any]]) -> list[str]:
+    """One warning per Trans-Net (by direction) whose training split is the diagnosed split."""
+    out = []
+    for key, info in infos.items():
+        cfg = info.get("config") or {}
+        train_split = cfg.get("train_split", "train")
+        if split == train_split:
+            out.append(f"{key}: " + in_sample_warning(split, train_split))
+    return out
 
 
 def load_images(features: str, split: str, rows: Sequence[int]) -> np.ndarray | None:
@@ -320,8 +331,9 @@ def diagnose_pair(cfg: DiagnoseConfig, out_dir: str | os.PathLike, mode: str = "
         raise UserError("--top and --panel_channels must be >= 1 and --panels >= 0")
     device = resolve_device(cfg.device)
     ab_dir, ba_dir = resolve_transnets(cfg)
-    g_ab = _load_checked(ab_dir, cfg.a, cfg.b, cfg.layer)
-    g_ba = _load_checked(ba_dir, cfg.b, cfg.a, cfg.layer)
+    g_ab, info_ab = _load_checked(ab_dir, cfg.a, cfg.b, cfg.layer)
+    g_ba, info_ba = _load_checked(ba_dir, cfg.b, cfg.a, cfg.layer)
+    in_sample = in_sample_warnings(cfg.split, {"blind_spots": info_ab, "unreliable": info_ba})
     with open_features(cfg.features) as f:
         index, labels = read_index(f, cfg.split), read_labels(f, cfg.split)
     out = Path(out_dir)
@@ -334,7 +346,8 @@ def diagnose_pair(cfg: DiagnoseConfig, out_dir: str | os.PathLike, mode: str = "
                                             "unreliable": f"x_{cfg.a} not rebuilt from x_{cfg.b}: what {cfg.a} "
                                                           f"knows and {cfg.b} lacks (channels of {cfg.a})",
                                             "relative": "residual mean square / centred target mean square "
-                                                        "(0 = rebuilt exactly, 1 = no better than the mean)"}}
+                                                        "(0 = rebuilt exactly, 1 = no better than the mean)"},
+                                "held_out": not in_sample, "warnings": in_sample}
         models = {"blind_spots": (g_ab, cfg.a, cfg.b), "unreliable": (g_ba, cfg.b, cfg.a)}
         for key, (model, src, tgt) in models.items():
             stats = residual_stats(model, cfg.features, cfg.split, src, tgt, cfg.layer, cfg.block_rows, device,

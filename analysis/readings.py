@@ -164,6 +164,9 @@ def diagnosis_readings(d: Mapping[str, Any]) -> list[str]:
     a, b = d["a"], d["b"]
     out = []
     bs, ur = d["blind_spots"], d["unreliable"]
+    if d.get("held_out") is False:
+        out.append(f"In-sample: split {d.get('split')!r} is the split the Trans-Nets were fitted on, so these "
+                   f"residuals are smaller than on held-out images (warnings in diagnosis.json).")
     out.append(f"Blind spots of {a}: {pct(bs.get('relative'))} of {b}'s variance at {d['layer']} is not rebuilt from "
                f"{a} (what {b} knows and {a} lacks); unreliable features of {a}: {pct(ur.get('relative'))} of "
                f"{a}'s variance is not rebuilt from {b} (what {a} knows and {b} lacks).")

@@ -130,3 +130,17 @@ def test_diagnose_without_both_directions_names_what_is_there(fitted, tmp_path):
     with pytest.raises(UserError, match="both 'a'"):
         diagnose_pair(DiagnoseConfig(features=str(feats), layer="conv", a="a", b="a", consistency=str(cons)),
                       tmp_path / "z")
+
+
+def test_diagnosing_the_training_split_is_labelled_in_sample(fitted, tmp_path):
+    feats, cons = fitted
+    held = run_diagnosis(cons, "a", "b", str(feats), tmp_path / "test", top=2, panels=0)
+    assert held["held_out"] is True and held["warnings"] == []
+    d = run_diagnosis(cons, "a", "b", str(feats), tmp_path / "train", top=2, panels=0, split="train")
+    assert d["split"] == "train" and d["held_out"] is False
+    assert len(d["warnings"]) == 2 and all("in-sample report: split 'train'" in w for w in d["warnings"])
+    assert json.loads((tmp_path / "train" / "diagnosis.json").read_text())["held_out"] is False
+    from analysis.readings import diagnosis_readings
+
+    assert diagnosis_readings(d)[0].startswith("In-sample: split 'train'")
+    assert not diagnosis_readings(held)[0].startswith("In-sample")
