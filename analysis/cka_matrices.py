@@ -17,6 +17,7 @@ blocks); the interpreter and its libraries come on top (about 0.4 GiB).
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -157,8 +158,9 @@ def _gram_form(srcs: list, res: dict[str, MatrixResult], n: int, dims: list[int]
     stats = [GramStats.of(g) for g in grams]
     kl = gram_inner_products(grams)
     factors = [gram_factor(g) for g in progress(grams, total=k, desc="Gram factors")] if nuclear else [None] * k
-    selfm = [stats[i].moments_with(stats[i], kl[i, i], stats[i].trace - stats[i].total / n if nuclear else None)
-             for i in range(k)]
+    selfm = [stats[i].moments_with(stats[i], kl[i, i]) for i in range(k)]
+    if nuclear:                               # a net with itself: ||Xc^T Xc||_* = ||Xc||_F^2
+        selfm = [replace(m, nuclear=m.ss_x) for m in selfm]
     pairs = [(i, j) for i in range(k) for j in range(i, k)]
     for i, j in pairs:
         nuc = _nuclear(factors[i], factors[j]) if nuclear and i != j else None
@@ -168,12 +170,10 @@ def _gram_form(srcs: list, res: dict[str, MatrixResult], n: int, dims: list[int]
         return
     perms = np.stack(list(permutation_indices(n, permutations, seed)))
     products = permuted_inner_products(grams, perms)
-    if nuclear:
-        for r in res.values():
-            r.details["null_note"] = f"the Procrustes null takes one SVD per pair and permutation ({len(pairs)} x " \
-                                     f"{permutations})"
-    for t, perm in progress(enumerate(perms), total=permutations, desc="null moments") if nuclear else \
-            enumerate(perms):
+    if "procrustes" in res:
+        res["procrustes"].details["null_note"] = (f"the Procrustes null takes one SVD per pair and permutation "
+                                                  f"({len(pairs)} x {permutations})")
+    for t, perm in progress(enumerate(perms), total=permutations, desc="null moments"):
         permuted = [s.permuted(perm) for s in stats]
         pf = [f[perm] for f in factors] if nuclear else factors
         for i, j in pairs:

@@ -141,10 +141,8 @@ def column_blocks(src: Source, block_bytes: int = BLOCK_BYTES, reuse: bool = Fal
         yield blk
 
 
-def read_whole(src: Source) -> np.ndarray:
-    """The whole source in its stored dtype (one contiguous read of an h5py dataset), checked finite."""
-    if not isinstance(src, h5py.Dataset):
-        return np.asarray(src)
+def read_whole(src: h5py.Dataset) -> np.ndarray:
+    """The whole dataset in its stored dtype (one contiguous read), checked finite."""
     out = np.empty(src.shape, dtype=src.dtype)
     src.read_direct(out)
     check_finite(out, src)
