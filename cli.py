@@ -16,7 +16,7 @@ import sys
 import textwrap
 
 # The modules that contribute subcommands, in the order of the data flow, with the commands each
-# defines (tests/test_cli.py checks this index against every module's COMMANDS). Running one command
+# defines (tests/test_layout.py checks this index against every module's COMMANDS). Running one command
 # imports its module only; ``--help`` and an unknown name import them all.
 COMMAND_MODULES = {
     "training.commands": ("train",),
