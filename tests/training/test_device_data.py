@@ -1,0 +1,146 @@
+"""Data held on the device: the cached uint8 images and the batched augmentation equal the CPU presets
+(bit for bit where the preset is deterministic or its random draws are shared, in distribution where
+they are not), the cache file is keyed by the data spec and reused, and every row is served once
+per epoch."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy import stats
+from torchvision import transforms as T
+from torchvision.transforms import functional as TF
+
+from training.datasets import DataSpec, IndexedDataset
+from training.device_data import (
+    DeviceLoader,
+    cached_images,
+    crop_flip,
+    crop_flip_params,
+    normalise,
+    rrc_params,
+    split_preset,
+)
+from training.transforms import TransformSpec, build_transform
+
+CPU = torch.device("cpu")
+
+
+class PictureSet(IndexedDataset):
+    """Random RGB pictures of mixed sizes, as an ImageFolder of photographs would hold."""
+
+    def __init__(self, sizes: list[tuple[int, int]], seed: int = 0):
+        super().__init__("pictures", "train", 3, [i % 3 for i in range(len(sizes))])
+        rng = np.random.default_rng(seed)
+        self.pics = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for w, h in sizes]
+        self.reads = 0
+
+    def load_image(self, i: int) -> Image.Image:
+        self.reads += 1
+        return Image.fromarray(self.pics[i], mode="RGB")
+
+
+def _cpu_batch(ds: IndexedDataset, tspec: TransformSpec, train: bool) -> torch.Tensor:
+    tf = build_transform(tspec, train)
+    return torch.stack([tf(ds.load_image(i)) for i in range(len(ds))])
+
+
+@pytest.mark.parametrize("preset,train", [("paper", True), ("plain", False), ("small", False), ("ke", False)])
+def test_deterministic_presets_equal_the_cpu_path_bitwise(tmp_path, preset, train):
+    ds = PictureSet([(40, 30), (23, 51), (64, 64), (17, 17)])
+    tspec = TransformSpec(preset, 16, 3)
+    images, aug = cached_images(ds, DataSpec(transform=preset), tspec, train, tmp_path)
+    assert aug.kind == "none" and images.dtype == torch.uint8
+    loader = DeviceLoader(images, ds.labels, aug, tspec, batch_size=4, device=CPU)
+    x, y, idx = next(iter(loader))
+    assert torch.equal(x, _cpu_batch(ds, tspec, train))
+    assert idx.tolist() == [0, 1, 2, 3] and y.tolist() == [0, 1, 2, 0]
+
+
+def test_grayscale_cache_equals_the_cpu_path():
+    ds = PictureSet([(28, 28)] * 3)
+    tspec = TransformSpec("plain", 20, 1, (0.2243,), (0.3870,))
+    steps, _ = split_preset(tspec, False)
+    images = torch.stack([torch.from_numpy(np.array(T.Compose(steps)(ds.load_image(i))))[None] for i in range(3)])
+    assert torch.equal(normalise(images, tspec.mean, tspec.std), _cpu_batch(ds, tspec, False))
+
+
+def test_small_crop_and_flip_equal_the_cpu_ops_given_the_same_draws():
+    ds = PictureSet([(12, 12)] * 6, seed=3)
+    tspec = TransformSpec("small", 12, 3)
+    steps, aug = split_preset(tspec, True)
+    assert aug.kind == "crop_flip" and aug.pad == 1
+    pics = [T.Compose(steps)(ds.load_image(i)) for i in range(6)]
+    x = torch.stack([torch.from_numpy(np.asarray(p)).permute(2, 0, 1) for p in pics])
+    top, left, flip = torch.tensor([0, 2, 1, 0, 2, 1]), torch.tensor([2, 0, 1, 1, 0, 2]), \
+        torch.tensor([True, False, True, False, True, False])
+    got = normalise(crop_flip(x, aug.pad, top, left, flip), tspec.mean, tspec.std)
+    want = []
+    for p, t, lf, f in zip(pics, top.tolist(), left.tolist(), flip.tolist()):
+        q = TF.crop(TF.pad(p, aug.pad, fill=0), t, lf, 12, 12)
+        q = TF.hflip(q) if f else q
+        want.append(TF.normalize(TF.to_tensor(q), tspec.mean, tspec.std))
+    assert torch.equal(got, torch.stack(want))
+
+
+def test_crop_offsets_and_flips_follow_the_cpu_distribution():
+    gen = torch.Generator().manual_seed(0)
+    top, left, flip = crop_flip_params(6000, 2, gen, CPU)
+    for offs in (top, left):
+        counts = np.bincount(offs.numpy(), minlength=5)
+        assert len(counts) == 5 and stats.chisquare(counts).pvalue > 1e-3
+    assert abs(flip.float().mean().item() - 0.5) < 4 * 0.5 / np.sqrt(6000)
+
+
+def test_random_resized_crop_boxes_follow_torchvision():
+    h, w, n = 40, 30, 3000
+    boxes = rrc_params(n, h, w, torch.Generator().manual_seed(1), CPU).numpy()
+    torch.manual_seed(2)
+    img = torch.zeros(1, h, w)
+    ref = np.array([T.RandomResizedCrop.get_params(img, [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(n)])
+    for col in range(4):                                             # top, left, height, width
+        assert stats.ks_2samp(boxes[:, col], ref[:, col]).pvalue > 1e-3, col
+    assert (boxes[:, 0] + boxes[:, 2] <= h).all() and (boxes[:, 1] + boxes[:, 3] <= w).all()
+    assert (boxes[:, 2] > 0).all() and (boxes[:, 3] > 0).all()
+
+
+def test_ke_training_batches_have_the_training_size_and_vary_per_epoch(tmp_path):
+    ds = PictureSet([(50, 50)] * 8)
+    tspec = TransformSpec("ke", 16, 3)
+    images, aug = cached_images(ds, DataSpec(transform="ke"), tspec, True, tmp_path)
+    assert aug.kind == "rrc_flip" and images.shape[-1] == round(16 * 256 / 224)
+    loader = DeviceLoader(images, ds.labels, aug, tspec, batch_size=8, device=CPU, shuffle=True)
+    a = next(iter(loader))[0]
+    loader.set_epoch(1)
+    b = next(iter(loader))[0]
+    assert a.shape == (8, 3, 16, 16) and not torch.equal(a, b)
+    lo, hi = normalise(torch.tensor([[[[0]], [[0]], [[0]]], [[[255]], [[255]], [[255]]]], dtype=torch.uint8),
+                       tspec.mean, tspec.std).squeeze()
+    assert (a >= lo[None, :, None, None] - 1e-5).all() and (a <= hi[None, :, None, None] + 1e-5).all()
+
+
+def test_cache_is_written_once_and_keyed_by_the_spec(tmp_path):
+    ds = PictureSet([(20, 20)] * 5)
+    tspec = TransformSpec("plain", 8, 3)
+    first, _ = cached_images(ds, DataSpec(transform="plain"), tspec, False, tmp_path)
+    reads = ds.reads
+    again, _ = cached_images(ds, DataSpec(transform="plain"), tspec, False, tmp_path)
+    assert ds.reads == reads and torch.equal(first, again)
+    cached_images(ds, DataSpec(transform="plain", split_seed=1), tspec, False, tmp_path)
+    assert ds.reads == reads + 5
+    assert len(list(tmp_path.glob("*.pt"))) == 2 and not list(tmp_path.glob("*.tmp*"))
+
+
+def test_every_row_once_per_epoch_and_ranks_disjoint():
+    images = torch.zeros(10, 1, 4, 4, dtype=torch.uint8)
+    tspec = TransformSpec("plain", 4, 1, (0.5,), (0.5,))
+    aug = split_preset(tspec, False)[1]
+    whole = DeviceLoader(images, range(10), aug, tspec, 3, CPU, shuffle=True, seed=4)
+    seen = torch.cat([i for _, _, i in whole])
+    assert sorted(seen.tolist()) == list(range(10)) and seen.tolist() != list(range(10))
+    ranks = [DeviceLoader(images, range(10), aug, tspec, 2, CPU, shuffle=True, seed=4, rank=r, world=2)
+             for r in range(2)]
+    parts = [set(torch.cat([i for _, _, i in ld]).tolist()) for ld in ranks]
+    assert len(parts[0]) == len(parts[1]) == 5 and not parts[0] & parts[1]
+    assert len(DeviceLoader(images, range(10), aug, tspec, 3, CPU, drop_last=True)) == 3
