@@ -21,7 +21,7 @@ from analysis.diagnose import (
 )
 from common.errors import UserError
 from tests.fakedata import FAST_FIT, PLANTED_CHANNEL, PLANTED_ROW, planted_features
-from transnet.model import TransNet
+from transnet.model import TransNet, TransNetConfig
 
 
 def test_streamed_residual_statistics_equal_a_numpy_reference():
@@ -64,7 +64,7 @@ def test_rank_top_orders_largest_first_and_skips_nan():
 
 def test_decompose_rows_components_sum_to_the_reconstruction():
     torch.manual_seed(0)
-    model = TransNet(4, orders=2, kernel=3, input_norm="instance")
+    model = TransNet(TransNetConfig(4, orders=2, kernel=3, input_norm="instance"))
     xa, xb = torch.randn(2, 4, 5, 5), torch.randn(2, 4, 5, 5)
     out = decompose_rows(model, xa, xb)
     assert out["components"].shape == (3, 2, 4, 5, 5)

@@ -20,7 +20,7 @@ from tests.fakedata import FIT_LAYER as LAYER
 from tests.fakedata import write_features_by_split
 from transnet.data import BlockPairs, MemoryPairs, load_arrays, open_pair
 from transnet.fit import DivergenceError, FitConfig, fit_transnet, load_transnet
-from transnet.model import TransNet
+from transnet.model import TransNet, TransNetConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 CONTRACT_KEYS = {"split", "n_samples", "source", "target", "layer", "var_target", "var_orders", "var_residual",
@@ -57,7 +57,7 @@ def test_planted_nonlinear_target_needs_the_higher_orders(tmp_path):
     """B = a random Trans-Net with open gates applied to A. With input_norm none and small-amplitude
     features the gated (normalised) branches dominate B, and the student can express B exactly."""
     torch.manual_seed(0)
-    teacher = TransNet(4, 2, 1, "none").double().eval()
+    teacher = TransNet(TransNetConfig(4, 2, 1, "none")).double().eval()
     teacher.set_gates([0.8, 0.8])
 
     def make_b(a):
