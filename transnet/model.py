@@ -2,58 +2,14 @@
 
 A Trans-Net g reconstructs net B's feature map from net A's at one layer, x_B ≈ g(x_A), with K+1
 bias-free k x k convolutions nested so that the normalised input x̂ is re-injected at every level
-(methods.md §1). With forward index j = 0..K (``convs[j]`` is applied j-th):
+(methods.md §1; ``convs[j]`` is applied j-th):
 
-    x̂    = n(x_A)                                   input normalisation (see INPUT_NORMS)
-    h_0  = W_0 x̂
-    h_j  = W_j ( x̂ + q_{j-1} · ReLU( h_{j-1} / s(h_{j-1}) ) )      j = 1..K
-    ŷ    = h_K
+    x̂ = n(x_A),   h_0 = W_0 x̂,   h_j = W_j ( x̂ + q_{j-1} · ReLU( h_{j-1} / s(h_{j-1}) ) ),   ŷ = h_K
 
-s(·) is the per-sample, per-channel spatial std (not centred out of the map, no gradient through
-it, eps added): the original's inner normalisation, kept in every mode. See ``instance_std`` for its
-three edge rules, each a field of ``TransNetConfig`` recorded with every checkpoint:
-
-- **Std convention** (``std_correction``): 0 = population std (divide by H·W, the default here), 1 =
-  unbiased std (divide by H·W − 1, the original code). A net fitted under either convention is the
-  same function class (the factor √(HW/(HW−1)) passes through every level and is absorbed by the
-  last conv), so fits under either agree up to the optimiser's path (a planted 4×4 problem after 40
-  epochs: R² 0.791 vs 0.798); weights moved *between* conventions give components off by that
-  factor (0.8 % at 8×8, 3.3 % at 4×4), which is why ``import-transnet`` sets 1.
-- **1×1 maps** (H·W = 1, e.g. an ``avgpool`` output): a single value has no spatial spread, so s = 1
-  exactly (the original's rule); dividing by std + eps = eps would scale x̂ by 1e5 per level.
-- **Spatially constant slices** (one sample, one channel, every position equal and non-zero; common
-  after float16 rounding): s = eps and x̂ = x / eps. The paper's preset keeps that (it is what the
-  original computes); ``constant_slices`` finds them so that reports can count and warn, and
-  ``std_floor`` F > 0 bounds s from below by F times the slice's root mean square,
-  s = max(std, F·rms) + eps, which keeps the scale invariance (rms scales like std) and bounds
-  |x̂| by 1/F on a constant slice.
-
-**Numbering of orders (reversed, as in the paper).** The last conv W_K is the 0-order conv; the gate
-q_{K-1} nearest the output belongs to order 1, q_{K-2} to order 2, ..., q_0 to order K. Everything
-public here is listed *by order*: ``gates()`` returns ``[p_1, ..., p_K]`` (order 1 first, i.e. the
-gate nearest the output first), ``decompose()`` returns ``[Y_0, Y_1, ..., Y_K]``, and the loss
-weights α are given per order in the same sequence (``--alpha 0.1,0.1`` = α_1, α_2).
-
-**Decomposition.** One forward pass records every ReLU mask M_j = [h_j / s(h_j) > 0] and every
-normaliser s(h_j); with them frozen the net is linear in x̂ along each path, and the component of
-order d at level j is
-
-    c_j^(0) = W_j x̂,        c_j^(d) = W_j ( q_{j-1} · M_{j-1} ⊙ c_{j-1}^(d-1) / s(h_{j-1}) ),
-
-so that h_j = Σ_d c_j^(d) and Y_d = c_K^(d). For K = 2 this is exactly methods.md's Y0, Y1, Y2.
-The components are not orthogonal: their variances need not add up to Var(ŷ).
-
-**A property of the method worth knowing.** The inner ReLUs act on per-sample normalised maps and
-their output is *added* to x̂ before the next conv, so a target such as B = ReLU(conv(A)) gains
-almost nothing over the linear-only Trans-Net (measured R² 0.850 vs 0.849); targets built like a
-Trans-Net (gates open) are what the higher orders capture. That is the method, not a bug.
-
-Input normalisation ``global`` divides by a per-channel std of the training source features
-(computed once about the per-channel mean, stored in the ``input_scale`` buffer, frozen). The mean
-is *not* subtracted from x: the model stays bias-free and piecewise linear, so B = A (or a channel
-permutation of A) is exactly representable by W_K = diag(std). The faithful ``instance`` mode
-makes ŷ invariant to any positive per-(sample, channel) rescaling of x_A, so even B = A is not
-exactly recoverable; ``none`` feeds x_A unchanged.
+Orders are numbered as in the paper, reversed: ``gates()`` and the loss weights α are listed order 1
+(the gate nearest the output) first, ``decompose()`` returns ``[Y_0, ..., Y_K]``. The std conventions
+and edge rules, the derivation of the decomposition, the input normalisations and a measured property
+of the method are described in ``docs/internals.md`` (section "The Trans-Net").
 """
 from __future__ import annotations
 

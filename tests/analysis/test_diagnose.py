@@ -82,6 +82,7 @@ def fitted(tmp_path_factory):
     return feats, cons
 
 
+@pytest.mark.slow
 def test_diagnose_finds_the_planted_blind_channel_and_image(fitted, tmp_path, cli):
     feats, cons = fitted
     out = tmp_path / "diag"
@@ -111,6 +112,7 @@ def test_diagnose_finds_the_planted_blind_channel_and_image(fitted, tmp_path, cl
     assert "Blind spots of a" in stdout and f"{PLANTED_CHANNEL} (" in stdout
 
 
+@pytest.mark.slow
 def test_consistent_pair_has_no_blind_spots(fitted, tmp_path):
     feats, cons = fitted
     d = run_diagnosis(cons, "a", "b", str(feats), tmp_path / "ab", top=2, panels=0)
@@ -118,6 +120,7 @@ def test_consistent_pair_has_no_blind_spots(fitted, tmp_path):
     assert d["blind_spots"]["relative"] < 0.05 and d["unreliable"]["relative"] < 0.05
 
 
+@pytest.mark.slow
 def test_diagnose_without_both_directions_names_what_is_there(fitted, tmp_path):
     feats, cons = fitted
     with pytest.raises(UserError, match="no Trans-Net run at .*c__a.*holds pairs a__b, a__d, b__a, d__a"):
@@ -132,6 +135,7 @@ def test_diagnose_without_both_directions_names_what_is_there(fitted, tmp_path):
                       tmp_path / "z")
 
 
+@pytest.mark.slow
 def test_diagnosing_the_training_split_is_labelled_in_sample(fitted, tmp_path):
     feats, cons = fitted
     held = run_diagnosis(cons, "a", "b", str(feats), tmp_path / "test", top=2, panels=0)

@@ -1,4 +1,4 @@
-"""Trustworthy numbers at the edges (issue 11): 1x1 maps, spatially constant source slices, in-sample
+"""Trustworthy numbers at the edges: 1x1 maps, spatially constant source slices, in-sample
 reports, ±inf in JSON files, and the --precision option. Each test fails on the code before the fix.
 Tiny tensors on the CPU."""
 from __future__ import annotations
@@ -59,6 +59,7 @@ def test_1x1_forward_equals_the_unit_std_formula():
     assert torch.allclose(sum(comps), yhat, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_planted_linear_1x1_target_is_fitted_in_the_faithful_preset(tmp_path):
     """B = W A + noise on (N, 8, 1, 1) maps (an avgpool-like layer). Before the fix x̂ = x / eps:
     held-out R² -6.5e24 and max |ŷ| 5.6e13; the original code (s = 1) fits it."""
@@ -185,6 +186,7 @@ def test_fit_on_the_training_split_is_labelled_in_sample(pair_file, tmp_path):
     assert rep["held_out"] is False and "in-sample" in rep["warning"]
 
 
+@pytest.mark.slow
 def test_consistency_on_the_training_split_labels_and_warns(tmp_path, cli):
     f = planted_features(tmp_path / "planted.h5")
     out = tmp_path / "cons"

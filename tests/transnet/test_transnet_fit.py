@@ -1,5 +1,5 @@
-"""Fitting Trans-Nets from kc-features files (methods.md §5, checks 4-6; the bad-input cases of the
-issue; the batch sources; resume; DDP). Planted structure on tiny tensors (N=256, C=4, 6x6)."""
+"""Fitting Trans-Nets from kc-features files (methods.md §5, checks 4-6; bad inputs;
+the batch sources; resume; DDP). Planted structure on tiny tensors (N=256, C=4, 6x6)."""
 from __future__ import annotations
 
 import json
@@ -246,6 +246,7 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 # --------------------------------------------------------------------------- DDP (gloo, two processes)
 
 @pytest.mark.xdist_group("subprocess")
+@pytest.mark.slow
 def test_two_process_ddp_follows_the_single_process_fit(tmp_path):
     f = _pair_file(tmp_path / "f.h5", lambda a: np.tanh(a[:, [1, 0, 3, 2]]), n_train=128, n_test=32)
     args = ["fit-transnet", "--features", str(f), "--source", "A", "--target", "B", "--layer", LAYER, "--epochs", "2",

@@ -1,4 +1,4 @@
-"""Compatibility with the original code (issue 11, item 6): the std convention (--std_correction),
+"""Compatibility with the original code: the std convention (--std_correction),
 and import-transnet of a checkpoint in the original's key layout (``linearLayers_conv.<j>.weight``,
 ``nonLinearLayers_p_pre``; see transnet/original.py), which variance, consistency, diagnose and the
 figures then read. The original's forward pass is re-derived here independently (float64)."""
@@ -159,6 +159,7 @@ def original_pair(tmp_path_factory):
     return {"features": f, "checkpoint": ck, "weights": w, "logits": logits, "test_a": ta}
 
 
+@pytest.mark.slow
 def test_import_transnet_writes_a_run_directory_that_the_other_commands_read(original_pair, tmp_path, cli):
     f, ck = original_pair["features"], original_pair["checkpoint"]
     out = tmp_path / "imported"
