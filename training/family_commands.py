@@ -25,8 +25,16 @@ from training.distill import KDConfig, distill
 from training.families import MEMBER_CHECKPOINTS
 from training.grid import run_grid, write_summary
 from training.loop import OPTIMIZERS, SCHEDULES, TrainConfig
-from training.options import (TRAIN_HELP, add_data_args, add_model_args, add_train_args, add_train_command_args,
-                              data_from_args, train_from_args, training_summary)
+from training.options import (
+    TRAIN_HELP,
+    add_data_args,
+    add_model_args,
+    add_train_args,
+    add_train_command_args,
+    data_from_args,
+    train_from_args,
+    training_summary,
+)
 from training.pruning import PRUNE_SCOPES
 from training.runner import ModelSpec
 
