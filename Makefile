@@ -1,5 +1,7 @@
 # make demo: set up .venv if needed, then run the demo study (report in runs/demo/report.html)
 # make test: set up .venv if needed, then run the test suite (notebooks included)
+# make test-fast: the same without the notebooks and the tests marked @pytest.mark.slow
+# make lint: ruff check (configuration in pyproject.toml; fixes nothing)
 # make bench: set up .venv if needed, then run bench/*.py; the peer libraries that
 #   bench/similarity_peers.py times come from requirements-bench.txt, installed by hand with
 #   $(PY) -m pip install --no-deps -r requirements-bench.txt (peers not installed are skipped)
@@ -10,7 +12,7 @@ REQ_HASH := $(shell cat requirements.txt Makefile | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.installed-$(REQ_HASH)
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test test-fast lint venv bench clean
 
 venv: $(STAMP)
 
@@ -28,6 +30,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadfile -q --nbmake tests notebooks $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -n 2 --dist loadfile -q -m "not slow" tests $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 bench: $(STAMP)
 	$(PY) bench/train_throughput.py

@@ -25,8 +25,8 @@ from common.files import read_json
 from common.options import Command, add_dataclass_args, add_run_args, dataclass_from_args, parse_csv
 from common.registry import unknown_choice_message
 from common.rundir import run_mode
-from transnet.commands import FIT_CHOICES, FIT_HELP
 from transnet.fit import FitConfig, load_transnet
+from transnet.options import FIT_CHOICES, FIT_HELP
 
 CONSISTENCY_HELP = {
     "features": "kc-features file holding every net at --layer (train and test splits)",

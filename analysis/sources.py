@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 
 from common.errors import UserError
-from features.store import iter_blocks
+from features.store import NonFiniteFeatures, iter_blocks
 
 BLOCK_BYTES = 64 << 20           # float64 working block of a streamed source
 
@@ -23,10 +23,6 @@ Source = Any  # np.ndarray | h5py.Dataset (after as_source)
 
 class SimilarityError(UserError):
     """The data cannot give a meaningful value (zero variance, too few samples for the estimator)."""
-
-
-class NonFiniteFeatures(UserError):
-    """A source holds NaN or inf: no similarity of it means anything."""
 
 
 def as_source(x: Any) -> Source:

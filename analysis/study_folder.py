@@ -33,7 +33,7 @@ from typing import Any
 from analysis.consistency import natural_key
 from common.errors import UserError
 from common.files import read_json
-from features.store import attrs_dict, list_layers, list_nets, list_splits, open_features
+from features.store import INDEX, attrs_dict, dataset_progress, list_layers, list_nets, list_splits, open_features
 from training.manifest import read_manifest
 
 STUDY_PARTS = ("study.json", "state.json", "families", "features.h5", "consistency", "similarity", "diagnosis")
@@ -102,13 +102,13 @@ def _read_features(path: Path, study: StudyFolder) -> dict[str, Any] | None:
                     layers = {}
                     for layer in list_layers(f, split, net):
                         ds = f[split][net][layer]
-                        complete = bool(ds.attrs.get("complete", False))
-                        layers[layer] = {"shape": list(ds.shape), "dtype": str(ds.dtype), "complete": complete}
-                        if not complete:
+                        progress = dataset_progress(ds)
+                        layers[layer] = {"shape": list(ds.shape), "dtype": str(ds.dtype), "complete": progress.complete}
+                        if not progress.complete:
                             study.warnings.append(f"features.h5: /{split}/{net}/{layer} is incomplete "
-                                                  f"({int(ds.attrs.get('rows_done', 0))} of {ds.shape[0]} rows)")
+                                                  f"({progress.rows_done} of {progress.rows} rows)")
                     nets[net] = layers
-                out["splits"][split] = {"n": int(f[split]["index"].shape[0]), "nets": nets}
+                out["splits"][split] = {"n": int(f[split][INDEX].shape[0]), "nets": nets}
             return out
     except UserError as e:
         study.warnings.append(str(e))

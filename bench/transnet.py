@@ -45,7 +45,7 @@ from features.store import create_features, init_root, init_split, mark_complete
 from training.loop import make_scheduler  # noqa: E402
 from transnet.data import BlockPairs, choose_placement, make_source, open_pair  # noqa: E402
 from transnet.fit import FitConfig, lr_config, make_optimizer, train_epoch  # noqa: E402
-from transnet.model import TransNet, n_parameters  # noqa: E402
+from transnet.model import TransNet, TransNetConfig, n_parameters  # noqa: E402
 
 LAYER = "features.30"
 
@@ -77,7 +77,7 @@ class Trainer:
     def __init__(self, args, device: torch.device, steps: int):
         torch.manual_seed(0)
         self.device = device
-        self.model = TransNet(args.channels, args.orders, args.kernel, "instance").to(device)
+        self.model = TransNet(TransNetConfig(args.channels, args.orders, args.kernel, "instance")).to(device)
         self.cl = device.type == "cuda" and args.channels_last
         if self.cl:
             self.model = self.model.to(memory_format=torch.channels_last)

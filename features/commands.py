@@ -19,9 +19,9 @@ from features.inspection import describe_file, verify_file
 from features.layers import format_layers, list_layers
 from features.nets import Net, build_feature_data, data_spec_for, load_net
 from features.nonfinite import NonFiniteFeaturesWarning
-from training.commands import add_data_args
 from training.manifest import read_manifest
 from training.models import ARCHS, build_model, model_from_checkpoint
+from training.options import add_data_args
 
 # --------------------------------------------------------------------------- extract
 

@@ -44,7 +44,6 @@ from common.progress import progress
 from common.registry import unknown_choice_message
 from features import store
 from features.layers import (
-    LOGITS,
     FeatureExtractor,
     LayerPoint,
     build_extractor,
@@ -147,12 +146,12 @@ def extract_features(nets: Sequence[Net], data: FeatureData, layers: Sequence[tu
     for n in nets:
         pts = [resolve_layer(n.model, name, conv, n.name, n.arch) for name, conv in layers]
         if cfg.logits:
-            pts.append(resolve_layer(n.model, LOGITS))
+            pts.append(resolve_layer(n.model, store.LOGITS))
         ex = build_extractor(n.model.cpu().eval(), pts)
         check_against_hooks(n.model, ex, in_shape)
         shapes[n.name] = output_shapes(ex, in_shape)
-        if cfg.logits and n.num_classes is not None and shapes[n.name][LOGITS] != (int(n.num_classes),):
-            raise UserError(f"net {n.name!r}: its output has shape {shapes[n.name][LOGITS]}, not ({n.num_classes},)")
+        if cfg.logits and n.num_classes is not None and shapes[n.name][store.LOGITS] != (int(n.num_classes),):
+            raise UserError(f"net {n.name!r}: its output has shape {shapes[n.name][store.LOGITS]}, not ({n.num_classes},)")
         ex = ex.to(device)
         if device.type == "cuda" and cfg.channels_last:
             ex = ex.to(memory_format=torch.channels_last)

@@ -30,14 +30,15 @@ def describe_file(path: str | os.PathLike) -> dict[str, Any]:
         desc: dict[str, Any] = {"file": str(path), "root": store.attrs_dict(f), "splits": {}}
         for split in store.list_splits(f):
             g = f[split]
-            sd: dict[str, Any] = {"rows": int(g["index"].shape[0]) if "index" in g else None, "nets": {}}
+            sd: dict[str, Any] = {"rows": int(g[store.INDEX].shape[0]) if store.INDEX in g else None, "nets": {}}
             for net in store.list_nets(f, split):
                 nd = {}
                 for layer in sorted(g[net].keys()):
                     ds = g[net][layer]
-                    a = store.attrs_dict(ds)
-                    entry = {"shape": list(ds.shape), "dtype": str(ds.dtype), "complete": bool(a.pop("complete", False)),
-                             "rows_done": int(a.pop("rows_done", 0)), "virtual": bool(ds.is_virtual),
+                    a = {k: v for k, v in store.attrs_dict(ds).items() if k not in store.PROGRESS_ATTRS}
+                    progress = store.dataset_progress(ds)
+                    entry = {"shape": list(ds.shape), "dtype": str(ds.dtype), "complete": progress.complete,
+                             "rows_done": progress.rows_done, "virtual": bool(ds.is_virtual),
                              "chunks": list(ds.chunks) if ds.chunks else None, "compression": ds.compression,
                              # NaN/inf values and largest finite magnitude of the rows done (None: not recorded)
                              "nonfinite": a.pop("nonfinite", None), "max_abs": a.pop("max_abs", None),
@@ -128,7 +129,7 @@ def _verify_net(f: h5py.File, split: str, net: str, dset: Dataset, index: np.nda
             out += [VerifyRow(split, net, l, "failed", reason=loaded) for l in lays]
             continue
         model = loaded.model.to(dev).eval()
-        n_ok = min(int(attrs[l].get("rows_done", 0)) if not attrs[l].get("complete") else g[l].shape[0] for l in lays)
+        n_ok = min(store.dataset_progress(g[l]).rows_done for l in lays)
         if n_ok == 0:
             out += [VerifyRow(split, net, l, "skipped", reason="no rows written yet") for l in lays]
             continue

@@ -36,8 +36,8 @@ import torchvision
 from torchvision.models.feature_extraction import NodePathTracer
 
 from common.errors import UserError
+from features.store import LOGITS
 
-LOGITS = "logits"
 _CONV_RE = re.compile(r"^features\.(\d+)$")
 
 

@@ -21,11 +21,11 @@ from common.checkpoints import load_checkpoint
 from common.errors import UserError
 from common.files import jsonable
 from common.provenance import sha256_file
+from features.store import SPLIT_KEYS
 from training.data import build_dataset, transform_spec
 from training.datasets import DataSpec
 from training.models import model_from_checkpoint
 
-RESERVED_NAMES = ("index", "label")     # per-split datasets of the file: no net may take these names
 
 
 @dataclass
@@ -45,9 +45,9 @@ class Net:
 
 
 def check_net_name(name: str) -> None:
-    if not name or "/" in name or name in (".", "..") or name in RESERVED_NAMES or name.strip() != name:
+    if not name or "/" in name or name in (".", "..") or name in SPLIT_KEYS or name.strip() != name:
         raise UserError(f"net name {name!r} is not usable as an HDF5 group: no '/', not empty, not "
-                        f"{' or '.join(RESERVED_NAMES)}, no surrounding spaces")
+                        f"{' or '.join(SPLIT_KEYS)}, no surrounding spaces")
 
 
 def load_net(name: str, checkpoint: str | os.PathLike, expect_sha256: str | None = None) -> Net:

@@ -63,17 +63,17 @@ def join_shards(out: Path, data: FeatureData, splits, n_rows: dict[str, int], ta
                 if t.path not in todo:
                     continue
                 attrs = store.attrs_dict(opened[0][t.path])
-                done = [int(g[t.path].attrs.get("rows_done", 0)) for g in opened]
-                complete = all(bool(g[t.path].attrs.get("complete", False)) for g in opened)
-                attrs.update({"complete": complete, "rows_done": int(sum(done)) if complete else 0,
-                              "shards": [p.name for p in shards]})
+                complete = all(store.dataset_progress(g[t.path]).complete for g in opened)
+                attrs["shards"] = [p.name for p in shards]
                 counts = joined_counts([g[t.path] for g in opened])       # summed over the shards
                 for key in ("nonfinite", "max_abs"):
                     attrs.pop(key, None)
                 if counts is not None:
                     attrs.update({"nonfinite": counts.nonfinite, "max_abs": counts.max_abs})
                 sources = [(p.name, lo, hi) for p, (lo, hi) in zip(shards, bounds[t.split])]
-                store.create_virtual_features(f, t.split, t.net, t.layer, sources, t.shape, t.dtype, attrs)
+                ds = store.create_virtual_features(f, t.split, t.net, t.layer, sources, t.shape, t.dtype, attrs)
+                if complete:                  # every shard complete: so is the join (rows_done = N)
+                    store.mark_complete(ds)
     finally:
         for g in opened:
             g.close()

@@ -13,14 +13,17 @@ A feature dataset may also be an h5py virtual dataset over shard files beside th
 ``extract`` under torchrun); :func:`get_features` refuses one whose shard files are missing.
 
 Readers need only the root schema/version, the datasets and ``complete``. This module is the only
-place that knows the layout: everything else reads and writes through it.
+place that knows the layout: everything else reads and writes through it (progress through
+:func:`dataset_progress`, the reserved names through :data:`SPLIT_KEYS` and :data:`LOGITS`). The
+schema check dispatches on the version through :data:`READERS`; an unknown version is refused.
 """
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import h5py
 import numpy as np
@@ -31,13 +34,20 @@ from common.registry import unknown_choice_message
 
 SCHEMA = "kc-features"
 SCHEMA_VERSION = 1
-SPLIT_KEYS = ("index", "label")       # per-split datasets that are not nets
-LOGITS = "logits"
+# The reserved names of the layout: no net may be named like a per-split dataset, no layer like logits.
+INDEX, LABEL = "index", "label"       # per split: the dataset index and the label of each row
+SPLIT_KEYS = (INDEX, LABEL)           # per-split datasets that are not nets
+LOGITS = "logits"                     # the per-net dataset that is not a layer
+PROGRESS_ATTRS = ("complete", "rows_done")   # a feature dataset's progress: read with dataset_progress()
 CHUNK_CACHE_BYTES = 64 << 20          # raw-data chunk cache per open file
 
 
 class FeatureFileError(UserError):
     """A feature file that is missing, corrupt, of another schema/version, or lacks what was asked."""
+
+
+class NonFiniteFeatures(UserError):
+    """Features (a dataset of a feature file, or an array of them) hold NaN or inf values."""
 
 
 # --------------------------------------------------------------------------- opening
@@ -54,7 +64,7 @@ def open_features(path: str | os.PathLike, mode: str = "r") -> h5py.File:
                                f"truncated: re-extract it (python cli.py extract ... --overwrite)") from e
     if mode != "w" and (mode == "r" or SCHEMA_ATTR in f.attrs):
         try:
-            check_schema(f, path)
+            check_schema(f, path, structure=mode == "r")
         except Exception:
             f.close()
             raise
@@ -64,14 +74,38 @@ def open_features(path: str | os.PathLike, mode: str = "r") -> h5py.File:
 SCHEMA_ATTR = "schema"
 
 
-def check_schema(f: h5py.File, path: str | os.PathLike = "") -> None:
+def _read_v1(f: h5py.File, where: str) -> None:
+    """Version 1: every split holds its ``index`` and ``label``, one row per sample each (what every
+    reader here relies on; a file from another tool that lacks them fails on opening, named)."""
+    for split in list_splits(f):
+        g = f[split]
+        missing = [k for k in SPLIT_KEYS if k not in g]
+        if missing:
+            raise FeatureFileError(f"{where}: split {split!r} has no {' or '.join(missing)} dataset "
+                                   f"({SCHEMA} v1 needs /<split>/index and /<split>/label)")
+        if g[INDEX].shape != g[LABEL].shape or len(g[INDEX].shape) != 1:
+            raise FeatureFileError(f"{where}: split {split!r} has index {g[INDEX].shape} and label "
+                                   f"{g[LABEL].shape}; {SCHEMA} v1 needs two (N,) datasets")
+
+
+# The schema check of each version this workbench reads; a new version is an added entry.
+READERS: dict[int, Callable[[h5py.File, str], None]] = {1: _read_v1}
+
+
+def check_schema(f: h5py.File, path: str | os.PathLike = "", structure: bool = False) -> None:
+    """Refuse a file of another schema or of a version not in :data:`READERS`; with ``structure``, also
+    run that version's check of the layout (a file being written is checked by its root only)."""
+    where = str(path or f.filename)
     schema = _attr_str(f.attrs.get("schema"))
     version = f.attrs.get("schema_version")
     if schema != SCHEMA:
-        raise FeatureFileError(f"{path or f.filename} is not a {SCHEMA} file (schema attribute {schema!r})")
-    if version is None or int(version) != SCHEMA_VERSION:
-        raise FeatureFileError(f"{path or f.filename} has {SCHEMA} version {version}; this workbench reads "
-                               f"version {SCHEMA_VERSION} only")
+        raise FeatureFileError(f"{where} is not a {SCHEMA} file (schema attribute {schema!r})")
+    reader = READERS.get(int(version)) if version is not None else None
+    if reader is None:
+        raise FeatureFileError(f"{where} has {SCHEMA} version {version}; this workbench reads "
+                               f"version{'s' if len(READERS) > 1 else ''} {', '.join(map(str, sorted(READERS)))} only")
+    if structure:
+        reader(f, where)
 
 
 def _attr_str(v: Any) -> Any:
@@ -126,6 +160,26 @@ def _net_group(f: h5py.File, split: str, net: str) -> h5py.Group:
     return g[net]
 
 
+@dataclass(frozen=True)
+class Progress:
+    """How far a feature dataset was written: ``complete``, and the rows written and flushed so far
+    (all of them when complete, whatever a foreign writer recorded)."""
+
+    complete: bool
+    rows_done: int
+    rows: int                       # the dataset's N
+
+    def __str__(self) -> str:
+        return "complete" if self.complete else f"incomplete, {self.rows_done} of {self.rows} rows"
+
+
+def dataset_progress(ds: h5py.Dataset) -> Progress:
+    """The ``complete`` and ``rows_done`` attributes of a feature dataset (absent: nothing written)."""
+    complete = bool(ds.attrs.get("complete", False))
+    rows = int(ds.shape[0])
+    return Progress(complete, rows if complete else int(ds.attrs.get("rows_done", 0)), rows)
+
+
 def get_features(f: h5py.File, split: str, net: str, layer: str, require_complete: bool = True) -> h5py.Dataset:
     """The ``(N, C, H, W)`` dataset of one net and layer; incomplete ones are refused by default."""
     g = _net_group(f, split, net)
@@ -135,10 +189,10 @@ def get_features(f: h5py.File, split: str, net: str, layer: str, require_complet
                                f"{f.filename} lists what the file holds)")
     ds = g[layer]
     check_virtual_sources(ds)
-    if require_complete and not bool(ds.attrs.get("complete", False)):
-        done = int(ds.attrs.get("rows_done", 0))
+    progress = dataset_progress(ds)
+    if require_complete and not progress.complete:
         raise FeatureFileError(
-            f"{f.filename}: /{split}/{net}/{layer} is incomplete ({done} of {ds.shape[0]} rows); resume the "
+            f"{f.filename}: /{split}/{net}/{layer} is incomplete ({progress.rows_done} of {progress.rows} rows); resume the "
             f"extraction by re-running the same extract command with --resume")
     return ds
 
@@ -151,11 +205,11 @@ def get_logits(f: h5py.File, split: str, net: str) -> h5py.Dataset:
 
 
 def read_index(f: h5py.File, split: str) -> np.ndarray:
-    return np.asarray(_split_group(f, split)["index"][...], dtype=np.int64)
+    return np.asarray(_split_group(f, split)[INDEX][...], dtype=np.int64)
 
 
 def read_labels(f: h5py.File, split: str) -> np.ndarray:
-    return np.asarray(_split_group(f, split)["label"][...], dtype=np.int64)
+    return np.asarray(_split_group(f, split)[LABEL][...], dtype=np.int64)
 
 
 def read_rows(ds: h5py.Dataset, start: int, stop: int, dtype: Any = np.float32) -> np.ndarray:
@@ -222,13 +276,13 @@ def init_split(f: h5py.File, split: str, index: np.ndarray, labels: np.ndarray) 
     labels = np.asarray(labels, dtype=np.int64)
     if split in f:
         g = f[split]
-        if not np.array_equal(g["index"][...], index) or not np.array_equal(g["label"][...], labels):
+        if not np.array_equal(g[INDEX][...], index) or not np.array_equal(g[LABEL][...], labels):
             raise FeatureFileError(f"{f.filename}: split {split!r} already holds other rows (index/label differ); "
                                    f"write to a new file")
         return g
     g = f.create_group(split)
-    g.create_dataset("index", data=index)
-    g.create_dataset("label", data=labels)
+    g.create_dataset(INDEX, data=index)
+    g.create_dataset(LABEL, data=labels)
     return g
 
 
@@ -253,8 +307,7 @@ def create_features(f: h5py.File, split: str, net: str, layer: str, shape: tuple
     ds = g.create_dataset(layer, shape=shape, dtype=dtype, chunks=(1,) + tuple(shape[1:]), compression=compression,
                           **extra)
     _set_attrs(ds, attrs)
-    ds.attrs["complete"] = False
-    ds.attrs["rows_done"] = 0
+    mark_incomplete(ds)
     return ds
 
 
@@ -265,7 +318,8 @@ def _set_attrs(obj: h5py.HLObject, attrs: dict[str, Any]) -> None:
 
 def create_virtual_features(f: h5py.File, split: str, net: str, layer: str, sources: list[tuple[str, int, int]],
                             shape: tuple[int, ...], dtype: str, attrs: dict[str, Any]) -> h5py.Dataset:
-    """``/<split>/<net>/<layer>`` as an h5py virtual dataset over row shards.
+    """``/<split>/<net>/<layer>`` as an h5py virtual dataset over row shards, marked incomplete (the
+    joiner marks it complete when every shard is).
 
     ``sources``: ``(file, start, stop)`` per shard, the shard file holding rows ``start:stop`` of the
     split at the same dataset path. Relative file names resolve against this file's folder, so the
@@ -288,6 +342,7 @@ def create_virtual_features(f: h5py.File, split: str, net: str, layer: str, sour
         del g[layer]
     ds = g.create_virtual_dataset(layer, layout, fillvalue=np.nan)
     _set_attrs(ds, attrs)
+    mark_incomplete(ds)
     return ds
 
 
@@ -302,6 +357,11 @@ def check_virtual_sources(ds: h5py.Dataset) -> None:
         raise FeatureFileError(f"{ds.file.filename}: {ds.name} is a virtual dataset over shard files, and "
                                f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing from {base}; "
                                f"keep the shard files beside the feature file (or re-extract)")
+
+
+def mark_incomplete(ds: h5py.Dataset) -> None:
+    ds.attrs["complete"] = False
+    ds.attrs["rows_done"] = 0
 
 
 def mark_rows_done(ds: h5py.Dataset, rows_done: int) -> None:

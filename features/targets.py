@@ -118,18 +118,17 @@ def plan_file(f: h5py.File, targets: Sequence[Target], mode: str, create: bool =
                 diff.append(("shape", tuple(ds.shape), tuple(t.shape)))
             if diff:
                 raise UserError(describe_conflict(t.path, f.filename, diff))
-            complete = bool(have.get("complete", False))
+            progress = store.dataset_progress(ds)
             if mode == "auto":
-                state = "complete" if complete else f"incomplete, {have.get('rows_done', 0)} of {ds.shape[0]} rows"
-                conflicts.append(f"/{t.path} ({state})")
+                conflicts.append(f"/{t.path} ({progress})")
                 continue
-            if complete:
-                starts[t.path] = ds.shape[0]
+            if progress.complete:
+                starts[t.path] = progress.rows
             elif ds.is_virtual:
                 raise UserError(f"{f.filename}: /{t.path} is an incomplete join of shard files; resume it with "
                                 f"torchrun and the same number of processes that wrote it")
             else:
-                starts[t.path] = int(have.get("rows_done", 0))
+                starts[t.path] = progress.rows_done
         else:
             starts[t.path] = 0
     if conflicts:
@@ -209,7 +208,7 @@ def plan_joined(out: Path, targets: Sequence[Target], mode: str) -> tuple[set[st
                 raise UserError(describe_conflict(t.path, f.filename, diff))
             if mode == "auto":
                 conflicts.append(f"/{t.path}")
-            elif bool(ds.attrs.get("complete", False)):
+            elif store.dataset_progress(ds).complete:
                 todo.discard(t.path)
                 skipped.append(t.path)
         if conflicts:

@@ -242,7 +242,7 @@ class StudyRunner:
         return True
 
     def _run_extract(self, mode: str) -> None:
-        from features.extract import ExtractConfig, extract_features
+        from features.extract import extract_features
         from features.nets import build_feature_data, data_spec_for, load_net
 
         members = self.all_members()
@@ -250,8 +250,7 @@ class StudyRunner:
         nets = [load_net(n, m.checkpoint, m.sha256) for n, m in members.items()]
         spec = data_spec_for(nets, {})
         data = build_feature_data(spec, e.splits, e.limit)
-        cfg = ExtractConfig(split=",".join(e.splits), dtype=e.dtype, batch_size=e.batch_size, logits=e.logits,
-                            device=self.study.train.device, limit=e.limit)
+        cfg = e.config(self.study.train.device)
         self.log(f"  extracting {', '.join(e.layers)} of {len(members)} nets ({', '.join(members)}) "
                  f"for splits {', '.join(e.splits)}")
         res = extract_features(nets, data, [(layer, None) for layer in e.layers], self.features, cfg,

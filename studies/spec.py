@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 from common.errors import UserError
 from common.files import load_config_file
+from features.extract import ExtractConfig
 from training.datasets import DataSpec
 from training.loop import TrainConfig
 
@@ -21,12 +22,23 @@ STUDIES_DIR = Path(__file__).resolve().parent
 
 @dataclass(frozen=True)
 class ExtractSpec:
-    layers: tuple[str, ...] = ()                # module paths (features.8) or fx nodes
-    splits: tuple[str, ...] = ("train", "test")
-    dtype: str = "float32"                      # storage dtype of the layer features
-    batch_size: int = 256                       # images per forward pass
-    logits: bool = True                         # also store each net's logits
-    limit: int = 0                              # only the first N images of every split (0: all)
+    """The study's ``extract`` section: its layers and splits, and the options it shares with the
+    ``extract`` command, whose defaults (:class:`ExtractConfig`'s) it takes: float16 storage, no
+    logits, batch 64. Those win over a study-only set because they are the documented defaults of
+    ``extract`` and the cheaper ones (float16 halves the file; nothing in a study reads logits); a
+    study that wants float32, logits or another batch size says so, as the shipped studies do."""
+
+    layers: tuple[str, ...] = ()                                    # module paths (features.8) or fx nodes
+    splits: tuple[str, ...] = tuple(ExtractConfig.split.split(","))
+    dtype: str = ExtractConfig.dtype                                # storage dtype of the layer features
+    batch_size: int = ExtractConfig.batch_size                      # images per forward pass
+    logits: bool = ExtractConfig.logits                             # also store each net's logits
+    limit: int = ExtractConfig.limit                                # only the first N images of every split (0: all)
+
+    def config(self, device: str) -> ExtractConfig:
+        """The extraction this section asks for, on ``device`` (the fields it shares with ExtractConfig)."""
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(ExtractConfig) if hasattr(self, f.name)}
+        return ExtractConfig(split=",".join(self.splits), device=device, **shared)
 
 
 @dataclass(frozen=True)

@@ -168,6 +168,7 @@ def test_features_of_a_checkpoint_changed_since_extraction_are_refused_unless_al
 
 # --------------------------------------------------------------------------- train from a config file, bad names
 
+@pytest.mark.slow
 def test_cli_train_end_to_end_with_config_file(cli, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("epochs: 1\narch: vgg_tiny\nbatch_size: 256\nimage_size: 16\n")

@@ -1,90 +1,18 @@
-"""``train``: the classifier training subcommand."""
+"""``train``: the classifier training subcommand (its options live in :mod:`training.options`)."""
 from __future__ import annotations
 
 import argparse
 
-from common.options import Command, add_dataclass_args, add_run_args, dataclass_from_args
-from common.rundir import run_mode
-from training.data import dataset_names
-from training.datasets import DataSpec
-from training.loop import OPTIMIZERS, SCHEDULES, TrainConfig
-from training.models import ARCHS
-from training.runner import ModelSpec, run_training
-from training.transforms import TRANSFORMS
-
-DATA_HELP = {
-    "name": "data set: " + ", ".join(dataset_names()),
-    "data_root": "folder of an on-disk data set (its official layout); not needed for animal-mnist",
-    "transform": "transform preset: paper (squash to 224, no aug), ke (RandomResizedCrop+flip / "
-                 "Resize+CenterCrop), small (32 px, crop+flip), plain (resize only)",
-    "image_size": "input size in px (default: the preset's)",
-    "channels": "1 or 3 input channels (default: the data set's own)",
-    "subset": "A or B: one of the paper's two halves of the data",
-    "subset_kind": "class (disjoint class halves) or sample (disjoint sample halves)",
-    "split_seed": "seed of the train/test split of data sets that have no official one",
-    "bbox_crop": "crop CUB-200 / Dogs images to their bounding box (as the KC paper does)",
-    "train_images": "train on a random subset of this many training images (seeded by --split_seed; 0: all)",
-}
-
-TRAIN_HELP = {
-    "epochs": "training epochs", "batch_size": "images per step", "optimizer": "optimizer",
-    "lr": "peak learning rate", "momentum": "SGD momentum", "weight_decay": "weight decay (L2)",
-    "nesterov": "Nesterov momentum", "schedule": "learning-rate schedule",
-    "warmup_epochs": "linear warm-up epochs", "step_size": "step schedule: epochs between decays",
-    "gamma": "step schedule: decay factor", "final_lr": "cosine floor / geometric end learning rate",
-    "label_smoothing": "label smoothing of the cross-entropy", "amp": "bf16 autocast on CUDA",
-    "channels_last": "channels_last memory format on CUDA", "seed": "random seed (init, order, augmentation)",
-    "num_workers": "data-loader worker processes", "eval_every": "evaluate every N epochs",
-    "device": "auto, cpu, cuda or cuda:N", "grad_clip": "clip gradient norm (0: off)",
-    "save_every": "write the resumable last.pt every N epochs",
-}
-
-
-def add_data_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", default=DataSpec.name, help=DATA_HELP["name"])
-    add_dataclass_args(g, DataSpec, skip=("name", "options"), help=DATA_HELP,
-                       choices={"transform": TRANSFORMS.names(), "subset": ["A", "B"],
-                                "subset_kind": ["class", "sample"]})
-
-
-def data_from_args(args: argparse.Namespace) -> DataSpec:
-    return dataclass_from_args(DataSpec, args, name=args.dataset)
-
-
-def add_train_args(p: argparse.ArgumentParser, **defaults) -> None:
-    g = p.add_argument_group("training")
-    add_dataclass_args(g, TrainConfig, help=TRAIN_HELP,
-                       choices={"optimizer": list(OPTIMIZERS), "schedule": list(SCHEDULES)})
-    if defaults:
-        p.set_defaults(**defaults)
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--arch", default=ModelSpec.arch, help="architecture: " + ", ".join(ARCHS.names()))
-    g.add_argument("--weights", default=None, help="local checkpoint or state-dict file to start from")
-
-
-def _add_train(p: argparse.ArgumentParser) -> None:
-    add_data_args(p)
-    add_model_args(p)
-    add_train_args(p)
-    add_run_args(p)
+from common.options import Command
+from training.options import add_train_command_args, train_from_args, training_summary
 
 
 def _run_train(args: argparse.Namespace) -> None:
-    data = data_from_args(args)
-    cfg = dataclass_from_args(TrainConfig, args)
-    res = run_training(data, ModelSpec(args.arch, args.weights), cfg, args.out_dir, run_mode(args.resume, args.overwrite))
-    m = res.metrics
-    print(f"test top-1 {m['test_top1']:.2f}% (best {m['best_test_top1']:.2f}%), top-5 {m['test_top5']:.2f}%, "
-          f"{m['train_time_s']:.1f}s of training")
-    print(f"checkpoints: {res.best_path} (best), {res.last_path} (last)")
+    print(training_summary(train_from_args(args)))
 
 
 COMMANDS = [
-    Command("train", "train one classifier", _add_train, _run_train,
+    Command("train", "train one classifier", add_train_command_args, _run_train,
             "Train a classifier on a registered data set; writes config.json, log.jsonl, TensorBoard events, "
             "metrics.json and best.pt/last.pt checkpoints into --out_dir."),
 ]

@@ -20,12 +20,21 @@ from common.options import Command, add_dataclass_args, add_run_args, dataclass_
 from common.registry import unknown_choice_message
 from common.rundir import run_mode
 from training.born_again import BANConfig, born_again
-from training.commands import TRAIN_HELP, add_data_args, add_model_args, add_train_args, data_from_args
 from training.compress import CompressConfig, compress
 from training.distill import KDConfig, distill
 from training.families import MEMBER_CHECKPOINTS
 from training.grid import run_grid, write_summary
 from training.loop import OPTIMIZERS, SCHEDULES, TrainConfig
+from training.options import (
+    TRAIN_HELP,
+    add_data_args,
+    add_model_args,
+    add_train_args,
+    add_train_command_args,
+    data_from_args,
+    train_from_args,
+    training_summary,
+)
 from training.pruning import PRUNE_SCOPES
 from training.runner import ModelSpec
 
@@ -101,11 +110,9 @@ def _run_born_again(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------- search
 
 def _searchable() -> dict[str, Command]:
-    from training.commands import COMMANDS as TRAIN_COMMANDS
-
-    cmds = {c.name: c for c in TRAIN_COMMANDS if c.name == "train"}
-    cmds["distill"] = next(c for c in COMMANDS if c.name == "distill")
-    return cmds
+    train = Command("train", "train one classifier", add_train_command_args,
+                    lambda args: print(training_summary(train_from_args(args))))
+    return {"train": train, "distill": next(c for c in COMMANDS if c.name == "distill")}
 
 
 def _is_flag(action: argparse.Action) -> bool:

@@ -24,12 +24,12 @@ from common.errors import UserError
 from common.options import Command, add_dataclass_args, add_run_args, dataclass_from_args
 from common.registry import unknown_choice_message
 from common.rundir import run_mode
-from training.commands import add_data_args, add_model_args, add_train_args, data_from_args
 from training.evolution import EvolveConfig, evolve
 from training.ke import (
     SPLIT_MODES,
 )
 from training.loop import TrainConfig
+from training.options import add_data_args, add_model_args, add_train_args, data_from_args
 from training.runner import ModelSpec
 
 KE_HELP = {

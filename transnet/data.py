@@ -35,6 +35,7 @@ from torch import Tensor
 from common.errors import UserError
 from features.store import (
     FeatureFileError,
+    NonFiniteFeatures,
     check_checkpoint_unchanged,
     get_features,
     open_features,
@@ -49,10 +50,6 @@ MEMORY_FRACTION = 0.5          # use at most this share of free GPU memory / ava
 
 _TORCH_DTYPES = {np.dtype("float16"): torch.float16, np.dtype("float32"): torch.float32,
                  np.dtype("float64"): torch.float64}
-
-
-class NonFiniteFeatures(UserError):
-    """A feature file holds NaN or inf values."""
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

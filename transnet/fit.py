@@ -74,7 +74,7 @@ from transnet.data import (
     source_channel_std,
     target_variance,
 )
-from transnet.model import INPUT_NORMS, STD_CORRECTIONS, TransNet, n_parameters
+from transnet.model import INPUT_NORMS, STD_CORRECTIONS, TransNet, TransNetConfig, n_parameters
 from transnet.variance import constant_warning, variance_report
 
 FIT_SCHEDULES = ("geometric", "cosine", "constant")
@@ -233,17 +233,16 @@ def _barrier(world: int) -> None:
 # --------------------------------------------------------------------------- building blocks
 
 def build_transnet(cfg: FitConfig, info: PairInfo) -> TransNet:
+    """The Trans-Net of ``cfg`` (its fields shared with TransNetConfig) mapping the pair's channels, seeded."""
     torch.manual_seed(cfg.seed)
-    return TransNet(info.shape_a[0], cfg.orders, cfg.kernel, cfg.input_norm, cfg.freeze_gates,
-                    out_channels=info.shape_b[0], gate_init=cfg.gate_init, std_correction=cfg.std_correction,
-                    std_floor=cfg.std_floor)
+    shared = {f.name: getattr(cfg, f.name) for f in fields(TransNetConfig) if hasattr(cfg, f.name)}
+    arch = TransNetConfig(**{**shared, "channels": info.shape_a[0], "out_channels": info.shape_b[0]})
+    return TransNet(arch, gate_init=cfg.gate_init)
 
 
 def model_args(model: TransNet) -> dict[str, Any]:
-    return {"channels": model.channels, "out_channels": model.out_channels, "orders": model.orders,
-            "kernel": model.kernel, "input_norm": model.input_norm,
-            "freeze_gates": not model.gate_logits.requires_grad, "eps": model.eps,
-            "std_correction": model.std_correction, "std_floor": model.std_floor}
+    """The checkpoint's ``model_args``: the model's TransNetConfig as a dict."""
+    return asdict(model.cfg)
 
 
 def make_optimizer(model: nn.Module, cfg: FitConfig) -> torch.optim.Optimizer:
@@ -552,10 +551,10 @@ def load_transnet(run_dir_or_ckpt: str | os.PathLike, map_location: str | torch.
     ck = load_checkpoint(path, map_location=map_location)
     if ck.get("kind") != "transnet" or "model_args" not in ck:
         raise UserError(f"{path} is not a Trans-Net checkpoint (kind {ck.get('kind', ck.get('arch'))!r})")
-    args = dict(ck["model_args"])
-    model = TransNet(args.pop("channels"), args.pop("orders"), args.pop("kernel"), args.pop("input_norm"),
-                     args.pop("freeze_gates"), out_channels=args.pop("out_channels"), eps=args.pop("eps"),
-                     std_correction=args.pop("std_correction", 0), std_floor=args.pop("std_floor", 0.0))
+    try:
+        model = TransNet(TransNetConfig.from_dict(ck["model_args"]))
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path}: {e}") from None
     model.load_state_dict(ck["state_dict"])
     model.to(map_location).eval()
     info = {k: ck.get(k) for k in ("source", "target", "layer", "features", "target_features", "config", "epoch",

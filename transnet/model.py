@@ -2,63 +2,20 @@
 
 A Trans-Net g reconstructs net B's feature map from net A's at one layer, x_B ≈ g(x_A), with K+1
 bias-free k x k convolutions nested so that the normalised input x̂ is re-injected at every level
-(methods.md §1). With forward index j = 0..K (``convs[j]`` is applied j-th):
+(methods.md §1; ``convs[j]`` is applied j-th):
 
-    x̂    = n(x_A)                                   input normalisation (see INPUT_NORMS)
-    h_0  = W_0 x̂
-    h_j  = W_j ( x̂ + q_{j-1} · ReLU( h_{j-1} / s(h_{j-1}) ) )      j = 1..K
-    ŷ    = h_K
+    x̂ = n(x_A),   h_0 = W_0 x̂,   h_j = W_j ( x̂ + q_{j-1} · ReLU( h_{j-1} / s(h_{j-1}) ) ),   ŷ = h_K
 
-s(·) is the per-sample, per-channel spatial std (not centred out of the map, no gradient through
-it, eps added): the original's inner normalisation, kept in every mode. See ``instance_std`` for its
-three edge rules, each a constructor argument recorded with every checkpoint:
-
-- **Std convention** (``std_correction``): 0 = population std (divide by H·W, the default here), 1 =
-  unbiased std (divide by H·W − 1, the original code). A net fitted under either convention is the
-  same function class (the factor √(HW/(HW−1)) passes through every level and is absorbed by the
-  last conv), so fits under either agree up to the optimiser's path (a planted 4×4 problem after 40
-  epochs: R² 0.791 vs 0.798); weights moved *between* conventions give components off by that
-  factor (0.8 % at 8×8, 3.3 % at 4×4), which is why ``import-transnet`` sets 1.
-- **1×1 maps** (H·W = 1, e.g. an ``avgpool`` output): a single value has no spatial spread, so s = 1
-  exactly (the original's rule); dividing by std + eps = eps would scale x̂ by 1e5 per level.
-- **Spatially constant slices** (one sample, one channel, every position equal and non-zero; common
-  after float16 rounding): s = eps and x̂ = x / eps. The paper's preset keeps that (it is what the
-  original computes); ``constant_slices`` finds them so that reports can count and warn, and
-  ``std_floor`` F > 0 bounds s from below by F times the slice's root mean square,
-  s = max(std, F·rms) + eps, which keeps the scale invariance (rms scales like std) and bounds
-  |x̂| by 1/F on a constant slice.
-
-**Numbering of orders (reversed, as in the paper).** The last conv W_K is the 0-order conv; the gate
-q_{K-1} nearest the output belongs to order 1, q_{K-2} to order 2, ..., q_0 to order K. Everything
-public here is listed *by order*: ``gates()`` returns ``[p_1, ..., p_K]`` (order 1 first, i.e. the
-gate nearest the output first), ``decompose()`` returns ``[Y_0, Y_1, ..., Y_K]``, and the loss
-weights α are given per order in the same sequence (``--alpha 0.1,0.1`` = α_1, α_2).
-
-**Decomposition.** One forward pass records every ReLU mask M_j = [h_j / s(h_j) > 0] and every
-normaliser s(h_j); with them frozen the net is linear in x̂ along each path, and the component of
-order d at level j is
-
-    c_j^(0) = W_j x̂,        c_j^(d) = W_j ( q_{j-1} · M_{j-1} ⊙ c_{j-1}^(d-1) / s(h_{j-1}) ),
-
-so that h_j = Σ_d c_j^(d) and Y_d = c_K^(d). For K = 2 this is exactly methods.md's Y0, Y1, Y2.
-The components are not orthogonal: their variances need not add up to Var(ŷ).
-
-**A property of the method worth knowing.** The inner ReLUs act on per-sample normalised maps and
-their output is *added* to x̂ before the next conv, so a target such as B = ReLU(conv(A)) gains
-almost nothing over the linear-only Trans-Net (measured R² 0.850 vs 0.849); targets built like a
-Trans-Net (gates open) are what the higher orders capture. That is the method, not a bug.
-
-Input normalisation ``global`` divides by a per-channel std of the training source features
-(computed once about the per-channel mean, stored in the ``input_scale`` buffer, frozen). The mean
-is *not* subtracted from x: the model stays bias-free and piecewise linear, so B = A (or a channel
-permutation of A) is exactly representable by W_K = diag(std). The faithful ``instance`` mode
-makes ŷ invariant to any positive per-(sample, channel) rescaling of x_A, so even B = A is not
-exactly recoverable; ``none`` feeds x_A unchanged.
+Orders are numbered as in the paper, reversed: ``gates()`` and the loss weights α are listed order 1
+(the gate nearest the output) first, ``decompose()`` returns ``[Y_0, ..., Y_K]``. The std conventions
+and edge rules, the derivation of the decomposition, the input normalisations and a measured property
+of the method are described in ``docs/internals.md`` (section "The Trans-Net").
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -111,51 +68,100 @@ def _logit(p: float) -> float:
     return math.log(p / (1.0 - p))
 
 
-class TransNet(nn.Module):
-    """Nested Trans-Net with ``orders`` = K ReLU gates and K+1 convs (``orders=0``: one linear conv).
+_CASTS = {"int": int, "int | None": int, "float": float, "bool": bool}   # by annotation
+# Fields absent from checkpoints written before they existed; their defaults are what those fits used.
+LATER_FIELDS = ("std_correction", "std_floor")
 
-    ``channels``: C of x_A; ``out_channels``: C of x_B (default ``channels``; only the last, 0-order
-    conv maps C_A -> C_B, every inner level re-injects x̂ and so keeps C_A). Spatial size is kept
-    (same padding, odd ``kernel``). ``gate_init`` is the initial p of every gate (0.5 = logit 0, the
-    original); ``freeze_gates`` keeps the gates fixed (``gate_init=0`` with frozen gates is the
-    linear-only net with the inner convs still present). ``std_correction`` (0 | 1) and ``std_floor``
-    (>= 0) shape every instance std (see ``instance_std``). State lives in parameters and buffers, so
-    ``.to(device)`` moves everything.
+
+@dataclass(frozen=True)
+class TransNetConfig:
+    """The architecture of a Trans-Net: everything its constructor needs, saved in every checkpoint as
+    ``model_args`` (``asdict``) and read back with :meth:`from_dict`. Invalid values raise ValueError."""
+    channels: int                       # C_A: channels of net A's features (the input)
+    orders: int = 2                     # K gates and K+1 convs; 0 = one linear conv
+    kernel: int = 3                     # conv kernel size, odd (same padding keeps H, W)
+    input_norm: str = "instance"        # see INPUT_NORMS
+    freeze_gates: bool = False          # the gates stay at their initial value
+    out_channels: int | None = None     # C_B (None: channels); only the last, 0-order conv maps C_A -> C_B
+    eps: float = EPS                    # added to every instance std
+    std_correction: int = 0             # spatial std: 0 population (divide by H·W), 1 unbiased (the original)
+    std_floor: float = 0.0              # F: s = max(std, F·rms) + eps per slice; 0 = off (the paper)
+
+    def __post_init__(self) -> None:
+        if self.input_norm not in INPUT_NORMS:
+            raise ValueError(f"unknown input_norm {self.input_norm!r}; valid: {', '.join(INPUT_NORMS)}")
+        if self.std_correction not in STD_CORRECTIONS:
+            raise ValueError(f"std_correction must be 0 or 1, got {self.std_correction!r}")
+        if not self.std_floor >= 0:
+            raise ValueError(f"std_floor must be >= 0, got {self.std_floor}")
+        if self.orders < 0:
+            raise ValueError(f"orders must be >= 0, got {self.orders}")
+        if self.kernel < 1 or self.kernel % 2 == 0:
+            raise ValueError(f"kernel must be a positive odd number (same padding), got {self.kernel}")
+        if self.channels < 1:
+            raise ValueError(f"channels must be >= 1, got {self.channels}")
+        if self.out_channels is None:
+            object.__setattr__(self, "out_channels", self.channels)
+        for f in fields(self):  # plain Python numbers (a shape entry may be a numpy integer), so asdict() is JSON
+            cast = _CASTS.get(str(f.type))
+            if cast is not None:
+                object.__setattr__(self, f.name, cast(getattr(self, f.name)))
+
+    @classmethod
+    def from_dict(cls, args: Mapping[str, Any]) -> TransNetConfig:
+        """The config saved as a checkpoint's ``model_args``, in its current or an older form (without
+        LATER_FIELDS); a missing or an unknown field raises ValueError naming it."""
+        names = [f.name for f in fields(cls)]
+        missing = [n for n in names if n not in args and n not in LATER_FIELDS]
+        unknown = sorted(set(args) - set(names))
+        if missing or unknown:
+            raise ValueError(f"Trans-Net model_args lack {missing} / have unknown {unknown}; fields: {', '.join(names)}")
+        return cls(**args)
+
+
+class TransNet(nn.Module):
+    """Nested Trans-Net with ``cfg.orders`` = K ReLU gates and K+1 convs (``orders=0``: one linear conv).
+
+    ``cfg`` (:class:`TransNetConfig`) is the architecture: C of x_A (``channels``) and of x_B
+    (``out_channels``; only the last, 0-order conv maps C_A -> C_B, every inner level re-injects x̂ and
+    so keeps C_A); spatial size is kept (same padding, odd ``kernel``); ``freeze_gates`` keeps the
+    gates fixed (``gate_init=0`` with frozen gates is the linear-only net with the inner convs still
+    present); ``std_correction`` and ``std_floor`` shape every instance std (see ``instance_std``).
+    ``gate_init`` is the initial p of every gate (0.5 = logit 0, the original); the gate logits carry
+    it afterwards. State lives in parameters and buffers, so ``.to(device)`` moves everything.
     """
 
-    def __init__(self, channels: int, orders: int = 2, kernel: int = 3, input_norm: str = "instance",
-                 freeze_gates: bool = False, out_channels: int | None = None, gate_init: float = 0.5,
-                 eps: float = EPS, std_correction: int = 0, std_floor: float = 0.0):
+    def __init__(self, cfg: TransNetConfig, gate_init: float = 0.5):
         super().__init__()
-        if input_norm not in INPUT_NORMS:
-            raise ValueError(f"unknown input_norm {input_norm!r}; valid: {', '.join(INPUT_NORMS)}")
-        if std_correction not in STD_CORRECTIONS:
-            raise ValueError(f"std_correction must be 0 or 1, got {std_correction!r}")
-        if not std_floor >= 0:
-            raise ValueError(f"std_floor must be >= 0, got {std_floor}")
-        if orders < 0:
-            raise ValueError(f"orders must be >= 0, got {orders}")
-        if kernel < 1 or kernel % 2 == 0:
-            raise ValueError(f"kernel must be a positive odd number (same padding), got {kernel}")
-        if channels < 1:
-            raise ValueError(f"channels must be >= 1, got {channels}")
-        self.channels = int(channels)
-        self.out_channels = int(out_channels or channels)
-        self.orders = int(orders)
-        self.kernel = int(kernel)
-        self.input_norm = input_norm
-        self.eps = float(eps)
-        self.std_correction = int(std_correction)
-        self.std_floor = float(std_floor)
-        c_in, c_out = self.channels, self.out_channels
+        if not isinstance(cfg, TransNetConfig):
+            raise TypeError(f"TransNet takes a TransNetConfig, got {type(cfg).__name__}")
+        self.cfg = cfg
+        c_in, c_out, orders = cfg.channels, cfg.out_channels, cfg.orders
         # convs[j] is applied j-th; convs[K] is the 0-order conv.
         self.convs = nn.ModuleList(
-            nn.Conv2d(c_in, c_out if j == orders else c_in, kernel, padding=kernel // 2, bias=False)
+            nn.Conv2d(c_in, c_out if j == orders else c_in, cfg.kernel, padding=cfg.kernel // 2, bias=False)
             for j in range(orders + 1))
         # gate_logits[j] is q_j (forward index, after conv j): it belongs to order K - j.
-        self.gate_logits = nn.Parameter(torch.full((orders,), _logit(gate_init)), requires_grad=not freeze_gates)
+        self.gate_logits = nn.Parameter(torch.full((orders,), _logit(gate_init)), requires_grad=not cfg.freeze_gates)
         self.register_buffer("input_scale", torch.ones(c_in))  # (C,) per-channel std for input_norm="global"
         self.reset_parameters()
+
+    # Read by the fit, the variance report and the refinement (shapes, orders, the std's eps).
+    @property
+    def channels(self) -> int:
+        return self.cfg.channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.cfg.out_channels
+
+    @property
+    def orders(self) -> int:
+        return self.cfg.orders
+
+    @property
+    def eps(self) -> float:
+        return self.cfg.eps
 
     # ------------------------------------------------------------------ set-up
     def reset_parameters(self) -> None:
@@ -180,9 +186,7 @@ class TransNet(nn.Module):
                 self.gate_logits[self.orders - k] = _logit(float(p))
 
     def extra_repr(self) -> str:
-        return (f"channels={self.channels}, out_channels={self.out_channels}, orders={self.orders}, "
-                f"kernel={self.kernel}, input_norm={self.input_norm!r}, std_correction={self.std_correction}, "
-                f"std_floor={self.std_floor}")
+        return ", ".join(f"{k}={v!r}" for k, v in asdict(self.cfg).items())
 
     # ------------------------------------------------------------------ pieces
     def forward_gates(self) -> Tensor:
@@ -195,14 +199,14 @@ class TransNet(nn.Module):
 
     def std(self, x: Tensor) -> Tensor:
         """x: (N, C, H, W) -> (N, C, 1, 1): this net's instance std s(x) (its correction, floor, eps)."""
-        return instance_std(x, self.eps, self.std_correction, self.std_floor)
+        return instance_std(x, self.cfg.eps, self.cfg.std_correction, self.cfg.std_floor)
 
     def normalise_input(self, x: Tensor) -> Tensor:
         """x: (N, C, H, W) -> x̂ of the same shape."""
-        if self.input_norm == "instance":
+        if self.cfg.input_norm == "instance":
             return x / self.std(x)
-        if self.input_norm == "global":
-            return x / (self.input_scale.to(x.dtype) + self.eps)[None, :, None, None]
+        if self.cfg.input_norm == "global":
+            return x / (self.input_scale.to(x.dtype) + self.cfg.eps)[None, :, None, None]
         return x
 
     def _check(self, x: Tensor) -> None:

@@ -54,7 +54,7 @@ from common.provenance import sha256_file
 from common.rundir import RunDir
 from transnet.data import DATA_ON, choose_placement, make_source, open_pair
 from transnet.fit import FINAL_CKPT, NO_EVAL, add_warning, in_sample_warning, model_args
-from transnet.model import EPS, STD_CORRECTIONS, TransNet, n_parameters
+from transnet.model import EPS, STD_CORRECTIONS, TransNet, TransNetConfig, n_parameters
 from transnet.variance import variance_report
 
 CONV_KEY = re.compile(r"^linearLayers_conv\.(\d+)\.weight$")
@@ -177,8 +177,8 @@ def transnet_from_original(state: Mapping[str, Tensor], std_correction: int = 1,
                             f"{c_in} channels (x̂ is re-injected at every level); shapes: {shapes}")
     if shapes[-1][1] != c_in:
         raise UserError(f"the last conv takes {shapes[-1][1]} channels, the others {c_in}; shapes: {shapes}")
-    model = TransNet(c_in, len(weights) - 1, kernel, "instance", out_channels=c_out, eps=eps,
-                     std_correction=std_correction)
+    model = TransNet(TransNetConfig(c_in, len(weights) - 1, kernel, "instance", out_channels=c_out, eps=eps,
+                                    std_correction=std_correction))
     with torch.no_grad():
         for conv, w in zip(model.convs, weights):
             conv.weight.copy_(w.detach().float())

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from common.device import float32_math
-from transnet.model import constant_slices
+from transnet.model import TransNet, constant_slices
 
 NOTE = ("The order components Y_k and the residual are not orthogonal, so their variances (and "
         "fractions) need not add up to the target's variance (to 1). Variances are per-channel "
@@ -162,7 +162,7 @@ def accumulate(model: torch.nn.Module, batches: Iterable[tuple[Tensor, Tensor]],
     return acc
 
 
-def variance_report(model: torch.nn.Module, batches: Iterable[tuple[Tensor, Tensor]], *,
+def variance_report(model: TransNet, batches: Iterable[tuple[Tensor, Tensor]], *,
                     device: torch.device | str | None = None, **fields: Any) -> dict[str, Any]:
     """The ``variance.json`` / ``metrics.json`` dict: ``fields`` (split, source, target, layer, ...)
     first, then the variances, fractions, R², gates (order 1 first) and MSE."""
@@ -173,8 +173,7 @@ def variance_report(model: torch.nn.Module, batches: Iterable[tuple[Tensor, Tens
     gates = [float(g) for g in model.gates().detach().cpu()]
     out = {**fields, **{k: v for k, v in rep.items() if k != "note"}, "gates": gates, "note": rep["note"]}
     warning = constant_warning(acc.constant_source, acc.source_slices, fields.get("split"), fields.get("source"),
-                               getattr(model, "input_norm", "instance"), getattr(model, "std_floor", 0.0),
-                               getattr(model, "eps", 1e-5))
+                               model.cfg.input_norm, model.cfg.std_floor, model.cfg.eps)
     out["warnings"] = [warning] if warning else []
     if warning:
         out["warning"] = warning

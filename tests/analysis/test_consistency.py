@@ -152,6 +152,7 @@ def test_generation_rows_take_residuals_to_previous_and_first_generation():
 
 # --------------------------------------------------------------------------- the fit-or-reuse loop
 
+@pytest.mark.slow
 def test_consistency_command_recovers_planted_structure_and_reuses_fits(planted, tmp_path, cli):
     out = tmp_path / "cons"
     code, stdout, err = cli("consistency", "--features", planted, "--layer", "conv", "--pairs", "star:a",

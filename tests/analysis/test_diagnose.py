@@ -21,7 +21,7 @@ from analysis.diagnose import (
 )
 from common.errors import UserError
 from tests.fakedata import FAST_FIT, PLANTED_CHANNEL, PLANTED_ROW, planted_features
-from transnet.model import TransNet
+from transnet.model import TransNet, TransNetConfig
 
 
 def test_streamed_residual_statistics_equal_a_numpy_reference():
@@ -64,7 +64,7 @@ def test_rank_top_orders_largest_first_and_skips_nan():
 
 def test_decompose_rows_components_sum_to_the_reconstruction():
     torch.manual_seed(0)
-    model = TransNet(4, orders=2, kernel=3, input_norm="instance")
+    model = TransNet(TransNetConfig(4, orders=2, kernel=3, input_norm="instance"))
     xa, xb = torch.randn(2, 4, 5, 5), torch.randn(2, 4, 5, 5)
     out = decompose_rows(model, xa, xb)
     assert out["components"].shape == (3, 2, 4, 5, 5)
@@ -82,6 +82,7 @@ def fitted(tmp_path_factory):
     return feats, cons
 
 
+@pytest.mark.slow
 def test_diagnose_finds_the_planted_blind_channel_and_image(fitted, tmp_path, cli):
     feats, cons = fitted
     out = tmp_path / "diag"
@@ -111,6 +112,7 @@ def test_diagnose_finds_the_planted_blind_channel_and_image(fitted, tmp_path, cl
     assert "Blind spots of a" in stdout and f"{PLANTED_CHANNEL} (" in stdout
 
 
+@pytest.mark.slow
 def test_consistent_pair_has_no_blind_spots(fitted, tmp_path):
     feats, cons = fitted
     d = run_diagnosis(cons, "a", "b", str(feats), tmp_path / "ab", top=2, panels=0)
@@ -118,6 +120,7 @@ def test_consistent_pair_has_no_blind_spots(fitted, tmp_path):
     assert d["blind_spots"]["relative"] < 0.05 and d["unreliable"]["relative"] < 0.05
 
 
+@pytest.mark.slow
 def test_diagnose_without_both_directions_names_what_is_there(fitted, tmp_path):
     feats, cons = fitted
     with pytest.raises(UserError, match="no Trans-Net run at .*c__a.*holds pairs a__b, a__d, b__a, d__a"):
@@ -132,6 +135,7 @@ def test_diagnose_without_both_directions_names_what_is_there(fitted, tmp_path):
                       tmp_path / "z")
 
 
+@pytest.mark.slow
 def test_diagnosing_the_training_split_is_labelled_in_sample(fitted, tmp_path):
     feats, cons = fitted
     held = run_diagnosis(cons, "a", "b", str(feats), tmp_path / "test", top=2, panels=0)

@@ -67,6 +67,7 @@ def test_stacked_order_bars_stack_the_fractions_of_each_pair(tmp_path, captured)
     assert bottoms == [0.0, 0.0, 0.6, 0.5, 0.7, 0.5]
 
 
+@pytest.mark.slow
 def test_decomposition_panel_uses_one_symmetric_scale_per_channel(tmp_path, captured):
     rng = np.random.default_rng(0)
     n, c, k = 2, 3, 2

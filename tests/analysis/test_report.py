@@ -115,6 +115,7 @@ def test_empty_or_missing_study_folders_are_refused(tmp_path, cli):
     assert code == 1 and "is not a study folder" in err and "consistency" in err
 
 
+@pytest.mark.slow
 def test_a_partial_study_reports_what_is_missing(tmp_path, cli):
     study = tmp_path / "study"
     feats = planted_features(tmp_path / "f.h5")
@@ -146,6 +147,7 @@ def demo(tmp_path_factory):
     return cached_study(tiny_demo_study(base / "tiny_demo.yaml"), base / "demo_study", log=lambda m: None)
 
 
+@pytest.mark.slow
 def test_report_of_a_real_small_study_holds_every_table_and_figure(demo, tmp_path, cli):
     html = (demo / "report.html").read_text()
     md = (demo / "report.md").read_text()
@@ -178,6 +180,7 @@ def test_report_of_a_real_small_study_holds_every_table_and_figure(demo, tmp_pat
     assert (tmp_path / "vis" / "residual_fraction.png").is_file() and (tmp_path / "vis" / "r2.svg").is_file()
 
 
+@pytest.mark.slow
 def test_the_demo_study_is_a_cache(demo):
     stamp = (demo / "report.html").stat().st_mtime_ns
     messages = []
@@ -194,6 +197,7 @@ def test_the_demo_study_is_a_cache(demo):
     shutil.rmtree(other)
 
 
+@pytest.mark.slow
 def test_visualize_draws_a_decomposition_panel(demo, tmp_path, cli):
     code, out, err = cli("visualize", "--what", "panel", "--transnet", demo / "consistency" / "features.4" / "pairs" /
                          "seed0__seed1", "--rows", "0,3", "--channels", "1", "--out_dir", tmp_path)
@@ -204,6 +208,7 @@ def test_visualize_draws_a_decomposition_panel(demo, tmp_path, cli):
     assert code == 1 and "channels [99] are out of range" in " ".join(err.split())
 
 
+@pytest.mark.slow
 def test_generation_families_get_curves_and_a_table(tmp_path):
     study = tmp_path / "study"
     fam = study / "families" / "evolve"

@@ -241,6 +241,7 @@ def test_shard_rows_tile_the_split_on_the_batch_grid():
 
 
 @pytest.mark.xdist_group("subprocess")
+@pytest.mark.slow
 def test_two_process_sharded_extraction_equals_single_process(ckpts, tmp_path):
     single, sharded = tmp_path / "single.h5", tmp_path / "sharded.h5"
     _api(ckpts, ["a", "b"], single, split="train,test", logits=True)()

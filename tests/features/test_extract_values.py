@@ -235,6 +235,7 @@ def test_resume_of_a_file_written_before_the_counts_recounts_its_rows(ckpts, tmp
 
 
 @pytest.mark.xdist_group("subprocess")
+@pytest.mark.slow
 def test_sharded_counts_are_the_sum_over_the_shards(ckpts, tmp_path):
     single, sharded = tmp_path / "single.h5", tmp_path / "sharded.h5"
     with pytest.warns(NonFiniteFeaturesWarning):

@@ -41,7 +41,7 @@ def study_dict(data_root: Path, **over) -> dict:
             "born_again": {"arch": "vgg_tiny", "generations": 2, "lambda": 0.5, "temperature": 2.0},
             "evolve": {"arch": "vgg_tiny", "generations": 2, "split": "kels", "split_rate": 0.5},
         },
-        "extract": {"layers": ["features.8"], "batch_size": 16},
+        "extract": {"layers": ["features.8"], "batch_size": 16, "dtype": "float32", "logits": True},
         "transnet": {"orders": 2, "epochs": 2, "lr": 0.001, "final_lr": 0.0001, "batch_size": 8, "eval_every": 2,
                      "save_every": 1, "device": "cpu"},
         "pairs": [{"family": "seeds", "plan": "all"}, {"nets": ["seed0", "kd_student"], "plan": "all"},
@@ -127,6 +127,7 @@ def test_a_folder_that_is_not_a_study_is_not_overwritten(tmp_path, data_root):
 
 # --------------------------------------------------------------------------- a whole study
 
+@pytest.mark.slow
 def test_study_writes_every_stage_and_the_report(done_study):
     _, out, res = done_study
     assert [s["status"] for s in res["stages"]] == ["ran"] * 9
@@ -155,6 +156,7 @@ def test_study_writes_every_stage_and_the_report(done_study):
     assert 1 <= len(res["summary"]) <= 5
 
 
+@pytest.mark.slow
 def test_rerun_is_cached_and_a_change_redoes_only_what_depends_on_it(done_study, tmp_path):
     sf, out = copy_study(done_study, tmp_path)
     feats_mtime = (out / "features.h5").stat().st_mtime_ns
@@ -184,6 +186,7 @@ def test_rerun_is_cached_and_a_change_redoes_only_what_depends_on_it(done_study,
     assert plan["extract"] == "run (after upstream stages)"
 
 
+@pytest.mark.slow
 def test_a_second_run_into_the_same_folder_is_refused_while_one_runs(done_study, tmp_path):
     from common.rundir import RunDir
 
@@ -253,6 +256,7 @@ def assert_same_study(ref: Path, out: Path) -> None:
         assert np.allclose(np.array(sa[m]["matrix"], float), np.array(sb[m]["matrix"], float), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_study_killed_in_training_extraction_and_fitting_resumes_to_the_same_results(tmp_path, small_ref):
     sf, ref = small_ref
     out = tmp_path / "killed"
@@ -268,6 +272,7 @@ def test_a_study_killed_in_training_extraction_and_fitting_resumes_to_the_same_r
     assert_same_study(ref, out)
 
 
+@pytest.mark.slow
 def test_a_two_process_torchrun_study_gives_the_same_results_as_one_process(tmp_path, small_ref):
     sf, ref = small_ref
     out = tmp_path / "two"
@@ -280,6 +285,20 @@ def test_a_two_process_torchrun_study_gives_the_same_results_as_one_process(tmp_
     assert read_json(out / "state.json")["processes"] == 2
     assert list(out.glob("features.rank*of2.h5"))                   # rows were extracted in two shards
     assert_same_study(ref, out)
+
+
+def test_the_extract_section_takes_the_extract_commands_defaults_and_keeps_explicit_values(tmp_path, data_root):
+    from features.extract import ExtractConfig
+
+    d = study_dict(data_root)
+    d["extract"] = {"layers": ["features.8"]}
+    spec = load_study(write_study(tmp_path / "defaults.yaml", d)).extract
+    assert spec.config("cpu") == ExtractConfig(device="cpu")              # float16, no logits, batch 64, all rows
+    d["extract"] = {"layers": ["features.8"], "splits": ["test"], "dtype": "float32", "batch_size": 7,
+                    "logits": True, "limit": 5}
+    spec = load_study(write_study(tmp_path / "set.yaml", d)).extract
+    assert spec.config("cuda:1") == ExtractConfig(split="test", dtype="float32", batch_size=7, device="cuda:1",
+                                                  logits=True, limit=5)
 
 
 @pytest.mark.parametrize("name", ["demo", "kc_stability_cub", "ke_flower102", "kd_ban_cifar"])

@@ -219,6 +219,7 @@ def _small_net() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 4 * 4, 10))
 
 
+@pytest.mark.slow
 def test_prune_and_share_keep_exact_budget_through_a_training_step():
     net = _small_net()
     codes = prune_magnitude(net, 0.6)

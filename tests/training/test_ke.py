@@ -121,7 +121,8 @@ def test_split_rate_and_mode_errors_name_the_value_and_choices():
 # --------------------------------------------------------------------------- slim extraction
 
 @pytest.mark.parametrize("arch,size,k", [("vgg_tiny", 16, 0.5), ("kdnet5", 16, 0.4), ("cifar_resnet20", 16, 0.5),
-                                         ("wrn16_2", 16, 0.3), ("densenet121", 32, 0.5)])
+                                         ("wrn16_2", 16, 0.3),
+                                         pytest.param("densenet121", 32, 0.5, marks=pytest.mark.slow)])
 def test_slim_net_equals_dense_net_when_cross_weights_are_zeroed(arch, size, k):
     torch.manual_seed(0)
     dense = _randomise_bn(build_model(arch, 6, 3, size)).eval()

@@ -27,7 +27,12 @@ def test_unknown_arch_is_a_user_error_listing_archs():
     assert "vgg16_bn" in str(e.value) and "vgg_small" in str(e.value)
 
 
-@pytest.mark.parametrize("arch", ARCHS.names())
+# The 224-px VGGs take 7-10 s each on one core.
+SLOW_ARCHS = ("vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn")
+
+
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.slow) if a in SLOW_ARCHS else a
+                                  for a in ARCHS.names()])
 def test_every_arch_builds_with_class_count_and_channels(arch):
     size = max(ARCH_INFO[arch]["min_size"], 32) if ARCH_INFO[arch]["default_size"] == 32 else 64
     model = build_model(arch, num_classes=7, in_channels=1, input_size=size).eval()

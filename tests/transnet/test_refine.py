@@ -21,7 +21,7 @@ from training.datasets import DataSpec
 from training.loop import evaluate, make_loader
 from training.models import build_model
 from training.runner import ModelSpec, checkpoint_fields
-from transnet.model import TransNet
+from transnet.model import TransNet, TransNetConfig
 from transnet.refine import SplitClassifier, layer_names, parse_orders, split_at
 
 
@@ -77,14 +77,14 @@ def test_identity_transnet_reproduces_net_b_and_orders_select_components():
     torch.manual_seed(0)
     net = build_model("vgg_tiny", 5, 3, 16).eval()
     lower, upper = split_at(net, "features.4")
-    ident = TransNet(32, 0, 1, "none")
+    ident = TransNet(TransNetConfig(32, 0, 1, "none"))
     with torch.no_grad():
         ident.convs[0].weight.copy_(torch.eye(32)[:, :, None, None])
     x = torch.randn(4, 3, 16, 16)
     refined = SplitClassifier(lower, upper, ident).eval()
     with torch.no_grad():
         torch.testing.assert_close(refined(x), net(x), rtol=1e-5, atol=1e-5)
-    tn = TransNet(32, 2, 3, "instance")
+    tn = TransNet(TransNetConfig(32, 2, 3, "instance"))
     only0 = SplitClassifier(lower, upper, tn, [0])
     with torch.no_grad():
         comps, _ = tn.eval().decompose(lower(x))

@@ -1,4 +1,4 @@
-"""Trustworthy numbers at the edges (issue 11): 1x1 maps, spatially constant source slices, in-sample
+"""Trustworthy numbers at the edges: 1x1 maps, spatially constant source slices, in-sample
 reports, ±inf in JSON files, and the --precision option. Each test fails on the code before the fix.
 Tiny tensors on the CPU."""
 from __future__ import annotations
@@ -23,7 +23,7 @@ from tests.fakedata import FAST_FIT_KWARGS as FAST
 from tests.fakedata import planted_features, write_features_by_split
 from transnet.commands import run_variance, summary_line
 from transnet.fit import FitConfig, fit_transnet, load_transnet, validate
-from transnet.model import EPS, TransNet, constant_slices, instance_std
+from transnet.model import EPS, TransNet, TransNetConfig, constant_slices, instance_std
 
 # The paper's preset (instance input norm, 3x3 kernels, 2 orders) with a fast schedule.
 FAITHFUL_FAST = {k: v for k, v in FAST.items() if k not in ("input_norm", "kernel")}
@@ -36,14 +36,14 @@ def test_instance_std_of_a_1x1_map_is_one():
     s = instance_std(x)
     assert s.shape == (5, 3, 1, 1) and torch.equal(s, torch.ones_like(s))       # before: eps = 1e-5
     assert torch.equal(instance_std(x, correction=1), torch.ones_like(s))       # unbiased std would be NaN
-    assert torch.equal(TransNet(3, 2, 3, "instance").double().normalise_input(x), x)
+    assert torch.equal(TransNet(TransNetConfig(3, 2, 3, "instance")).double().normalise_input(x), x)
 
 
 def test_1x1_forward_equals_the_unit_std_formula():
     """On 1x1 maps a k x k conv with same padding reduces to its centre tap and s = 1 at every level:
     ŷ = W2 (x + p1 ReLU(W1 (x + p0 ReLU(W0 x))))."""
     torch.manual_seed(0)
-    net = TransNet(4, 2, 3, "instance").double().eval()
+    net = TransNet(TransNetConfig(4, 2, 3, "instance")).double().eval()
     net.set_gates([0.7, 0.4])                                              # order 1 first: p1, p0
     x = torch.randn(6, 4, 1, 1, dtype=torch.float64)
     w = [c.weight[:, :, 1, 1] for c in net.convs]                          # centre taps (C, C)
@@ -59,6 +59,7 @@ def test_1x1_forward_equals_the_unit_std_formula():
     assert torch.allclose(sum(comps), yhat, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_planted_linear_1x1_target_is_fitted_in_the_faithful_preset(tmp_path):
     """B = W A + noise on (N, 8, 1, 1) maps (an avgpool-like layer). Before the fix x̂ = x / eps:
     held-out R² -6.5e24 and max |ŷ| 5.6e13; the original code (s = 1) fits it."""
@@ -106,8 +107,8 @@ def test_std_floor_bounds_a_constant_slice_and_keeps_the_rest_and_the_scale_inva
     torch.manual_seed(1)
     x = torch.randn(3, 4, 6, 6, dtype=torch.float64)
     x[1, 2] = 0.5
-    faithful = TransNet(4, 2, 3, "instance").double().eval()
-    floored = TransNet(4, 2, 3, "instance", std_floor=0.01).double().eval()
+    faithful = TransNet(TransNetConfig(4, 2, 3, "instance")).double().eval()
+    floored = TransNet(TransNetConfig(4, 2, 3, "instance", std_floor=0.01)).double().eval()
     floored.load_state_dict(faithful.state_dict())
     assert float(faithful.normalise_input(x)[1, 2].abs().max()) == pytest.approx(0.5 / EPS)   # the paper's preset
     xf = floored.normalise_input(x)
@@ -116,7 +117,7 @@ def test_std_floor_bounds_a_constant_slice_and_keeps_the_rest_and_the_scale_inva
     ok[1, 2] = False
     assert torch.equal(xf[ok], faithful.normalise_input(x)[ok])               # std >> 0.01 rms elsewhere
     # The floor scales like the std, so the faithful mode's scale invariance stays (exact with eps = 0).
-    no_eps = TransNet(4, 2, 3, "instance", std_floor=0.01, eps=0.0).double().eval()
+    no_eps = TransNet(TransNetConfig(4, 2, 3, "instance", std_floor=0.01, eps=0.0)).double().eval()
     no_eps.load_state_dict(faithful.state_dict())
     scale = torch.rand(3, 4, 1, 1, dtype=torch.float64) * 5 + 0.1
     with torch.no_grad():
@@ -152,7 +153,7 @@ def test_fit_counts_constant_source_slices_and_warns_in_metrics_and_the_table(tm
     assert floored["std_floor"] == 0.01 and floored["constant_source_slices"] == 1
     assert any("--std_floor 0.01 bounds" in w for w in floored["warnings"])
     net, _ = load_transnet(tmp_path / "floored")
-    assert net.std_floor == 0.01 and float(net.normalise_input(torch.from_numpy(ta)).abs().max()) <= 100
+    assert net.cfg.std_floor == 0.01 and float(net.normalise_input(torch.from_numpy(ta)).abs().max()) <= 100
     # Without the instance norm nothing is divided by the slice's zero std: counted, no warning.
     glob = fit_transnet(replace(base, input_norm="global", kernel=1), tmp_path / "global")
     assert glob["constant_source_slices"] == 1 and not glob["warnings"]
@@ -185,6 +186,7 @@ def test_fit_on_the_training_split_is_labelled_in_sample(pair_file, tmp_path):
     assert rep["held_out"] is False and "in-sample" in rep["warning"]
 
 
+@pytest.mark.slow
 def test_consistency_on_the_training_split_labels_and_warns(tmp_path, cli):
     f = planted_features(tmp_path / "planted.h5")
     out = tmp_path / "cons"
@@ -298,7 +300,7 @@ def test_variance_reports_run_in_ieee_fp32_whatever_the_fit_precision(monkeypatc
         return real(device, precision)
 
     monkeypatch.setattr(variance, "float32_math", spy)
-    net = TransNet(4, 2, 3, "instance")
+    net = TransNet(TransNetConfig(4, 2, 3, "instance"))
     x = torch.randn(3, 4, 5, 5)
     rep = variance.variance_report(net, [(x, x)], device="cpu", split="test")
     assert seen == [("cpu", "fp32")] and rep["n_samples"] == 3

@@ -1,5 +1,5 @@
-"""Fitting Trans-Nets from kc-features files (methods.md §5, checks 4-6; the bad-input cases of the
-issue; the batch sources; resume; DDP). Planted structure on tiny tensors (N=256, C=4, 6x6)."""
+"""Fitting Trans-Nets from kc-features files (methods.md §5, checks 4-6; bad inputs;
+the batch sources; resume; DDP). Planted structure on tiny tensors (N=256, C=4, 6x6)."""
 from __future__ import annotations
 
 import json
@@ -20,7 +20,7 @@ from tests.fakedata import FIT_LAYER as LAYER
 from tests.fakedata import write_features_by_split
 from transnet.data import BlockPairs, MemoryPairs, load_arrays, open_pair
 from transnet.fit import DivergenceError, FitConfig, fit_transnet, load_transnet
-from transnet.model import TransNet
+from transnet.model import TransNet, TransNetConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 CONTRACT_KEYS = {"split", "n_samples", "source", "target", "layer", "var_target", "var_orders", "var_residual",
@@ -57,7 +57,7 @@ def test_planted_nonlinear_target_needs_the_higher_orders(tmp_path):
     """B = a random Trans-Net with open gates applied to A. With input_norm none and small-amplitude
     features the gated (normalised) branches dominate B, and the student can express B exactly."""
     torch.manual_seed(0)
-    teacher = TransNet(4, 2, 1, "none").double().eval()
+    teacher = TransNet(TransNetConfig(4, 2, 1, "none")).double().eval()
     teacher.set_gates([0.8, 0.8])
 
     def make_b(a):
@@ -246,6 +246,7 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 # --------------------------------------------------------------------------- DDP (gloo, two processes)
 
 @pytest.mark.xdist_group("subprocess")
+@pytest.mark.slow
 def test_two_process_ddp_follows_the_single_process_fit(tmp_path):
     f = _pair_file(tmp_path / "f.h5", lambda a: np.tanh(a[:, [1, 0, 3, 2]]), n_train=128, n_test=32)
     args = ["fit-transnet", "--features", str(f), "--source", "A", "--target", "B", "--layer", LAYER, "--epochs", "2",

@@ -1,4 +1,4 @@
-"""Compatibility with the original code (issue 11, item 6): the std convention (--std_correction),
+"""Compatibility with the original code: the std convention (--std_correction),
 and import-transnet of a checkpoint in the original's key layout (``linearLayers_conv.<j>.weight``,
 ``nonLinearLayers_p_pre``; see transnet/original.py), which variance, consistency, diagnose and the
 figures then read. The original's forward pass is re-derived here independently (float64)."""
@@ -24,7 +24,7 @@ from tests.fakedata import FIT_LAYER as LAYER
 from tests.fakedata import write_features_by_split
 from transnet.commands import run_variance
 from transnet.fit import FitConfig, fit_transnet, load_transnet
-from transnet.model import TransNet
+from transnet.model import TransNet, TransNetConfig
 from transnet.original import ImportConfig, import_transnet, map_original, transnet_from_original
 
 C, S = 4, 6
@@ -64,8 +64,8 @@ def _weights(seed=0, c=C, k=3, scale=0.3):
 
 
 def _ours(weights, logits, correction, eps=1e-5) -> TransNet:
-    net = TransNet(weights[0].shape[1], 2, weights[0].shape[-1], "instance", std_correction=correction,
-                   eps=eps).double().eval()
+    arch = TransNetConfig(weights[0].shape[1], 2, weights[0].shape[-1], "instance", std_correction=correction, eps=eps)
+    net = TransNet(arch).double().eval()
     with torch.no_grad():
         for conv, w in zip(net.convs, weights):
             conv.weight.copy_(w)
@@ -113,7 +113,7 @@ def test_fits_under_either_convention_agree(tmp_path):
     m0 = fit_transnet(FitConfig(features=str(f), epochs=40, std_correction=0, **fast), tmp_path / "c0")
     m1 = fit_transnet(FitConfig(features=str(f), epochs=40, std_correction=1, **fast), tmp_path / "c1")
     assert m0["std_correction"] == 0 and m1["std_correction"] == 1
-    assert load_transnet(tmp_path / "c1")[0].std_correction == 1
+    assert load_transnet(tmp_path / "c1")[0].cfg.std_correction == 1
     assert abs(m0["r2"] - m1["r2"]) < 0.01
     for f0, f1 in zip(m0["fraction_orders"], m1["fraction_orders"]):
         assert abs(f0 - f1) < 0.02
@@ -159,6 +159,7 @@ def original_pair(tmp_path_factory):
     return {"features": f, "checkpoint": ck, "weights": w, "logits": logits, "test_a": ta}
 
 
+@pytest.mark.slow
 def test_import_transnet_writes_a_run_directory_that_the_other_commands_read(original_pair, tmp_path, cli):
     f, ck = original_pair["features"], original_pair["checkpoint"]
     out = tmp_path / "imported"

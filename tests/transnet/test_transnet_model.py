@@ -1,5 +1,6 @@
 """The Trans-Net's math (methods.md §5, checks 1-3 and 6): exact decomposition, closed gates, the
-instance-norm invariance, and the streaming variance bookkeeping. Pure tensors, float64, CPU."""
+instance-norm invariance, and the streaming variance bookkeeping. Pure tensors, float64, CPU. Also
+the architecture config and its checkpoint form (``model_args``), old forms included."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,13 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from transnet.model import INPUT_NORMS, TransNet, instance_std
+from common.checkpoints import save_checkpoint
+from common.errors import UserError
+from transnet.fit import load_transnet, model_args
+from transnet.model import INPUT_NORMS, TransNet, TransNetConfig, instance_std
 from transnet.variance import ChannelMoments, VarianceAccumulator, variance_report
 
 
 def _random_net(channels=4, orders=2, kernel=3, norm="instance", seed=0, out_channels=None) -> TransNet:
     torch.manual_seed(seed)
-    m = TransNet(channels, orders, kernel, norm, out_channels=out_channels).double().eval()
+    m = TransNet(TransNetConfig(channels, orders, kernel, norm, out_channels=out_channels)).double().eval()
     with torch.no_grad():
         m.gate_logits.copy_(torch.randn(orders, dtype=torch.double))
         m.set_input_scale(torch.rand(channels, dtype=torch.double) + 0.5)
@@ -97,7 +101,7 @@ def test_state_lives_in_parameters_and_buffers():
     m = _random_net(orders=2, norm="global")
     sd = m.state_dict()
     assert set(sd) == {"convs.0.weight", "convs.1.weight", "convs.2.weight", "gate_logits", "input_scale"}
-    m2 = TransNet(4, 2, 3, "global").double()
+    m2 = TransNet(TransNetConfig(4, 2, 3, "global")).double()
     m2.load_state_dict(sd)
     x = _x()
     torch.testing.assert_close(m2(x), m(x), rtol=0, atol=0)
@@ -107,17 +111,17 @@ def test_state_lives_in_parameters_and_buffers():
 
 def test_kaiming_fan_out_init_and_gate_init():
     torch.manual_seed(0)
-    m = TransNet(64, 2, 3)
+    m = TransNet(TransNetConfig(64, 2, 3))
     w = m.convs[0].weight
     want = (2.0 / (64 * 9)) ** 0.5                 # ReLU gain, fan_out = C_out * k * k
     assert abs(float(w.detach().std()) - want) / want < 0.05
     assert torch.allclose(m.gates(), torch.full((2,), 0.5))
-    frozen = TransNet(4, 2, 1, freeze_gates=True)
+    frozen = TransNet(TransNetConfig(4, 2, 1, freeze_gates=True))
     assert not frozen.gate_logits.requires_grad
 
 
 def test_alpha_penalty_is_sum_of_alpha_times_squared_gates():
-    m = TransNet(4, 2, 1)
+    m = TransNet(TransNetConfig(4, 2, 1))
     m.set_gates([0.2, 0.7])                       # p1 = 0.2 (order 1), p2 = 0.7 (order 2)
     assert torch.allclose(m.gates(), torch.tensor([0.2, 0.7]))
     assert abs(float(m.alpha_penalty([1.0, 10.0]).detach()) - (0.04 + 4.9)) < 1e-5
@@ -126,9 +130,9 @@ def test_alpha_penalty_is_sum_of_alpha_times_squared_gates():
 def test_bad_arguments_are_refused():
     for kw in ({"input_norm": "batch"}, {"kernel": 2}, {"orders": -1}):
         with pytest.raises(ValueError):
-            TransNet(4, **kw)
+            TransNet(TransNetConfig(4, **kw))
     with pytest.raises(ValueError, match=r"expects \(N, 4, H, W\)"):
-        TransNet(4)(torch.zeros(2, 3, 5, 5))
+        TransNet(TransNetConfig(4))(torch.zeros(2, 3, 5, 5))
 
 
 def test_instance_std_is_detached_and_population():
@@ -195,3 +199,48 @@ def test_permuting_target_channels_leaves_every_fraction_unchanged():
     for key in ("fraction_orders", "fraction_residual", "r2", "var_target", "mse"):
         np.testing.assert_allclose(ra[key], rb[key], rtol=1e-12)
     assert ra["fraction_orders"][1] > 0                       # a non-trivial report
+
+
+# --------------------------------------------------------------------------- config and checkpoints
+
+def _transnet_checkpoint(path, model: TransNet, args: dict) -> None:
+    save_checkpoint(path, {"state_dict": model.state_dict(), "arch": "transnet", "kind": "transnet",
+                           "num_classes": None, "dataset": None, "transform": None, "epoch": 3, "metrics": {},
+                           "config": {}, "model_args": args})
+
+
+def test_config_is_saved_as_model_args_and_read_back():
+    cfg = TransNetConfig(6, 1, 3, "global", True, out_channels=None, std_floor=0.01)
+    assert cfg.out_channels == 6 and cfg == TransNetConfig(6, 1, 3, "global", True, out_channels=6, std_floor=0.01)
+    net = TransNet(cfg)
+    assert model_args(net) == {"channels": 6, "orders": 1, "kernel": 3, "input_norm": "global", "freeze_gates": True,
+                               "out_channels": 6, "eps": 1e-5, "std_correction": 0, "std_floor": 0.01}
+    assert TransNetConfig.from_dict(model_args(net)) == cfg
+    assert not net.gate_logits.requires_grad and "std_floor=0.01" in repr(net)
+    assert type(TransNetConfig(np.int64(4)).channels) is int     # shape entries become plain ints (JSON)
+
+
+def test_checkpoint_with_old_model_args_still_loads(tmp_path):
+    """Checkpoints written before std_correction and std_floor existed hold seven fields; they load
+    with the defaults those fits used, and compute what the saved weights compute."""
+    torch.manual_seed(0)
+    net = TransNet(TransNetConfig(4, 2, 3, "instance", out_channels=5)).eval()
+    old = {"channels": 4, "out_channels": 5, "orders": 2, "kernel": 3, "input_norm": "instance",
+           "freeze_gates": False, "eps": 1e-5}
+    _transnet_checkpoint(tmp_path / "old.pt", net, old)
+    loaded, info = load_transnet(tmp_path / "old.pt")
+    assert loaded.cfg == TransNetConfig(4, 2, 3, "instance", False, 5, 1e-5, 0, 0.0) and info["epoch"] == 3
+    x = _x().float()
+    assert torch.equal(loaded(x), net(x))
+
+
+def test_checkpoint_with_unknown_or_missing_model_args_is_refused(tmp_path):
+    net = TransNet(TransNetConfig(4))
+    _transnet_checkpoint(tmp_path / "new.pt", net, {**model_args(net), "heads": 8})
+    with pytest.raises(UserError, match=r"unknown \['heads'\]"):
+        load_transnet(tmp_path / "new.pt")
+    args = model_args(net)
+    del args["kernel"]
+    _transnet_checkpoint(tmp_path / "lack.pt", net, args)
+    with pytest.raises(UserError, match=r"lack \['kernel'\]"):
+        load_transnet(tmp_path / "lack.pt")
