@@ -20,8 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from common.checkpoints import load_checkpoint, save_checkpoint
-from common.device import autocast, resolve_device
-from common.distributed import is_local_only
+from common.device import autocast, start_workers
 from common.errors import UserError
 from common.faults import fault_point
 from common.progress import progress
@@ -198,11 +197,10 @@ def train(model: nn.Module, train_set: Dataset, test_set: Dataset, cfg: TrainCon
     family fields) go into every checkpoint. If ``run.resuming`` and ``last.pt`` exists, continue from it.
     """
     validate(cfg)
-    device = resolve_device(cfg.device)
+    workers = start_workers(cfg.device, start_group=False)   # joins the process group of a DDP job
+    device, rank, world = workers.device, workers.rank, workers.world
+    distributed = world > 1
     loss_fn = loss_fn or cross_entropy_loss(cfg.label_smoothing)
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized() and not is_local_only()
-    rank = torch.distributed.get_rank() if distributed else 0
-    world = torch.distributed.get_world_size() if distributed else 1
 
     model = model.to(device)
     if device.type == "cuda" and cfg.channels_last:

@@ -53,8 +53,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.checkpoints import load_checkpoint, save_checkpoint
-from common.device import PRECISIONS, effective_precision, float32_math, precision_autocast, resolve_device
-from common.distributed import is_local_only
+from common.device import PRECISIONS, effective_precision, float32_math, precision_autocast, start_workers
 from common.errors import UserError
 from common.faults import fault_point
 from common.options import parse_csv
@@ -201,30 +200,6 @@ def lr_config(cfg: FitConfig) -> TrainConfig:
 
 # --------------------------------------------------------------------------- distributed
 
-def _dist_setup(device_name: str) -> tuple[int, int, bool, torch.device]:
-    """(rank, world, we_initialised, device) from the torchrun environment."""
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    ours = False
-    if is_local_only():                 # one fit per rank (the study runner shares pairs out)
-        return 0, 1, False, resolve_device(device_name)
-    if world > 1 and dist.is_available() and not dist.is_initialized():
-        use_cuda = torch.cuda.is_available() and device_name != "cpu"
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-        ours = True
-    if dist.is_available() and dist.is_initialized():
-        rank, world = dist.get_rank(), dist.get_world_size()
-    else:
-        rank, world = 0, 1
-    device = resolve_device(device_name)
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return rank, world, ours, device
-
-
 def _barrier(world: int) -> None:
     if world > 1:
         torch.distributed.barrier()
@@ -348,12 +323,11 @@ def fit_transnet(cfg: FitConfig, out_dir: str | os.PathLike, mode: str = "new",
     """Fit, evaluate and save a Trans-Net into ``out_dir``; return the metrics (held-out variance report
     plus train MSE, epochs and time). ``mode``: new | resume | overwrite."""
     alphas = validate(cfg)
-    rank, world, ours, device = _dist_setup(cfg.device)
+    workers = start_workers(cfg.device)
     try:
-        return _fit(cfg, alphas, Path(out_dir), mode, rank, world, device, on_epoch_end)
+        return _fit(cfg, alphas, Path(out_dir), mode, workers.rank, workers.world, workers.device, on_epoch_end)
     finally:
-        if ours:
-            torch.distributed.destroy_process_group()
+        workers.close()
 
 
 def _fit(cfg: FitConfig, alphas: list[float], out_dir: Path, mode: str, rank: int, world: int,

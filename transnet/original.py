@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from common.checkpoints import load_checkpoint, save_checkpoint
-from common.device import resolve_device
+from common.device import use_device
 from common.errors import UserError
 from common.provenance import sha256_file
 from common.rundir import RunDir
@@ -218,7 +218,7 @@ def import_transnet(cfg: ImportConfig, out_dir: str | os.PathLike, mode: str = "
                 "original_epoch": raw.get("epoch"), "original_arch": raw.get("arch"),
                 "found_keys": file_keys, "stripped_prefixes": sorted({x for k in file_keys for x in STRIP_PREFIXES
                                                                       if k.startswith(x)})}
-    dev = resolve_device(cfg.device)
+    dev = use_device(cfg.device)
     root = pair.provenance_a.get("root", {})
     with RunDir(out_dir, mode) as run:
         run.write_config(asdict(cfg), device=dev, kind=IMPORT_KIND, imported=imported, model_args=model_args(model),
