@@ -14,7 +14,8 @@ from common.errors import UserError
 from common.rundir import RunDir
 from training.data import build_dataset, maybe_cache, transform_spec
 from training.datasets import DataSpec
-from training.loop import LossFn, TrainConfig, TrainResult, seed_everything, train
+from training.harness import seed_everything
+from training.loop import LossFn, TrainConfig, TrainResult, train
 from training.models import build_model, load_weights
 
 

@@ -41,6 +41,7 @@ from features.store import (
     provenance_of,
     read_index,
 )
+from training.harness import TRANSNET_STREAM, epoch_seed
 from transnet.model import constant_slices
 from transnet.variance import ChannelMoments
 
@@ -53,10 +54,6 @@ _TORCH_DTYPES = {np.dtype("float16"): torch.float16, np.dtype("float32"): torch.
 
 class NonFiniteFeatures(UserError):
     """A feature file holds NaN or inf values."""
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    return (int(seed) * 1_000_003 + int(epoch) * 7919 + 17) % (2**62)
 
 
 # --------------------------------------------------------------------------- checked opening
@@ -254,7 +251,7 @@ class MemoryPairs:
     def batches(self, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> Iterator[tuple[Tensor, Tensor]]:
         """One shuffled epoch: rank ``rank`` gets its slice of every global batch."""
         steps, b = batch_plan(self.n, batch_size, world)
-        g = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+        g = torch.Generator().manual_seed(epoch_seed(seed, epoch, TRANSNET_STREAM))
         perm = torch.randperm(self.n, generator=g).to(self.xa.device)   # one host->device copy per epoch
         global_b = min(batch_size, self.n)
         for s in range(steps):
@@ -297,7 +294,7 @@ class BlockPairs:
         """Block order. Full blocks are shuffled; a short last block stays last, so the rows each rank
         gets (blocks ``rank::world``) do not change between epochs."""
         blocks = [(s, min(self.n, s + self.block_rows)) for s in range(0, self.n, self.block_rows)]
-        g = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+        g = torch.Generator().manual_seed(epoch_seed(seed, epoch, TRANSNET_STREAM))
         if shuffle:
             full = [blk for blk in blocks if blk[1] - blk[0] == self.block_rows]
             short = [blk for blk in blocks if blk[1] - blk[0] != self.block_rows]

@@ -43,7 +43,6 @@ global batch, so a DDP fit follows the single-process one (up to float summation
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -52,13 +51,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.checkpoints import load_checkpoint, save_checkpoint
-from common.device import PRECISIONS, effective_precision, float32_math, precision_autocast, start_workers
+from common.checkpoints import load_checkpoint
+from common.device import PRECISIONS, Workers, effective_precision, float32_math, precision_autocast, start_workers
 from common.errors import UserError
 from common.faults import fault_point
 from common.options import parse_csv
 from common.progress import progress
 from common.rundir import RunDir
+from training.harness import TRANSNET_STREAM, Harness, Plan, save_state
 from training.loop import TrainConfig, make_scheduler
 from transnet.data import (
     DATA_ON,
@@ -198,13 +198,6 @@ def lr_config(cfg: FitConfig) -> TrainConfig:
                        optimizer="adam", weight_decay=cfg.weight_decay, batch_size=cfg.batch_size)
 
 
-# --------------------------------------------------------------------------- distributed
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        torch.distributed.barrier()
-
-
 # --------------------------------------------------------------------------- building blocks
 
 def build_transnet(cfg: FitConfig, info: PairInfo) -> TransNet:
@@ -325,173 +318,178 @@ def fit_transnet(cfg: FitConfig, out_dir: str | os.PathLike, mode: str = "new",
     alphas = validate(cfg)
     workers = start_workers(cfg.device)
     try:
-        return _fit(cfg, alphas, Path(out_dir), mode, workers.rank, workers.world, workers.device, on_epoch_end)
+        if cfg.batch_size % workers.world:
+            raise UserError(f"--batch_size {cfg.batch_size} must be divisible by the {workers.world} DDP processes")
+        if workers.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True          # fixed shapes: let cudnn pick the fastest kernels
+        with float32_math(workers.device, cfg.precision):  # fp32: TF32 off; tf32/bf16: TF32 on (CUDA only)
+            return _fit_body(cfg, alphas, Path(out_dir), mode, workers, on_epoch_end)
     finally:
         workers.close()
 
 
-def _fit(cfg: FitConfig, alphas: list[float], out_dir: Path, mode: str, rank: int, world: int,
-         device: torch.device, on_epoch_end) -> dict[str, Any]:
-    if cfg.batch_size % world:
-        raise UserError(f"--batch_size {cfg.batch_size} must be divisible by the {world} DDP processes")
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True              # fixed shapes: let cudnn pick the fastest kernels
-    with float32_math(device, cfg.precision):              # fp32: TF32 off; tf32/bf16: TF32 on (CUDA only)
-        return _fit_body(cfg, alphas, out_dir, mode, rank, world, device, on_epoch_end)
+def _fit_body(cfg: FitConfig, alphas: list[float], out_dir: Path, mode: str, workers: Workers,
+              on_epoch_end) -> dict[str, Any]:
+    """Open the splits, build the stage and run it through the epoch harness."""
+    infos = open_splits(cfg)
+    run = RunDir(out_dir, mode) if workers.main else None
+    try:
+        stage = FitStage(cfg, alphas, infos, workers, out_dir)
+        plan = Plan(cfg.epochs, cfg.eval_every, cfg.save_every, cfg.seed, TRANSNET_STREAM, "samples_per_s",
+                    every_rank=False, on_epoch_end=on_epoch_end, last_name=LAST_CKPT)
+        harness = Harness(stage, plan, workers, run, out_dir)
+        harness.resume(mode == "resume")
+        if run is not None:
+            run.write_config(cfg, **stage.config_fields())
+        return harness.run_epochs()
+    finally:
+        if run is not None:
+            run.close()
 
 
-def _fit_body(cfg: FitConfig, alphas: list[float], out_dir: Path, mode: str, rank: int, world: int,
-              device: torch.device, on_epoch_end) -> dict[str, Any]:
+def open_splits(cfg: FitConfig) -> dict[str, PairInfo]:
+    """The checked training split (its first ``train_rows`` rows when given) and, unless ``eval_split``
+    is ``none``, the split of the report, as ``{"train": ..., "eval": ...}``."""
     train_info = open_pair(cfg.features, cfg.source, cfg.target, cfg.layer, cfg.train_split, cfg.target_features,
                            cfg.allow_changed_checkpoints)
     if 0 < cfg.train_rows < train_info.n:     # the first rows: a fixed, reproducible subset
         train_info = replace(train_info, n=cfg.train_rows)
     infos = {"train": train_info}
-    evaluates = cfg.eval_split != NO_EVAL                # a split of its own to report on
-    held_out = evaluates and cfg.eval_split != cfg.train_split
-    eval_info = train_info
-    if evaluates:
+    if cfg.eval_split != NO_EVAL:
         eval_info = open_pair(cfg.features, cfg.source, cfg.target, cfg.layer, cfg.eval_split, cfg.target_features,
                               cfg.allow_changed_checkpoints)
         if (eval_info.shape_a, eval_info.shape_b) != (train_info.shape_a, train_info.shape_b):
             raise UserError(f"split {cfg.eval_split!r} has feature shapes {eval_info.shape_a} -> {eval_info.shape_b} "
                             f"but split {cfg.train_split!r} has {train_info.shape_a} -> {train_info.shape_b}")
         infos["eval"] = eval_info
+    return infos
 
-    run = RunDir(out_dir, mode) if rank == 0 else None
-    try:
-        # ---- data
-        placement = choose_placement(train_info.nbytes, device, cfg.data_on)
-        train_src = make_source(train_info, device, placement, cfg.block_rows)
-        if evaluates:
-            eval_place = choose_placement(eval_info.nbytes, device, cfg.data_on,
-                                          reserved=train_info.nbytes if placement != "disk" else 0)
-            eval_src = make_source(eval_info, device, eval_place, cfg.block_rows)
-        else:
-            eval_place, eval_src = placement, train_src
-        eval_batch = max(cfg.batch_size, 128)
 
-        # ---- model, normalisation statistics, optimiser
-        model = build_transnet(cfg, train_info)
-        norm_stats: dict[str, Any] = {"input_norm": cfg.input_norm, "input_std": None, "target_var": None}
+class FitStage:
+    """The Trans-Net stage of the epoch harness (``training/harness.py``): data, model, normalisation
+    statistics and optimiser; one epoch; the held-out report; checkpoints; the final model."""
+
+    def __init__(self, cfg: FitConfig, alphas: list[float], infos: dict[str, PairInfo], workers: Workers,
+                 out_dir: Path):
+        self.cfg, self.alphas, self.infos, self.workers, self.out_dir = cfg, alphas, infos, workers, out_dir
+        self.device, self.train_info = workers.device, infos["train"]
+        self.evaluates = "eval" in infos                     # a split of its own to report on
+        self.held_out = self.evaluates and cfg.eval_split != cfg.train_split
+        self.eval_info = infos.get("eval", self.train_info)
+        self._data()
+        self._model()
+        self.optimizer = make_optimizer(self.model, cfg)
+        self.steps = self.train_src.steps(cfg.batch_size, workers.world)
+        self.scheduler = make_scheduler(self.optimizer, lr_config(cfg), self.steps)
+        self._warnings()
+        self.last_rep: dict[str, Any] | None = None
+
+    # ---- data
+    def _data(self) -> None:
+        cfg, device = self.cfg, self.device
+        self.placement = choose_placement(self.train_info.nbytes, device, cfg.data_on)
+        self.train_src = make_source(self.train_info, device, self.placement, cfg.block_rows)
+        self.eval_place, self.eval_src = self.placement, self.train_src
+        if self.evaluates:
+            self.eval_place = choose_placement(self.eval_info.nbytes, device, cfg.data_on,
+                                               reserved=self.train_info.nbytes if self.placement != "disk" else 0)
+            self.eval_src = make_source(self.eval_info, device, self.eval_place, cfg.block_rows)
+        self.eval_batch = max(cfg.batch_size, 128)
+
+    # ---- model, normalisation statistics
+    def _model(self) -> None:
+        cfg = self.cfg
+        model = build_transnet(cfg, self.train_info)
+        self.norm_stats: dict[str, Any] = {"input_norm": cfg.input_norm, "input_std": None, "target_var": None}
         if cfg.input_norm == "global":
-            std = source_channel_std(train_src, cfg.block_rows)
+            std = source_channel_std(self.train_src, cfg.block_rows)
             model.set_input_scale(std)
-            norm_stats["input_std"] = std
-        mse_scale = 1.0
+            self.norm_stats["input_std"] = std
+        self.mse_scale = 1.0
         if cfg.loss_scale == "target_var":
-            tv = target_variance(train_src, cfg.block_rows)
+            tv = target_variance(self.train_src, cfg.block_rows)
             if not tv > 0:
-                raise UserError(f"--loss_scale target_var: the target features {train_info.dataset_path('b')} "
+                raise UserError(f"--loss_scale target_var: the target features {self.train_info.dataset_path('b')} "
                                 f"have zero variance")
-            norm_stats["target_var"] = tv
-            mse_scale = tv
-        model = model.to(device)
-        use_cl = device.type == "cuda" and cfg.channels_last
-        if use_cl:
-            model = model.to(memory_format=torch.channels_last)
-        step_model: nn.Module = model
-        if world > 1:
-            step_model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None)
-        opt = make_optimizer(model, cfg)
-        steps = train_src.steps(cfg.batch_size, world)
-        sched = make_scheduler(opt, lr_config(cfg), steps)
+            self.norm_stats["target_var"] = self.mse_scale = tv
+        self.model = model.to(self.device)
+        self.channels_last = self.device.type == "cuda" and cfg.channels_last
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
 
-        # ---- resume
-        start_epoch, history, saved_epoch = 0, [], 0
-        last_path = out_dir / LAST_CKPT
-        if mode == "resume" and last_path.exists():
-            state = load_checkpoint(last_path, map_location=device)
-            _check_resume(state, cfg, last_path)
-            model.load_state_dict(state["state_dict"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            start_epoch, history = int(state["epoch"]), list(state.get("history", []))
-            saved_epoch = start_epoch
-            if rank == 0:
-                run.truncate_log(start_epoch)
-        if rank == 0:
-            run.write_config(cfg, device=device, alphas=alphas, world_size=world, placement=placement,
-                             eval_placement=eval_place, n_train=train_info.n,
-                             n_eval=eval_info.n if evaluates else None, n_parameters=n_parameters(model),
-                             held_out=held_out, precision_effective=effective_precision(device, cfg.precision),
-                             model_args=model_args(model), norm_stats=norm_stats,
-                             feature_provenance={k: {"source": i.provenance_a, "target": i.provenance_b}
-                                                 for k, i in infos.items()},
-                             loss_convention="MSE mean over all elements on raw targets" +
-                                             (" / Var(x_B) (deviation from the paper)" if mse_scale != 1.0 else "")
-                                             + " + sum_k alpha_k p_k^2")
+    # ---- what the reports must say: in-sample, constant source slices of the training split
+    def _warnings(self) -> None:
+        cfg = self.cfg
+        self.sample_warning = None
+        if not self.held_out:
+            self.sample_warning = ("no held-out split (--eval_split none): the report is in-sample"
+                                   if not self.evaluates else
+                                   in_sample_warning(cfg.eval_split, cfg.train_split, cfg.train_rows, self.eval_info.n))
+        self.train_constant = (count_constant_source(self.train_src, cfg.block_rows) if self.workers.main
+                               else (0, 0))
 
-        # ---- what the reports must say: in-sample, constant source slices of the training split
-        sample_warning = None
-        if not held_out:
-            sample_warning = ("no held-out split (--eval_split none): the report is in-sample" if not evaluates
-                              else in_sample_warning(cfg.eval_split, cfg.train_split, cfg.train_rows, eval_info.n))
-        train_constant = count_constant_source(train_src, cfg.block_rows) if rank == 0 else (0, 0)
+    def config_fields(self) -> dict[str, Any]:
+        """What ``config.json`` records besides the options."""
+        mse_note = " / Var(x_B) (deviation from the paper)" if self.mse_scale != 1.0 else ""
+        return dict(device=self.device, alphas=self.alphas, world_size=self.workers.world, placement=self.placement,
+                    eval_placement=self.eval_place, n_train=self.train_info.n,
+                    n_eval=self.eval_info.n if self.evaluates else None, n_parameters=n_parameters(self.model),
+                    held_out=self.held_out, precision_effective=effective_precision(self.device, self.cfg.precision),
+                    model_args=model_args(self.model), norm_stats=self.norm_stats,
+                    feature_provenance={k: {"source": i.provenance_a, "target": i.provenance_b}
+                                        for k, i in self.infos.items()},
+                    loss_convention=f"MSE mean over all elements on raw targets{mse_note} + sum_k alpha_k p_k^2")
 
-        # ---- epochs
-        last_rep = None
-        for epoch in range(start_epoch, cfg.epochs):
-            t0 = time.perf_counter()
-            stats = train_epoch(model, step_model, opt, sched,
-                                train_src.batches(cfg.batch_size, cfg.seed, epoch, rank, world), alphas,
-                                mse_scale, device, cfg.precision, use_cl, steps, f"fit {epoch + 1}/{cfg.epochs}")
-            mse = float(stats["mse_sum"]) / max(stats["steps"], 1)       # one sync per epoch
-            loss = float(stats["loss_sum"]) / max(stats["steps"], 1)
-            dt = time.perf_counter() - t0
-            feat_bad = isinstance(train_src, BlockPairs) and bool(train_src.nonfinite)
-            if not (torch.isfinite(torch.tensor([mse, loss])).all()) or feat_bad:
-                good = (f"the last good checkpoint is {last_path} (epoch {saved_epoch})"
-                        if saved_epoch else "no checkpoint was written before")
-                raise DivergenceError(_diagnose(model, train_src, train_info, epoch + 1, good))
-            gates = [float(g) for g in model.gates().detach().cpu()]
-            record: dict[str, Any] = {"epoch": epoch + 1, "train_mse": mse, "train_loss": loss,
-                                      "lr": opt.param_groups[0]["lr"], "epoch_time_s": dt,
-                                      "samples_per_s": stats["rows"] * world / max(dt, 1e-9),
-                                      "gates": gates, **{f"gate_{k + 1}": g for k, g in enumerate(gates)}}
-            last_epoch = epoch + 1 == cfg.epochs
-            if ((epoch + 1) % cfg.eval_every == 0 or last_epoch) and rank == 0:
-                rep = last_rep = _report(model, eval_src, eval_info, eval_batch, device, held_out, sample_warning)
-                record.update({"eval_r2": rep["r2"], "eval_mse": rep["mse"],
-                               **{f"eval_fraction_order{k}": v for k, v in enumerate(rep["fraction_orders"])}})
-            _barrier(world)
-            history.append(record)
-            if rank == 0:
-                run.log(record, step=epoch + 1)
-                if (epoch + 1) % cfg.save_every == 0 or last_epoch:
-                    ck = _checkpoint(model, cfg, alphas, infos, norm_stats, epoch + 1, record)
-                    save_checkpoint(last_path, {**ck, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                                "history": history})
-                    saved_epoch = epoch + 1
-            if on_epoch_end is not None:
-                on_epoch_end(model, epoch + 1)
+    # ---- one epoch
+    def train_epoch(self, epoch: int, step_model: nn.Module) -> dict[str, Any]:
+        cfg, w = self.cfg, self.workers
+        batches = self.train_src.batches(cfg.batch_size, cfg.seed, epoch, w.rank, w.world)
+        st = train_epoch(self.model, step_model, self.optimizer, self.scheduler, batches, self.alphas,
+                         self.mse_scale, self.device, cfg.precision, self.channels_last, self.steps,
+                         f"fit {epoch + 1}/{cfg.epochs}")
+        gates = self.model.gates().detach()
+        steps = max(st["steps"], 1)
+        out: dict[str, Any] = {"train_mse": st["mse_sum"] / steps, "train_loss": st["loss_sum"] / steps,
+                               "rows": st["rows"], "gates": gates,
+                               **{f"gate_{k + 1}": g for k, g in enumerate(gates)}}
+        if isinstance(self.train_src, BlockPairs):
+            out["_nonfinite_features"] = self.train_src.nonfinite
+        return out
 
-        # ---- final report and model
-        metrics: dict[str, Any] = {}
-        if rank == 0:
-            final = last_rep or _report(model, eval_src, eval_info, eval_batch, device, held_out, sample_warning)
-            last = history[-1] if history else {}
-            metrics = {**final, "train_split": cfg.train_split, "n_train": train_info.n,
-                       "train_mse": last.get("train_mse"), "train_loss": last.get("train_loss"),
-                       "epochs": len(history), "train_time_s": sum(h["epoch_time_s"] for h in history),
-                       "features": str(Path(cfg.features).resolve()), "placement": placement,
-                       "precision": cfg.precision, "precision_effective": effective_precision(device, cfg.precision),
-                       "input_norm": cfg.input_norm, "std_correction": cfg.std_correction,
-                       "std_floor": cfg.std_floor, "train_constant_source_slices": train_constant[0],
-                       "train_source_slices": train_constant[1]}
-            tw = constant_warning(train_constant[0], train_constant[1], cfg.train_split, train_info.source,
-                                  cfg.input_norm, cfg.std_floor, model.eps)
-            if tw:
-                add_warning(metrics, tw)
-            save_checkpoint(out_dir / FINAL_CKPT, _checkpoint(model, cfg, alphas, infos, norm_stats,
-                                                              len(history), metrics))
-            run.finish(metrics)
-        _barrier(world)
+    def evaluate(self, epoch: int) -> dict[str, Any]:
+        rep = self.last_rep = _report(self.model, self.eval_src, self.eval_info, self.eval_batch, self.device,
+                                      self.held_out, self.sample_warning)
+        return {"eval_r2": rep["r2"], "eval_mse": rep["mse"],
+                **{f"eval_fraction_order{k}": v for k, v in enumerate(rep["fraction_orders"])}}
+
+    def diverged(self, epoch: int, record: dict[str, Any], last_good: str) -> Exception:
+        return DivergenceError(_diagnose(self.model, self.train_src, self.train_info, epoch, last_good))
+
+    def check_resume(self, state: dict[str, Any], path: Path) -> None:
+        _check_resume(state, self.cfg, path)
+
+    # ---- checkpoints, the final report and model
+    def checkpoint(self, history: list[dict[str, Any]], metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+        return _checkpoint(self.model, self.cfg, self.alphas, self.infos, self.norm_stats, len(history),
+                           history[-1] if metrics is None else metrics)
+
+    def summary(self, history: list[dict[str, Any]]) -> dict[str, Any]:
+        cfg = self.cfg
+        final = self.last_rep or _report(self.model, self.eval_src, self.eval_info, self.eval_batch, self.device,
+                                         self.held_out, self.sample_warning)
+        last = history[-1] if history else {}
+        metrics = {**final, "train_split": cfg.train_split, "n_train": self.train_info.n,
+                   "train_mse": last.get("train_mse"), "train_loss": last.get("train_loss"),
+                   "epochs": len(history), "train_time_s": sum(h["epoch_time_s"] for h in history),
+                   "features": str(Path(cfg.features).resolve()), "placement": self.placement,
+                   "precision": cfg.precision, "precision_effective": effective_precision(self.device, cfg.precision),
+                   "input_norm": cfg.input_norm, "std_correction": cfg.std_correction,
+                   "std_floor": cfg.std_floor, "train_constant_source_slices": self.train_constant[0],
+                   "train_source_slices": self.train_constant[1]}
+        add_warning(metrics, constant_warning(self.train_constant[0], self.train_constant[1], cfg.train_split,
+                                              self.train_info.source, cfg.input_norm, cfg.std_floor, self.model.eps))
+        save_state(self.out_dir / FINAL_CKPT, self.checkpoint(history, metrics))
         return metrics
-    finally:
-        if run is not None:
-            run.close()
 
 
 def _check_resume(state: dict[str, Any], cfg: FitConfig, path: Path) -> None:
