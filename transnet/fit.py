@@ -47,6 +47,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -60,6 +61,7 @@ from common.progress import progress
 from common.rundir import RunDir
 from training.harness import TRANSNET_STREAM, Harness, Plan, save_state
 from training.loop import TrainConfig, make_scheduler
+from transnet.convergence import SCHEDULES, VAL_RULE, plateau_stop, validation_rows, verdict
 from transnet.data import (
     DATA_ON,
     BlockPairs,
@@ -68,6 +70,7 @@ from transnet.data import (
     count_constant_source,
     find_nonfinite,
     make_source,
+    make_sources,
     nonfinite_message,
     open_pair,
     source_channel_std,
@@ -79,6 +82,7 @@ from transnet.variance import constant_warning, variance_report
 FIT_SCHEDULES = ("geometric", "cosine", "constant")
 LOSS_SCALES = ("none", "target_var")
 NO_EVAL = "none"
+AUTO = "auto"
 FINAL_CKPT = "transnet.pt"
 LAST_CKPT = "last.pt"
 
@@ -105,7 +109,10 @@ class FitConfig:
     freeze_gates: bool = False
     gate_init: float = 0.5              # initial p of every gate (0.5 = logit 0, the paper)
     loss_scale: str = "none"            # none (paper) | target_var (MSE / Var(x_B): a deviation)
-    epochs: int = 1000
+    epochs: int | str = 1000            # a number (the paper's fixed schedule), or "auto": stop on a plateau
+    max_epochs: int = 1000              # --epochs auto: the most epochs (the lr schedule spans them)
+    patience: int = 20                  # --epochs auto: epochs without a validation-loss improvement
+    val_fraction: float = 0.1           # validation rows held out of the training split (0: none)
     batch_size: int = 64                # global batch (split over DDP ranks)
     lr: float = 1e-4
     final_lr: float = 1e-6              # lr at the last epoch (geometric) / floor (cosine)
@@ -120,6 +127,24 @@ class FitConfig:
     channels_last: bool = True          # CUDA only
     seed: int = 0
     allow_changed_checkpoints: bool = False   # use features whose checkpoint changed since extraction
+
+    def __post_init__(self) -> None:
+        """``epochs`` from the command line or a study file ("25", 25 or "auto") as an int or "auto"."""
+        e = self.epochs
+        if isinstance(e, str) and e != AUTO:
+            try:
+                object.__setattr__(self, "epochs", int(e))
+            except ValueError:
+                raise UserError(f"--epochs must be a whole number or {AUTO!r}, got {e!r}") from None
+
+    @property
+    def auto(self) -> bool:
+        return self.epochs == AUTO
+
+    @property
+    def epoch_cap(self) -> int:
+        """The epochs of the schedule: ``epochs``, or ``max_epochs`` for ``--epochs auto``."""
+        return self.max_epochs if self.auto else int(self.epochs)
 
 
 # Options that may differ when a run is resumed (they change speed or paths, not the result).
@@ -169,11 +194,16 @@ def validate(cfg: FitConfig) -> list[float]:
         raise UserError(f"--orders must be >= 0, got {cfg.orders}")
     if cfg.kernel < 1 or cfg.kernel % 2 == 0:
         raise UserError(f"--kernel must be a positive odd number (same padding), got {cfg.kernel}")
-    for name in ("epochs", "batch_size", "eval_every", "save_every", "block_rows"):
+    for name in ("epoch_cap", "batch_size", "eval_every", "save_every", "block_rows", "patience"):
         if getattr(cfg, name) < 1:
-            raise UserError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+            flag = ("max_epochs" if cfg.auto else "epochs") if name == "epoch_cap" else name
+            raise UserError(f"--{flag} must be >= 1, got {getattr(cfg, name)}")
     if cfg.train_rows < 0:
         raise UserError(f"--train_rows must be >= 0 (0: every row), got {cfg.train_rows}")
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        raise UserError(f"--val_fraction must be in [0, 1) (0: no validation rows), got {cfg.val_fraction}")
+    if cfg.auto and cfg.val_fraction == 0:
+        raise UserError("--epochs auto stops on a plateau of the validation loss; it needs --val_fraction > 0")
     if cfg.lr <= 0 or cfg.final_lr < 0:
         raise UserError(f"--lr must be > 0 and --final_lr >= 0, got {cfg.lr} and {cfg.final_lr}")
     if cfg.schedule == "geometric" and cfg.final_lr <= 0:
@@ -194,7 +224,7 @@ def validate(cfg: FitConfig) -> list[float]:
 
 def lr_config(cfg: FitConfig) -> TrainConfig:
     """The training loop's schedule settings for this fit (its ``lr_factor`` is shared)."""
-    return TrainConfig(epochs=cfg.epochs, lr=cfg.lr, final_lr=cfg.final_lr, schedule=cfg.schedule,
+    return TrainConfig(epochs=cfg.epoch_cap, lr=cfg.lr, final_lr=cfg.final_lr, schedule=cfg.schedule,
                        optimizer="adam", weight_decay=cfg.weight_decay, batch_size=cfg.batch_size)
 
 
@@ -335,8 +365,9 @@ def _fit_body(cfg: FitConfig, alphas: list[float], out_dir: Path, mode: str, wor
     run = RunDir(out_dir, mode) if workers.main else None
     try:
         stage = FitStage(cfg, alphas, infos, workers, out_dir)
-        plan = Plan(cfg.epochs, cfg.eval_every, cfg.save_every, cfg.seed, TRANSNET_STREAM, "samples_per_s",
-                    every_rank=False, on_epoch_end=on_epoch_end, last_name=LAST_CKPT)
+        plan = Plan(cfg.epoch_cap, cfg.eval_every, cfg.save_every, cfg.seed, TRANSNET_STREAM, "samples_per_s",
+                    every_rank=False, stop=plateau_stop(cfg.patience) if cfg.auto else None,
+                    on_epoch_end=on_epoch_end, last_name=LAST_CKPT)
         harness = Harness(stage, plan, workers, run, out_dir)
         harness.resume(mode == "resume")
         if run is not None:
@@ -388,7 +419,14 @@ class FitStage:
     def _data(self) -> None:
         cfg, device = self.cfg, self.device
         self.placement = choose_placement(self.train_info.nbytes, device, cfg.data_on)
-        self.train_src = make_source(self.train_info, device, self.placement, cfg.block_rows)
+        self.val_rows = validation_rows(self.train_info.n, cfg.val_fraction, cfg.seed)
+        self.val_src = None
+        if len(self.val_rows):                                # held out of the training split
+            fit_rows = np.setdiff1d(np.arange(self.train_info.n), self.val_rows)
+            self.train_src, self.val_src = make_sources(self.train_info, device, self.placement,
+                                                        [fit_rows, self.val_rows], cfg.block_rows)
+        else:
+            self.train_src = make_source(self.train_info, device, self.placement, cfg.block_rows)
         self.eval_place, self.eval_src = self.placement, self.train_src
         if self.evaluates:
             self.eval_place = choose_placement(self.eval_info.nbytes, device, cfg.data_on,
@@ -432,7 +470,8 @@ class FitStage:
         """What ``config.json`` records besides the options."""
         mse_note = " / Var(x_B) (deviation from the paper)" if self.mse_scale != 1.0 else ""
         return dict(device=self.device, alphas=self.alphas, world_size=self.workers.world, placement=self.placement,
-                    eval_placement=self.eval_place, n_train=self.train_info.n,
+                    eval_placement=self.eval_place, n_train=self.train_src.n, n_val=len(self.val_rows),
+                    val_rows=self.val_rows.tolist(), val_rule=VAL_RULE,
                     n_eval=self.eval_info.n if self.evaluates else None, n_parameters=n_parameters(self.model),
                     held_out=self.held_out, precision_effective=effective_precision(self.device, self.cfg.precision),
                     model_args=model_args(self.model), norm_stats=self.norm_stats,
@@ -446,7 +485,7 @@ class FitStage:
         batches = self.train_src.batches(cfg.batch_size, cfg.seed, epoch, w.rank, w.world)
         st = train_epoch(self.model, step_model, self.optimizer, self.scheduler, batches, self.alphas,
                          self.mse_scale, self.device, cfg.precision, self.channels_last, self.steps,
-                         f"fit {epoch + 1}/{cfg.epochs}")
+                         f"fit {epoch + 1}/{cfg.epoch_cap}")
         gates = self.model.gates().detach()
         steps = max(st["steps"], 1)
         out: dict[str, Any] = {"train_mse": st["mse_sum"] / steps, "train_loss": st["loss_sum"] / steps,
@@ -454,7 +493,27 @@ class FitStage:
                                **{f"gate_{k + 1}": g for k, g in enumerate(gates)}}
         if isinstance(self.train_src, BlockPairs):
             out["_nonfinite_features"] = self.train_src.nonfinite
+        if self.val_src is not None:
+            out["val_loss"], out["val_mse"] = self._validation_loss()
         return out
+
+    @torch.no_grad()
+    def _validation_loss(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, MSE) on the validation rows, device tensors: the training loss's convention (MSE over
+        all elements, scaled as in training, plus the α penalty)."""
+        self.model.eval()
+        sq = torch.zeros((), device=self.device, dtype=torch.float64)
+        count = 0
+        for xa, xb in self.val_src.sequential(self.eval_batch):
+            if self.channels_last:
+                xa = xa.contiguous(memory_format=torch.channels_last)
+            with precision_autocast(self.device, self.cfg.precision):
+                yhat = self.model(xa)
+            sq += F.mse_loss(yhat.float(), xb, reduction="sum").double()
+            count += xb.numel()
+        mse = sq / max(count, 1)
+        alpha_t = torch.tensor(self.alphas, dtype=torch.float32, device=self.device)
+        return mse / self.mse_scale + self.model.alpha_penalty(alpha_t).double(), mse
 
     def evaluate(self, epoch: int) -> dict[str, Any]:
         rep = self.last_rep = _report(self.model, self.eval_src, self.eval_info, self.eval_batch, self.device,
@@ -478,8 +537,10 @@ class FitStage:
         final = self.last_rep or _report(self.model, self.eval_src, self.eval_info, self.eval_batch, self.device,
                                          self.held_out, self.sample_warning)
         last = history[-1] if history else {}
-        metrics = {**final, "train_split": cfg.train_split, "n_train": self.train_info.n,
+        metrics = {**final, "train_split": cfg.train_split, "n_train": self.train_src.n,
+                   "n_val": len(self.val_rows), "val_fraction": cfg.val_fraction,
                    "train_mse": last.get("train_mse"), "train_loss": last.get("train_loss"),
+                   "val_loss": last.get("val_loss"), "schedule": SCHEDULES["auto" if cfg.auto else "fixed"],
                    "epochs": len(history), "train_time_s": sum(h["epoch_time_s"] for h in history),
                    "features": str(Path(cfg.features).resolve()), "placement": self.placement,
                    "precision": cfg.precision, "precision_effective": effective_precision(self.device, cfg.precision),
@@ -488,6 +549,7 @@ class FitStage:
                    "train_source_slices": self.train_constant[1]}
         add_warning(metrics, constant_warning(self.train_constant[0], self.train_constant[1], cfg.train_split,
                                               self.train_info.source, cfg.input_norm, cfg.std_floor, self.model.eps))
+        metrics["convergence"] = verdict([h.get("val_loss") for h in history], final, len(history), cfg.epoch_cap)
         save_state(self.out_dir / FINAL_CKPT, self.checkpoint(history, metrics))
         return metrics
 

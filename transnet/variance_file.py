@@ -11,6 +11,7 @@ from common.errors import UserError
 from common.files import write_json
 from common.provenance import provenance
 from common.rundir import RunDir
+from transnet.convergence import verdict
 from transnet.data import choose_placement, make_source, open_pair
 from transnet.fit import add_warning, in_sample_warning, load_transnet
 from transnet.variance import variance_report
@@ -49,6 +50,7 @@ def run_variance(transnet_dir: str | Path, features: str | None = None, split: s
         cfg = info.get("config") or {}
         add_warning(rep, in_sample_warning(split, train_split, int(cfg.get("train_rows") or 0), pair.n),
                     first=True)
+    rep["convergence"] = fit_convergence(info, rep)
     rep.update({"transnet": info["path"], "features": str(Path(feats).resolve()),
                 "feature_provenance": {"source": pair.provenance_a, "target": pair.provenance_b}})
     name = variance_filename(split)
@@ -66,3 +68,14 @@ def run_variance(transnet_dir: str | Path, features: str | None = None, split: s
             run.finish(rep)
         rep["path"] = str(Path(out_dir) / name)
     return rep
+
+
+def fit_convergence(info: dict[str, Any], rep: dict[str, Any]) -> dict[str, Any]:
+    """The fit's ``convergence`` block (from its metrics); for a Trans-Net fitted before verdicts existed,
+    or imported, the verdict of this report alone (no validation curve: at best ``unknown``)."""
+    block = (info.get("metrics") or {}).get("convergence")
+    if block is not None:
+        return block
+    epochs = int(info.get("epoch") or 0)
+    return verdict([], rep, epochs, epochs)
+
