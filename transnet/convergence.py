@@ -18,8 +18,8 @@ MAX_REL_DROP = 0.01         # a validation loss still falling by more than 1 % t
 MAX_VAR_RATIO = 2.0         # reconstruction (or one order) above 2x the target's variance: not converged
 PLATEAU_MIN_REL = 1e-3      # --epochs auto: a smaller relative improvement does not count as progress
 
-RULE = (f"converged when the validation loss fell by at most {MAX_REL_DROP:.0%} over the last "
-        f"{WINDOW_FRACTION:.0%} of the epochs (at least one epoch), R² on the report's split is >= 0, and "
+RULE = (f"converged when the best validation loss of the last {WINDOW_FRACTION:.0%} of the epochs (at least "
+        f"one epoch) is at most {MAX_REL_DROP:.0%} below the best before them, R² on the report's split is >= 0, and "
         f"neither the reconstruction nor any order has more than {MAX_VAR_RATIO:g}x the target's variance; "
         f"'not converged' when any of these fails; 'unknown' when no validation loss was logged and "
         f"nothing else fails")
@@ -38,15 +38,20 @@ def validation_rows(n: int, fraction: float, seed: int) -> np.ndarray:
 
 
 def val_loss_rel_drop(curve: Sequence[float | None]) -> float | None:
-    """The relative fall of the validation loss over the last :data:`WINDOW_FRACTION` of the epochs,
-    ``(L[n-1-k] - L[n-1]) / |L[n-1-k]|`` with ``k = max(1, ceil(0.1 n))``; None without a curve of
-    at least two finite values."""
+    """How far the validation loss still fell over the last :data:`WINDOW_FRACTION` of the epochs: the
+    best value of those ``k = max(1, ceil(0.1 n))`` epochs against the best before them,
+    ``(min L[:n-k] - min L[n-k:]) / |min L[:n-k]|`` (a single noisy epoch moves neither minimum much);
+    None without a curve of at least two finite values."""
     vals = [float(v) for v in curve if v is not None]
     if len(vals) < 2 or not all(math.isfinite(v) for v in vals):
         return None
-    k = min(len(vals) - 1, max(1, math.ceil(WINDOW_FRACTION * len(vals))))
-    start, end = vals[-1 - k], vals[-1]
-    return 0.0 if start == 0 else (start - end) / abs(start)
+    k = _window(len(vals))
+    before, last = min(vals[:-k]), min(vals[-k:])
+    return 0.0 if before == 0 else (before - last) / abs(before)
+
+
+def _window(n: int) -> int:
+    return min(n - 1, max(1, math.ceil(WINDOW_FRACTION * n)))
 
 
 def verdict(val_curve: Sequence[float | None], report: dict[str, Any], epochs_run: int, epochs_max: int
@@ -57,9 +62,8 @@ def verdict(val_curve: Sequence[float | None], report: dict[str, Any], epochs_ru
     reasons = []
     drop = val_loss_rel_drop(val_curve)
     if drop is not None and drop > MAX_REL_DROP:
-        k = min(len(val_curve) - 1, max(1, math.ceil(WINDOW_FRACTION * len(val_curve))))
-        reasons.append(f"the validation loss still fell by {drop:.1%} over the last {k} of {len(val_curve)} "
-                       f"epochs (more than {MAX_REL_DROP:.0%})")
+        reasons.append(f"the validation loss still fell by {drop:.1%} over the last {_window(len(val_curve))} of "
+                       f"{len(val_curve)} epochs (more than {MAX_REL_DROP:.0%})")
     r2 = report.get("r2")
     if r2 is not None and math.isfinite(r2) and r2 < 0:
         reasons.append(f"R² {r2:.3f} on split {report.get('split')!r} is below 0")
