@@ -133,3 +133,21 @@ def test_bad_epoch_and_validation_options_are_named():
         validate(replace(auto, val_fraction=0.0))
     with pytest.raises(UserError, match=r"--val_fraction must be in \[0, 1\)"):
         validate(replace(auto, val_fraction=1.0))
+
+
+@pytest.mark.parametrize("given, want", [({}, "auto"), ({"epochs": "auto"}, "auto"), ({"epochs": 25}, 25)])
+def test_a_study_fits_its_trans_nets_until_a_plateau_unless_it_fixes_the_epochs(tmp_path, given, want):
+    import yaml
+
+    from studies.spec import fit_config, load_study
+
+    study = {"name": "s", "data": {"dataset": "animal-mnist"}, "members": {"seeds": {"arch": "vgg_tiny",
+                                                                                     "seeds": [0, 1]}},
+             "extract": {"layers": ["features.8"]}, "transnet": {"lr": 0.01, **given},
+             "pairs": [{"family": "seeds", "plan": "all"}]}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(study))
+    assert fit_config(load_study(tmp_path / "s.yaml")).epochs == want
+    study["transnet"]["epochs"] = "lots"
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(study))
+    with pytest.raises(UserError, match="'auto', got 'lots'"):
+        load_study(tmp_path / "s.yaml")
