@@ -24,6 +24,11 @@ the paper-faithful choice, with TF32 off; ``tf32`` and ``bf16`` (autocast) are f
 every choice computes in float32; ``metrics.json`` records ``precision`` and
 ``precision_effective``.
 
+Validation rows and convergence (``transnet/convergence.py``): ``--val_fraction`` of the training
+rows (seeded) are held out of the fit; ``val_loss`` is logged every epoch and ``metrics.json`` gets a
+``convergence`` verdict. ``--epochs auto`` stops on a plateau of ``val_loss`` (``--patience``, at most
+``--max_epochs``; the lr schedule spans the cap). The epochs run through ``training/harness.py``.
+
 The run directory holds ``config.json``, ``log.jsonl``, TensorBoard events, ``last.pt`` (resume state:
 model, optimiser, schedule, history; written every ``--save_every`` epochs and only after a finite
 epoch, so it is always the last good state), ``transnet.pt`` (the final model) and ``metrics.json``.

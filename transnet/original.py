@@ -52,6 +52,7 @@ from common.device import use_device
 from common.errors import UserError
 from common.provenance import sha256_file
 from common.rundir import RunDir
+from transnet.convergence import verdict
 from transnet.data import DATA_ON, choose_placement, make_source, open_pair
 from transnet.fit import FINAL_CKPT, NO_EVAL, add_warning, in_sample_warning, model_args
 from transnet.model import EPS, STD_CORRECTIONS, TransNet, n_parameters
@@ -234,6 +235,8 @@ def import_transnet(cfg: ImportConfig, out_dir: str | os.PathLike, mode: str = "
             if not rep["held_out"]:
                 add_warning(rep, in_sample_warning(split, cfg.train_split), first=True)
             metrics = {**rep, "imported": True}
+        epochs = int(raw.get("epoch") or 0)                 # no curve of the original fit: at best "unknown"
+        metrics["convergence"] = verdict([], metrics, epochs, epochs)
         metrics.update({"train_split": cfg.train_split, "std_correction": cfg.std_correction,
                         "source_checkpoint_sha256": sha, "features": str(Path(cfg.features).resolve())})
         ck = {"state_dict": model.state_dict(), "arch": "transnet", "kind": "transnet", "num_classes": None,
