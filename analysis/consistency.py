@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from common.device import use_device
 from common.errors import UserError
 from common.files import atomic_write, read_json, write_json
 from common.options import parse_csv
@@ -49,9 +50,9 @@ from common.registry import unknown_choice_message
 from common.rundir import RunDir, is_finished
 from features.store import get_features, list_layers, list_nets, list_splits, open_features
 from training.manifest import read_manifest
-from transnet.commands import variance_filename
 from transnet.fit import RESUME_FREE, FitConfig, fit_transnet
 from transnet.original import IMPORT_KIND
+from transnet.variance_file import variance_filename
 
 PAIR_PLANS = ("all", "chain", "star:NAME", "A>B,C>D")
 PAIR_SEP = "__"
@@ -384,6 +385,7 @@ def run_consistency(cfg: ConsistencyConfig, fit: FitConfig, out_dir: str | os.Pa
         raise UserError("--features and --layer are required")
     nets = resolve_nets(cfg.features, cfg.layer, cfg.split, fit.train_split, config_nets(cfg))
     pairs = plan_pairs(nets, cfg.pairs)
+    device = use_device(fit.device)
     if cfg.split == fit.train_split:
         log(f"warning: --split {cfg.split} is the fits' --train_split: every report is in-sample, not held-out "
             f"(the rows say held_out false)")
@@ -391,7 +393,7 @@ def run_consistency(cfg: ConsistencyConfig, fit: FitConfig, out_dir: str | os.Pa
     rows: list[dict[str, Any]] = []
     reused = 0
     with RunDir(out, mode) as run:
-        run.write_config({"consistency": asdict(cfg), "fit": asdict(fit)}, device=fit.device, nets=nets,
+        run.write_config({"consistency": asdict(cfg), "fit": asdict(fit)}, device=device, nets=nets,
                          pairs=[list(p) for p in pairs])
         for i, (a, b) in enumerate(pairs, 1):
             pair_dir = out / "pairs" / pair_dirname(a, b)

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from analysis import plots
 from analysis.consistency import pair_dirname
-from common.device import resolve_device
+from common.device import use_device
 from common.errors import UserError
 from common.files import atomic_write, read_json, write_json
 from common.progress import progress
@@ -329,7 +329,7 @@ def diagnose_pair(cfg: DiagnoseConfig, out_dir: str | os.PathLike, mode: str = "
         raise UserError(f"--a and --b are both {cfg.a!r}; diagnose compares two different nets")
     if cfg.top < 1 or cfg.panels < 0 or cfg.panel_channels < 1:
         raise UserError("--top and --panel_channels must be >= 1 and --panels >= 0")
-    device = resolve_device(cfg.device)
+    device = use_device(cfg.device)
     ab_dir, ba_dir = resolve_transnets(cfg)
     g_ab, info_ab = _load_checked(ab_dir, cfg.a, cfg.b, cfg.layer)
     g_ba, info_ba = _load_checked(ba_dir, cfg.b, cfg.a, cfg.layer)

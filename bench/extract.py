@@ -36,7 +36,7 @@ from torch.utils.data import Dataset
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common.device import autocast, resolve_device  # noqa: E402
+from common.device import autocast, use_device  # noqa: E402
 from common.files import read_json, write_json  # noqa: E402
 from common.provenance import provenance  # noqa: E402
 from features import store  # noqa: E402
@@ -210,7 +210,7 @@ def main(argv=None) -> None:
     if args.child:
         print(json.dumps(run_extraction(args, args.n, workdir)))
         return
-    device = resolve_device(args.device)
+    device = use_device(args.device)
     nets = make_nets(args)
     fwds, disks, exts, checks = [], [], [], []
     try:

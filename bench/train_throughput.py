@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from torch.utils.data import Subset  # noqa: E402
 
-from common.device import autocast, resolve_device  # noqa: E402
+from common.device import autocast, use_device  # noqa: E402
 from common.provenance import provenance  # noqa: E402
 from common.rundir import RunDir  # noqa: E402
 from training.data import build_dataset, maybe_cache  # noqa: E402
@@ -77,7 +77,7 @@ def main() -> None:
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_throughput.json"))
     args = p.parse_args()
 
-    device = resolve_device(args.device)
+    device = use_device(args.device)
     spec = DataSpec(args.dataset, args.data_root, args.transform, args.image_size)
     train_set = maybe_cache(build_dataset(spec, "train"), spec, True, args.num_workers)
     train_set = Subset(train_set, range(min(args.n, len(train_set))))

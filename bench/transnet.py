@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-from common.device import resolve_device  # noqa: E402
+from common.device import use_device  # noqa: E402
 from common.files import write_json  # noqa: E402
 from common.provenance import now_utc, provenance  # noqa: E402
 from features.store import create_features, init_root, init_split, mark_complete  # noqa: E402
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tmp", default=None, help="scratch folder (default: a temp dir on the local disk)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "transnet.json"))
     args = p.parse_args(argv)
-    device = resolve_device(args.device)
+    device = use_device(args.device)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     if device.type == "cuda":

@@ -1,5 +1,12 @@
-"""Devices: ``--device`` names to ``torch.device``, the bf16 autocast every stage uses on CUDA, and
-the numeric precision of a Trans-Net fit (``--precision``).
+"""Devices: the one owner of ``--device`` (names to an indexed ``torch.device``, the device made
+current, the process group of a torchrun job joined or started: :func:`resolve_device`,
+:func:`use_device`, :func:`start_workers`), the bf16 autocast every stage uses on CUDA, and the
+numeric precision of a Trans-Net fit (``--precision``).
+
+Device names: ``auto`` is ``cuda`` when CUDA is available, else ``cpu``. A bare ``cuda`` is the
+current CUDA device (``torch.cuda.current_device()``), except under torchrun (``WORLD_SIZE`` > 1),
+where every rank takes ``cuda:LOCAL_RANK`` (modulo the device count). ``cuda:N`` is taken as given.
+The result always carries an index, so ``torch.cuda.set_device`` never sees a bare ``cuda``.
 
 Precisions (``PRECISIONS``), on CUDA:
 
@@ -15,26 +22,98 @@ On the CPU every choice computes in float32 (autocast and TF32 are CUDA features
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
+import torch.nn as nn
 
+from common.distributed import dist_from_env, init_group, is_local_only
 from common.errors import UserError
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``; a clear error otherwise."""
+    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N`` as an indexed device (see the
+    module docstring); a clear error for an unknown name or a CUDA device that is not there."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(name)
     except RuntimeError:
         raise UserError(f"unknown --device {name!r}; valid: auto, cpu, cuda, cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
+    if dev.type != "cuda":
+        return dev
+    if not torch.cuda.is_available():
         raise UserError(f"--device {name} asked for, but no CUDA device is available; use --device cpu")
+    count = torch.cuda.device_count()
+    if dev.index is None:
+        info = dist_from_env()
+        index = info.local_rank % count if info.active else torch.cuda.current_device()
+        return torch.device("cuda", index)
+    if dev.index >= count:
+        raise UserError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
     return dev
+
+
+def use_device(name: str) -> torch.device:
+    """:func:`resolve_device`, made the current CUDA device (``torch.cuda.set_device``) when it is one.
+    Every command that computes with torch resolves its ``--device`` here."""
+    dev = resolve_device(name)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    return dev
+
+
+@dataclass
+class Workers:
+    """This process's place in a run: its device, its rank and the number of ranks (1 outside a
+    torchrun job, and inside :func:`common.distributed.local_only`), and whether it started the
+    process group (then :meth:`close` ends it)."""
+
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    owns_group: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """``model`` in DistributedDataParallel over the ranks; ``model`` itself for one process."""
+        if self.world == 1:
+            return model
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def close(self) -> None:
+        if self.owns_group:
+            torch.distributed.destroy_process_group()
+            self.owns_group = False
+
+
+def start_workers(name: str, start_group: bool = True) -> Workers:
+    """The device (:func:`use_device`) and the ranks of this run. Under torchrun the process group is
+    joined when one is initialised, else started when ``start_group`` (nccl for CUDA tensors, gloo
+    for CPU ones: :func:`common.distributed.init_group`). Inside ``local_only`` the run is one process."""
+    device = use_device(name)
+    if is_local_only():                 # one run per rank (the study runner shares the work out)
+        return Workers(device)
+    import torch.distributed as dist
+
+    owns = False
+    if dist_from_env().active and start_group and dist.is_available() and not dist.is_initialized():
+        init_group(cuda=device.type == "cuda")
+        owns = True
+    if dist.is_available() and dist.is_initialized():
+        return Workers(device, dist.get_rank(), dist.get_world_size(), owns)
+    return Workers(device)
 
 
 def autocast(device: torch.device, amp: bool):

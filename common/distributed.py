@@ -30,6 +30,16 @@ def dist_from_env() -> DistInfo:
     return DistInfo(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def init_group(cuda: bool, timeout: datetime.timedelta | None = None) -> None:
+    """Start the torchrun job's process group: gloo for CPU tensors, plus nccl for CUDA tensors when
+    ``cuda`` (``cpu:gloo,cuda:nccl``, so control-plane collectives on CPU tensors work in a CUDA job).
+    The only place that initialises a process group."""
+    import torch.distributed as dist
+
+    kw = {"timeout": timeout} if timeout is not None else {}
+    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", **kw)
+
+
 class ControlGroup:
     """Control-plane collectives over gloo (CPU tensors) between the ranks of a torchrun job; every
     call is a no-op for one process. Joins an initialised process group or starts (and later closes)
@@ -43,8 +53,7 @@ class ControlGroup:
             import torch.distributed as dist
 
             if not dist.is_initialized():
-                kw = {"timeout": timeout} if timeout is not None else {}
-                dist.init_process_group("gloo", **kw)
+                init_group(cuda=False, timeout=timeout)
                 self.owned = True
             self.dist = dist
             self.rank, self.world = dist.get_rank(), dist.get_world_size()

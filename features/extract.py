@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import Subset
 
-from common.device import autocast, resolve_device
+from common.device import autocast, use_device
 from common.distributed import ControlGroup, DistInfo, dist_from_env
 from common.errors import UserError
 from common.faults import fault_point
@@ -127,7 +127,7 @@ def extract_features(nets: Sequence[Net], data: FeatureData, layers: Sequence[tu
     """
     _validate(nets, layers, cfg, mode)
     info = dist_from_env()
-    device = _device(cfg.device, info)
+    device = _device(cfg.device)
     splits = list(dict.fromkeys(s.strip() for s in cfg.split.split(",") if s.strip()))
     missing = [s for s in splits if s not in data.splits]
     if missing:
@@ -191,13 +191,9 @@ def _validate(nets: Sequence[Net], layers: Sequence[tuple[str, int | None]], cfg
         raise ValueError(f"mode {mode!r}; valid: auto, resume, overwrite")
 
 
-def _device(name: str, info: DistInfo) -> torch.device:
-    dev = resolve_device(name)
-    if dev.type == "cuda" and info.active and dev.index is None:
-        dev = torch.device("cuda", info.local_rank)
+def _device(name: str) -> torch.device:
+    dev = use_device(name)                  # under torchrun: cuda:LOCAL_RANK
     if dev.type == "cuda":
-        if dev.index is not None:
-            torch.cuda.set_device(dev)
         torch.backends.cudnn.benchmark = True
     return dev
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from common.device import autocast, resolve_device
+from common.device import autocast, use_device
 from common.errors import UserError
 from common.files import jsonable
 from features import store
@@ -80,7 +80,7 @@ def verify_file(path: str | os.PathLike, rows: int = 4, seed: int = 0, device: s
     ``checkpoint`` attribute (its sha256 must match ``checkpoint_sha256``) and the layer re-resolved.
     A row passes when ``max|recomputed - stored| <= tol * max|stored|`` (tol per storage dtype and autocast,
     :data:`VERIFY_TOL`; batch composition changes the last bits of a float32 result)."""
-    dev = resolve_device(device)
+    dev = use_device(device)
     rng = np.random.default_rng(seed)
     results: list[VerifyRow] = []
     nets: dict[str, Net | str] = {}

@@ -44,7 +44,7 @@ from common.provenance import now_utc, sha256_file, sha256_json
 from common.registry import unknown_choice_message
 from common.rundir import RunDir, is_finished
 from studies.cache import STATE_FILE, Stage, StudyState, outputs_exist, remove_outputs, stage_mode
-from studies.spec import FAMILY_KINDS, Study, check_keys, load_study, section_dataclass
+from studies.spec import FAMILY_KINDS, Study, check_keys, fit_config, load_study
 from training.loop import TrainConfig
 from training.manifest import Member, read_manifest, write_manifest
 from training.runner import ModelSpec, run_training
@@ -285,13 +285,7 @@ class StudyRunner:
         return nets_used, pairs
 
     def _fit_config(self):
-        from transnet.fit import FitConfig
-
-        t = dict(self.study.transnet)
-        if "alpha" in t and isinstance(t["alpha"], (list, tuple)):
-            t["alpha"] = ",".join(str(a) for a in t["alpha"])
-        t.setdefault("device", self.study.train.device)
-        return section_dataclass(FitConfig, "transnet", t)
+        return fit_config(self.study)
 
     def _consistency_stage(self, layer: str) -> Stage:
         out = self.root / "consistency" / layer

@@ -67,6 +67,22 @@ class Study:
     permutations: int = 20
 
 
+# A study's Trans-Nets stop on a plateau of their validation loss unless the study file fixes ``epochs``.
+TRANSNET_DEFAULTS: dict[str, Any] = {"epochs": "auto"}
+
+
+def fit_config(study: Study):
+    """The study's Trans-Net options (``transnet:`` over :data:`TRANSNET_DEFAULTS`; the training device
+    unless the section names one) as a ``FitConfig`` without the per-pair fields."""
+    from transnet.fit import FitConfig
+
+    t = {**TRANSNET_DEFAULTS, **study.transnet}
+    if "alpha" in t and isinstance(t["alpha"], (list, tuple)):
+        t["alpha"] = ",".join(str(a) for a in t["alpha"])
+    t.setdefault("device", study.train.device)
+    return section_dataclass(FitConfig, "transnet", t)
+
+
 def check_keys(section: str, given: dict[str, Any], valid: Sequence[str]) -> None:
     bad = sorted(set(given) - set(valid))
     if bad:
@@ -136,7 +152,9 @@ def load_study(path: str | os.PathLike) -> Study:
         if not (isinstance(diag, (list, tuple)) and len(diag) == 2):
             raise UserError(f"study file: diagnose must be a pair [A, B], got {diag!r}")
         diag = (str(diag[0]), str(diag[1]))
-    return Study(name=str(raw.get("name") or Path(path).stem), data=data_spec, train=train, members=members,
-                 extract=extract, transnet=dict(raw.get("transnet") or {}), pairs=tuple(groups),
-                 baselines=base, diagnose=diag, report=bool(raw.get("report", True)),
-                 description=str(raw.get("description") or ""), similarity_split=sim_split, permutations=perms)
+    study = Study(name=str(raw.get("name") or Path(path).stem), data=data_spec, train=train, members=members,
+                  extract=extract, transnet=dict(raw.get("transnet") or {}), pairs=tuple(groups),
+                  baselines=base, diagnose=diag, report=bool(raw.get("report", True)),
+                  description=str(raw.get("description") or ""), similarity_split=sim_split, permutations=perms)
+    fit_config(study)           # the Trans-Net settings are checked now (epochs: a number or auto)
+    return study

@@ -355,10 +355,11 @@ def write_features_one_split(path, nets: dict[str, np.ndarray], layer="conv", sp
 
 
 FIT_LAYER = "features.4"
-# FitConfig options of a quick Trans-Net fit (global input scale, 1x1 kernels) between nets A and B at FIT_LAYER.
+# FitConfig options of a quick Trans-Net fit (global input scale, 1x1 kernels) between nets A and B at FIT_LAYER,
+# trained on every training row (no validation rows).
 FAST_FIT_KWARGS = dict(source="A", target="B", layer=FIT_LAYER, input_norm="global", kernel=1, lr=2e-2,
                        final_lr=1e-4, schedule="cosine", weight_decay=0.0, eval_every=1000, save_every=1000,
-                       device="cpu")
+                       device="cpu", val_fraction=0.0)
 
 
 def write_features_by_split(path: Path, splits: dict[str, dict[str, np.ndarray]], layer: str = FIT_LAYER,
@@ -386,10 +387,10 @@ PLANTED_C, PLANTED_HW, PLANTED_N_TRAIN, PLANTED_N_TEST = 4, 4, 64, 32
 PLANTED_CHANNEL, PLANTED_ROW = 2, 5
 # Linear, per-position Trans-Nets (1x1 kernels, global input scale) converge in seconds on this data.
 FAST_FIT = FitConfig(orders=1, kernel=1, input_norm="global", epochs=60, lr=0.03, schedule="constant",
-                     batch_size=16, eval_every=60, save_every=60, device="cpu")
+                     batch_size=16, eval_every=60, save_every=60, device="cpu", val_fraction=0.0)
 FAST_FIT_ARGS = ["--orders", "1", "--kernel", "1", "--input_norm", "global", "--epochs", "60", "--lr", "0.03",
                  "--schedule", "constant", "--batch_size", "16", "--eval_every", "60", "--save_every", "60",
-                 "--device", "cpu"]
+                 "--val_fraction", "0", "--device", "cpu"]
 
 
 def planted_features(path: Path, seed: int = 0) -> Path:

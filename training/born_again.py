@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import torch
 
 from common.checkpoints import load_checkpoint
+from common.device import use_device
 from common.errors import UserError
 from common.files import read_json, write_json
 from common.rundir import RunDir, is_finished
@@ -81,7 +82,7 @@ def born_again(data: DataSpec, model_spec: ModelSpec, ban: BANConfig, cfg: Train
     rows: list[dict[str, Any]] = []
     with RunDir(out, mode) as root:
         root.write_config({"data": asdict(data), "model": asdict(model_spec), "train": asdict(cfg),
-                           "born_again": asdict(ban)}, device=cfg.device)
+                           "born_again": asdict(ban)}, device=use_device(cfg.device))
         for g in range(ban.generations):
             gdir = out / f"g{g}"
             teacher, tpath, tsha = None, None, None

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from common.checkpoints import load_checkpoint, save_checkpoint
-from common.device import resolve_device
+from common.device import use_device
 from common.errors import UserError
 from common.provenance import sha256_file
 from common.rundir import RunDir, is_finished
@@ -70,14 +70,14 @@ def compress(cc: CompressConfig, cfg: TrainConfig, out_dir: str | Path, mode: st
                         f"{num_classes}; check --data_root")
     src_sha = sha256_file(src)
     model = model_from_checkpoint(ck, str(src))
-    device = resolve_device(cfg.device)
+    device = use_device(cfg.device)
     model.to(device)
     out = Path(out_dir)
     cfg_ft = replace(cfg, epochs=max(cc.finetune_epochs, 1))
     config = {"compress": {**asdict(cc), "checkpoint": str(src), "checkpoint_sha256": src_sha},
               "finetune": asdict(cfg_ft) if cc.finetune_epochs else None, "data": asdict(data), "arch": ck["arch"]}
     with RunDir(out, mode) as root:
-        root.write_config(config, device=cfg.device)
+        root.write_config(config, device=device)
         _, _, before = test_logits(model, data, cfg)
         codes = prune_magnitude(model, cc.prune, cc.prune_scope)
         _, _, pruned = test_logits(model, data, cfg)

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 from common.checkpoints import load_checkpoint, save_checkpoint
-from common.device import resolve_device
+from common.device import use_device
 from common.errors import UserError
 from common.files import atomic_write, read_json, write_json
 from common.provenance import sha256_file
@@ -79,7 +79,7 @@ def _finish_generation(g: int, gdir: Path, ke: EvolveConfig, plan: dict[str, Lay
                        cfg: TrainConfig, test_set, t0: float) -> dict[str, Any]:
     """Evaluate the generation's dense net (its last epoch) and, for KELS, extract, evaluate and save
     the slim net; write ``generation.json``."""
-    device = resolve_device(cfg.device)
+    device = use_device(cfg.device)
     loader = make_loader(test_set, max(cfg.batch_size, 256), False, cfg.num_workers)
     last = gdir / "last.pt"
     ck = load_checkpoint(last)
@@ -171,7 +171,7 @@ def evolve(data: DataSpec, model_spec: ModelSpec, cfg: TrainConfig, ke: EvolveCo
     with RunDir(out, mode) as run:
         if run.resuming and run.file("config.json").exists():
             _check_resume(read_json(run.file("config.json")).get("config", {}), config, out)
-        run.write_config(config, device=cfg.device, n_train=len(train_set), n_test=len(test_set))
+        run.write_config(config, device=use_device(cfg.device), n_train=len(train_set), n_test=len(test_set))
         first = out / "g1" / "last.pt"
         if run.resuming and first.exists():
             masks = load_checkpoint(first)["masks"]  # the stored split is the source of truth

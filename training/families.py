@@ -14,12 +14,13 @@ import torch
 import torch.nn as nn
 
 from common.checkpoints import load_checkpoint
-from common.device import resolve_device
+from common.device import use_device
 from common.errors import UserError
 from common.provenance import sha256_file
 from training.data import build_dataset, transform_spec
 from training.datasets import DataSpec
-from training.loop import TrainConfig, evaluate, make_loader, seed_everything
+from training.harness import seed_everything
+from training.loop import TrainConfig, evaluate, make_loader
 from training.models import model_from_checkpoint
 from training.runner import ModelSpec, build_for_data
 
@@ -74,7 +75,7 @@ def load_teacher(path: str | Path, data: DataSpec, num_classes: int, what: str =
 
 def test_logits(model: nn.Module, data: DataSpec, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Logits (N, C) and labels (N,) of the test split in data-set order, plus top-1/loss."""
-    device = resolve_device(cfg.device)
+    device = use_device(cfg.device)
     test_set = build_dataset(data, "test")
     loader = make_loader(test_set, max(cfg.batch_size, 256), False, cfg.num_workers)
     ev = evaluate(model.to(device), loader, device, cfg.amp, return_logits=True)

@@ -2,13 +2,12 @@
 a parameter ``loss_fn(logits, targets, teacher_logits)``; an optional frozen ``teacher`` module
 is run on the exact (augmented) batch the student sees.
 
-Determinism on CPU: every epoch reseeds the global RNG and the sampler's generator from
-``(seed, epoch)``, so a run resumed from an epoch checkpoint continues bit-identically.
+Determinism on CPU: every epoch reseeds the global RNG (the harness) and the sampler's generator
+from ``(seed, epoch)``, so a run resumed from an epoch checkpoint continues bit-identically.
 """
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -19,13 +18,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from common.checkpoints import load_checkpoint, save_checkpoint
-from common.device import autocast, resolve_device
-from common.distributed import is_local_only
+from common.device import Workers, autocast, start_workers
 from common.errors import UserError
 from common.faults import fault_point
 from common.progress import progress
 from common.rundir import RunDir
+from training.harness import Harness, Plan, epoch_seed, seed_everything  # noqa: F401 (seed_everything: re-exported)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
@@ -147,14 +145,6 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: bo
     return out
 
 
-def seed_everything(seed: int) -> None:
-    import random
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def _worker_init(worker_id: int) -> None:
     import random
 
@@ -169,10 +159,6 @@ def make_loader(ds: Dataset, batch_size: int, shuffle: bool, num_workers: int = 
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
                       generator=gen, worker_init_fn=_worker_init, drop_last=drop_last,
                       pin_memory=pin_memory, persistent_workers=False)
-
-
-def _epoch_seed(seed: int, epoch: int) -> int:
-    return (seed * 1_000_003 + epoch * 7919) % (2**62)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -196,126 +182,120 @@ def train(model: nn.Module, train_set: Dataset, test_set: Dataset, cfg: TrainCon
     """Train ``model`` for ``cfg.epochs``; write ``best.pt``/``last.pt``, ``log.jsonl``, TensorBoard and
     ``metrics.json`` into ``run``. ``ckpt_fields`` (arch, num_classes, dataset, transform, config, and
     family fields) go into every checkpoint. If ``run.resuming`` and ``last.pt`` exists, continue from it.
+    The epochs run through the harness (``training/harness.py``).
     """
     validate(cfg)
-    device = resolve_device(cfg.device)
-    loss_fn = loss_fn or cross_entropy_loss(cfg.label_smoothing)
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized() and not is_local_only()
-    rank = torch.distributed.get_rank() if distributed else 0
-    world = torch.distributed.get_world_size() if distributed else 1
+    workers = start_workers(cfg.device, start_group=False)   # joins the process group of a DDP job
+    stage = Classifier(model, train_set, test_set, cfg, workers, ckpt_fields,
+                       loss_fn or cross_entropy_loss(cfg.label_smoothing), teacher, desc, on_step_end)
+    plan = Plan(cfg.epochs, cfg.eval_every, cfg.save_every, cfg.seed, rate_key="train_images_per_s",
+                best=("test_top1", "best.pt"), on_epoch_end=on_epoch_end)
+    harness = Harness(stage, plan, workers, run if workers.main else None, run.path)
+    harness.resume(run.resuming)
+    metrics = harness.run_epochs()
+    return TrainResult(metrics, run.file("best.pt"), run.file("last.pt"), harness.history)
 
-    model = model.to(device)
-    if device.type == "cuda" and cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if teacher is not None:
-        teacher = teacher.to(device).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
 
-    opt = make_optimizer(model.parameters(), cfg)
-    if distributed:
-        from torch.utils.data.distributed import DistributedSampler
+class Classifier:
+    """The classifier stage of the harness: data loaders (a DistributedSampler under DDP), the optimiser
+    and the per-step schedule, one epoch of (distilled) training, top-1/top-5 evaluation, checkpoints."""
 
-        sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed,
-                                     drop_last=True)
-        train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler,
-                                  num_workers=cfg.num_workers, worker_init_fn=_worker_init,
-                                  pin_memory=device.type == "cuda", drop_last=True)
-        ddp_model: nn.Module = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    else:
-        sampler = None
-        train_loader = make_loader(train_set, cfg.batch_size, True, cfg.num_workers, cfg.seed,
-                                   drop_last=len(train_set) > cfg.batch_size, pin_memory=device.type == "cuda")
-        ddp_model = model
-    test_loader = make_loader(test_set, max(cfg.batch_size, 256), False, cfg.num_workers,
-                              pin_memory=device.type == "cuda")
-    steps = len(train_loader)
-    sched = make_scheduler(opt, cfg, steps)
+    def __init__(self, model: nn.Module, train_set: Dataset, test_set: Dataset, cfg: TrainConfig,
+                 workers: Workers, ckpt_fields: dict[str, Any], loss_fn: LossFn, teacher: nn.Module | None,
+                 desc: str, on_step_end: Callable[[nn.Module], None] | None):
+        self.cfg, self.device, self.ckpt_fields = cfg, workers.device, ckpt_fields
+        self.loss_fn, self.desc, self.on_step_end = loss_fn, desc, on_step_end
+        self.channels_last = self.device.type == "cuda" and cfg.channels_last
+        self.model = model.to(self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.teacher = teacher
+        if teacher is not None:
+            self.teacher = teacher.to(self.device).eval()
+            for p in self.teacher.parameters():
+                p.requires_grad_(False)
+        self.optimizer = make_optimizer(self.model.parameters(), cfg)
+        self.train_loader, self.sampler, self.test_loader = _loaders(train_set, test_set, cfg, workers)
+        self.steps = len(self.train_loader)
+        self.scheduler = make_scheduler(self.optimizer, cfg, self.steps)
 
-    start_epoch, best_top1, history = 0, -1.0, []
-    last_path, best_path = run.file("last.pt"), run.file("best.pt")
-    if run.resuming and last_path.exists():
-        state = load_checkpoint(last_path, map_location=device)
-        if state.get("arch") != ckpt_fields.get("arch"):
-            raise UserError(f"{last_path} has arch {state.get('arch')!r}, this run builds {ckpt_fields.get('arch')!r}")
-        unwrap(model).load_state_dict(state["state_dict"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start_epoch = int(state["epoch"])
-        best_top1 = float(state.get("best_top1", -1.0))
-        history = list(state.get("history", []))
-        run.truncate_log(start_epoch)
-
-    metrics: dict[str, Any] = dict(history[-1]) if history else {}
-    for epoch in range(start_epoch, cfg.epochs):
-        seed_everything(_epoch_seed(cfg.seed, epoch))
-        if sampler is not None:
-            sampler.set_epoch(epoch)
+    def train_epoch(self, epoch: int, step_model: nn.Module) -> dict[str, Any]:
+        cfg, device = self.cfg, self.device
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
         else:
-            train_loader.generator.manual_seed(_epoch_seed(cfg.seed, epoch))
-        ddp_model.train()
-        t0 = time.perf_counter()
+            self.train_loader.generator.manual_seed(epoch_seed(cfg.seed, epoch))
+        step_model.train()
         loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         seen = 0
-        for x, y, _ in progress(train_loader, steps, f"{desc} {epoch + 1}/{cfg.epochs}"):
+        for x, y, _ in progress(self.train_loader, self.steps, f"{self.desc} {epoch + 1}/{cfg.epochs}"):
             x = x.to(device, non_blocking=True)
             y = y.to(device, non_blocking=True)
-            if device.type == "cuda" and cfg.channels_last:
+            if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             teacher_logits = None
-            if teacher is not None:
+            if self.teacher is not None:
                 with torch.no_grad(), autocast(device, cfg.amp):
-                    teacher_logits = teacher(x).float()
+                    teacher_logits = self.teacher(x).float()
             with autocast(device, cfg.amp):
-                logits = ddp_model(x)
-            loss = loss_fn(logits.float(), y, teacher_logits)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"training loss became {float(loss)} at epoch {epoch + 1}; "
-                                         f"the last good checkpoint is {last_path}")
-            opt.zero_grad(set_to_none=True)
+                logits = step_model(x)
+            loss = self.loss_fn(logits.float(), y, teacher_logits)
+            self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            sched.step()
-            if on_step_end is not None:  # e.g. re-impose pruning masks / shared weights
-                on_step_end(model)
+                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            if self.on_step_end is not None:  # e.g. re-impose pruning masks / shared weights
+                self.on_step_end(self.model)
             loss_sum += loss.detach().double() * len(y)
             seen += len(y)
             fault_point("train_step")
-        train_time = time.perf_counter() - t0
-        record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": float(loss_sum) / max(seen, 1),
-                                  "lr": opt.param_groups[0]["lr"], "epoch_time_s": train_time,
-                                  "train_images_per_s": seen * world / max(train_time, 1e-9)}
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            ev = evaluate(model, test_loader, device, cfg.amp)
-            record.update({"test_top1": ev["top1"], "test_top5": ev["top5"], "test_loss": ev["loss"]})
-        if on_epoch_end is not None:
-            on_epoch_end(model, epoch + 1)
-        history.append(record)
-        if rank == 0:
-            run.log(record, step=epoch + 1)
-            is_best = "test_top1" in record and record["test_top1"] > best_top1
-            if is_best:
-                best_top1 = record["test_top1"]
-            metrics = _summary(history, best_top1)
-            base = {**ckpt_fields, "state_dict": unwrap(model).state_dict(), "epoch": epoch + 1, "metrics": metrics}
-            if is_best:
-                save_checkpoint(best_path, base)
-            if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
-                save_checkpoint(last_path, {**base, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                            "best_top1": best_top1, "history": history})
-    metrics = _summary(history, best_top1)
-    if rank == 0:
-        run.finish(metrics)
-    return TrainResult(metrics, best_path, last_path, history)
+        return {"train_loss": loss_sum / max(seen, 1), "rows": seen}
+
+    def evaluate(self, epoch: int) -> dict[str, Any]:
+        ev = evaluate(self.model, self.test_loader, self.device, self.cfg.amp)
+        return {"test_top1": ev["top1"], "test_top5": ev["top5"], "test_loss": ev["loss"]}
+
+    def checkpoint(self, history: list[dict[str, Any]]) -> dict[str, Any]:
+        return {**self.ckpt_fields, "state_dict": unwrap(self.model).state_dict(), "epoch": history[-1]["epoch"],
+                "metrics": _summary(history)}
+
+    def summary(self, history: list[dict[str, Any]]) -> dict[str, Any]:
+        return _summary(history)
+
+    def diverged(self, epoch: int, record: dict[str, Any], last_good: str) -> Exception:
+        return FloatingPointError(f"training loss became {record.get('train_loss')} at epoch {epoch}; {last_good}")
+
+    def check_resume(self, state: dict[str, Any], path: Path) -> None:
+        if state.get("arch") != self.ckpt_fields.get("arch"):
+            raise UserError(f"{path} has arch {state.get('arch')!r}, this run builds {self.ckpt_fields.get('arch')!r}")
 
 
-def _summary(history: list[dict[str, Any]], best_top1: float) -> dict[str, Any]:
+def _loaders(train_set: Dataset, test_set: Dataset, cfg: TrainConfig, workers: Workers):
+    """(train loader, its DistributedSampler or None, test loader)."""
+    pin = workers.device.type == "cuda"
+    sampler = None
+    if workers.world > 1:
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(train_set, num_replicas=workers.world, rank=workers.rank, shuffle=True,
+                                     seed=cfg.seed, drop_last=True)
+        train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler,
+                                  num_workers=cfg.num_workers, worker_init_fn=_worker_init, pin_memory=pin,
+                                  drop_last=True)
+    else:
+        train_loader = make_loader(train_set, cfg.batch_size, True, cfg.num_workers, cfg.seed,
+                                   drop_last=len(train_set) > cfg.batch_size, pin_memory=pin)
+    test_loader = make_loader(test_set, max(cfg.batch_size, 256), False, cfg.num_workers, pin_memory=pin)
+    return train_loader, sampler, test_loader
+
+
+def _summary(history: list[dict[str, Any]]) -> dict[str, Any]:
     last = history[-1]
     evals = [h for h in history if "test_top1" in h]
     last_eval = evals[-1] if evals else {}
+    best_top1 = max((h["test_top1"] for h in evals), default=-1.0)
     return {"epoch": last["epoch"], "test_top1": last_eval.get("test_top1"), "test_top5": last_eval.get("test_top5"),
             "test_loss": last_eval.get("test_loss"), "train_loss": last["train_loss"], "best_test_top1": best_top1,
             "train_time_s": sum(h["epoch_time_s"] for h in history)}

@@ -9,11 +9,13 @@ from typing import Any, Callable
 import torch.nn as nn
 
 from common.checkpoints import load_checkpoint
+from common.device import use_device
 from common.errors import UserError
 from common.rundir import RunDir
 from training.data import build_dataset, maybe_cache, transform_spec
 from training.datasets import DataSpec
-from training.loop import LossFn, TrainConfig, TrainResult, seed_everything, train
+from training.harness import seed_everything
+from training.loop import LossFn, TrainConfig, TrainResult, train
 from training.models import build_model, load_weights
 
 
@@ -51,6 +53,7 @@ def run_training(data: DataSpec, model_spec: ModelSpec, cfg: TrainConfig, out_di
     ``model`` overrides building from ``model_spec`` (Knowledge Evolution passes its re-initialised net).
     ``family`` fields (teacher checkpoint + sha256, generation, masks...) go into every checkpoint.
     """
+    device = use_device(cfg.device)          # the indexed device, recorded in config.json
     train_set = build_dataset(data, "train")
     test_set = build_dataset(data, "test")
     if train_set.num_classes != test_set.num_classes:
@@ -62,7 +65,7 @@ def run_training(data: DataSpec, model_spec: ModelSpec, cfg: TrainConfig, out_di
     if loss_fn is not None and hasattr(loss_fn, "convention"):
         config["loss"] = loss_fn.convention
     with RunDir(out_dir, mode) as run:
-        run.write_config(config, device=cfg.device, n_train=len(train_set), n_test=len(test_set))
+        run.write_config(config, device=device, n_train=len(train_set), n_test=len(test_set))
         fields = checkpoint_fields(model_spec, data, train_set.num_classes, config, **(family or {}))
         train_set = maybe_cache(train_set, data, True, cfg.num_workers)
         test_set = maybe_cache(test_set, data, False, cfg.num_workers)

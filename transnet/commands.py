@@ -6,21 +6,19 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from common.device import resolve_device
 from common.errors import UserError
-from common.files import read_json, write_json
+from common.files import read_json
 from common.options import Command, add_dataclass_args, add_run_args, dataclass_from_args
-from common.provenance import provenance
-from common.rundir import RunDir, run_mode
+from common.rundir import run_mode
 from training.loop import TrainConfig
 from training.options import add_train_args
-from transnet.data import DATA_ON, choose_placement, make_source, open_pair
-from transnet.fit import FitConfig, add_warning, fit_transnet, in_sample_warning, load_transnet
+from transnet.data import DATA_ON
+from transnet.fit import FitConfig, fit_transnet
 from transnet.model import STD_CORRECTIONS
 from transnet.options import FIT_CHOICES, FIT_HELP
 from transnet.original import ImportConfig, import_transnet
 from transnet.refine import REFINE_PRESET, RefineConfig, run_refine
-from transnet.variance import variance_report
+from transnet.variance_file import run_variance
 
 
 # --------------------------------------------------------------------------- fit-transnet
@@ -38,6 +36,10 @@ def summary_line(m: dict[str, Any]) -> str:
     line = (f"{m['source']} -> {m['target']} at {m['layer']}: {where} R² {num(m['r2'], '.4f')} on {m['split']} "
             f"(n={m['n_samples']}); variance fractions {fr}, residual {num(m['fraction_residual'], '.3f')}"
             + (f"; gates (order 1 first) {gates}" if gates else ""))
+    conv = m.get("convergence")
+    if conv:
+        line += (f"\nconvergence: {conv['verdict']} after {conv['epochs_run']} of {conv['epochs_max']} epochs"
+                 + "".join(f"; {r}" for r in conv["reasons"]))
     warns = m.get("warnings") or ([m["warning"]] if m.get("warning") else [])
     return line + "".join(f"\nwarning: {w}" for w in warns)
 
@@ -51,58 +53,6 @@ def _run_fit(args: argparse.Namespace) -> None:
 
 
 # --------------------------------------------------------------------------- variance
-
-def variance_filename(split: str) -> str:
-    """``variance.json`` for the test split, ``variance_<split>.json`` for any other."""
-    return "variance.json" if split == "test" else f"variance_{split}.json"
-
-
-def run_variance(transnet_dir: str | Path, features: str | None = None, split: str = "test",
-                 out_dir: str | Path | None = None, *, source: str | None = None, target: str | None = None,
-                 target_features: str | None = None, device: str = "auto", batch_size: int = 256,
-                 data_on: str = "auto", mode: str = "new") -> dict[str, Any]:
-    """Variance report of a fitted Trans-Net on one split (one streaming float64 pass); written to
-    ``variance.json`` in the Trans-Net run directory, or in ``out_dir`` (a run directory of its own)."""
-    model, info = load_transnet(transnet_dir)
-    dev = resolve_device(device)
-    feats = features or info["features"]
-    tfeats = target_features or (info["target_features"] if not features and info["target_features"] != info["features"]
-                                 else None)
-    src_name, tgt_name = source or info["source"], target or info["target"]
-    pair = open_pair(feats, src_name, tgt_name, info["layer"], split, tfeats)
-    if (pair.shape_a[0], pair.shape_b[0]) != (model.channels, model.out_channels):
-        raise UserError(f"{pair.dataset_path('a')} -> {pair.dataset_path('b')} has {pair.shape_a[0]} -> "
-                        f"{pair.shape_b[0]} channels; the Trans-Net maps {model.channels} -> {model.out_channels}")
-    if batch_size < 1:
-        raise UserError(f"--batch_size must be >= 1, got {batch_size}")
-    src = make_source(pair, dev, choose_placement(pair.nbytes, dev, data_on))
-    model = model.to(dev)
-    rep = variance_report(model, src.sequential(batch_size), device=dev, split=split, source=pair.source,
-                          target=pair.target, layer=pair.layer)
-    train_split = (info.get("config") or {}).get("train_split", "train")
-    rep["held_out"] = split != train_split
-    if not rep["held_out"]:
-        cfg = info.get("config") or {}
-        add_warning(rep, in_sample_warning(split, train_split, int(cfg.get("train_rows") or 0), pair.n),
-                    first=True)
-    rep.update({"transnet": info["path"], "features": str(Path(feats).resolve()),
-                "feature_provenance": {"source": pair.provenance_a, "target": pair.provenance_b}})
-    name = variance_filename(split)
-    if out_dir is None:
-        dest = Path(info["path"]).parent
-        with RunDir(dest, "resume"):          # the lock: no second writer in the Trans-Net run directory
-            write_json(dest / name, {**rep, "provenance": provenance(dev)})
-        rep["path"] = str(dest / name)
-    else:
-        with RunDir(out_dir, mode) as run:
-            run.write_config({"transnet": str(transnet_dir), "features": feats, "target_features": tfeats,
-                              "split": split, "source": src_name, "target": tgt_name, "batch_size": batch_size,
-                              "data_on": data_on}, device=dev)
-            write_json(run.file(name), rep)
-            run.finish(rep)
-        rep["path"] = str(Path(out_dir) / name)
-    return rep
-
 
 def _add_variance(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transnet", required=True, help="fit-transnet run directory (or its transnet.pt)")

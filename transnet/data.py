@@ -42,6 +42,7 @@ from features.store import (
     provenance_of,
     read_index,
 )
+from training.harness import TRANSNET_STREAM, epoch_seed
 from transnet.model import constant_slices
 from transnet.variance import ChannelMoments
 
@@ -51,9 +52,6 @@ MEMORY_FRACTION = 0.5          # use at most this share of free GPU memory / ava
 _TORCH_DTYPES = {np.dtype("float16"): torch.float16, np.dtype("float32"): torch.float32,
                  np.dtype("float64"): torch.float64}
 
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    return (int(seed) * 1_000_003 + int(epoch) * 7919 + 17) % (2**62)
 
 
 # --------------------------------------------------------------------------- checked opening
@@ -231,10 +229,12 @@ def batch_plan(n: int, batch_size: int, world: int = 1) -> tuple[int, int]:
 class MemoryPairs:
     """Both arrays held whole, on the compute device or in (pinned) RAM."""
 
-    def __init__(self, xa: Tensor, xb: Tensor, device: torch.device):
+    def __init__(self, xa: Tensor, xb: Tensor, device: torch.device, rows: np.ndarray | None = None):
+        """``rows``: the (sorted) rows of the arrays this source serves; all of them when None."""
         assert xa.shape[0] == xb.shape[0]
         self.xa, self.xb, self.device = xa, xb, torch.device(device)
-        self.n = int(xa.shape[0])
+        self.rows = None if rows is None else torch.as_tensor(np.asarray(rows, dtype=np.int64)).to(xa.device)
+        self.n = int(xa.shape[0]) if rows is None else len(rows)
         self.on_device = xa.device.type == self.device.type and self.device.type != "cpu"
 
     def _gather(self, idx: Tensor) -> tuple[Tensor, Tensor]:
@@ -251,8 +251,10 @@ class MemoryPairs:
     def batches(self, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> Iterator[tuple[Tensor, Tensor]]:
         """One shuffled epoch: rank ``rank`` gets its slice of every global batch."""
         steps, b = batch_plan(self.n, batch_size, world)
-        g = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+        g = torch.Generator().manual_seed(epoch_seed(seed, epoch, TRANSNET_STREAM))
         perm = torch.randperm(self.n, generator=g).to(self.xa.device)   # one host->device copy per epoch
+        if self.rows is not None:
+            perm = self.rows[perm]
         global_b = min(batch_size, self.n)
         for s in range(steps):
             rows = perm[s * global_b + rank * b: s * global_b + (rank + 1) * b]
@@ -265,12 +267,15 @@ class MemoryPairs:
         """All rows in order (evaluation)."""
         for s in range(0, self.n, batch_size):
             e = min(self.n, s + batch_size)
+            if self.rows is not None:
+                yield self._gather(self.rows[s:e])
+                continue
             a, b = self.xa[s:e], self.xb[s:e]
             yield a.to(self.device, non_blocking=True).float(), b.to(self.device, non_blocking=True).float()
 
     def source_blocks(self, rows: int = 256) -> Iterator[Tensor]:
         for s in range(0, self.n, rows):
-            yield self.xa[s:s + rows]
+            yield self.xa[s:s + rows] if self.rows is None else self.xa.index_select(0, self.rows[s:s + rows])
 
 
 class BlockPairs:
@@ -282,9 +287,15 @@ class BlockPairs:
     """
 
     def __init__(self, info: PairInfo, device: torch.device, block_rows: int = 256, window_blocks: int = 4,
-                 prefetch: int = 4):
+                 prefetch: int = 4, rows: np.ndarray | None = None):
+        """``rows``: the rows of the split this source serves (read in blocks, the others dropped); all
+        of them when None."""
         self.info, self.device = info, torch.device(device)
-        self.n = info.n
+        self.keep = None
+        if rows is not None:
+            self.keep = np.zeros(info.n, dtype=bool)
+            self.keep[np.asarray(rows, dtype=np.int64)] = True
+        self.n = info.n if rows is None else len(rows)
         self.block_rows, self.window_blocks, self.prefetch = int(block_rows), int(window_blocks), int(prefetch)
         self.pin = self.device.type == "cuda"
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)   # set on device, read per epoch
@@ -293,8 +304,8 @@ class BlockPairs:
     def _blocks(self, seed: int, epoch: int, shuffle: bool) -> tuple[list[tuple[int, int]], torch.Generator]:
         """Block order. Full blocks are shuffled; a short last block stays last, so the rows each rank
         gets (blocks ``rank::world``) do not change between epochs."""
-        blocks = [(s, min(self.n, s + self.block_rows)) for s in range(0, self.n, self.block_rows)]
-        g = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+        blocks = [(s, min(self.info.n, s + self.block_rows)) for s in range(0, self.info.n, self.block_rows)]
+        g = torch.Generator().manual_seed(epoch_seed(seed, epoch, TRANSNET_STREAM))
         if shuffle:
             full = [blk for blk in blocks if blk[1] - blk[0] == self.block_rows]
             short = [blk for blk in blocks if blk[1] - blk[0] != self.block_rows]
@@ -309,7 +320,17 @@ class BlockPairs:
         """Steps per epoch (the same for every epoch and every rank)."""
         blocks, _ = self._blocks(0, 0, True)
         _, b = batch_plan(self.n, batch_size, world)
-        return min(sum(e - s for s, e in blocks[r::world]) // b for r in range(world))
+        return min(sum(self._count(s, e) for s, e in blocks[r::world]) // b for r in range(world))
+
+    def _count(self, s: int, e: int) -> int:
+        """Rows of block [s, e) this source serves."""
+        return e - s if self.keep is None else int(self.keep[s:e].sum())
+
+    def _read(self, ds: h5py.Dataset, s: int, e: int) -> Tensor:
+        """Block [s, e) of ``ds``, the rows this source serves."""
+        t = torch.empty((e - s,) + ds.shape[1:], dtype=_TORCH_DTYPES[np.dtype(ds.dtype)])
+        _read_into(ds, t, s, e)
+        return t if self.keep is None else t[torch.from_numpy(self.keep[s:e])]
 
     def _reader(self, windows: list[list[tuple[int, int]]], g: torch.Generator | None, b: int, steps: int,
                 out: "queue.Queue", stop: threading.Event) -> None:
@@ -328,14 +349,18 @@ class BlockPairs:
                 buf_a = buf_b = None                        # rows read but not yet batched
                 done = 0
                 for win in windows:
-                    rows = sum(e - s for s, e in win)
-                    ta = torch.empty((rows,) + ds_a.shape[1:], dtype=_TORCH_DTYPES[np.dtype(ds_a.dtype)])
-                    tb = torch.empty((rows,) + ds_b.shape[1:], dtype=_TORCH_DTYPES[np.dtype(ds_b.dtype)])
-                    pos = 0
-                    for s, e in win:                        # contiguous block reads
-                        _read_into(ds_a, ta, s, e, pos)
-                        _read_into(ds_b, tb, s, e, pos)
-                        pos += e - s
+                    rows = sum(self._count(s, e) for s, e in win)
+                    if self.keep is None:
+                        ta = torch.empty((rows,) + ds_a.shape[1:], dtype=_TORCH_DTYPES[np.dtype(ds_a.dtype)])
+                        tb = torch.empty((rows,) + ds_b.shape[1:], dtype=_TORCH_DTYPES[np.dtype(ds_b.dtype)])
+                        pos = 0
+                        for s, e in win:                    # contiguous block reads
+                            _read_into(ds_a, ta, s, e, pos)
+                            _read_into(ds_b, tb, s, e, pos)
+                            pos += e - s
+                    else:                                   # the same reads, the rows of other sources dropped
+                        ta = torch.cat([self._read(ds_a, s, e) for s, e in win])
+                        tb = torch.cat([self._read(ds_b, s, e) for s, e in win])
                     if g is not None:                       # shuffle rows within the window
                         p = torch.randperm(rows, generator=g)
                         ta, tb = ta[p], tb[p]
@@ -396,11 +421,8 @@ class BlockPairs:
     def source_blocks(self, rows: int = 256) -> Iterator[Tensor]:
         files, ds_a, _ = _open_both(self.info)
         try:
-            for s in range(0, self.n, rows):
-                e = min(self.n, s + rows)
-                t = torch.empty((e - s,) + ds_a.shape[1:], dtype=_TORCH_DTYPES[np.dtype(ds_a.dtype)])
-                _read_into(ds_a, t, s, e)
-                yield t
+            for s in range(0, self.info.n, rows):
+                yield self._read(ds_a, s, min(self.info.n, s + rows))
         finally:
             for f in files:
                 f.close()
@@ -431,13 +453,20 @@ def make_source(info: PairInfo, device: torch.device, placement: str, block_rows
                 window_blocks: int = 4) -> MemoryPairs | BlockPairs:
     """Build the batch source of a placement (``device``: GPU memory; ``ram``: pinned when the device
     is a GPU; ``disk``: contiguous HDF5 blocks)."""
+    return make_sources(info, device, placement, [None], block_rows, window_blocks)[0]
+
+
+def make_sources(info: PairInfo, device: torch.device, placement: str, parts: list[np.ndarray | None],
+                 block_rows: int = 256, window_blocks: int = 4) -> list[MemoryPairs | BlockPairs]:
+    """One source per part of the split (``parts``: sorted row numbers, or None for every row); in
+    memory the parts share one copy of the split."""
     if placement == "disk":
-        return BlockPairs(info, device, block_rows, window_blocks)
+        return [BlockPairs(info, device, block_rows, window_blocks, rows=rows) for rows in parts]
     if placement == "device" and device.type != "cpu":
         xa, xb = load_arrays(info, device=device, block_rows=block_rows)
     else:
         xa, xb = load_arrays(info, pin=device.type == "cuda", block_rows=block_rows)
-    return MemoryPairs(xa, xb, device)
+    return [MemoryPairs(xa, xb, device, rows) for rows in parts]
 
 
 def source_channel_std(src: MemoryPairs | BlockPairs, rows: int = 256) -> Tensor:

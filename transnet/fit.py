@@ -24,6 +24,11 @@ the paper-faithful choice, with TF32 off; ``tf32`` and ``bf16`` (autocast) are f
 every choice computes in float32; ``metrics.json`` records ``precision`` and
 ``precision_effective``.
 
+Validation rows and convergence (``transnet/convergence.py``): ``--val_fraction`` of the training
+rows (seeded) are held out of the fit; ``val_loss`` is logged every epoch and ``metrics.json`` gets a
+``convergence`` verdict. ``--epochs auto`` stops on a plateau of ``val_loss`` (``--patience``, at most
+``--max_epochs``; the lr schedule spans the cap). The epochs run through ``training/harness.py``.
+
 The run directory holds ``config.json``, ``log.jsonl``, TensorBoard events, ``last.pt`` (resume state:
 model, optimiser, schedule, history; written every ``--save_every`` epochs and only after a finite
 epoch, so it is always the last good state), ``transnet.pt`` (the final model) and ``metrics.json``.
@@ -43,24 +48,25 @@ global batch, so a DDP fit follows the single-process one (up to float summation
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.checkpoints import load_checkpoint, save_checkpoint
-from common.device import PRECISIONS, effective_precision, float32_math, precision_autocast, resolve_device
-from common.distributed import is_local_only
+from common.checkpoints import load_checkpoint
+from common.device import PRECISIONS, Workers, effective_precision, float32_math, precision_autocast, start_workers
 from common.errors import UserError
 from common.faults import fault_point
 from common.options import parse_csv
 from common.progress import progress
 from common.rundir import RunDir
+from training.harness import TRANSNET_STREAM, Harness, Plan, save_state
 from training.loop import TrainConfig, make_scheduler
+from transnet.convergence import SCHEDULES, VAL_RULE, plateau_stop, validation_rows, verdict
 from transnet.data import (
     DATA_ON,
     BlockPairs,
@@ -69,6 +75,7 @@ from transnet.data import (
     count_constant_source,
     find_nonfinite,
     make_source,
+    make_sources,
     nonfinite_message,
     open_pair,
     source_channel_std,
@@ -80,6 +87,7 @@ from transnet.variance import constant_warning, variance_report
 FIT_SCHEDULES = ("geometric", "cosine", "constant")
 LOSS_SCALES = ("none", "target_var")
 NO_EVAL = "none"
+AUTO = "auto"
 FINAL_CKPT = "transnet.pt"
 LAST_CKPT = "last.pt"
 
@@ -106,7 +114,10 @@ class FitConfig:
     freeze_gates: bool = False
     gate_init: float = 0.5              # initial p of every gate (0.5 = logit 0, the paper)
     loss_scale: str = "none"            # none (paper) | target_var (MSE / Var(x_B): a deviation)
-    epochs: int = 1000
+    epochs: int | str = 1000            # a number (the paper's fixed schedule), or "auto": stop on a plateau
+    max_epochs: int = 1000              # --epochs auto: the most epochs (the lr schedule spans them)
+    patience: int = 20                  # --epochs auto: epochs without a validation-loss improvement
+    val_fraction: float = 0.1           # validation rows held out of the training split (0: none)
     batch_size: int = 64                # global batch (split over DDP ranks)
     lr: float = 1e-4
     final_lr: float = 1e-6              # lr at the last epoch (geometric) / floor (cosine)
@@ -121,6 +132,24 @@ class FitConfig:
     channels_last: bool = True          # CUDA only
     seed: int = 0
     allow_changed_checkpoints: bool = False   # use features whose checkpoint changed since extraction
+
+    def __post_init__(self) -> None:
+        """``epochs`` from the command line or a study file ("25", 25 or "auto") as an int or "auto"."""
+        e = self.epochs
+        if isinstance(e, str) and e != AUTO:
+            try:
+                object.__setattr__(self, "epochs", int(e))
+            except ValueError:
+                raise UserError(f"--epochs must be a whole number or {AUTO!r}, got {e!r}") from None
+
+    @property
+    def auto(self) -> bool:
+        return self.epochs == AUTO
+
+    @property
+    def epoch_cap(self) -> int:
+        """The epochs of the schedule: ``epochs``, or ``max_epochs`` for ``--epochs auto``."""
+        return self.max_epochs if self.auto else int(self.epochs)
 
 
 # Options that may differ when a run is resumed (they change speed or paths, not the result).
@@ -170,11 +199,16 @@ def validate(cfg: FitConfig) -> list[float]:
         raise UserError(f"--orders must be >= 0, got {cfg.orders}")
     if cfg.kernel < 1 or cfg.kernel % 2 == 0:
         raise UserError(f"--kernel must be a positive odd number (same padding), got {cfg.kernel}")
-    for name in ("epochs", "batch_size", "eval_every", "save_every", "block_rows"):
+    for name in ("epoch_cap", "batch_size", "eval_every", "save_every", "block_rows", "patience"):
         if getattr(cfg, name) < 1:
-            raise UserError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+            flag = ("max_epochs" if cfg.auto else "epochs") if name == "epoch_cap" else name
+            raise UserError(f"--{flag} must be >= 1, got {getattr(cfg, name)}")
     if cfg.train_rows < 0:
         raise UserError(f"--train_rows must be >= 0 (0: every row), got {cfg.train_rows}")
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        raise UserError(f"--val_fraction must be in [0, 1) (0: no validation rows), got {cfg.val_fraction}")
+    if cfg.auto and cfg.val_fraction == 0:
+        raise UserError("--epochs auto stops on a plateau of the validation loss; it needs --val_fraction > 0")
     if cfg.lr <= 0 or cfg.final_lr < 0:
         raise UserError(f"--lr must be > 0 and --final_lr >= 0, got {cfg.lr} and {cfg.final_lr}")
     if cfg.schedule == "geometric" and cfg.final_lr <= 0:
@@ -195,39 +229,8 @@ def validate(cfg: FitConfig) -> list[float]:
 
 def lr_config(cfg: FitConfig) -> TrainConfig:
     """The training loop's schedule settings for this fit (its ``lr_factor`` is shared)."""
-    return TrainConfig(epochs=cfg.epochs, lr=cfg.lr, final_lr=cfg.final_lr, schedule=cfg.schedule,
+    return TrainConfig(epochs=cfg.epoch_cap, lr=cfg.lr, final_lr=cfg.final_lr, schedule=cfg.schedule,
                        optimizer="adam", weight_decay=cfg.weight_decay, batch_size=cfg.batch_size)
-
-
-# --------------------------------------------------------------------------- distributed
-
-def _dist_setup(device_name: str) -> tuple[int, int, bool, torch.device]:
-    """(rank, world, we_initialised, device) from the torchrun environment."""
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    ours = False
-    if is_local_only():                 # one fit per rank (the study runner shares pairs out)
-        return 0, 1, False, resolve_device(device_name)
-    if world > 1 and dist.is_available() and not dist.is_initialized():
-        use_cuda = torch.cuda.is_available() and device_name != "cpu"
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-        ours = True
-    if dist.is_available() and dist.is_initialized():
-        rank, world = dist.get_rank(), dist.get_world_size()
-    else:
-        rank, world = 0, 1
-    device = resolve_device(device_name)
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return rank, world, ours, device
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        torch.distributed.barrier()
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -347,176 +350,212 @@ def fit_transnet(cfg: FitConfig, out_dir: str | os.PathLike, mode: str = "new",
     """Fit, evaluate and save a Trans-Net into ``out_dir``; return the metrics (held-out variance report
     plus train MSE, epochs and time). ``mode``: new | resume | overwrite."""
     alphas = validate(cfg)
-    rank, world, ours, device = _dist_setup(cfg.device)
+    workers = start_workers(cfg.device)
     try:
-        return _fit(cfg, alphas, Path(out_dir), mode, rank, world, device, on_epoch_end)
+        if cfg.batch_size % workers.world:
+            raise UserError(f"--batch_size {cfg.batch_size} must be divisible by the {workers.world} DDP processes")
+        if workers.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True          # fixed shapes: let cudnn pick the fastest kernels
+        with float32_math(workers.device, cfg.precision):  # fp32: TF32 off; tf32/bf16: TF32 on (CUDA only)
+            return _fit_body(cfg, alphas, Path(out_dir), mode, workers, on_epoch_end)
     finally:
-        if ours:
-            torch.distributed.destroy_process_group()
+        workers.close()
 
 
-def _fit(cfg: FitConfig, alphas: list[float], out_dir: Path, mode: str, rank: int, world: int,
-         device: torch.device, on_epoch_end) -> dict[str, Any]:
-    if cfg.batch_size % world:
-        raise UserError(f"--batch_size {cfg.batch_size} must be divisible by the {world} DDP processes")
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True              # fixed shapes: let cudnn pick the fastest kernels
-    with float32_math(device, cfg.precision):              # fp32: TF32 off; tf32/bf16: TF32 on (CUDA only)
-        return _fit_body(cfg, alphas, out_dir, mode, rank, world, device, on_epoch_end)
+def _fit_body(cfg: FitConfig, alphas: list[float], out_dir: Path, mode: str, workers: Workers,
+              on_epoch_end) -> dict[str, Any]:
+    """Open the splits, build the stage and run it through the epoch harness."""
+    infos = open_splits(cfg)
+    run = RunDir(out_dir, mode) if workers.main else None
+    try:
+        stage = FitStage(cfg, alphas, infos, workers, out_dir)
+        plan = Plan(cfg.epoch_cap, cfg.eval_every, cfg.save_every, cfg.seed, TRANSNET_STREAM, "samples_per_s",
+                    every_rank=False, stop=plateau_stop(cfg.patience) if cfg.auto else None,
+                    on_epoch_end=on_epoch_end, last_name=LAST_CKPT)
+        harness = Harness(stage, plan, workers, run, out_dir)
+        harness.resume(mode == "resume")
+        if run is not None:
+            run.write_config(cfg, **stage.config_fields())
+        return harness.run_epochs()
+    finally:
+        if run is not None:
+            run.close()
 
 
-def _fit_body(cfg: FitConfig, alphas: list[float], out_dir: Path, mode: str, rank: int, world: int,
-              device: torch.device, on_epoch_end) -> dict[str, Any]:
+def open_splits(cfg: FitConfig) -> dict[str, PairInfo]:
+    """The checked training split (its first ``train_rows`` rows when given) and, unless ``eval_split``
+    is ``none``, the split of the report, as ``{"train": ..., "eval": ...}``."""
     train_info = open_pair(cfg.features, cfg.source, cfg.target, cfg.layer, cfg.train_split, cfg.target_features,
                            cfg.allow_changed_checkpoints)
     if 0 < cfg.train_rows < train_info.n:     # the first rows: a fixed, reproducible subset
         train_info = replace(train_info, n=cfg.train_rows)
     infos = {"train": train_info}
-    evaluates = cfg.eval_split != NO_EVAL                # a split of its own to report on
-    held_out = evaluates and cfg.eval_split != cfg.train_split
-    eval_info = train_info
-    if evaluates:
+    if cfg.eval_split != NO_EVAL:
         eval_info = open_pair(cfg.features, cfg.source, cfg.target, cfg.layer, cfg.eval_split, cfg.target_features,
                               cfg.allow_changed_checkpoints)
         if (eval_info.shape_a, eval_info.shape_b) != (train_info.shape_a, train_info.shape_b):
             raise UserError(f"split {cfg.eval_split!r} has feature shapes {eval_info.shape_a} -> {eval_info.shape_b} "
                             f"but split {cfg.train_split!r} has {train_info.shape_a} -> {train_info.shape_b}")
         infos["eval"] = eval_info
+    return infos
 
-    run = RunDir(out_dir, mode) if rank == 0 else None
-    try:
-        # ---- data
-        placement = choose_placement(train_info.nbytes, device, cfg.data_on)
-        train_src = make_source(train_info, device, placement, cfg.block_rows)
-        if evaluates:
-            eval_place = choose_placement(eval_info.nbytes, device, cfg.data_on,
-                                          reserved=train_info.nbytes if placement != "disk" else 0)
-            eval_src = make_source(eval_info, device, eval_place, cfg.block_rows)
+
+class FitStage:
+    """The Trans-Net stage of the epoch harness (``training/harness.py``): data, model, normalisation
+    statistics and optimiser; one epoch; the held-out report; checkpoints; the final model."""
+
+    def __init__(self, cfg: FitConfig, alphas: list[float], infos: dict[str, PairInfo], workers: Workers,
+                 out_dir: Path):
+        self.cfg, self.alphas, self.infos, self.workers, self.out_dir = cfg, alphas, infos, workers, out_dir
+        self.device, self.train_info = workers.device, infos["train"]
+        self.evaluates = "eval" in infos                     # a split of its own to report on
+        self.held_out = self.evaluates and cfg.eval_split != cfg.train_split
+        self.eval_info = infos.get("eval", self.train_info)
+        self._data()
+        self._model()
+        self.optimizer = make_optimizer(self.model, cfg)
+        self.steps = self.train_src.steps(cfg.batch_size, workers.world)
+        self.scheduler = make_scheduler(self.optimizer, lr_config(cfg), self.steps)
+        self._warnings()
+        self.last_rep: dict[str, Any] | None = None
+
+    # ---- data
+    def _data(self) -> None:
+        cfg, device = self.cfg, self.device
+        self.placement = choose_placement(self.train_info.nbytes, device, cfg.data_on)
+        self.val_rows = validation_rows(self.train_info.n, cfg.val_fraction, cfg.seed)
+        self.val_src = None
+        if len(self.val_rows):                                # held out of the training split
+            fit_rows = np.setdiff1d(np.arange(self.train_info.n), self.val_rows)
+            self.train_src, self.val_src = make_sources(self.train_info, device, self.placement,
+                                                        [fit_rows, self.val_rows], cfg.block_rows)
         else:
-            eval_place, eval_src = placement, train_src
-        eval_batch = max(cfg.batch_size, 128)
+            self.train_src = make_source(self.train_info, device, self.placement, cfg.block_rows)
+        self.eval_place, self.eval_src = self.placement, self.train_src
+        if self.evaluates:
+            self.eval_place = choose_placement(self.eval_info.nbytes, device, cfg.data_on,
+                                               reserved=self.train_info.nbytes if self.placement != "disk" else 0)
+            self.eval_src = make_source(self.eval_info, device, self.eval_place, cfg.block_rows)
+        self.eval_batch = max(cfg.batch_size, 128)
 
-        # ---- model, normalisation statistics, optimiser
-        model = build_transnet(cfg, train_info)
-        norm_stats: dict[str, Any] = {"input_norm": cfg.input_norm, "input_std": None, "target_var": None}
+    # ---- model, normalisation statistics
+    def _model(self) -> None:
+        cfg = self.cfg
+        model = build_transnet(cfg, self.train_info)
+        self.norm_stats: dict[str, Any] = {"input_norm": cfg.input_norm, "input_std": None, "target_var": None}
         if cfg.input_norm == "global":
-            std = source_channel_std(train_src, cfg.block_rows)
+            std = source_channel_std(self.train_src, cfg.block_rows)
             model.set_input_scale(std)
-            norm_stats["input_std"] = std
-        mse_scale = 1.0
+            self.norm_stats["input_std"] = std
+        self.mse_scale = 1.0
         if cfg.loss_scale == "target_var":
-            tv = target_variance(train_src, cfg.block_rows)
+            tv = target_variance(self.train_src, cfg.block_rows)
             if not tv > 0:
-                raise UserError(f"--loss_scale target_var: the target features {train_info.dataset_path('b')} "
+                raise UserError(f"--loss_scale target_var: the target features {self.train_info.dataset_path('b')} "
                                 f"have zero variance")
-            norm_stats["target_var"] = tv
-            mse_scale = tv
-        model = model.to(device)
-        use_cl = device.type == "cuda" and cfg.channels_last
-        if use_cl:
-            model = model.to(memory_format=torch.channels_last)
-        step_model: nn.Module = model
-        if world > 1:
-            step_model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None)
-        opt = make_optimizer(model, cfg)
-        steps = train_src.steps(cfg.batch_size, world)
-        sched = make_scheduler(opt, lr_config(cfg), steps)
+            self.norm_stats["target_var"] = self.mse_scale = tv
+        self.model = model.to(self.device)
+        self.channels_last = self.device.type == "cuda" and cfg.channels_last
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
 
-        # ---- resume
-        start_epoch, history, saved_epoch = 0, [], 0
-        last_path = out_dir / LAST_CKPT
-        if mode == "resume" and last_path.exists():
-            state = load_checkpoint(last_path, map_location=device)
-            _check_resume(state, cfg, last_path)
-            model.load_state_dict(state["state_dict"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            start_epoch, history = int(state["epoch"]), list(state.get("history", []))
-            saved_epoch = start_epoch
-            if rank == 0:
-                run.truncate_log(start_epoch)
-        if rank == 0:
-            run.write_config(cfg, device=device, alphas=alphas, world_size=world, placement=placement,
-                             eval_placement=eval_place, n_train=train_info.n,
-                             n_eval=eval_info.n if evaluates else None, n_parameters=n_parameters(model),
-                             held_out=held_out, precision_effective=effective_precision(device, cfg.precision),
-                             model_args=model_args(model), norm_stats=norm_stats,
-                             feature_provenance={k: {"source": i.provenance_a, "target": i.provenance_b}
-                                                 for k, i in infos.items()},
-                             loss_convention="MSE mean over all elements on raw targets" +
-                                             (" / Var(x_B) (deviation from the paper)" if mse_scale != 1.0 else "")
-                                             + " + sum_k alpha_k p_k^2")
+    # ---- what the reports must say: in-sample, constant source slices of the training split
+    def _warnings(self) -> None:
+        cfg = self.cfg
+        self.sample_warning = None
+        if not self.held_out:
+            self.sample_warning = ("no held-out split (--eval_split none): the report is in-sample"
+                                   if not self.evaluates else
+                                   in_sample_warning(cfg.eval_split, cfg.train_split, cfg.train_rows, self.eval_info.n))
+        self.train_constant = (count_constant_source(self.train_src, cfg.block_rows) if self.workers.main
+                               else (0, 0))
 
-        # ---- what the reports must say: in-sample, constant source slices of the training split
-        sample_warning = None
-        if not held_out:
-            sample_warning = ("no held-out split (--eval_split none): the report is in-sample" if not evaluates
-                              else in_sample_warning(cfg.eval_split, cfg.train_split, cfg.train_rows, eval_info.n))
-        train_constant = count_constant_source(train_src, cfg.block_rows) if rank == 0 else (0, 0)
+    def config_fields(self) -> dict[str, Any]:
+        """What ``config.json`` records besides the options."""
+        mse_note = " / Var(x_B) (deviation from the paper)" if self.mse_scale != 1.0 else ""
+        return dict(device=self.device, alphas=self.alphas, world_size=self.workers.world, placement=self.placement,
+                    eval_placement=self.eval_place, n_train=self.train_src.n, n_val=len(self.val_rows),
+                    val_rows=self.val_rows.tolist(), val_rule=VAL_RULE,
+                    n_eval=self.eval_info.n if self.evaluates else None, n_parameters=n_parameters(self.model),
+                    held_out=self.held_out, precision_effective=effective_precision(self.device, self.cfg.precision),
+                    model_args=model_args(self.model), norm_stats=self.norm_stats,
+                    feature_provenance={k: {"source": i.provenance_a, "target": i.provenance_b}
+                                        for k, i in self.infos.items()},
+                    loss_convention=f"MSE mean over all elements on raw targets{mse_note} + sum_k alpha_k p_k^2")
 
-        # ---- epochs
-        last_rep = None
-        for epoch in range(start_epoch, cfg.epochs):
-            t0 = time.perf_counter()
-            stats = train_epoch(model, step_model, opt, sched,
-                                train_src.batches(cfg.batch_size, cfg.seed, epoch, rank, world), alphas,
-                                mse_scale, device, cfg.precision, use_cl, steps, f"fit {epoch + 1}/{cfg.epochs}")
-            mse = float(stats["mse_sum"]) / max(stats["steps"], 1)       # one sync per epoch
-            loss = float(stats["loss_sum"]) / max(stats["steps"], 1)
-            dt = time.perf_counter() - t0
-            feat_bad = isinstance(train_src, BlockPairs) and bool(train_src.nonfinite)
-            if not (torch.isfinite(torch.tensor([mse, loss])).all()) or feat_bad:
-                good = (f"the last good checkpoint is {last_path} (epoch {saved_epoch})"
-                        if saved_epoch else "no checkpoint was written before")
-                raise DivergenceError(_diagnose(model, train_src, train_info, epoch + 1, good))
-            gates = [float(g) for g in model.gates().detach().cpu()]
-            record: dict[str, Any] = {"epoch": epoch + 1, "train_mse": mse, "train_loss": loss,
-                                      "lr": opt.param_groups[0]["lr"], "epoch_time_s": dt,
-                                      "samples_per_s": stats["rows"] * world / max(dt, 1e-9),
-                                      "gates": gates, **{f"gate_{k + 1}": g for k, g in enumerate(gates)}}
-            last_epoch = epoch + 1 == cfg.epochs
-            if ((epoch + 1) % cfg.eval_every == 0 or last_epoch) and rank == 0:
-                rep = last_rep = _report(model, eval_src, eval_info, eval_batch, device, held_out, sample_warning)
-                record.update({"eval_r2": rep["r2"], "eval_mse": rep["mse"],
-                               **{f"eval_fraction_order{k}": v for k, v in enumerate(rep["fraction_orders"])}})
-            _barrier(world)
-            history.append(record)
-            if rank == 0:
-                run.log(record, step=epoch + 1)
-                if (epoch + 1) % cfg.save_every == 0 or last_epoch:
-                    ck = _checkpoint(model, cfg, alphas, infos, norm_stats, epoch + 1, record)
-                    save_checkpoint(last_path, {**ck, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                                "history": history})
-                    saved_epoch = epoch + 1
-            if on_epoch_end is not None:
-                on_epoch_end(model, epoch + 1)
+    # ---- one epoch
+    def train_epoch(self, epoch: int, step_model: nn.Module) -> dict[str, Any]:
+        cfg, w = self.cfg, self.workers
+        batches = self.train_src.batches(cfg.batch_size, cfg.seed, epoch, w.rank, w.world)
+        st = train_epoch(self.model, step_model, self.optimizer, self.scheduler, batches, self.alphas,
+                         self.mse_scale, self.device, cfg.precision, self.channels_last, self.steps,
+                         f"fit {epoch + 1}/{cfg.epoch_cap}")
+        gates = self.model.gates().detach()
+        steps = max(st["steps"], 1)
+        out: dict[str, Any] = {"train_mse": st["mse_sum"] / steps, "train_loss": st["loss_sum"] / steps,
+                               "rows": st["rows"], "gates": gates,
+                               **{f"gate_{k + 1}": g for k, g in enumerate(gates)}}
+        if isinstance(self.train_src, BlockPairs):
+            out["_nonfinite_features"] = self.train_src.nonfinite
+        if self.val_src is not None:
+            out["val_loss"], out["val_mse"] = self._validation_loss()
+        return out
 
-        # ---- final report and model
-        metrics: dict[str, Any] = {}
-        if rank == 0:
-            final = last_rep or _report(model, eval_src, eval_info, eval_batch, device, held_out, sample_warning)
-            last = history[-1] if history else {}
-            metrics = {**final, "train_split": cfg.train_split, "n_train": train_info.n,
-                       "train_mse": last.get("train_mse"), "train_loss": last.get("train_loss"),
-                       "epochs": len(history), "train_time_s": sum(h["epoch_time_s"] for h in history),
-                       "features": str(Path(cfg.features).resolve()), "placement": placement,
-                       "precision": cfg.precision, "precision_effective": effective_precision(device, cfg.precision),
-                       "input_norm": cfg.input_norm, "std_correction": cfg.std_correction,
-                       "std_floor": cfg.std_floor, "train_constant_source_slices": train_constant[0],
-                       "train_source_slices": train_constant[1]}
-            tw = constant_warning(train_constant[0], train_constant[1], cfg.train_split, train_info.source,
-                                  cfg.input_norm, cfg.std_floor, model.eps)
-            if tw:
-                add_warning(metrics, tw)
-            save_checkpoint(out_dir / FINAL_CKPT, _checkpoint(model, cfg, alphas, infos, norm_stats,
-                                                              len(history), metrics))
-            run.finish(metrics)
-        _barrier(world)
+    @torch.no_grad()
+    def _validation_loss(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, MSE) on the validation rows, device tensors: the training loss's convention (MSE over
+        all elements, scaled as in training, plus the α penalty)."""
+        self.model.eval()
+        sq = torch.zeros((), device=self.device, dtype=torch.float64)
+        count = 0
+        for xa, xb in self.val_src.sequential(self.eval_batch):
+            if self.channels_last:
+                xa = xa.contiguous(memory_format=torch.channels_last)
+            with precision_autocast(self.device, self.cfg.precision):
+                yhat = self.model(xa)
+            sq += F.mse_loss(yhat.float(), xb, reduction="sum").double()
+            count += xb.numel()
+        mse = sq / max(count, 1)
+        alpha_t = torch.tensor(self.alphas, dtype=torch.float32, device=self.device)
+        return mse / self.mse_scale + self.model.alpha_penalty(alpha_t).double(), mse
+
+    def evaluate(self, epoch: int) -> dict[str, Any]:
+        rep = self.last_rep = _report(self.model, self.eval_src, self.eval_info, self.eval_batch, self.device,
+                                      self.held_out, self.sample_warning)
+        return {"eval_r2": rep["r2"], "eval_mse": rep["mse"],
+                **{f"eval_fraction_order{k}": v for k, v in enumerate(rep["fraction_orders"])}}
+
+    def diverged(self, epoch: int, record: dict[str, Any], last_good: str) -> Exception:
+        return DivergenceError(_diagnose(self.model, self.train_src, self.train_info, epoch, last_good))
+
+    def check_resume(self, state: dict[str, Any], path: Path) -> None:
+        _check_resume(state, self.cfg, path)
+
+    # ---- checkpoints, the final report and model
+    def checkpoint(self, history: list[dict[str, Any]], metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+        return _checkpoint(self.model, self.cfg, self.alphas, self.infos, self.norm_stats, len(history),
+                           history[-1] if metrics is None else metrics)
+
+    def summary(self, history: list[dict[str, Any]]) -> dict[str, Any]:
+        cfg = self.cfg
+        final = self.last_rep or _report(self.model, self.eval_src, self.eval_info, self.eval_batch, self.device,
+                                         self.held_out, self.sample_warning)
+        last = history[-1] if history else {}
+        metrics = {**final, "train_split": cfg.train_split, "n_train": self.train_src.n,
+                   "n_val": len(self.val_rows), "val_fraction": cfg.val_fraction,
+                   "train_mse": last.get("train_mse"), "train_loss": last.get("train_loss"),
+                   "val_loss": last.get("val_loss"), "schedule": SCHEDULES["auto" if cfg.auto else "fixed"],
+                   "epochs": len(history), "train_time_s": sum(h["epoch_time_s"] for h in history),
+                   "features": str(Path(cfg.features).resolve()), "placement": self.placement,
+                   "precision": cfg.precision, "precision_effective": effective_precision(self.device, cfg.precision),
+                   "input_norm": cfg.input_norm, "std_correction": cfg.std_correction,
+                   "std_floor": cfg.std_floor, "train_constant_source_slices": self.train_constant[0],
+                   "train_source_slices": self.train_constant[1]}
+        add_warning(metrics, constant_warning(self.train_constant[0], self.train_constant[1], cfg.train_split,
+                                              self.train_info.source, cfg.input_norm, cfg.std_floor, self.model.eps))
+        metrics["convergence"] = verdict([h.get("val_loss") for h in history], final, len(history), cfg.epoch_cap)
+        save_state(self.out_dir / FINAL_CKPT, self.checkpoint(history, metrics))
         return metrics
-    finally:
-        if run is not None:
-            run.close()
 
 
 def _check_resume(state: dict[str, Any], cfg: FitConfig, path: Path) -> None:

@@ -35,7 +35,13 @@ FIT_HELP = {
     "freeze_gates": "keep the gates at --gate_init",
     "gate_init": "initial gate value p (0.5 = the paper)",
     "loss_scale": "none (paper) or target_var (MSE / Var(x_B): scale-free, a deviation from the paper)",
-    "epochs": "epochs (paper: 800-1000)", "batch_size": "global batch size",
+    "epochs": "epochs (paper: 800-1000; a fixed schedule, labelled paper-fixed), or 'auto': stop once the "
+              "validation loss has not improved for --patience epochs (labelled auto-plateau)",
+    "max_epochs": "--epochs auto: the most epochs; the lr schedule (--schedule, --final_lr) spans them",
+    "patience": "--epochs auto: epochs without a validation-loss improvement (> 0.1%% relative) before stopping",
+    "val_fraction": "fraction of the --train_split rows held out as validation rows (seeded by --seed; val_loss "
+                    "per epoch, the convergence verdict and --epochs auto use them; 0: none)",
+    "batch_size": "global batch size",
     "lr": "initial learning rate (Adam)", "final_lr": "learning rate at the last epoch (geometric) / cosine floor",
     "schedule": "learning-rate schedule (geometric per epoch = the paper)",
     "weight_decay": "Adam L2 weight decay (gate logits included, as the paper)",

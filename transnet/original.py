@@ -48,10 +48,11 @@ import torch
 from torch import Tensor
 
 from common.checkpoints import load_checkpoint, save_checkpoint
-from common.device import resolve_device
+from common.device import use_device
 from common.errors import UserError
 from common.provenance import sha256_file
 from common.rundir import RunDir
+from transnet.convergence import verdict
 from transnet.data import DATA_ON, choose_placement, make_source, open_pair
 from transnet.fit import FINAL_CKPT, NO_EVAL, add_warning, in_sample_warning, model_args
 from transnet.model import EPS, STD_CORRECTIONS, TransNet, TransNetConfig, n_parameters
@@ -218,7 +219,7 @@ def import_transnet(cfg: ImportConfig, out_dir: str | os.PathLike, mode: str = "
                 "original_epoch": raw.get("epoch"), "original_arch": raw.get("arch"),
                 "found_keys": file_keys, "stripped_prefixes": sorted({x for k in file_keys for x in STRIP_PREFIXES
                                                                       if k.startswith(x)})}
-    dev = resolve_device(cfg.device)
+    dev = use_device(cfg.device)
     root = pair.provenance_a.get("root", {})
     with RunDir(out_dir, mode) as run:
         run.write_config(asdict(cfg), device=dev, kind=IMPORT_KIND, imported=imported, model_args=model_args(model),
@@ -234,6 +235,8 @@ def import_transnet(cfg: ImportConfig, out_dir: str | os.PathLike, mode: str = "
             if not rep["held_out"]:
                 add_warning(rep, in_sample_warning(split, cfg.train_split), first=True)
             metrics = {**rep, "imported": True}
+        epochs = int(raw.get("epoch") or 0)                 # no curve of the original fit: at best "unknown"
+        metrics["convergence"] = verdict([], metrics, epochs, epochs)
         metrics.update({"train_split": cfg.train_split, "std_correction": cfg.std_correction,
                         "source_checkpoint_sha256": sha, "features": str(Path(cfg.features).resolve())})
         ck = {"state_dict": model.state_dict(), "arch": "transnet", "kind": "transnet", "num_classes": None,

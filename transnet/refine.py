@@ -29,7 +29,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from common.checkpoints import load_checkpoint
-from common.device import resolve_device
+from common.device import use_device
 from common.errors import UserError
 from common.files import read_json
 from common.provenance import sha256_file
@@ -250,7 +250,7 @@ def run_refine(cfg: RefineConfig, tcfg: TrainConfig, out_dir: str | Path, mode: 
         if not getattr(cfg, name):
             raise UserError(f"--{name} is required")
     out = Path(out_dir)
-    device = resolve_device(tcfg.device)
+    device = use_device(tcfg.device)
     ck_a, ck_b = load_checkpoint(cfg.net_a), load_checkpoint(cfg.net_b)
     _same_data(ck_a, ck_b)
     transnet, info = load_transnet(cfg.transnet)
@@ -333,5 +333,5 @@ def _train_part(model: nn.Module, train_set, test_set, tcfg: TrainConfig, out: P
     if mode == "resume" and is_finished(out):
         return read_json(out / "metrics.json")
     with RunDir(out, mode) as run:
-        run.write_config(fields["config"], device=tcfg.device, part=desc)
+        run.write_config(fields["config"], device=use_device(tcfg.device), part=desc)
         return train(model, train_set, test_set, tcfg, run, fields, desc=desc).metrics

@@ -22,7 +22,7 @@ from tests.fakedata import FAST_FIT
 from tests.fakedata import FAST_FIT_KWARGS as FAST
 from tests.fakedata import FIT_LAYER as LAYER
 from tests.fakedata import write_features_by_split
-from transnet.commands import run_variance
+from transnet.variance_file import run_variance
 from transnet.fit import FitConfig, fit_transnet, load_transnet
 from transnet.model import TransNet, TransNetConfig
 from transnet.original import ImportConfig, import_transnet, map_original, transnet_from_original

@@ -1,0 +1,178 @@
+"""Device resolution and every command's device path, on a CPU machine that pretends to have CUDA.
+
+CUDA's availability, device count and current device are faked; ``torch.cuda.set_device`` is a spy
+that records the device it is given and stops the command there, so nothing is ever placed on CUDA.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from common.device import resolve_device, start_workers, use_device
+from common.distributed import local_only
+from common.errors import UserError
+from tests.fakedata import (FAST_FIT_ARGS, make_imagefolder, planted_features, tiny_checkpoint,
+                            write_features_by_split)
+
+
+class Stopped(BaseException):
+    """Raised by the ``set_device`` spy: the command got as far as choosing its device."""
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """Two CUDA devices, the current one cuda:1, no torchrun environment; returns the list of the
+    devices ``torch.cuda.set_device`` was called with (the first call stops the caller)."""
+    calls: list = []
+
+    def set_device(dev):
+        calls.append(dev)
+        raise Stopped(str(dev))
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    return calls
+
+
+def _torchrun(monkeypatch, rank: int, world: int = 2) -> None:
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("LOCAL_RANK", str(rank))
+
+
+# --------------------------------------------------------------------------- resolution
+
+@pytest.mark.parametrize("name, want", [("auto", "cuda:1"), ("cuda", "cuda:1"), ("cuda:0", "cuda:0"),
+                                        ("cuda:1", "cuda:1"), ("cpu", "cpu")])
+def test_device_names_resolve_to_indexed_devices(fake_cuda, name, want):
+    assert resolve_device(name) == torch.device(want)
+    assert fake_cuda == []                      # resolving alone makes no device current
+
+
+def test_under_torchrun_a_bare_cuda_is_the_local_rank(fake_cuda, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    _torchrun(monkeypatch, rank=1)
+    assert resolve_device("cuda") == resolve_device("auto") == torch.device("cuda", 1)
+    _torchrun(monkeypatch, rank=3, world=4)     # more ranks than devices: wrap around
+    assert resolve_device("cuda") == torch.device("cuda", 1)
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)      # an explicit index is kept
+
+
+def test_bad_or_missing_devices_are_user_errors(fake_cuda, monkeypatch):
+    with pytest.raises(UserError, match=r"cuda:5.*2 CUDA device\(s\), cuda:0 to cuda:1"):
+        resolve_device("cuda:5")
+    with pytest.raises(UserError, match=r"unknown --device 'gpu'; valid: auto, cpu, cuda, cuda:N"):
+        resolve_device("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(UserError, match="no CUDA device is available"):
+        resolve_device("cuda")
+
+
+def test_use_device_makes_the_indexed_device_current(fake_cuda):
+    with pytest.raises(Stopped):
+        use_device("cuda")
+    assert fake_cuda == [torch.device("cuda", 1)]
+    assert use_device("cpu") == torch.device("cpu") and len(fake_cuda) == 1
+
+
+def test_workers_outside_torchrun_and_in_local_only_mode_are_one_process(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    w = start_workers("cpu")
+    assert (w.device, w.rank, w.world, w.owns_group) == (torch.device("cpu"), 0, 1, False)
+    _torchrun(monkeypatch, rank=1)
+    with local_only():                          # the study runner's mode: no process group is started
+        w = start_workers("cpu")
+    assert (w.rank, w.world, w.owns_group) == (0, 1, False)
+    assert not torch.distributed.is_initialized()
+
+
+# --------------------------------------------------------------------------- every command's device path
+
+def _fit_args(features: Path, out: Path) -> list:
+    return ["fit-transnet", "--features", features, "--source", "a", "--target", "b", "--layer", "conv",
+            "--out_dir", out]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("device_inputs")
+    feats = planted_features(d / "planted.h5")
+    images = make_imagefolder(d / "img", n_classes=2, per_class=2, size=(16, 16))
+    return {"features": feats, "images": images, "ckpt": tiny_checkpoint(d / "a.pt")}
+
+
+def _commands(i: dict, out: Path) -> dict[str, list]:
+    f, ck = i["features"], i["ckpt"]
+    return {
+        "train": ["train", "--dataset", f"imagefolder:{i['images']}", "--arch", "vgg_tiny", "--epochs", "1",
+                  "--transform", "small", "--batch_size", "2", "--out_dir", out],
+        "born-again": ["born-again", "--dataset", f"imagefolder:{i['images']}", "--arch", "vgg_tiny", "--epochs",
+                       "1", "--transform", "small", "--batch_size", "2", "--generations", "1", "--out_dir", out],
+        "extract": ["extract", "--nets", f"a={ck}", "--conv_layer", "1", "--split", "test", "--limit", "4",
+                    "--out", out / "f.h5"],
+        "fit-transnet": _fit_args(f, out),
+        "variance": ["variance", "--transnet", out / "missing"],
+        "consistency": ["consistency", "--features", f, "--layer", "conv", "--nets", "a,b", *FAST_FIT_ARGS[:-2],
+                        "--out_dir", out],
+        "diagnose": ["diagnose", "--features", f, "--layer", "conv", "--a", "a", "--b", "b",
+                     "--transnet_ab", out / "x", "--transnet_ba", out / "y", "--out_dir", out],
+        "refine": ["refine", "--net_a", ck, "--net_b", ck, "--transnet", out / "missing", "--out_dir", out],
+    }
+
+
+COMMANDS = ("train", "born-again", "extract", "fit-transnet", "variance", "consistency", "diagnose", "refine")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("device", ["auto", "cuda"])
+def test_every_command_runs_on_the_indexed_current_cuda_device(fake_cuda, cli, inputs, tmp_path, command, device):
+    argv = [*_commands(inputs, tmp_path / "out")[command], "--device", device]
+    with pytest.raises(Stopped):
+        cli(*argv)
+    assert fake_cuda[0] == torch.device("cuda", 1), fake_cuda
+
+
+def test_fit_under_torchrun_takes_the_local_rank_before_any_process_group(fake_cuda, cli, inputs, tmp_path,
+                                                                           monkeypatch):
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    _torchrun(monkeypatch, rank=1)
+    with pytest.raises(Stopped):
+        cli(*_fit_args(inputs["features"], tmp_path / "out"), "--device", "cuda")
+    assert fake_cuda == [torch.device("cuda", 1)] and not torch.distributed.is_initialized()
+
+
+def test_a_study_trains_its_members_on_the_indexed_current_device(fake_cuda, cli, inputs, tmp_path):
+    import yaml
+
+    study = {"name": "dev", "data": {"dataset": f"imagefolder:{inputs['images']}", "transform": "plain",
+                                     "image_size": 16},
+             "train": {"epochs": 1, "batch_size": 2, "device": "cuda"},
+             "members": {"seeds": {"arch": "vgg_tiny", "seeds": [0, 1]}},
+             "extract": {"layers": ["features.8"]}, "transnet": {"epochs": 2, "device": "cuda"},
+             "pairs": [{"family": "seeds", "plan": "all"}]}
+    sf = tmp_path / "s.yaml"
+    sf.write_text(yaml.safe_dump(study))
+    with pytest.raises(Stopped):
+        cli("study", sf, "--out_dir", tmp_path / "out")
+    assert fake_cuda[0] == torch.device("cuda", 1)
+
+
+def test_on_the_cpu_the_fit_runs_unchanged(tmp_path):
+    """The device owner leaves a CPU fit as it was: one process, finite metrics."""
+    from tests.fakedata import FAST_FIT_KWARGS
+    from transnet.fit import FitConfig, fit_transnet
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(16, 2, 2, 2)).astype(np.float32)
+    f = write_features_by_split(tmp_path / "f.h5", {"train": {"A": a, "B": 2 * a}, "test": {"A": a, "B": 2 * a}})
+    m = fit_transnet(FitConfig(features=str(f), epochs=2, orders=0, batch_size=8, **FAST_FIT_KWARGS),
+                     tmp_path / "run")
+    assert m["epochs"] == 2 and np.isfinite(m["r2"])
