@@ -159,7 +159,7 @@ def run_extraction(args, n: int, workdir: Path, nets: list[Net] | None = None) -
     res = extract_features(nets, make_data(args, n), [(args.layer, None)], out, config(args), "overwrite",
                            command="bench/extract.py")
     with store.open_features(out) as f:
-        assert all(bool(f[f"test/{x.name}/{args.layer}"].attrs["complete"]) for x in nets)
+        assert all(store.dataset_progress(f[f"test/{x.name}/{args.layer}"]).complete for x in nets)
     out.unlink()
     return {"images_per_s": res.images_per_s, "seconds": res.seconds, "bytes": res.bytes_written}
 

@@ -100,7 +100,10 @@ def check_schema(f: h5py.File, path: str | os.PathLike = "", structure: bool = F
     version = f.attrs.get("schema_version")
     if schema != SCHEMA:
         raise FeatureFileError(f"{where} is not a {SCHEMA} file (schema attribute {schema!r})")
-    reader = READERS.get(int(version)) if version is not None else None
+    try:
+        reader = READERS.get(int(version))
+    except (TypeError, ValueError):                # absent or not a number
+        reader = None
     if reader is None:
         raise FeatureFileError(f"{where} has {SCHEMA} version {version}; this workbench reads "
                                f"version{'s' if len(READERS) > 1 else ''} {', '.join(map(str, sorted(READERS)))} only")
@@ -192,8 +195,8 @@ def get_features(f: h5py.File, split: str, net: str, layer: str, require_complet
     progress = dataset_progress(ds)
     if require_complete and not progress.complete:
         raise FeatureFileError(
-            f"{f.filename}: /{split}/{net}/{layer} is incomplete ({progress.rows_done} of {progress.rows} rows); resume the "
-            f"extraction by re-running the same extract command with --resume")
+            f"{f.filename}: /{split}/{net}/{layer} is incomplete ({progress.rows_done} of {progress.rows} rows); "
+            f"resume the extraction by re-running the same extract command with --resume")
     return ds
 
 

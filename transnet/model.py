@@ -98,8 +98,8 @@ class TransNetConfig:
             raise ValueError(f"orders must be >= 0, got {self.orders}")
         if self.kernel < 1 or self.kernel % 2 == 0:
             raise ValueError(f"kernel must be a positive odd number (same padding), got {self.kernel}")
-        if self.channels < 1:
-            raise ValueError(f"channels must be >= 1, got {self.channels}")
+        if self.channels < 1 or (self.out_channels is not None and self.out_channels < 1):
+            raise ValueError(f"channels and out_channels must be >= 1, got {self.channels} and {self.out_channels}")
         if self.out_channels is None:
             object.__setattr__(self, "out_channels", self.channels)
         for f in fields(self):  # plain Python numbers (a shape entry may be a numpy integer), so asdict() is JSON

@@ -102,11 +102,12 @@ def test_the_store_writes_the_golden_layout(tmp_path):
 
 # --------------------------------------------------------------------------- schema versions
 
-def test_an_unknown_schema_version_is_refused_naming_the_known_ones(tmp_path):
+@pytest.mark.parametrize("version", [2, 0, "v1"])
+def test_an_unknown_schema_version_is_refused_naming_the_known_ones(tmp_path, version):
     path = _copy(tmp_path)
     with h5py.File(path, "a") as f:
-        f.attrs["schema_version"] = 2
-    with pytest.raises(store.FeatureFileError, match=r"kc-features version 2; this workbench reads version 1 only"):
+        f.attrs["schema_version"] = version
+    with pytest.raises(store.FeatureFileError, match=rf"kc-features version {version}; this workbench reads version 1 only"):
         store.open_features(path)
 
 

@@ -128,7 +128,8 @@ def test_alpha_penalty_is_sum_of_alpha_times_squared_gates():
 
 
 def test_bad_arguments_are_refused():
-    for kw in ({"input_norm": "batch"}, {"kernel": 2}, {"orders": -1}):
+    for kw in ({"input_norm": "batch"}, {"kernel": 2}, {"orders": -1}, {"out_channels": 0}, {"std_correction": 2},
+               {"std_floor": -0.1}):
         with pytest.raises(ValueError):
             TransNet(TransNetConfig(4, **kw))
     with pytest.raises(ValueError, match=r"expects \(N, 4, H, W\)"):
