@@ -99,7 +99,6 @@ def test_modules_stay_small(module):
 # (importer, command module): the rule below tolerates exactly these, and fails once one of them is
 # gone so that the entry is deleted. The integrator empties this after merging those branches.
 PENDING_MOVES = {
-    ("analysis.consistency", "transnet.commands"),                                 # variance_filename
     ("studies.runner", "analysis.similarity_commands"),                            # SimilarityConfig, write_similarity
     ("studies.spec", "analysis.similarity_commands"),                              # parse_metrics
     ("notebooks/01_quickstart.ipynb", "transnet.commands"),                        # summary_line
@@ -137,7 +136,6 @@ def test_command_import_finder_finds_planted_imports():
              "analysis.consistency": {"transnet.commands", "transnet.fit"},
              "notebooks/x.ipynb": {"analysis.similarity_commands"}}
     assert command_module_imports(graph) == {("training.family_commands", "training.commands"),
-                                             ("analysis.consistency", "transnet.commands"),
                                              ("notebooks/x.ipynb", "analysis.similarity_commands")}
     assert command_module_imports({"cli": {"training.commands"}, "training.commands": {"training.options"}}) == set()
 
