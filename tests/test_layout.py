@@ -136,6 +136,7 @@ def test_command_import_finder_finds_planted_imports():
              "analysis.consistency": {"transnet.commands", "transnet.fit"},
              "notebooks/x.ipynb": {"analysis.similarity_commands"}}
     assert command_module_imports(graph) == {("training.family_commands", "training.commands"),
+                                             ("analysis.consistency", "transnet.commands"),
                                              ("notebooks/x.ipynb", "analysis.similarity_commands")}
     assert command_module_imports({"cli": {"training.commands"}, "training.commands": {"training.options"}}) == set()
 

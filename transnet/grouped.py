@@ -20,11 +20,10 @@ from transnet.model import TransNet
 
 
 def _same_build(nets: Sequence[TransNet]) -> None:
-    keys = {(n.channels, n.out_channels, n.orders, n.kernel, n.input_norm, n.eps, n.std_correction, n.std_floor)
-            for n in nets}
-    if len(keys) != 1:
-        raise ValueError(f"a grouped fit needs Trans-Nets of one build; got {len(keys)} different builds: "
-                         f"{sorted(keys)}")
+    builds = {n.cfg for n in nets}
+    if len(builds) != 1:
+        raise ValueError(f"a grouped fit needs Trans-Nets of one build; got {len(builds)} different builds: "
+                         f"{sorted(map(repr, builds))}")
 
 
 class GroupedTransNet(nn.Module):
@@ -39,7 +38,7 @@ class GroupedTransNet(nn.Module):
         ref = nets[0]
         self.k, self.ref = len(nets), ref
         self.channels, self.out_channels, self.orders = ref.channels, ref.out_channels, ref.orders
-        k, pad = ref.kernel, ref.kernel // 2
+        k, pad = ref.cfg.kernel, ref.cfg.kernel // 2
         self.convs = nn.ModuleList()
         for j, conv in enumerate(ref.convs):
             c_out = conv.out_channels
@@ -56,9 +55,9 @@ class GroupedTransNet(nn.Module):
         return self.ref.std(x)
 
     def _normalise(self, x: Tensor) -> Tensor:
-        if self.ref.input_norm == "instance":
+        if self.ref.cfg.input_norm == "instance":
             return x / self._std(x)
-        if self.ref.input_norm == "global":
+        if self.ref.cfg.input_norm == "global":
             return x / (self.input_scale.to(x.dtype) + self.ref.eps)[None, :, None, None]
         return x
 
@@ -94,9 +93,7 @@ class GroupedTransNet(nn.Module):
         """The K Trans-Nets, each with its pair's current weights, gates and input scale."""
         out = []
         for g in range(self.k):
-            net = TransNet(self.channels, self.orders, self.ref.kernel, self.ref.input_norm,
-                           not self.gate_logits.requires_grad, self.out_channels, eps=self.ref.eps,
-                           std_correction=self.ref.std_correction, std_floor=self.ref.std_floor)
+            net = TransNet(self.ref.cfg)
             with torch.no_grad():
                 for j, conv in enumerate(self.convs):
                     c_out = net.convs[j].out_channels

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from transnet.grouped import GroupedTransNet, stack_pairs
-from transnet.model import TransNet
+from transnet.model import TransNet, TransNetConfig
 
 
 def _planted(k: int, n: int = 48, c: int = 4, hw: int = 6, seed: int = 0):
@@ -42,7 +42,7 @@ def test_grouped_fit_equals_separate_fits(input_norm, orders):
     nets = []
     for g in range(k):
         torch.manual_seed(7)                                   # the same seed each separate fit uses
-        net = TransNet(4, orders, 3, input_norm)
+        net = TransNet(TransNetConfig(4, orders, 3, input_norm))
         if input_norm == "global":
             net.set_input_scale(xs[g].std(dim=(0, 2, 3)))
         nets.append(net)
@@ -68,4 +68,4 @@ def test_grouped_fit_equals_separate_fits(input_norm, orders):
 
 def test_grouped_fit_refuses_mixed_builds():
     with pytest.raises(ValueError, match="one build"):
-        GroupedTransNet([TransNet(4, 2), TransNet(4, 1)])
+        GroupedTransNet([TransNet(TransNetConfig(4, 2)), TransNet(TransNetConfig(4, 1))])
