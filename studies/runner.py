@@ -251,7 +251,7 @@ class StudyRunner:
         spec = data_spec_for(nets, {})
         data = build_feature_data(spec, e.splits, e.limit)
         cfg = ExtractConfig(split=",".join(e.splits), dtype=e.dtype, batch_size=e.batch_size, logits=e.logits,
-                            device=self.study.train.device, limit=e.limit)
+                            device=self.study.train.device, limit=e.limit, precision=e.precision)
         self.log(f"  extracting {', '.join(e.layers)} of {len(members)} nets ({', '.join(members)}) "
                  f"for splits {', '.join(e.splits)}")
         res = extract_features(nets, data, [(layer, None) for layer in e.layers], self.features, cfg,

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from common.device import PRECISIONS
 from common.errors import UserError
 from common.files import load_config_file
 from training.datasets import DataSpec
@@ -27,6 +28,7 @@ class ExtractSpec:
     batch_size: int = 256                       # images per forward pass
     logits: bool = True                         # also store each net's logits
     limit: int = 0                              # only the first N images of every split (0: all)
+    precision: str = "fp32"                     # CUDA arithmetic: fp32 (TF32 off) | tf32 | bf16 (CPU: fp32)
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,8 @@ def load_study(path: str | os.PathLike) -> Study:
         if k in ex:
             ex[k] = tuple([ex[k]] if isinstance(ex[k], str) else ex[k])
     extract = section_dataclass(ExtractSpec, "extract", ex)
+    if extract.precision not in PRECISIONS:
+        raise UserError(f"study file: extract.precision {extract.precision!r} is unknown; valid: {', '.join(PRECISIONS)}")
     if not extract.layers:
         raise UserError("study file: extract.layers must name at least one layer (e.g. features.8); "
                         "python cli.py list-layers --arch ARCH lists them")
