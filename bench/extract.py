@@ -213,6 +213,8 @@ def main(argv=None) -> None:
         print(json.dumps(run_extraction(args, args.n, workdir)))
         return
     device = resolve_device(args.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     nets = make_nets(args)
     fwds, disks, exts, checks = [], [], [], []
     try:
@@ -238,6 +240,8 @@ def main(argv=None) -> None:
         "bytes_per_image": nbytes / args.n, "extract_images_per_s": ext["images_per_s"],
         "extract_seconds": ext["seconds"], "bound": "forward" if fwd < disk else "disk",
         "ratio_to_ceiling": ratio, "check_images_per_s": check, "check_time_over_forward": fwd / check,
+        # peak GPU memory of (a), (b), (c) in this process, MiB (None on the CPU)
+        "peak_gpu_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "rss": rss, "repeats": {"forward": fwds, "write": disks, "extract": [e["images_per_s"] for e in exts],
                                 "check": checks},
     }
@@ -257,6 +261,8 @@ def main(argv=None) -> None:
     print(f"  (c) extract   {ext['images_per_s']:9.1f} images/s")
     print(f"  extraction / min(a, b) = {ratio:.2f} ({result['bound']}-bound)")
     print(f"  (d) non-finite check {check:9.1f} images/s: {fwd / check:.4f} of the forward time")
+    if result["peak_gpu_memory_mb"] is not None:
+        print(f"  peak GPU memory {result['peak_gpu_memory_mb']:.0f} MiB")
     for r in rss:
         print(f"  peak RSS, {r['n']:6d} images: {r['peak_rss_mb']:.0f} MB")
     if rss:
