@@ -15,7 +15,7 @@ extraction of N and of 4N images in fresh child processes (it must not grow with
 ``bench/results/extract.json`` (one entry per device type, merged with earlier runs).
 
     python bench/extract.py                                  # CPU default: vgg16_bn features.30 at 32 px
-    python bench/extract.py --device cuda --image_size 224 --n 8192 --batch_size 256 --amp \\
+    python bench/extract.py --device cuda --image_size 224 --n 8192 --batch_size 256 --precision bf16 \\
         --channels_last --num_workers 8                      # the GPU setting of design.md
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ from torch.utils.data import Dataset
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common.device import autocast, use_device  # noqa: E402
+from common.device import PRECISIONS, float32_math, precision_autocast, use_device  # noqa: E402
 from common.files import read_json, write_json  # noqa: E402
 from common.provenance import provenance  # noqa: E402
 from features import store  # noqa: E402
@@ -84,7 +84,7 @@ def make_data(args, n: int) -> FeatureData:
 
 def config(args) -> ExtractConfig:
     return ExtractConfig(split="test", dtype=args.dtype, batch_size=args.batch_size, device=args.device,
-                         num_workers=args.num_workers, amp=args.amp, channels_last=args.channels_last)
+                         num_workers=args.num_workers, precision=args.precision, channels_last=args.channels_last)
 
 
 def sync(device: torch.device) -> None:
@@ -108,7 +108,7 @@ def forward_ceiling(args, nets: list[Net], device: torch.device, images: int) ->
     steps = max(2, images // args.batch_size)
 
     def step():
-        with autocast(device, args.amp):
+        with float32_math(device, args.precision), precision_autocast(device, args.precision):
             for ex in exs:
                 ex(x)
 
@@ -120,7 +120,7 @@ def forward_ceiling(args, nets: list[Net], device: torch.device, images: int) ->
         step()
     sync(device)
     forward = steps * args.batch_size / (time.perf_counter() - t0)
-    with autocast(device, args.amp):
+    with float32_math(device, args.precision), precision_autocast(device, args.precision):
         outs = [ex(x)[args.layer] for ex in exs]
     for _ in range(2):
         torch.stack([value_range(o) for o in outs])
@@ -167,9 +167,9 @@ def run_extraction(args, n: int, workdir: Path, nets: list[Net] | None = None) -
 def child_rss(args, n: int, workdir: Path) -> dict:
     """Run one extraction of n images in a fresh process; its peak RSS from wait4's rusage."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--n", str(n), "--workdir", str(workdir)]
-    for k in ("arch", "layer", "nets", "image_size", "batch_size", "dtype", "device", "num_workers", "classes"):
+    for k in ("arch", "layer", "nets", "image_size", "batch_size", "dtype", "device", "num_workers", "classes",
+              "precision"):
         cmd += [f"--{k}", str(getattr(args, k))]
-    cmd += ["--amp"] if args.amp else []
     cmd += ["--channels_last"] if args.channels_last else []
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -192,7 +192,9 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     p.add_argument("--device", default="auto")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
+    p.add_argument("--precision", default=ExtractConfig.precision, choices=list(PRECISIONS),
+                   help="arithmetic on CUDA (as extract --precision)")
+    p.add_argument("--amp", action="store_const", dest="precision", const="bf16", help="alias of --precision bf16")
     p.add_argument("--channels_last", action="store_true", help="channels_last (CUDA)")
     p.add_argument("--num_workers", type=int, default=0)
     p.add_argument("--workdir", default=None, help="folder on the disk to measure (default: bench/results/scratch)")
@@ -211,6 +213,8 @@ def main(argv=None) -> None:
         print(json.dumps(run_extraction(args, args.n, workdir)))
         return
     device = use_device(args.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     nets = make_nets(args)
     fwds, disks, exts, checks = [], [], [], []
     try:
@@ -230,12 +234,14 @@ def main(argv=None) -> None:
     ratio = ext["images_per_s"] / min(fwd, disk)
     result = {
         "setting": {k: getattr(args, k) for k in ("arch", "layer", "nets", "image_size", "n", "batch_size", "dtype",
-                                                  "amp", "channels_last", "num_workers")},
+                                                  "precision", "channels_last", "num_workers")},
         "device": str(device), "cpu_threads": torch.get_num_threads(), "provenance": provenance(device),
         "forward_images_per_s": fwd, "write_images_per_s": disk, "write_gb_per_s": nbytes / 1e9 * disk / args.n,
         "bytes_per_image": nbytes / args.n, "extract_images_per_s": ext["images_per_s"],
         "extract_seconds": ext["seconds"], "bound": "forward" if fwd < disk else "disk",
         "ratio_to_ceiling": ratio, "check_images_per_s": check, "check_time_over_forward": fwd / check,
+        # peak GPU memory of (a), (b), (c) in this process, MiB (None on the CPU)
+        "peak_gpu_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "rss": rss, "repeats": {"forward": fwds, "write": disks, "extract": [e["images_per_s"] for e in exts],
                                 "check": checks},
     }
@@ -255,6 +261,8 @@ def main(argv=None) -> None:
     print(f"  (c) extract   {ext['images_per_s']:9.1f} images/s")
     print(f"  extraction / min(a, b) = {ratio:.2f} ({result['bound']}-bound)")
     print(f"  (d) non-finite check {check:9.1f} images/s: {fwd / check:.4f} of the forward time")
+    if result["peak_gpu_memory_mb"] is not None:
+        print(f"  peak GPU memory {result['peak_gpu_memory_mb']:.0f} MiB")
     for r in rss:
         print(f"  peak RSS, {r['n']:6d} images: {r['peak_rss_mb']:.0f} MB")
     if rss:

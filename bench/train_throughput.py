@@ -78,6 +78,8 @@ def main() -> None:
     args = p.parse_args()
 
     device = use_device(args.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     spec = DataSpec(args.dataset, args.data_root, args.transform, args.image_size)
     train_set = maybe_cache(build_dataset(spec, "train"), spec, True, args.num_workers)
     train_set = Subset(train_set, range(min(args.n, len(train_set))))
@@ -105,11 +107,15 @@ def main() -> None:
            "batch_size": args.batch_size, "n_images": len(train_set), "warm_cache": args.warm_cache, "num_workers": args.num_workers,
            "pure_images_per_s": pure, "loop_images_per_s": loop, "ratio": loop / pure,
            "overhead_percent": 100 * (pure / loop - 1), "threads": torch.get_num_threads(),
+           # peak GPU memory of both measurements, MiB (None on the CPU)
+           "peak_gpu_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
            "provenance": provenance(device)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
     print(f"{args.arch} @ {args.image_size}px on {device}: pure compute {pure:.0f} img/s, loop {loop:.0f} img/s, "
-          f"ratio {loop / pure:.3f} (overhead {out['overhead_percent']:.1f}%) -> {args.out}")
+          f"ratio {loop / pure:.3f} (overhead {out['overhead_percent']:.1f}%)"
+          + (f", peak GPU memory {out['peak_gpu_memory_mb']:.0f} MiB" if out["peak_gpu_memory_mb"] is not None else "")
+          + f" -> {args.out}")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -55,20 +56,48 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def write_feature_file(path: Path, n: int, c: int, s: int, dtype: str, block: int = 256) -> float:
-    """Random (N, C, S, S) maps for nets A and B, written block by block; returns seconds."""
+POOL_ROWS = 32        # rows drawn once per net when the features are generated on the CPU
+
+
+def random_blocks(n: int, shape: tuple[int, ...], dtype: str, device: torch.device, block: int,
+                  seed: int) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Standard-normal rows ``(i, j, rows i..j-1)`` in blocks of ``block`` rows, in ``dtype``: drawn on the
+    GPU when ``device`` is CUDA (every row its own), else tiled from a pool of :data:`POOL_ROWS` rows drawn
+    once (rows repeat with that period: the timings do not depend on the values, and one CPU thread draws
+    only ~50 M normals/s, which would take minutes at the CUB size)."""
+    if device.type == "cuda":
+        g = torch.Generator(device=device).manual_seed(seed)
+        tdt = {"float16": torch.float16, "float32": torch.float32}[dtype]
+        for i in range(0, n, block):
+            j = min(n, i + block)
+            yield i, j, torch.randn((j - i,) + shape, generator=g, device=device, dtype=tdt).cpu().numpy()
+        return
+    pool = np.random.default_rng(seed).standard_normal((min(POOL_ROWS, n),) + shape, dtype=np.float32).astype(dtype)
+    tile = pool[np.arange(min(block, n)) % len(pool)]          # one block of rows, reused for every block
+    for i in range(0, n, block):
+        j = min(n, i + block)
+        yield i, j, tile[: j - i]
+
+
+def write_feature_file(path: Path, n: int, c: int, s: int, dtype: str, device: torch.device,
+                       block: int = 256) -> float:
+    """Random (N, C, S, S) maps for nets A and B (:func:`random_blocks`), written in blocks of ``block``
+    rows into datasets laid out as ``extract`` writes them; returns seconds."""
     t0 = time.perf_counter()
-    rng = np.random.default_rng(0)
     with h5py.File(path, "w") as f:
         init_root(f, "synthetic", {"preset": "bench"}, s, "bench/transnet.py")
         init_split(f, "train", np.arange(n), np.zeros(n, dtype=np.int64))
-        for net in ("A", "B"):
+        for k, net in enumerate(("A", "B")):
             ds = create_features(f, "train", net, LAYER, (n, c, s, s), dtype, {"arch": "synthetic", "layer": LAYER})
-            for i in range(0, n, block):
-                j = min(n, i + block)
-                ds[i:j] = rng.standard_normal((j - i, c, s, s), dtype=np.float32).astype(dtype)
+            for i, j, rows in random_blocks(n, (c, s, s), dtype, device, block, seed=k):
+                ds.write_direct(np.ascontiguousarray(rows), dest_sel=np.s_[i:j])
             mark_complete(ds)
     return time.perf_counter() - t0
+
+
+def peak_gpu_mb(device: torch.device) -> float | None:
+    """Peak GPU memory allocated since the last reset, in MiB (None off CUDA)."""
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
 
 class Trainer:
@@ -151,6 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")
+        torch.cuda.reset_peak_memory_stats(device)
     scratch = Path(tempfile.mkdtemp(prefix="kc-bench-transnet-", dir=args.tmp))
     n, c, s, b = args.n, args.channels, args.size, args.batch_size
     steps = n // b if n >= b else 1
@@ -160,13 +190,17 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         # ---- the feature file
         path = scratch / "features.h5"
-        result["write_s"] = write_feature_file(path, n, c, s, args.dtype)
+        result["write_s"] = write_feature_file(path, n, c, s, args.dtype, device, args.block_rows)
+        result["write_mb_per_s"] = 2 * n * c * s * s * np.dtype(args.dtype).itemsize / 1e6 / max(result["write_s"], 1e-9)
         info = open_pair(path, "A", "B", LAYER, "train")
 
         # ---- 1. compute ceiling: device-resident float32, contiguous slices
-        gen = torch.Generator(device="cpu").manual_seed(1)
-        xa = torch.randn(n, c, s, s, generator=gen).to(device)
-        xb = torch.randn(n, c, s, s, generator=gen).to(device)
+        t0 = time.perf_counter()
+        gen = torch.Generator(device=device).manual_seed(1)          # drawn where they are used
+        xa = torch.randn(n, c, s, s, generator=gen, device=device)
+        xb = torch.randn(n, c, s, s, generator=gen, device=device)
+        _sync(device)
+        result["setup_s"] = result["write_s"] + time.perf_counter() - t0
         tr = Trainer(args, device, steps)
         result["n_parameters"] = n_parameters(tr.model)
 
@@ -223,6 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
             result["compute_over_disk"] = result["compute"]["epoch_s"] / result["disk"]["epoch_s"]
             result["disk_speedup_over_pickles"] = pk["epoch_s_scaled_to_n"] / result["disk"]["epoch_s"]
         result["minutes_for_1000_epochs"] = real_s * 1000 / 60
+        result["peak_gpu_memory_mb"] = peak_gpu_mb(device)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -240,6 +275,10 @@ def main(argv: list[str] | None = None) -> dict:
               f"{result['compute_over_disk']:.2f}")
     print(f"  per-sample pickles    {pk['epoch_s_scaled_to_n']:.3f} s/epoch (timed on {pn}, {args.workers} workers) "
           f"-> speed-up {result['speedup_over_pickles']:.1f}x")
+    peak = result["peak_gpu_memory_mb"]
+    print(f"  set-up {result['setup_s']:.1f} s (feature file {result['write_s']:.1f} s, "
+          f"{result['write_mb_per_s']:.0f} MB/s); peak GPU memory "
+          + (f"{peak:.0f} MiB" if peak is not None else "- (CPU)"))
     print(f"  1000 epochs: {result['minutes_for_1000_epochs']:.1f} min; wrote {out}")
     return result
 

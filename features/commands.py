@@ -14,6 +14,7 @@ from common.errors import UserError
 from common.files import jsonable
 from common.options import Command, add_dataclass_args, dataclass_from_args, parse_kv_list
 from common.rundir import run_mode
+from common.device import PRECISIONS
 from features.extract import COMPRESSIONS, DTYPES, ExtractConfig, extract_features
 from features.inspection import describe_file, verify_file
 from features.layers import format_layers, list_layers
@@ -31,7 +32,10 @@ EXTRACT_HELP = {
              "with values beyond its range (65504) or NaN/inf: use float32 there (which stores NaN/inf as "
              "computed, counts them and warns)",
     "batch_size": "images per forward pass", "device": "auto, cpu, cuda or cuda:N (torchrun: cuda:LOCAL_RANK)",
-    "num_workers": "data-loader worker processes", "amp": "bf16 autocast on CUDA (recorded in the file)",
+    "num_workers": "data-loader worker processes",
+    "precision": "arithmetic of the forward pass on CUDA: fp32 (IEEE float32, TF32 off: the faithful choice), "
+                 "tf32 (TF32 tensor cores in convs and matmuls) or bf16 (bf16 autocast); on the CPU every choice "
+                 "computes in fp32 (each dataset records precision and precision_effective)",
     "channels_last": "channels_last memory format on CUDA", "logits": "also store each net's logits",
     "limit": "extract only the first N images of every split (0: all)",
     "compression": "HDF5 compression (none is fastest; lzf is ~16x slower to write and saves nothing on "
@@ -68,7 +72,9 @@ def _add_extract(p: argparse.ArgumentParser) -> None:
             a.help = (a.help or "") + " (default: what the checkpoints record)%(default).0s"
     g2 = p.add_argument_group("extraction")
     add_dataclass_args(g2, ExtractConfig, help=EXTRACT_HELP,
-                       choices={"dtype": list(DTYPES), "compression": list(COMPRESSIONS)})
+                       choices={"dtype": list(DTYPES), "compression": list(COMPRESSIONS),
+                                "precision": list(PRECISIONS)})
+    g2.add_argument("--amp", action="store_true", help="alias of --precision bf16 (kept for older command lines)")
     p.add_argument("--max_batches", type=int, default=None, help=argparse.SUPPRESS)  # simulated kill (tests)
 
 
@@ -108,7 +114,18 @@ def command_line(args: argparse.Namespace, name: str) -> str:
     return shlex.join(parts)
 
 
+def precision_from_args(args: argparse.Namespace) -> str:
+    """``--precision``, with ``--amp`` as an alias of ``bf16`` (refused beside another explicit choice)."""
+    if not getattr(args, "amp", False):
+        return args.precision
+    if args.precision not in ("fp32", "bf16"):          # fp32 is the default: --amp alone means bf16
+        raise UserError(f"--amp is an alias of --precision bf16 and contradicts --precision {args.precision}; "
+                        f"give one of them")
+    return "bf16"
+
+
 def _run_extract(args: argparse.Namespace) -> int:
+    args.precision, args.amp = precision_from_args(args), False     # the command line records --precision
     cfg = dataclass_from_args(ExtractConfig, args)
     layers = [(name, None) for name in (args.layer or [])] + [(f"features.{n}", n) for n in (args.conv_layer or [])]
     nets = nets_from_args(args)
@@ -175,7 +192,10 @@ def format_description(desc: dict) -> str:
                 where = a.get("node", layer)
                 extra = f"node {where}, point {a.get('point', '?')}" + (
                     f", conv_layer {a['conv_layer']}" if a.get("conv_layer") not in (None, "") else "")
-                if a.get("autocast") not in (None, "none"):
+                if a.get("precision") or a.get("precision_effective"):
+                    asked, eff = a.get("precision") or "?", a.get("precision_effective") or "?"
+                    extra += f", precision {asked}" + (f" (computed in {eff})" if eff != asked else "")
+                elif a.get("autocast") not in (None, "none"):
                     extra += f", autocast {a['autocast']}"
                 if e["virtual"]:
                     extra += ", virtual over shards" + ("" if e.get("sources_ok", True) else " (SHARDS MISSING)")

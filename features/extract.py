@@ -20,6 +20,11 @@ How it works
   per dataset (attribute ``nonfinite``) and reported as a warning.
 - Under torchrun each rank writes its row shard and rank 0 joins them as virtual datasets
   (``features/shards.py``).
+- ``precision`` (``common/device.py``, the same choices as ``fit-transnet --precision``): the arithmetic
+  of the forward pass on CUDA. ``fp32`` (default) switches TF32 off, so a float32 file agrees with a
+  float32 CPU forward pass to about 1e-6 of its largest value (not bitwise: other kernels, other
+  summation order); ``tf32`` and ``bf16`` are faster and differ in the 3rd significant digit. Each
+  dataset records ``precision`` (asked) and ``precision_effective`` (``fp32`` off CUDA).
 """
 from __future__ import annotations
 
@@ -36,7 +41,7 @@ import numpy as np
 import torch
 from torch.utils.data import Subset
 
-from common.device import autocast, use_device
+from common.device import PRECISIONS, float32_math, precision_autocast, use_device
 from common.distributed import ControlGroup, DistInfo, dist_from_env
 from common.errors import UserError
 from common.faults import fault_point
@@ -70,7 +75,7 @@ class ExtractConfig:
     batch_size: int = 64
     device: str = "auto"             # auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)
     num_workers: int = 0             # data-loader worker processes
-    amp: bool = False                # bf16 autocast on CUDA (recorded; changes the values slightly)
+    precision: str = "fp32"          # CUDA arithmetic: fp32 (TF32 off, faithful) | tf32 | bf16; CPU: always fp32
     channels_last: bool = False      # channels_last memory format on CUDA
     logits: bool = False             # also store /<split>/<net>/logits
     limit: int = 0                   # extract only the first N rows of every split (0: all)
@@ -183,6 +188,8 @@ def _validate(nets: Sequence[Net], layers: Sequence[tuple[str, int | None]], cfg
         raise UserError(f"unknown --dtype {cfg.dtype!r}; valid: {', '.join(DTYPES)}")
     if cfg.compression not in COMPRESSIONS:
         raise UserError(f"unknown --compression {cfg.compression!r}; valid: {', '.join(COMPRESSIONS)}")
+    if cfg.precision not in PRECISIONS:
+        raise UserError(f"unknown --precision {cfg.precision!r}; valid: {', '.join(PRECISIONS)}")
     if cfg.batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {cfg.batch_size}")
     if cfg.limit < 0:
@@ -201,9 +208,8 @@ def _device(name: str) -> torch.device:
 def _run(nets, data, splits, out, cfg, mode, command, extractors, points, shapes, device, info, group,
          stop_after, hard_kill, on_landed) -> ExtractResult:
     n_rows = {s: len(data.labels[s]) for s in splits}
-    autocast_tag = "bfloat16" if (cfg.amp and device.type == "cuda") else "none"
     full_targets = build_targets(nets, data, splits, points, shapes, n_rows, cfg.dtype, cfg.compression,
-                                 autocast_tag, device, command)
+                                 cfg.precision, device, command)
     bounds = {s: shard_rows(n_rows[s], cfg.batch_size, info.rank, info.world) for s in splits}
     target_file = shard_path(out, info.rank, info.world) if info.active else out
 
@@ -252,8 +258,9 @@ def _run(nets, data, splits, out, cfg, mode, command, extractors, points, shapes
     counts = {p: stored_counts(f[p], s0) for p, s0 in starts.items() if 0 < s0 < f[p].shape[0]}   # resume
     writer = FeatureWriter(f, starts, cfg.queue_batches, cfg.flush_s, on_landed, counts)
     try:
-        rows_done = _pass(data, splits, bounds, local_targets, starts, extractors, cfg, device, writer,
-                          stop_after, hard_kill, info)
+        with float32_math(device, cfg.precision):            # fp32: TF32 off; tf32/bf16: on (CUDA only)
+            rows_done = _pass(data, splits, bounds, local_targets, starts, extractors, cfg, device, writer,
+                              stop_after, hard_kill, info)
         writer.close()
     except BaseException as e:
         with contextlib.suppress(Exception):
@@ -324,7 +331,7 @@ def _pass(data: FeatureData, splits, bounds, targets: Sequence[Target], starts: 
                 x = x.contiguous(memory_format=torch.channels_last)
             arrays: dict[str, torch.Tensor] = {}
             ranges: list[torch.Tensor] = []
-            with torch.no_grad(), autocast(device, cfg.amp):
+            with torch.no_grad(), precision_autocast(device, cfg.precision):
                 for net in nets_needed:
                     outs = extractors[net](x)
                     for t in pending:

@@ -13,12 +13,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from common.device import autocast, use_device
+from common.device import float32_math, precision_autocast, use_device
 from common.errors import UserError
 from common.files import jsonable
 from features import store
 from features.layers import build_extractor, resolve_layer
 from features.nets import DATA_FIELDS, Net, load_net
+from features.targets import stored_precision
 from training.data import build_dataset
 from training.datasets import DataSpec
 
@@ -56,7 +57,9 @@ def describe_file(path: str | os.PathLike) -> dict[str, Any]:
     return jsonable(desc)
 
 
-VERIFY_TOL = {"float32": 1e-4, "float16": 4e-3, "bfloat16": 3e-2}   # max |diff| / max |stored|
+# max |diff| / max |stored|, per storage dtype and per effective precision of the stored rows (the
+# larger applies): a re-computation in another precision or on another device differs by this much.
+VERIFY_TOL = {"float32": 1e-4, "float16": 4e-3, "tf32": 1e-2, "bf16": 3e-2}
 
 
 @dataclass
@@ -78,8 +81,9 @@ def verify_file(path: str | os.PathLike, rows: int = 4, seed: int = 0, device: s
 
     The data set comes from the file's ``dataset_spec`` (eval transform); each net is rebuilt from the
     ``checkpoint`` attribute (its sha256 must match ``checkpoint_sha256``) and the layer re-resolved.
-    A row passes when ``max|recomputed - stored| <= tol * max|stored|`` (tol per storage dtype and autocast,
-    :data:`VERIFY_TOL`; batch composition changes the last bits of a float32 result)."""
+    A row passes when ``max|recomputed - stored| <= tol * max|stored|`` (tol per storage dtype and effective
+    precision, :data:`VERIFY_TOL`; batch composition changes the last bits of a float32 result). The rows
+    are re-computed in the recorded precision (which computes in fp32 off CUDA)."""
     dev = use_device(device)
     rng = np.random.default_rng(seed)
     results: list[VerifyRow] = []
@@ -147,8 +151,9 @@ def _verify_net(f: h5py.File, split: str, net: str, dset: Dataset, index: np.nda
             out += [VerifyRow(split, net, l, "failed", reason=str(e)) for l in lays]
             continue
         ex = build_extractor(model, pts).to(dev)
-        bf16 = any(attrs[l].get("autocast") == "bfloat16" for l in lays)
-        with autocast(dev, bf16):
+        precs = {stored_precision(attrs[l]) for l in lays}
+        prec = next(p for p in ("bf16", "tf32", "fp32") if p in precs)    # the least precise of the group
+        with float32_math(dev, prec), precision_autocast(dev, prec):
             rec = ex(x)
         for l, p in zip(lays, pts):
             if attrs[l].get("node") not in (None, p.node):
@@ -163,7 +168,7 @@ def _verify_net(f: h5py.File, split: str, net: str, dset: Dataset, index: np.nda
                 continue
             diff = float((got - stored).abs().max())
             scale = float(stored.abs().max())
-            tol = VERIFY_TOL["bfloat16" if bf16 else str(g[l].dtype)]
+            tol = max(VERIFY_TOL[str(g[l].dtype)], VERIFY_TOL.get(stored_precision(attrs[l]), 0.0))
             rel = diff / max(scale, 1e-12)
             ok = bool(torch.isfinite(stored).all()) and rel <= tol
             out.append(VerifyRow(split, net, l, "ok" if ok else "mismatch", pick.tolist(), diff, rel, tol))

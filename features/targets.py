@@ -9,7 +9,9 @@ Output file policy (``mode``)
 - ``resume``: requested datasets that are complete are skipped, incomplete ones continue at
   ``rows_done``, absent ones are added. A dataset made by another extraction is refused with the
   differing field named (its identity: checkpoint sha256, arch, layer, node, point, dtype, autocast,
-  transform, data set spec; batch size, device and the command line may differ).
+  effective precision, transform, data set spec; batch size, device, the asked precision and the
+  command line may differ). A file written before precisions were recorded has the effective
+  precision of its arithmetic then: bf16 under autocast, tf32 on CUDA (cuDNN's default), else fp32.
 - ``overwrite``: the file (and its shard files) are replaced (by the caller, before planning).
 
 A file holds one set of images: its root attributes (transform, data set spec) must match the request.
@@ -24,6 +26,7 @@ from typing import Any, Sequence
 import h5py
 import torch
 
+from common.device import effective_precision
 from common.errors import UserError
 from common.files import jsonable
 from common.provenance import code_version, now_utc
@@ -60,8 +63,20 @@ def _canon(v: Any) -> str:
     return json.dumps(jsonable(v), sort_keys=True)
 
 
+def stored_precision(attrs: dict[str, Any]) -> str:
+    """The effective precision of a stored dataset: its ``precision_effective`` attribute or, in a file
+    written before it was recorded, what the extraction computed in then (bf16 autocast, cuDNN's
+    default TF32 on CUDA, else float32)."""
+    if attrs.get("precision_effective"):
+        return str(attrs["precision_effective"])
+    if attrs.get("autocast") == "bfloat16":
+        return "bf16"
+    return "tf32" if str(attrs.get("device", "")).startswith("cuda") else "fp32"
+
+
 def identity_diff(have: dict[str, Any], want: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """Identity fields that differ between a dataset's attributes and a new request."""
+    have = {**have, "precision_effective": stored_precision(have)} if "precision_effective" in want else have
     return [(k, have.get(k), v) for k, v in want.items() if _canon(have.get(k)) != _canon(v)]
 
 
@@ -155,23 +170,26 @@ def create_targets(f: h5py.File, targets: Sequence[Target]) -> None:
 
 def build_targets(nets: Sequence[Net], data: FeatureData, splits: Sequence[str],
                   points: dict[str, list[LayerPoint]], shapes: dict[str, dict[str, tuple[int, ...]]],
-                  rows: dict[str, int], dtype: str, compression: str, autocast_tag: str, device: torch.device,
+                  rows: dict[str, int], dtype: str, compression: str, precision: str, device: torch.device,
                   command: str) -> list[Target]:
     """Every ``/<split>/<net>/<point>`` of a request over the full splits (``rows`` per split): layer
-    features in ``dtype``, logits in float32; ``autocast_tag`` is "bfloat16" or "none"."""
+    features in ``dtype``, logits in float32, computed in ``precision`` (asked; ``precision_effective``
+    is what ``device`` makes of it, and ``autocast`` "bfloat16" or "none" as before)."""
     code = code_version()
+    effective = effective_precision(device, precision)
+    autocast_tag = "bfloat16" if effective == "bf16" else "none"
     out = []
     for split in splits:
         for n in nets:
             for p in points[n.name]:
                 dt = "float32" if p.point == "logits" else dtype
                 identity = {"checkpoint_sha256": n.sha256, "arch": n.arch, "layer": p.name, "node": p.node,
-                            "point": p.point, "dtype": dt, "autocast": autocast_tag,
+                            "point": p.point, "dtype": dt, "autocast": autocast_tag, "precision_effective": effective,
                             "transform": data.transform, "dataset_spec": data.spec}
                 prov = {"checkpoint": n.checkpoint, "net": n.name, "num_classes": n.num_classes,
                         "command": command, "code_version": code, "created_utc": now_utc(),
                         "torch_version": str(torch.__version__), "device": str(device),
-                        "compression": compression}
+                        "compression": compression, "precision": precision}
                 comp = None if compression == "none" else compression
                 if p.conv_layer is not None:
                     prov["conv_layer"] = p.conv_layer

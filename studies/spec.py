@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from common.device import PRECISIONS
 from common.errors import UserError
 from common.files import load_config_file
 from features.extract import ExtractConfig
@@ -24,9 +25,10 @@ STUDIES_DIR = Path(__file__).resolve().parent
 class ExtractSpec:
     """The study's ``extract`` section: its layers and splits, and the options it shares with the
     ``extract`` command, whose defaults (:class:`ExtractConfig`'s) it takes: float16 storage, no
-    logits, batch 64. Those win over a study-only set because they are the documented defaults of
-    ``extract`` and the cheaper ones (float16 halves the file; nothing in a study reads logits); a
-    study that wants float32, logits or another batch size says so, as the shipped studies do."""
+    logits, batch 64, fp32 arithmetic (TF32 off). Those win over a study-only set because they are the
+    documented defaults of ``extract`` and the cheaper ones (float16 halves the file; nothing in a study
+    reads logits); a study that wants float32, logits or another batch size says so, as the shipped
+    studies do."""
 
     layers: tuple[str, ...] = ()                                    # module paths (features.8) or fx nodes
     splits: tuple[str, ...] = tuple(ExtractConfig.split.split(","))
@@ -34,6 +36,7 @@ class ExtractSpec:
     batch_size: int = ExtractConfig.batch_size                      # images per forward pass
     logits: bool = ExtractConfig.logits                             # also store each net's logits
     limit: int = ExtractConfig.limit                                # only the first N images of every split (0: all)
+    precision: str = ExtractConfig.precision                        # CUDA arithmetic: fp32 | tf32 | bf16 (CPU: fp32)
 
     def config(self, device: str) -> ExtractConfig:
         """The extraction this section asks for, on ``device`` (the fields it shares with ExtractConfig)."""
@@ -121,6 +124,8 @@ def load_study(path: str | os.PathLike) -> Study:
         if k in ex:
             ex[k] = tuple([ex[k]] if isinstance(ex[k], str) else ex[k])
     extract = section_dataclass(ExtractSpec, "extract", ex)
+    if extract.precision not in PRECISIONS:
+        raise UserError(f"study file: extract.precision {extract.precision!r} is unknown; valid: {', '.join(PRECISIONS)}")
     if not extract.layers:
         raise UserError("study file: extract.layers must name at least one layer (e.g. features.8); "
                         "python cli.py list-layers --arch ARCH lists them")

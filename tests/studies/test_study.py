@@ -41,7 +41,8 @@ def study_dict(data_root: Path, **over) -> dict:
             "born_again": {"arch": "vgg_tiny", "generations": 2, "lambda": 0.5, "temperature": 2.0},
             "evolve": {"arch": "vgg_tiny", "generations": 2, "split": "kels", "split_rate": 0.5},
         },
-        "extract": {"layers": ["features.8"], "batch_size": 16, "dtype": "float32", "logits": True},
+        "extract": {"layers": ["features.8"], "batch_size": 16, "dtype": "float32", "logits": True,
+                    "precision": "tf32"},
         "transnet": {"orders": 2, "epochs": 2, "lr": 0.001, "final_lr": 0.0001, "batch_size": 8, "eval_every": 2,
                      "save_every": 1, "device": "cpu"},
         "pairs": [{"family": "seeds", "plan": "all"}, {"nets": ["seed0", "kd_student"], "plan": "all"},
@@ -90,6 +91,8 @@ def copy_study(done_study, tmp_path) -> tuple[Path, Path]:
     ({"diagnose": ["seed0"]}, "diagnose must be a pair"),
     ({"pairs": []}, "pairs is empty"),
     ({"train": {"epochs": 2, "learning_rate": 0.1}}, "learning_rate"),
+    ({"extract": {"layers": ["features.8"], "precision": "fp16"}}, "extract.precision 'fp16' is unknown; valid: fp32, "
+                                                                   "tf32, bf16"),
 ])
 def test_bad_study_files_name_the_bad_key_and_the_choices(tmp_path, data_root, change, needle):
     sf = write_study(tmp_path / "bad.yaml", study_dict(data_root, **change))
@@ -143,7 +146,10 @@ def test_study_writes_every_stage_and_the_report(done_study):
     with h5py.File(out / "features.h5") as f:
         for split in ("train", "test"):
             for net in names:
-                assert bool(f[split][net]["features.8"].attrs["complete"])
+                a = f[split][net]["features.8"].attrs
+                assert bool(a["complete"])
+                # the study's extract.precision reaches the extraction (the CPU computes it in fp32)
+                assert (a["precision"], a["precision_effective"]) == ("tf32", "fp32")
     table = read_json(out / "consistency/features.8/table.json")
     pairs = {(r["source"], r["target"]) for r in (table["rows"] if isinstance(table, dict) else table)}
     assert {("seed0", "seed1"), ("seed1", "seed0"), ("seed0", "kd_student"), ("ban_g0", "ban_g1"),
