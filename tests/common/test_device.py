@@ -116,6 +116,10 @@ def _commands(i: dict, out: Path) -> dict[str, list]:
                   "--transform", "small", "--batch_size", "2", "--out_dir", out],
         "born-again": ["born-again", "--dataset", f"imagefolder:{i['images']}", "--arch", "vgg_tiny", "--epochs",
                        "1", "--transform", "small", "--batch_size", "2", "--generations", "1", "--out_dir", out],
+        "distill": ["distill", "--teacher", ck, "--arch", "vgg_tiny", "--epochs", "1", "--out_dir", out],
+        "evolve": ["evolve", "--dataset", f"imagefolder:{i['images']}", "--arch", "vgg_tiny", "--epochs", "1",
+                   "--transform", "small", "--batch_size", "2", "--generations", "1", "--out_dir", out],
+        "compress": ["compress", "--checkpoint", ck, "--prune", "0.5", "--out_dir", out],
         "extract": ["extract", "--nets", f"a={ck}", "--conv_layer", "1", "--split", "test", "--limit", "4",
                     "--out", out / "f.h5"],
         "fit-transnet": _fit_args(f, out),
@@ -128,7 +132,7 @@ def _commands(i: dict, out: Path) -> dict[str, list]:
     }
 
 
-COMMANDS = ("train", "born-again", "extract", "fit-transnet", "variance", "consistency", "diagnose", "refine")
+COMMANDS = ("train", "born-again", "distill", "evolve", "compress", "extract", "fit-transnet", "variance", "consistency", "diagnose", "refine")
 
 
 @pytest.mark.parametrize("command", COMMANDS)
