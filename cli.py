@@ -48,6 +48,8 @@ def build_parser(command: str | None = None) -> tuple[argparse.ArgumentParser, d
         prog="cli.py", description="Knowledge-consistency workbench: train network families, cache their "
         "activations, fit Trans-Nets between pairs and explain what knowledge they share.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    from common.options import describe_types
+
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     subs = {}
     module = module_of(command) if command else None
@@ -60,14 +62,17 @@ def build_parser(command: str | None = None) -> tuple[argparse.ArgumentParser, d
         p.add_argument("--config", default=None, help="YAML or JSON file of option: value (the command line wins)")
         p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
         p.set_defaults(_run=cmd.run)
+        describe_types(p)
         subs[cmd.name] = p
     return parser, subs
 
 
 def _apply_config(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
-    """Parse once to find --config, set its values as defaults (unknown keys rejected), parse again."""
+    """Parse once to find --config, set its values as defaults (unknown keys rejected, each value checked
+    against its option's type, range and choices), parse again."""
     from common.errors import UserError
     from common.files import load_config_file
+    from common.options import convert_value
 
     args = p.parse_args(argv)
     if not args.config:
@@ -78,7 +83,8 @@ def _apply_config(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Names
     if unknown:
         raise UserError(f"config file {args.config} sets unknown option(s) {', '.join(unknown)}; "
                         f"valid: {', '.join(sorted(k for k in known if not k.startswith('_') and k != 'help'))}")
-    p.set_defaults(**values)
+    actions = {a.dest: a for a in p._actions}
+    p.set_defaults(**{k: convert_value(actions[k], v, f"config file {args.config}") for k, v in values.items()})
     return p.parse_args(argv)
 
 

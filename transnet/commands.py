@@ -11,6 +11,7 @@ from common.errors import UserError
 from common.files import read_json, write_json
 from common.options import Command, add_dataclass_args, add_run_args, dataclass_from_args
 from common.provenance import provenance
+from common.ranges import positive_int
 from common.rundir import RunDir, run_mode
 from training.commands import add_train_args
 from training.loop import TrainConfig
@@ -158,7 +159,7 @@ def _add_variance(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="test", help="split to report on")
     p.add_argument("--source", default=None, help="source net (default: the Trans-Net's)")
     p.add_argument("--target", default=None, help="target net (default: the Trans-Net's)")
-    p.add_argument("--batch_size", type=int, default=256, help="rows per batch")
+    p.add_argument("--batch_size", type=positive_int(), default=256, help="rows per batch")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--data_on", default="auto", choices=list(DATA_ON), help="where the features are held")
     add_run_args(p, out_required=False)
