@@ -65,8 +65,11 @@ class Number(OptionType):
         return ", ".join(parts) or "any finite value"
 
     def describe(self) -> str:
-        what = "an integer" if self.kind is int else "a finite number"
-        return f"{what} {self.text}" if self.text != "any finite value" else what
+        if self.values is not None:
+            return self.text
+        what = ("an odd integer" if self.odd else "an integer") if self.kind is int else "a finite number"
+        text = self.text.removeprefix("odd").lstrip(", ")
+        return f"{what} {text}" if text and text != "any finite value" else what
 
     def _number(self, value: Any) -> int | float:
         if isinstance(value, bool):

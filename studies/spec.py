@@ -11,6 +11,7 @@ from typing import Any, Sequence
 from common.errors import UserError
 from common.files import load_config_file
 from training.datasets import DataSpec
+from studies.validate import study_problems
 from training.loop import TrainConfig
 
 FAMILY_KINDS = ("seeds", "distill", "born_again", "evolve")
@@ -77,6 +78,10 @@ def load_study(path: str | os.PathLike) -> Study:
         shipped = sorted(str(p.relative_to(STUDIES_DIR.parent)) for p in STUDIES_DIR.glob("*.yaml"))
         raise UserError(f"study file {path} does not exist; shipped studies: {', '.join(shipped) or 'none'}")
     raw = load_config_file(path)
+    problems = study_problems(raw, TOP_KEYS)
+    if problems:
+        raise UserError(f"study file {path} has {len(problems)} problem(s), nothing was run: "
+                        + " ".join(f"({i}) {m}" for i, m in enumerate(problems, 1)))
     check_keys("the study file", raw, TOP_KEYS)
     data = dict(raw.get("data") or {})
     if "dataset" in data:
