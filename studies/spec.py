@@ -78,7 +78,7 @@ def load_study(path: str | os.PathLike) -> Study:
         shipped = sorted(str(p.relative_to(STUDIES_DIR.parent)) for p in STUDIES_DIR.glob("*.yaml"))
         raise UserError(f"study file {path} does not exist; shipped studies: {', '.join(shipped) or 'none'}")
     raw = load_config_file(path)
-    problems = study_problems(raw, TOP_KEYS)
+    problems = study_problems(raw, TOP_KEYS, ExtractSpec)
     if problems:
         raise UserError(f"study file {path} has {len(problems)} problem(s), nothing was run: "
                         + " ".join(f"({i}) {m}" for i, m in enumerate(problems, 1)))

@@ -206,9 +206,8 @@ def _check_layers(p: Problems, layers: tuple[str, ...], archs: list[str], data) 
             p.check(f"extract.layers {layer!r} on {arch}", lambda: resolve_layer(model, str(layer), arch=arch))
 
 
-def _check_extract(p: Problems, raw: Any, archs: list[str], data):
+def _check_extract(p: Problems, raw: Any, archs: list[str], data, spec_cls: type):
     from features.extract import DTYPES
-    from studies.spec import ExtractSpec
     from training.data import SPLITS
 
     ex = dict(raw or {}) if isinstance(raw, dict) or raw is None else raw
@@ -216,7 +215,7 @@ def _check_extract(p: Problems, raw: Any, archs: list[str], data):
         for k in ("layers", "splits"):
             if k in ex:
                 ex[k] = tuple([ex[k]] if isinstance(ex[k], str) else ex[k] or ())
-    spec = _dataclass(p, ExtractSpec, "extract", ex)
+    spec = _dataclass(p, spec_cls, "extract", ex)
     if spec is None:
         return None
     if not spec.layers:
@@ -309,8 +308,9 @@ def _check_baselines(p: Problems, raw: Any, splits: tuple[str, ...]) -> None:
         p.check("baselines", lambda: parse_metrics(str(m)))
 
 
-def study_problems(raw: dict[str, Any], top_keys: tuple[str, ...]) -> list[str]:
-    """Every problem of a study file (empty when it is valid)."""
+def study_problems(raw: dict[str, Any], top_keys: tuple[str, ...], extract_spec: type) -> list[str]:
+    """Every problem of a study file (empty when it is valid); ``extract_spec``: the dataclass of the
+    extract section (``studies.spec.ExtractSpec``)."""
     p = Problems()
     p.keys("the study file", raw, top_keys)
     data = _check_data(p, raw.get("data"))
@@ -326,7 +326,7 @@ def study_problems(raw: dict[str, Any], top_keys: tuple[str, ...]) -> list[str]:
     elif p.keys("members", members, tuple(MEMBER_KEYS)):
         names = _member_names(p, members)
     archs = sorted({a for _, a in names.values()})
-    ex = _check_extract(p, raw.get("extract"), archs, data)
+    ex = _check_extract(p, raw.get("extract"), archs, data, extract_spec)
     _check_transnet(p, raw.get("transnet"))
     before = len(p)
     pairs = _check_pairs(p, raw.get("pairs"), names, [k for k in MEMBER_KEYS if k in members])

@@ -93,12 +93,12 @@ def test_dry_run_reports_every_problem_of_the_file_at_once(cli, tmp_path):
         assert needle in text, needle
 
 
-def test_a_valid_study_with_trans_net_epochs_auto_and_extract_precision_names_no_problem(tmp_path):
+def test_a_valid_study_with_trans_net_epochs_auto_names_no_problem(tmp_path):
+    from studies.spec import TOP_KEYS, ExtractSpec
     from studies.validate import study_problems
-    from studies.spec import TOP_KEYS
 
     d = study_dict(tmp_path / "img")
     d["transnet"]["epochs"] = "auto"
-    assert study_problems(d, TOP_KEYS) == []
+    assert study_problems(d, TOP_KEYS, ExtractSpec) == []
     study = load_study(write_study(tmp_path / "ok.yaml", study_dict(tmp_path / "img")))
     assert [m for m in study.members] == ["seeds", "distill", "born_again", "evolve"]
