@@ -14,6 +14,7 @@ import importlib
 import os
 import sys
 import textwrap
+import warnings
 
 # The modules that contribute subcommands, in the order of the data flow, with the commands each
 # defines (tests/test_layout.py checks this index against every module's COMMANDS). Running one command
@@ -94,8 +95,17 @@ def _fail(msg: str, code: int = 1) -> int:
     return code
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
+    """The workbench's own warnings as one ``warning:`` paragraph on stderr; others as Python prints them."""
+    if category.__module__.split(".")[0] in ("common", "training", "features", "transnet", "analysis", "studies"):
+        print(textwrap.fill(" ".join(f"warning: {message}".split()), width=100), file=file or sys.stderr)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    warnings.showwarning = _show_warning
     debug = "--debug" in argv
     parser, subs = build_parser(argv[0] if argv else None)
     if not argv or argv[0] not in subs:

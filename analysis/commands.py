@@ -25,6 +25,7 @@ from common.files import read_json
 from common.options import Command, add_dataclass_args, add_run_args, dataclass_from_args, parse_csv
 from common.registry import unknown_choice_message
 from common.rundir import run_mode
+from features.identity import check_transnet_features
 from transnet.commands import FIT_CHOICES, FIT_HELP
 from transnet.fit import FitConfig, load_transnet
 
@@ -38,6 +39,7 @@ CONSISTENCY_HELP = {
               "in generation order",
     "split": "held-out split the variances are reported on (a split other than --train_split; --split equal to "
              "--train_split gives in-sample reports, labelled held_out false with a warning in the table)",
+    "allow_other_checkpoints": "with --family: use feature-file nets whose checkpoint sha256 is not the member's",
 }
 
 
@@ -92,6 +94,8 @@ def _add_visualize(p: argparse.ArgumentParser) -> None:
     g.add_argument("--split", default="test", help="split the rows are taken from")
     g.add_argument("--rows", default="0", help="comma list of feature-file rows (images)")
     g.add_argument("--channels", default="0", help="comma list of target channels")
+    g.add_argument("--allow_other_checkpoints", action="store_true",
+                   help="apply the Trans-Net to features of other checkpoints than it was fitted on")
 
 
 def detect_visual(path: Path) -> str:
@@ -161,11 +165,12 @@ def visualize(path: str | None, what: str = "auto", out_dir: str | None = None, 
 
 
 def _panel(out_dir: str | None, transnet: str | None = None, features: str | None = None, split: str = "test",
-           rows: str = "0", channels: str = "0") -> list[Path]:
+           rows: str = "0", channels: str = "0", allow_other_checkpoints: bool = False) -> list[Path]:
     if not transnet:
         raise UserError("--what panel needs --transnet DIR (a fit-transnet run directory)")
     model, info = load_transnet(transnet)
     feats = features or info["features"]
+    check_transnet_features(info, feats, split, allow=allow_other_checkpoints)
     try:
         row_list, ch_list = parse_csv(rows, int), parse_csv(channels, int)
     except ValueError:
@@ -180,7 +185,8 @@ def _panel(out_dir: str | None, transnet: str | None = None, features: str | Non
 
 def _run_visualize(args: argparse.Namespace) -> None:
     paths = visualize(args.path, args.what, args.out_dir, transnet=args.transnet, features=args.features,
-                      split=args.split, rows=args.rows, channels=args.channels)
+                      split=args.split, rows=args.rows, channels=args.channels,
+                      allow_other_checkpoints=args.allow_other_checkpoints)
     print(f"wrote {len(paths)} file(s):")
     for p in paths:
         print(f"  {p}")
@@ -198,6 +204,7 @@ DIAGNOSE_HELP = {
     "split": "held-out split to diagnose", "top": "ranked images / channels / (image, channel) pairs listed",
     "panels": "Fig. 1 panels per direction", "panel_channels": "channels shown per panel image",
     "block_rows": "rows per contiguous HDF5 read", "device": "auto, cpu, cuda or cuda:N",
+    "allow_other_checkpoints": "apply the Trans-Nets to features of other checkpoints than they were fitted on",
 }
 
 

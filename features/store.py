@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -34,6 +35,10 @@ SCHEMA_VERSION = 1
 SPLIT_KEYS = ("index", "label")       # per-split datasets that are not nets
 LOGITS = "logits"
 CHUNK_CACHE_BYTES = 64 << 20          # raw-data chunk cache per open file
+
+
+class UnverifiedProvenanceWarning(UserWarning):
+    """Stored features whose checkpoint can no longer be read: nothing tells whether they are its features."""
 
 
 class FeatureFileError(UserError):
@@ -182,13 +187,16 @@ _SHA_CACHE: dict[tuple[str, int, int], str] = {}
 
 def check_checkpoint_unchanged(ds: h5py.Dataset, allow: bool = False) -> None:
     """Refuse features whose checkpoint file changed since extraction (its sha256 differs from the
-    recorded ``checkpoint_sha256``). A checkpoint that is no longer there cannot be checked and passes;
-    ``allow`` (``--allow_changed_checkpoints``) skips the check."""
+    recorded ``checkpoint_sha256``). A checkpoint that is no longer there cannot be checked: it passes
+    with a :class:`UnverifiedProvenanceWarning`; ``allow`` (``--allow_changed_checkpoints``) skips the check."""
     path, want = ds.attrs.get("checkpoint"), ds.attrs.get("checkpoint_sha256")
     if allow or not path or not want:
         return
     p = Path(str(path))
     if not p.is_file():
+        warnings.warn(UnverifiedProvenanceWarning(
+            f"{ds.file.filename}: the checkpoint {p} that {ds.name} was extracted from is gone, so the features' "
+            f"provenance cannot be verified (recorded sha256 {str(want)[:12]}...)"), stacklevel=2)
         return
     st = p.stat()
     key = (str(p.resolve()), st.st_size, st.st_mtime_ns)

@@ -308,9 +308,10 @@ def test_features_of_a_checkpoint_changed_since_extraction_are_refused_unless_al
     code, _, err = cli(*fit, "--out_dir", tmp_path / "t2", "--allow_changed_checkpoints")
     assert code == 0, err
 
-    shutil.move(ck["b"], tmp_path / "elsewhere.pt")                # a checkpoint moved away cannot be checked
-    code, _, err = cli(*sim, "--out_dir", tmp_path / "s3")
+    shutil.move(ck["b"], tmp_path / "elsewhere.pt")                # a checkpoint moved away cannot be checked:
+    code, _, err = cli(*sim, "--out_dir", tmp_path / "s3")         # it goes on, saying so
     assert code == 0, err
+    assert err.startswith("warning:") and "provenance cannot be verified" in " ".join(err.split()) and "b.pt" in err
 
 
 # --------------------------------------------------------------------------- train from a config file, bad names

@@ -13,6 +13,7 @@ from common.options import Command, add_dataclass_args, add_run_args, dataclass_
 from common.provenance import provenance
 from common.ranges import positive_int
 from common.rundir import RunDir, run_mode
+from features.identity import check_transnet_features
 from training.commands import add_train_args
 from training.loop import TrainConfig
 from transnet.data import DATA_ON, choose_placement, make_source, open_pair
@@ -108,7 +109,7 @@ def variance_filename(split: str) -> str:
 def run_variance(transnet_dir: str | Path, features: str | None = None, split: str = "test",
                  out_dir: str | Path | None = None, *, source: str | None = None, target: str | None = None,
                  target_features: str | None = None, device: str = "auto", batch_size: int = 256,
-                 data_on: str = "auto", mode: str = "new") -> dict[str, Any]:
+                 data_on: str = "auto", mode: str = "new", allow_other_checkpoints: bool = False) -> dict[str, Any]:
     """Variance report of a fitted Trans-Net on one split (one streaming float64 pass); written to
     ``variance.json`` in the Trans-Net run directory, or in ``out_dir`` (a run directory of its own)."""
     model, info = load_transnet(transnet_dir)
@@ -117,6 +118,8 @@ def run_variance(transnet_dir: str | Path, features: str | None = None, split: s
     tfeats = target_features or (info["target_features"] if not features and info["target_features"] != info["features"]
                                  else None)
     src_name, tgt_name = source or info["source"], target or info["target"]
+    check_transnet_features(info, feats, split, source=src_name, target=tgt_name, target_features=tfeats,
+                            allow=allow_other_checkpoints)
     pair = open_pair(feats, src_name, tgt_name, info["layer"], split, tfeats)
     if (pair.shape_a[0], pair.shape_b[0]) != (model.channels, model.out_channels):
         raise UserError(f"{pair.dataset_path('a')} -> {pair.dataset_path('b')} has {pair.shape_a[0]} -> "
@@ -162,6 +165,9 @@ def _add_variance(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch_size", type=positive_int(), default=256, help="rows per batch")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--data_on", default="auto", choices=list(DATA_ON), help="where the features are held")
+    p.add_argument("--allow_other_checkpoints", action="store_true",
+                   help="apply the Trans-Net to nets (--source/--target, --features) other than the checkpoints it "
+                        "was fitted on")
     add_run_args(p, out_required=False)
 
 
@@ -171,7 +177,8 @@ def _run_variance(args: argparse.Namespace) -> None:
     rep = run_variance(args.transnet, args.features, args.split, args.out_dir, source=args.source,
                        target=args.target, target_features=args.target_features, device=args.device,
                        batch_size=args.batch_size, data_on=args.data_on,
-                       mode=run_mode(args.resume, args.overwrite))
+                       mode=run_mode(args.resume, args.overwrite),
+                       allow_other_checkpoints=args.allow_other_checkpoints)
     print(summary_line(rep))
     print(f"wrote {rep['path']}")
 

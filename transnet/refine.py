@@ -33,6 +33,7 @@ from common.device import resolve_device
 from common.errors import UserError
 from common.files import read_json
 from common.provenance import sha256_file
+from features.identity import fitted_nets
 from common.registry import unknown_choice_message
 from common.rundir import RunDir, is_finished
 from training.data import build_dataset
@@ -222,7 +223,7 @@ def parse_orders(orders: str, k: int) -> list[int]:
 
 def _check_provenance(info: dict[str, Any], which: str, ckpt_path: str, allow: bool) -> None:
     """The Trans-Net's features record the checkpoint sha256 they came from: the net must be that one."""
-    prov = ((info.get("feature_provenance") or {}).get("train") or {}).get(which) or {}
+    prov = fitted_nets(info).get(which) or {}
     want = prov.get("checkpoint_sha256")
     if not want or allow:
         return
