@@ -22,6 +22,7 @@ from analysis.report import SIMILARITY_KIND, make_report, study_figures
 from analysis.study_folder import StudyFolder, read_family, read_study_folder
 from common.errors import UserError
 from common.files import read_json
+from common.finished import require_finished, require_finished_result
 from common.options import Command, add_dataclass_args, add_run_args, dataclass_from_args, parse_csv
 from common.registry import unknown_choice_message
 from common.rundir import run_mode
@@ -88,6 +89,8 @@ def _add_visualize(p: argparse.ArgumentParser) -> None:
                         "a family folder (family.json); not needed for --what panel")
     p.add_argument("--what", default="auto", choices=VISUALS, help="which figures (auto: from what PATH holds)")
     p.add_argument("--out_dir", default=None, help="where figures go (default: PATH/figures or next to the file)")
+    p.add_argument("--allow_unfinished", action="store_true",
+                   help="draw the results of a job that did not finish (read as they are)")
     g = p.add_argument_group("--what panel: the Fig. 1 decomposition of chosen images and channels")
     g.add_argument("--transnet", default=None, help="fit-transnet run directory")
     g.add_argument("--features", default=None, help="kc-features file (default: the one the Trans-Net was fitted on)")
@@ -112,11 +115,15 @@ def detect_visual(path: Path) -> str:
     return "study"
 
 
-def visualize(path: str | None, what: str = "auto", out_dir: str | None = None, **panel: Any) -> list[Path]:
-    """Draw the figures of one result (see ``--what``); return the written paths."""
+def visualize(path: str | None, what: str = "auto", out_dir: str | None = None, allow_unfinished: bool = False,
+              **panel: Any) -> list[Path]:
+    """Draw the figures of one result (see ``--what``); return the written paths. A result whose job
+    did not finish is refused unless ``allow_unfinished``."""
     if what not in VISUALS:
         raise UserError(unknown_choice_message("figure kind", what, list(VISUALS)))
     if what == "panel":
+        if panel.get("transnet"):
+            require_finished_result(panel["transnet"], "visualize", allow_unfinished)
         return _panel(out_dir, **panel)
     if not path:
         raise UserError("give the PATH of a study, consistency folder, similarity.json or family folder")
@@ -124,6 +131,7 @@ def visualize(path: str | None, what: str = "auto", out_dir: str | None = None, 
     if not src.exists():
         raise UserError(f"{src} does not exist")
     what = detect_visual(src) if what == "auto" else what
+    require_finished_result(src, "visualize", allow_unfinished)
     base = src.parent if src.is_file() else src
     out = Path(out_dir) if out_dir else base / "figures"
     if what == "study":
@@ -184,7 +192,8 @@ def _panel(out_dir: str | None, transnet: str | None = None, features: str | Non
 
 
 def _run_visualize(args: argparse.Namespace) -> None:
-    paths = visualize(args.path, args.what, args.out_dir, transnet=args.transnet, features=args.features,
+    paths = visualize(args.path, args.what, args.out_dir, args.allow_unfinished, transnet=args.transnet,
+                      features=args.features,
                       split=args.split, rows=args.rows, channels=args.channels,
                       allow_other_checkpoints=args.allow_other_checkpoints)
     print(f"wrote {len(paths)} file(s):")
@@ -205,6 +214,7 @@ DIAGNOSE_HELP = {
     "panels": "Fig. 1 panels per direction", "panel_channels": "channels shown per panel image",
     "block_rows": "rows per contiguous HDF5 read", "device": "auto, cpu, cuda or cuda:N",
     "allow_other_checkpoints": "apply the Trans-Nets to features of other checkpoints than they were fitted on",
+    "allow_unfinished": "read Trans-Nets whose fit did not finish (their last.pt)",
 }
 
 
@@ -227,9 +237,13 @@ def _run_diagnose(args: argparse.Namespace) -> None:
 def _add_report(p: argparse.ArgumentParser) -> None:
     p.add_argument("study_dir", help="the study folder (layout: see analysis/report.py)")
     p.add_argument("--out_dir", default=None, help="where report.html, report.md and figures/ go (default: STUDY_DIR)")
+    p.add_argument("--allow_unfinished", action="store_true",
+                   help="report on a study whose run did not finish (its stages read as they are)")
 
 
 def _run_report(args: argparse.Namespace) -> None:
+    if Path(args.study_dir, "config.json").exists():      # a study folder written by `study`
+        require_finished(args.study_dir, "report", args.allow_unfinished)
     res = make_report(args.study_dir, args.out_dir)
     print(f"wrote {res['html']} (self-contained) and {res['markdown']}")
     for m in res["missing"]:

@@ -35,6 +35,7 @@ from analysis.consistency import pair_dirname
 from common.device import resolve_device
 from common.errors import UserError
 from common.files import atomic_write, read_json, write_json
+from common.finished import require_finished_result
 from common.progress import progress
 from common.rundir import RunDir
 from features.identity import check_transnet_features
@@ -60,6 +61,7 @@ class DiagnoseConfig:
     block_rows: int = 256           # rows per contiguous HDF5 read
     device: str = "cpu"
     allow_other_checkpoints: bool = False   # apply the Trans-Nets to features of other checkpoints
+    allow_unfinished: bool = False          # read Trans-Nets whose fit did not finish
 
 
 # --------------------------------------------------------------------------- pure math
@@ -333,6 +335,8 @@ def diagnose_pair(cfg: DiagnoseConfig, out_dir: str | os.PathLike, mode: str = "
         raise UserError("--top and --panel_channels must be >= 1 and --panels >= 0")
     device = resolve_device(cfg.device)
     ab_dir, ba_dir = resolve_transnets(cfg)
+    for path in (ab_dir, ba_dir):
+        require_finished_result(path, "diagnose", cfg.allow_unfinished)
     g_ab, info_ab = _load_checked(ab_dir, cfg.a, cfg.b, cfg.layer)
     g_ba, info_ba = _load_checked(ba_dir, cfg.b, cfg.a, cfg.layer)
     for info in (info_ab, info_ba):         # the features must be those of the nets the Trans-Nets were fitted on

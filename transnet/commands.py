@@ -9,6 +9,7 @@ from typing import Any
 from common.device import PRECISIONS, resolve_device
 from common.errors import UserError
 from common.files import read_json, write_json
+from common.finished import require_finished_result
 from common.options import Command, add_dataclass_args, add_run_args, dataclass_from_args
 from common.provenance import provenance
 from common.ranges import positive_int
@@ -109,9 +110,11 @@ def variance_filename(split: str) -> str:
 def run_variance(transnet_dir: str | Path, features: str | None = None, split: str = "test",
                  out_dir: str | Path | None = None, *, source: str | None = None, target: str | None = None,
                  target_features: str | None = None, device: str = "auto", batch_size: int = 256,
-                 data_on: str = "auto", mode: str = "new", allow_other_checkpoints: bool = False) -> dict[str, Any]:
+                 data_on: str = "auto", mode: str = "new", allow_other_checkpoints: bool = False,
+                 allow_unfinished: bool = False) -> dict[str, Any]:
     """Variance report of a fitted Trans-Net on one split (one streaming float64 pass); written to
     ``variance.json`` in the Trans-Net run directory, or in ``out_dir`` (a run directory of its own)."""
+    require_finished_result(transnet_dir, "variance", allow_unfinished)
     model, info = load_transnet(transnet_dir)
     dev = resolve_device(device)
     feats = features or info["features"]
@@ -168,6 +171,8 @@ def _add_variance(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow_other_checkpoints", action="store_true",
                    help="apply the Trans-Net to nets (--source/--target, --features) other than the checkpoints it "
                         "was fitted on")
+    p.add_argument("--allow_unfinished", action="store_true",
+                   help="report on a Trans-Net whose fit did not finish (its last.pt)")
     add_run_args(p, out_required=False)
 
 
@@ -178,7 +183,7 @@ def _run_variance(args: argparse.Namespace) -> None:
                        target=args.target, target_features=args.target_features, device=args.device,
                        batch_size=args.batch_size, data_on=args.data_on,
                        mode=run_mode(args.resume, args.overwrite),
-                       allow_other_checkpoints=args.allow_other_checkpoints)
+                       allow_other_checkpoints=args.allow_other_checkpoints, allow_unfinished=args.allow_unfinished)
     print(summary_line(rep))
     print(f"wrote {rep['path']}")
 
