@@ -42,14 +42,15 @@ def _fmt(x: float) -> str:
 
 class Number(OptionType):
     """An int or a finite float in a range (``lo``/``hi`` inclusive unless ``*_open``); ``odd`` ints only
-    when asked; ``values``: the only allowed numbers."""
+    when asked; ``values``: the only allowed numbers; ``words``: strings also taken as they are (``auto``)."""
 
     def __init__(self, kind: type, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
-                 hi_open: bool = False, odd: bool = False, values: Sequence[int] | None = None):
+                 hi_open: bool = False, odd: bool = False, values: Sequence[int] | None = None,
+                 words: Sequence[str] = ()):
         assert kind in (int, float)
         self.kind, self.lo, self.hi, self.lo_open, self.hi_open = kind, lo, hi, lo_open, hi_open
-        self.odd, self.values = odd, tuple(values) if values is not None else None
-        self.text = self._range_text()
+        self.odd, self.values, self.words = odd, tuple(values) if values is not None else None, tuple(words)
+        self.text = self._range_text() + "".join(f" or {w}" for w in self.words)
 
     def _range_text(self) -> str:
         if self.values is not None:
@@ -68,8 +69,9 @@ class Number(OptionType):
         if self.values is not None:
             return self.text
         what = ("an odd integer" if self.odd else "an integer") if self.kind is int else "a finite number"
-        text = self.text.removeprefix("odd").lstrip(", ")
-        return f"{what} {text}" if text and text != "any finite value" else what
+        text = self._range_text().removeprefix("odd").lstrip(", ")
+        words = "".join(f" or {w!r}" for w in self.words)
+        return (f"{what} {text}" if text and text != "any finite value" else what) + words
 
     def _number(self, value: Any) -> int | float:
         if isinstance(value, bool):
@@ -98,7 +100,9 @@ class Number(OptionType):
             return False
         return not (self.odd and v % 2 == 0)
 
-    def __call__(self, value: Any) -> int | float:
+    def __call__(self, value: Any) -> int | float | str:
+        if isinstance(value, str) and value.strip() in self.words:
+            return value.strip()
         v = self._number(value)
         if not self.check(v):
             raise self.bad(value, self.describe())
@@ -107,6 +111,11 @@ class Number(OptionType):
 
 def positive_int() -> Number:
     return Number(int, 1)
+
+
+def positive_int_or(*words: str) -> Number:
+    """A positive int or one of ``words`` (``positive_int_or("auto")`` for ``--epochs auto``)."""
+    return Number(int, 1, words=words)
 
 
 def nonneg_int() -> Number:
