@@ -241,6 +241,7 @@ REFINE_HELP = {
     "baseline": "also fine-tune B's upper part on B's own features (same budget): the fair baseline",
     "data_root": "data root override (default: the one in net B's checkpoint)",
     "allow_other_checkpoints": "accept nets other than those the Trans-Net's features were extracted from",
+    "allow_unfinished": "use a Trans-Net whose fit did not finish (its last.pt)",
 }
 
 

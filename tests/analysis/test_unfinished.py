@@ -1,4 +1,4 @@
-"""A job that did not finish is not read as finished: variance, diagnose, visualize and report refuse
+"""A job that did not finish is not read as finished: variance, diagnose, visualize, refine and report refuse
 its folder, saying how far it got and how to resume it, unless --allow_unfinished. Files that are not
 what a command needs (a Trans-Net given as a net, a malformed family.json) are named with a clear error."""
 from __future__ import annotations
@@ -33,7 +33,7 @@ def _refused(code: int, err: str, *needles: str) -> None:
         assert _flat(n) in _flat(err), (n, err)
 
 
-def test_variance_diagnose_and_visualize_refuse_a_fit_that_died(cli, world, tmp_path):  # noqa: F811
+def test_variance_diagnose_visualize_and_refine_refuse_a_fit_that_died(cli, world, tmp_path):  # noqa: F811
     dead = _died(world["root"] / "ab", tmp_path / "dead")
     resume = f"resume it with python cli.py fit-transnet --features F --source a --target b --out_dir {dead} --resume"
     code, _, err = cli("variance", "--transnet", dead, "--out_dir", tmp_path / "v")
@@ -47,6 +47,9 @@ def test_variance_diagnose_and_visualize_refuse_a_fit_that_died(cli, world, tmp_
                        "--out_dir", tmp_path / "d")
     _refused(code, err, "stopped at epoch 20 of 60")
     code, _, err = cli("visualize", "--what", "panel", "--transnet", dead, "--out_dir", tmp_path / "p")
+    _refused(code, err, "stopped at epoch 20 of 60")
+    code, _, err = cli("refine", "--net_a", world["ck"]["a"], "--net_b", world["ck"]["b"], "--transnet", dead,
+                       "--out_dir", tmp_path / "r")
     _refused(code, err, "stopped at epoch 20 of 60")
 
 
