@@ -14,6 +14,7 @@ import importlib
 import os
 import sys
 import textwrap
+import warnings
 
 # The modules that contribute subcommands, in the order of the data flow, with the commands each
 # defines (tests/test_layout.py checks this index against every module's COMMANDS). Running one command
@@ -48,6 +49,8 @@ def build_parser(command: str | None = None) -> tuple[argparse.ArgumentParser, d
         prog="cli.py", description="Knowledge-consistency workbench: train network families, cache their "
         "activations, fit Trans-Nets between pairs and explain what knowledge they share.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    from common.options import describe_types
+
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     subs = {}
     module = module_of(command) if command else None
@@ -60,14 +63,17 @@ def build_parser(command: str | None = None) -> tuple[argparse.ArgumentParser, d
         p.add_argument("--config", default=None, help="YAML or JSON file of option: value (the command line wins)")
         p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
         p.set_defaults(_run=cmd.run)
+        describe_types(p)
         subs[cmd.name] = p
     return parser, subs
 
 
 def _apply_config(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
-    """Parse once to find --config, set its values as defaults (unknown keys rejected), parse again."""
+    """Parse once to find --config, set its values as defaults (unknown keys rejected, each value checked
+    against its option's type, range and choices), parse again."""
     from common.errors import UserError
     from common.files import load_config_file
+    from common.options import convert_value
 
     args = p.parse_args(argv)
     if not args.config:
@@ -78,7 +84,8 @@ def _apply_config(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Names
     if unknown:
         raise UserError(f"config file {args.config} sets unknown option(s) {', '.join(unknown)}; "
                         f"valid: {', '.join(sorted(k for k in known if not k.startswith('_') and k != 'help'))}")
-    p.set_defaults(**values)
+    actions = {a.dest: a for a in p._actions}
+    p.set_defaults(**{k: convert_value(actions[k], v, f"config file {args.config}") for k, v in values.items()})
     return p.parse_args(argv)
 
 
@@ -88,8 +95,17 @@ def _fail(msg: str, code: int = 1) -> int:
     return code
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
+    """The workbench's own warnings as one ``warning:`` paragraph on stderr; others as Python prints them."""
+    if category.__module__.split(".")[0] in ("common", "training", "features", "transnet", "analysis", "studies"):
+        print(textwrap.fill(" ".join(f"warning: {message}".split()), width=100), file=file or sys.stderr)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    warnings.showwarning = _show_warning
     debug = "--debug" in argv
     parser, subs = build_parser(argv[0] if argv else None)
     if not argv or argv[0] not in subs:

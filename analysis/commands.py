@@ -22,11 +22,13 @@ from analysis.report import SIMILARITY_KIND, make_report, study_figures
 from analysis.study_folder import StudyFolder, read_family, read_study_folder
 from common.errors import UserError
 from common.files import read_json
+from common.finished import require_finished, require_finished_result
 from common.options import Command, add_dataclass_args, add_run_args, dataclass_from_args, parse_csv
 from common.registry import unknown_choice_message
 from common.rundir import run_mode
+from features.identity import check_transnet_features
 from transnet.fit import FitConfig, load_transnet
-from transnet.options import FIT_CHOICES, FIT_HELP
+from transnet.options import FIT_CHOICES, FIT_HELP, FIT_TYPES
 
 CONSISTENCY_HELP = {
     "features": "kc-features file holding every net at --layer (train and test splits)",
@@ -38,6 +40,7 @@ CONSISTENCY_HELP = {
               "in generation order",
     "split": "held-out split the variances are reported on (a split other than --train_split; --split equal to "
              "--train_split gives in-sample reports, labelled held_out false with a warning in the table)",
+    "allow_other_checkpoints": "with --family: use feature-file nets whose checkpoint sha256 is not the member's",
 }
 
 
@@ -47,7 +50,7 @@ def _add_consistency(p: argparse.ArgumentParser) -> None:
     add_dataclass_args(p, ConsistencyConfig, help=CONSISTENCY_HELP)
     g = p.add_argument_group("Trans-Net fitting (as fit-transnet; applied to every pair)")
     add_dataclass_args(g, FitConfig, skip=("features", "source", "target", "layer", "eval_split"), help=FIT_HELP,
-                       choices=FIT_CHOICES)
+                       choices=FIT_CHOICES, types=FIT_TYPES)
     p.add_argument("--no_figures", action="store_true", help="skip the heatmap and stacked-bar figures")
     add_run_args(p)
 
@@ -86,12 +89,16 @@ def _add_visualize(p: argparse.ArgumentParser) -> None:
                         "a family folder (family.json); not needed for --what panel")
     p.add_argument("--what", default="auto", choices=VISUALS, help="which figures (auto: from what PATH holds)")
     p.add_argument("--out_dir", default=None, help="where figures go (default: PATH/figures or next to the file)")
+    p.add_argument("--allow_unfinished", action="store_true",
+                   help="draw the results of a job that did not finish (read as they are)")
     g = p.add_argument_group("--what panel: the Fig. 1 decomposition of chosen images and channels")
     g.add_argument("--transnet", default=None, help="fit-transnet run directory")
     g.add_argument("--features", default=None, help="kc-features file (default: the one the Trans-Net was fitted on)")
     g.add_argument("--split", default="test", help="split the rows are taken from")
     g.add_argument("--rows", default="0", help="comma list of feature-file rows (images)")
     g.add_argument("--channels", default="0", help="comma list of target channels")
+    g.add_argument("--allow_other_checkpoints", action="store_true",
+                   help="apply the Trans-Net to features of other checkpoints than it was fitted on")
 
 
 def detect_visual(path: Path) -> str:
@@ -108,11 +115,15 @@ def detect_visual(path: Path) -> str:
     return "study"
 
 
-def visualize(path: str | None, what: str = "auto", out_dir: str | None = None, **panel: Any) -> list[Path]:
-    """Draw the figures of one result (see ``--what``); return the written paths."""
+def visualize(path: str | None, what: str = "auto", out_dir: str | None = None, allow_unfinished: bool = False,
+              **panel: Any) -> list[Path]:
+    """Draw the figures of one result (see ``--what``); return the written paths. A result whose job
+    did not finish is refused unless ``allow_unfinished``."""
     if what not in VISUALS:
         raise UserError(unknown_choice_message("figure kind", what, list(VISUALS)))
     if what == "panel":
+        if panel.get("transnet"):
+            require_finished_result(panel["transnet"], "visualize", allow_unfinished)
         return _panel(out_dir, **panel)
     if not path:
         raise UserError("give the PATH of a study, consistency folder, similarity.json or family folder")
@@ -120,6 +131,7 @@ def visualize(path: str | None, what: str = "auto", out_dir: str | None = None, 
     if not src.exists():
         raise UserError(f"{src} does not exist")
     what = detect_visual(src) if what == "auto" else what
+    require_finished_result(src, "visualize", allow_unfinished)
     base = src.parent if src.is_file() else src
     out = Path(out_dir) if out_dir else base / "figures"
     if what == "study":
@@ -161,11 +173,12 @@ def visualize(path: str | None, what: str = "auto", out_dir: str | None = None, 
 
 
 def _panel(out_dir: str | None, transnet: str | None = None, features: str | None = None, split: str = "test",
-           rows: str = "0", channels: str = "0") -> list[Path]:
+           rows: str = "0", channels: str = "0", allow_other_checkpoints: bool = False) -> list[Path]:
     if not transnet:
         raise UserError("--what panel needs --transnet DIR (a fit-transnet run directory)")
     model, info = load_transnet(transnet)
     feats = features or info["features"]
+    check_transnet_features(info, feats, split, allow=allow_other_checkpoints)
     try:
         row_list, ch_list = parse_csv(rows, int), parse_csv(channels, int)
     except ValueError:
@@ -179,8 +192,10 @@ def _panel(out_dir: str | None, transnet: str | None = None, features: str | Non
 
 
 def _run_visualize(args: argparse.Namespace) -> None:
-    paths = visualize(args.path, args.what, args.out_dir, transnet=args.transnet, features=args.features,
-                      split=args.split, rows=args.rows, channels=args.channels)
+    paths = visualize(args.path, args.what, args.out_dir, args.allow_unfinished, transnet=args.transnet,
+                      features=args.features,
+                      split=args.split, rows=args.rows, channels=args.channels,
+                      allow_other_checkpoints=args.allow_other_checkpoints)
     print(f"wrote {len(paths)} file(s):")
     for p in paths:
         print(f"  {p}")
@@ -198,6 +213,8 @@ DIAGNOSE_HELP = {
     "split": "held-out split to diagnose", "top": "ranked images / channels / (image, channel) pairs listed",
     "panels": "Fig. 1 panels per direction", "panel_channels": "channels shown per panel image",
     "block_rows": "rows per contiguous HDF5 read", "device": "auto, cpu, cuda or cuda:N",
+    "allow_other_checkpoints": "apply the Trans-Nets to features of other checkpoints than they were fitted on",
+    "allow_unfinished": "read Trans-Nets whose fit did not finish (their last.pt)",
 }
 
 
@@ -220,9 +237,13 @@ def _run_diagnose(args: argparse.Namespace) -> None:
 def _add_report(p: argparse.ArgumentParser) -> None:
     p.add_argument("study_dir", help="the study folder (layout: see analysis/report.py)")
     p.add_argument("--out_dir", default=None, help="where report.html, report.md and figures/ go (default: STUDY_DIR)")
+    p.add_argument("--allow_unfinished", action="store_true",
+                   help="report on a study whose run did not finish (its stages read as they are)")
 
 
 def _run_report(args: argparse.Namespace) -> None:
+    if Path(args.study_dir, "config.json").exists():      # a study folder written by `study`
+        require_finished(args.study_dir, "report", args.allow_unfinished)
     res = make_report(args.study_dir, args.out_dir)
     print(f"wrote {res['html']} (self-contained) and {res['markdown']}")
     for m in res["missing"]:

@@ -48,6 +48,7 @@ from common.files import atomic_write, read_json, write_json
 from common.options import parse_csv
 from common.registry import unknown_choice_message
 from common.rundir import RunDir, is_finished
+from features.identity import check_family_features
 from features.store import get_features, list_layers, list_nets, list_splits, open_features
 from training.manifest import read_manifest
 from transnet.fit import RESUME_FREE, FitConfig, fit_transnet
@@ -72,6 +73,7 @@ class ConsistencyConfig:
     nets: str = ""              # comma list in family order (chain order); empty: every net of the file
     family: str = ""            # a family.json (or its folder): its members are the nets, in generation order
     split: str = "test"         # held-out split of the variance report (fits use --train_split)
+    allow_other_checkpoints: bool = False   # --family: accept feature-file nets whose checkpoint is not the member's
 
 
 # --------------------------------------------------------------------------- pair plans (pure)
@@ -384,6 +386,9 @@ def run_consistency(cfg: ConsistencyConfig, fit: FitConfig, out_dir: str | os.Pa
     if not cfg.features or not cfg.layer:
         raise UserError("--features and --layer are required")
     nets = resolve_nets(cfg.features, cfg.layer, cfg.split, fit.train_split, config_nets(cfg))
+    if cfg.family:                              # the file's nets must be the members (by checkpoint sha256)
+        check_family_features(read_manifest(cfg.family), cfg.features, cfg.split, cfg.layer,
+                              cfg.allow_other_checkpoints, cfg.family)
     pairs = plan_pairs(nets, cfg.pairs)
     device = use_device(fit.device)
     if cfg.split == fit.train_split:

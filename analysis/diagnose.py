@@ -35,8 +35,10 @@ from analysis.consistency import pair_dirname
 from common.device import use_device
 from common.errors import UserError
 from common.files import atomic_write, read_json, write_json
+from common.finished import require_finished_result
 from common.progress import progress
 from common.rundir import RunDir
+from features.identity import check_transnet_features
 from features.store import get_features, iter_blocks, open_features, read_index, read_labels, read_rows
 from transnet.fit import in_sample_warning, load_transnet
 
@@ -58,6 +60,8 @@ class DiagnoseConfig:
     panel_channels: int = 3         # channels per panel image
     block_rows: int = 256           # rows per contiguous HDF5 read
     device: str = "cpu"
+    allow_other_checkpoints: bool = False   # apply the Trans-Nets to features of other checkpoints
+    allow_unfinished: bool = False          # read Trans-Nets whose fit did not finish
 
 
 # --------------------------------------------------------------------------- pure math
@@ -331,8 +335,12 @@ def diagnose_pair(cfg: DiagnoseConfig, out_dir: str | os.PathLike, mode: str = "
         raise UserError("--top and --panel_channels must be >= 1 and --panels >= 0")
     device = use_device(cfg.device)
     ab_dir, ba_dir = resolve_transnets(cfg)
+    for path in (ab_dir, ba_dir):
+        require_finished_result(path, "diagnose", cfg.allow_unfinished)
     g_ab, info_ab = _load_checked(ab_dir, cfg.a, cfg.b, cfg.layer)
     g_ba, info_ba = _load_checked(ba_dir, cfg.b, cfg.a, cfg.layer)
+    for info in (info_ab, info_ba):         # the features must be those of the nets the Trans-Nets were fitted on
+        check_transnet_features(info, cfg.features, cfg.split, allow=cfg.allow_other_checkpoints)
     in_sample = in_sample_warnings(cfg.split, {"blind_spots": info_ab, "unreliable": info_ba})
     with open_features(cfg.features) as f:
         index, labels = read_index(f, cfg.split), read_labels(f, cfg.split)

@@ -13,6 +13,7 @@ from common.distributed import dist_from_env
 from common.errors import UserError
 from common.files import jsonable
 from common.options import Command, add_dataclass_args, dataclass_from_args, parse_kv_list
+from common.ranges import csv_nonempty, nonneg_int, positive_int
 from common.rundir import run_mode
 from common.device import PRECISIONS
 from features.extract import COMPRESSIONS, DTYPES, ExtractConfig, extract_features
@@ -20,6 +21,7 @@ from features.inspection import describe_file, verify_file
 from features.layers import format_layers, list_layers
 from features.nets import Net, build_feature_data, data_spec_for, load_net
 from features.nonfinite import NonFiniteFeaturesWarning
+from training.data import SPLITS
 from training.manifest import read_manifest
 from training.models import ARCHS, build_model, model_from_checkpoint
 from training.options import add_data_args
@@ -57,7 +59,7 @@ def _add_extract(p: argparse.ArgumentParser) -> None:
     g.add_argument("--family", default=None, help="a family.json (or its folder): extract all its members")
     g.add_argument("--layer", action="append", default=None, metavar="PATH",
                    help="module path or fx node (features.30, layer3, layer3.-1.add); repeat for several")
-    g.add_argument("--conv_layer", action="append", type=int, default=None, metavar="N",
+    g.add_argument("--conv_layer", action="append", type=nonneg_int(), default=None, metavar="N",
                    help="alias of --layer features.N (the paper's index into a VGG/AlexNet `features`)")
     g.add_argument("--out", required=True, help="the feature file to write (kc-features v1)")
     m = p.add_mutually_exclusive_group()
@@ -73,9 +75,10 @@ def _add_extract(p: argparse.ArgumentParser) -> None:
     g2 = p.add_argument_group("extraction")
     add_dataclass_args(g2, ExtractConfig, help=EXTRACT_HELP,
                        choices={"dtype": list(DTYPES), "compression": list(COMPRESSIONS),
-                                "precision": list(PRECISIONS)})
+                                "precision": list(PRECISIONS)},
+                       types={"split": csv_nonempty(SPLITS)})
     g2.add_argument("--amp", action="store_true", help="alias of --precision bf16 (kept for older command lines)")
-    p.add_argument("--max_batches", type=int, default=None, help=argparse.SUPPRESS)  # simulated kill (tests)
+    p.add_argument("--max_batches", type=nonneg_int(), default=None, help=argparse.SUPPRESS)  # simulated kill (tests)
 
 
 def nets_from_args(args: argparse.Namespace) -> list[Net]:
@@ -164,8 +167,8 @@ def _add_inspect(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--verify", action="store_true",
                    help="re-compute a few random rows of every dataset from its checkpoint and compare")
-    p.add_argument("--verify_rows", type=int, default=4, help="rows per split and net to re-compute")
-    p.add_argument("--seed", type=int, default=0, help="seed of the rows chosen by --verify")
+    p.add_argument("--verify_rows", type=positive_int(), default=4, help="rows per split and net to re-compute")
+    p.add_argument("--seed", type=nonneg_int(), default=0, help="seed of the rows chosen by --verify")
     p.add_argument("--device", default="cpu", help="device for --verify")
 
 
@@ -232,9 +235,9 @@ def _add_list_layers(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--arch", default=None, help="architecture: " + ", ".join(ARCHS.names()))
     src.add_argument("--checkpoint", default=None, help="a workbench checkpoint (arch, classes, input size from it)")
-    p.add_argument("--num_classes", type=int, default=10, help="classes (with --arch)")
-    p.add_argument("--in_channels", type=int, default=3, help="input channels (with --arch)")
-    p.add_argument("--input_size", type=int, default=None,
+    p.add_argument("--num_classes", type=positive_int(), default=10, help="classes (with --arch)")
+    p.add_argument("--in_channels", type=positive_int(), default=3, help="input channels (with --arch)")
+    p.add_argument("--input_size", type=positive_int(), default=None,
                    help="input size in px (default: the arch's own, or the checkpoint's)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 

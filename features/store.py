@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -40,6 +41,10 @@ SPLIT_KEYS = (INDEX, LABEL)           # per-split datasets that are not nets
 LOGITS = "logits"                     # the per-net dataset that is not a layer
 PROGRESS_ATTRS = ("complete", "rows_done")   # a feature dataset's progress: read with dataset_progress()
 CHUNK_CACHE_BYTES = 64 << 20          # raw-data chunk cache per open file
+
+
+class UnverifiedProvenanceWarning(UserWarning):
+    """Stored features whose checkpoint can no longer be read: nothing tells whether they are its features."""
 
 
 class FeatureFileError(UserError):
@@ -239,13 +244,16 @@ _SHA_CACHE: dict[tuple[str, int, int], str] = {}
 
 def check_checkpoint_unchanged(ds: h5py.Dataset, allow: bool = False) -> None:
     """Refuse features whose checkpoint file changed since extraction (its sha256 differs from the
-    recorded ``checkpoint_sha256``). A checkpoint that is no longer there cannot be checked and passes;
-    ``allow`` (``--allow_changed_checkpoints``) skips the check."""
+    recorded ``checkpoint_sha256``). A checkpoint that is no longer there cannot be checked: it passes
+    with a :class:`UnverifiedProvenanceWarning`; ``allow`` (``--allow_changed_checkpoints``) skips the check."""
     path, want = ds.attrs.get("checkpoint"), ds.attrs.get("checkpoint_sha256")
     if allow or not path or not want:
         return
     p = Path(str(path))
     if not p.is_file():
+        warnings.warn(UnverifiedProvenanceWarning(
+            f"{ds.file.filename}: the checkpoint {p} that {ds.name} was extracted from is gone, so the features' "
+            f"provenance cannot be verified (recorded sha256 {str(want)[:12]}...)"), stacklevel=2)
         return
     st = p.stat()
     key = (str(p.resolve()), st.st_size, st.st_mtime_ns)

@@ -13,6 +13,7 @@ from common.errors import UserError
 from common.files import load_config_file
 from features.extract import ExtractConfig
 from training.datasets import DataSpec
+from studies.validate import study_problems
 from training.loop import TrainConfig
 
 FAMILY_KINDS = ("seeds", "distill", "born_again", "evolve")
@@ -108,6 +109,10 @@ def load_study(path: str | os.PathLike) -> Study:
         shipped = sorted(str(p.relative_to(STUDIES_DIR.parent)) for p in STUDIES_DIR.glob("*.yaml"))
         raise UserError(f"study file {path} does not exist; shipped studies: {', '.join(shipped) or 'none'}")
     raw = load_config_file(path)
+    problems = study_problems(raw, TOP_KEYS, ExtractSpec)
+    if problems:
+        raise UserError(f"study file {path} has {len(problems)} problem(s), nothing was run: "
+                        + " ".join(f"({i}) {m}" for i, m in enumerate(problems, 1)))
     check_keys("the study file", raw, TOP_KEYS)
     data = dict(raw.get("data") or {})
     if "dataset" in data:

@@ -5,6 +5,10 @@ training/test_training.py, features/test_extract.py and transnet/test_transnet_f
 features/test_extract.py; NaN features in transnet/test_transnet_fit.py.)"""
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
+import json
 import shutil
 from pathlib import Path
 
@@ -14,6 +18,9 @@ import torch
 
 import cli as cli_mod
 from common.checkpoints import load_checkpoint, save_checkpoint
+from common.errors import UserError
+from common.options import is_flag
+from common.ranges import CsvList, Name, Number, OptionType
 from common.files import read_json
 from features.extract import ExtractConfig, extract_features
 from features.nets import build_feature_data, data_spec_for, load_net
@@ -66,11 +73,11 @@ def _g(tmp_path: Path) -> dict[str, str]:
 BAD_CALLS = {
     "train": lambda g: ["--dataset", f"imagefolder:{g['dir']}", "--arch", "vgg_tiny", "--out_dir", g["out"]],
     "distill": lambda g: ["--teacher", g["junk_pt"], "--arch", "vgg_tiny", "--out_dir", g["out"]],
-    "born-again": lambda g: ["--arch", "vgg_tiny", "--generations", "0", "--out_dir", g["out"]],
+    "born-again": lambda g: ["--arch", "vgg_tiny", "--weights", g["junk_pt"], "--out_dir", g["out"]],
     "search": lambda g: ["--base", g["missing"], "--grid", "alpha=0.1,0.5", "--out_dir", g["out"]],
     "summarize": lambda g: [g["dir"]],
     "compress": lambda g: ["--checkpoint", g["junk_pt"], "--prune", "0.8", "--out_dir", g["out"]],
-    "evolve": lambda g: ["--arch", "vgg_tiny", "--split_rate", "1.5", "--out_dir", g["out"]],
+    "evolve": lambda g: ["--arch", "vgg_tiny", "--dataset", f"imagefolder:{g['dir']}", "--out_dir", g["out"]],
     "extract": lambda g: ["--nets", f"a={g['junk_pt']}", "--layer", "features.8", "--out", g["out"] + ".h5"],
     "inspect": lambda g: [g["junk_h5"]],
     "list-layers": lambda g: ["--arch", "vgg_tinny"],
@@ -96,6 +103,146 @@ def test_garbage_inputs_exit_nonzero_with_one_paragraph(command, cli, tmp_path):
     code, out, err = cli(command, *BAD_CALLS[command](_g(tmp_path)))
     assert code != 0, out
     _assert_one_paragraph(err)
+
+
+# --------------------------------------------------------------------------- every option's range, from the parsers
+
+PARSERS = cli_mod.build_parser()[1]
+
+
+def _default(action: argparse.Action):
+    return getattr(action.default, "value", action.default)      # evolve wraps defaults (preset detection)
+
+
+def _bad_values(t: OptionType) -> list[str]:
+    """Strings the option type must refuse: not a number, non-finite, just outside each bound."""
+    if isinstance(t, Name):
+        return ["", "a/b", "..", "a b", "../up"]
+    if isinstance(t, CsvList):
+        return [",", "", "a,,b", "x,x"] + (["zzz"] if t.choices else [])
+    assert isinstance(t, Number), t
+    out = ["abc", "", "nan", "1e400" if t.kind is float else "1.5"]
+    out += ["inf", "-inf"] if t.kind is float else []
+    step = 1 if t.kind is int else 1e-3
+    if t.values is not None:
+        out += [str(max(t.values) + 1), str(min(t.values) - 1)] + [str(v) for v in range(min(t.values), max(t.values))
+                                                                   if v not in t.values]
+    if t.lo is not None:
+        out.append(str(t.lo if t.lo_open else t.lo - step))
+    if t.hi is not None:
+        out.append(str(t.hi if t.hi_open else t.hi + step))
+    if t.odd:
+        out.append(str(int(t.lo or 1) + 1))
+    return out
+
+
+def _good_value(t: OptionType) -> str:
+    if isinstance(t, Name):
+        return "net_1"
+    if isinstance(t, CsvList):
+        return ",".join(t.choices[:2]) if t.choices else "a,b"
+    if t.values is not None:
+        return str(t.values[0])
+    lo = t.lo if t.lo is not None else 0
+    v = lo + (1 if t.lo_open or t.odd and lo % 2 == 0 else 0) if t.kind is int else lo + (0.5 if t.lo_open else 0)
+    return str(v if t.hi is None else min(v, t.hi if not t.hi_open else (lo + t.hi) / 2))
+
+
+def _checked_options(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    return [a for a in parser._actions if isinstance(a.type, OptionType) and a.option_strings]
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace | None, str]:
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return parser.parse_args(argv), err.getvalue()
+    except SystemExit as e:
+        assert e.code == 2, (argv, err.getvalue())
+        return None, err.getvalue()
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_numeric_option_has_a_range_shown_in_its_help(command):
+    parser = PARSERS[command]
+    plain = [a.dest for a in parser._actions if a.type in (int, float) or (
+        a.type is None and isinstance(_default(a), (int, float)) and not isinstance(_default(a), bool))]
+    assert not plain, f"{command}: numeric options without a declared range: {plain}"
+    for a in _checked_options(parser):
+        assert a.help == argparse.SUPPRESS or a.type.text in a.help, (command, a.dest)
+        if _default(a) is not None and not isinstance(_default(a), str):
+            a.type(_default(a))                                   # the default lies in the range
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_out_of_range_and_garbage_values_are_refused_by_the_parser(command, tmp_path):
+    """Every checked option of the command, each bad value generated from its declared range: argparse
+    refuses it (exit 2) naming the option and the range; a value inside the range is taken."""
+    parser, required = PARSERS[command], REQUIRED[command](tmp_path)
+    accepted, unclear = [], []
+    for a in _checked_options(parser):
+        opt = a.option_strings[0]
+        for bad in _bad_values(a.type):
+            ns, err = _parse(parser, [*required, f"{opt}={bad}"])
+            if ns is not None:
+                accepted.append(f"{opt}={bad!r}")
+            elif f"argument {opt}" not in err or "Traceback" in err or "expects" not in err and "names" not in err \
+                    and "must" not in err and "unknown" not in err:
+                unclear.append(f"{opt}={bad!r}: {err.strip().splitlines()[-1]}")
+        ns, err = _parse(parser, [*required, f"{opt}={_good_value(a.type)}"])
+        assert ns is not None, (opt, _good_value(a.type), err)
+    assert not accepted, f"{command} accepted: {accepted}"
+    assert not unclear, f"{command} refused without naming the option or the range: {unclear}"
+
+
+def _bad_config_values(a: argparse.Action) -> list:
+    if is_flag(a):
+        return ["maybe", 3, None, [True]]
+    out = [{"k": 1}, [[1]]]
+    if not (a.nargs in ("+", "*") or isinstance(a, argparse._AppendAction)):
+        out.append([1, 2])
+    if _default(a) is not None:
+        out.append(None)
+    if isinstance(a.type, Number):
+        out += ["abc", True] + ([2.5] if a.type.kind is int else [float("nan")])
+    elif a.choices is not None:
+        out.append("zzz_not_a_choice")
+    return out
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_config_file_values_of_the_wrong_type_are_refused_naming_the_option(command, tmp_path):
+    """A list, a mapping, null, a float for an int, text for a number, a non-boolean for a flag: each is
+    refused by the config reader as one clear error that names the file and the option."""
+    parser = PARSERS[command]
+    bad_cases = []
+    for a in parser._actions:
+        if a.dest in ("help", "config", "debug", "_run") or a.default is argparse.SUPPRESS:
+            continue
+        for value in _bad_config_values(a):
+            cfg = tmp_path / "c.json"
+            cfg.write_text(json.dumps({a.dest: value}))
+            try:
+                cli_mod._apply_config(parser, [*REQUIRED[command](tmp_path), "--config", str(cfg)])
+            except UserError as e:
+                if f"--{a.dest}" not in str(e) or "c.json" not in str(e):
+                    bad_cases.append(f"{a.dest}={value!r}: unclear ({e})")
+            except SystemExit:
+                bad_cases.append(f"{a.dest}={value!r}: argparse exit (config values must be checked first)")
+            else:
+                bad_cases.append(f"{a.dest}={value!r}: accepted")
+            finally:
+                parser.set_defaults(**{a.dest: a.default})
+    assert not bad_cases, f"{command}: {bad_cases}"
+
+
+def test_config_file_values_in_range_are_converted_like_the_command_line(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("epochs: 2\nlr: 1\nwarmup_epochs: 0\namp: 'false'\nimage_size: null\n")
+    parser = cli_mod.build_parser("train")[1]["train"]
+    args = cli_mod._apply_config(parser, ["--config", str(cfg), "--out_dir", str(tmp_path / "o")])
+    assert (args.epochs, args.lr, args.amp, args.image_size) == (2, 1.0, False, None)
+    assert isinstance(args.lr, float)
 
 
 def test_debug_shows_the_traceback(tmp_path):
@@ -161,9 +308,10 @@ def test_features_of_a_checkpoint_changed_since_extraction_are_refused_unless_al
     code, _, err = cli(*fit, "--out_dir", tmp_path / "t2", "--allow_changed_checkpoints")
     assert code == 0, err
 
-    shutil.move(ck["b"], tmp_path / "elsewhere.pt")                # a checkpoint moved away cannot be checked
-    code, _, err = cli(*sim, "--out_dir", tmp_path / "s3")
+    shutil.move(ck["b"], tmp_path / "elsewhere.pt")                # a checkpoint moved away cannot be checked:
+    code, _, err = cli(*sim, "--out_dir", tmp_path / "s3")         # it goes on, saying so
     assert code == 0, err
+    assert err.startswith("warning:") and "provenance cannot be verified" in " ".join(err.split()) and "b.pt" in err
 
 
 # --------------------------------------------------------------------------- train from a config file, bad names

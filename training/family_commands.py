@@ -16,7 +16,16 @@ from typing import Any
 
 from common.errors import UserError
 from common.files import load_config_file
-from common.options import Command, add_dataclass_args, add_run_args, dataclass_from_args, parse_csv, parse_kv_list
+from common.options import (
+    Command,
+    add_dataclass_args,
+    add_run_args,
+    convert_value,
+    dataclass_from_args,
+    parse_csv,
+    parse_kv_list,
+)
+from common.ranges import OPTION_TYPES
 from common.registry import unknown_choice_message
 from common.rundir import run_mode
 from training.born_again import BANConfig, born_again
@@ -95,7 +104,7 @@ def _add_born_again(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Born-Again networks")
     add_dataclass_args(g, BANConfig, skip=("lam",), help=BAN_HELP,
                        choices={"member_checkpoint": list(MEMBER_CHECKPOINTS)})
-    g.add_argument("--lambda", "--lam", dest="lam", type=float, default=BANConfig.lam,
+    g.add_argument("--lambda", "--lam", dest="lam", type=OPTION_TYPES["lam"], default=BANConfig.lam,
                    help="weight of the soft term: CE + lambda*T^2*softCE(teacher, student)")
     add_run_args(p)
 
@@ -113,33 +122,6 @@ def _searchable() -> dict[str, Command]:
     train = Command("train", "train one classifier", add_train_command_args,
                     lambda args: print(training_summary(train_from_args(args))))
     return {"train": train, "distill": next(c for c in COMMANDS if c.name == "distill")}
-
-
-def _is_flag(action: argparse.Action) -> bool:
-    return isinstance(action, (argparse.BooleanOptionalAction, argparse._StoreTrueAction,
-                               argparse._StoreFalseAction))
-
-
-def _convert(action: argparse.Action, value: Any, where: str) -> Any:
-    """A config or grid value -> the option's type, checking choices (argparse skips both for defaults)."""
-    name = "--" + action.dest
-    if isinstance(value, str):
-        low = value.strip().lower()
-        if _is_flag(action):
-            if low not in ("true", "false", "1", "0", "yes", "no"):
-                raise UserError(f"{where}: {name} is a flag; give true or false, got {value!r}")
-            value = low in ("true", "1", "yes")
-        elif low in ("none", "null") and action.default is None:
-            value = None
-        elif action.type is not None:
-            try:
-                value = action.type(value)
-            except (TypeError, ValueError):
-                raise UserError(f"{where}: {name} expects {getattr(action.type, '__name__', action.type)}, "
-                                f"got {value!r}") from None
-    if action.choices is not None and value is not None and value not in action.choices:
-        raise UserError(f"{where}: {name} {value!r} is not one of {', '.join(map(str, action.choices))}")
-    return value
 
 
 def _add_search(p: argparse.ArgumentParser) -> None:
@@ -175,14 +157,14 @@ def _run_search(args: argparse.Namespace) -> None:
         unknown = sorted(set(keys) - set(actions))
         if unknown:
             raise UserError(f"{where} sets unknown {command} option(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
-    base = {k: _convert(actions[k], v, f"--base {args.base}") for k, v in base.items()}
+    base = {k: convert_value(actions[k], v, f"--base {args.base}") for k, v in base.items()}
     for k, vals in grid.items():
         for v in vals:
-            _convert(actions[k], v, "--grid")
+            convert_value(actions[k], v, "--grid")
 
     def run_point(point: dict[str, str], run_dir: Path, mode: str) -> None:
         print(f"== {run_dir.name} ({'resuming' if mode == 'resume' else 'new'})")
-        parser.set_defaults(**{**base, **{k: _convert(actions[k], v, "--grid") for k, v in point.items()}})
+        parser.set_defaults(**{**base, **{k: convert_value(actions[k], v, "--grid") for k, v in point.items()}})
         argv = ["--out_dir", str(run_dir)] + (["--resume"] if mode == "resume" else [])
         cmd.run(parser.parse_args(argv))
 

@@ -12,13 +12,14 @@ resolved to absolute paths by :func:`read_manifest`.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from common.errors import UserError
 from common.files import read_json, write_json
 from common.provenance import now_utc, sha256_file
+from common.ranges import name_problem
 
 SCHEMA = "kc-family"
 SCHEMA_VERSION = 1
@@ -46,6 +47,9 @@ def write_manifest(out_dir: str | os.PathLike, family: str, members: list[Member
         raise ValueError(f"duplicate member names {dup}")
     rows = []
     for m in members:
+        why = name_problem(m.name)
+        if why:
+            raise UserError(f"member name {m.name!r} {why}")
         if m.role not in ROLES:
             raise ValueError(f"unknown role {m.role!r}; valid: {ROLES}")
         ck = Path(m.checkpoint)
@@ -64,10 +68,27 @@ def read_manifest(path: str | os.PathLike) -> list[Member]:
     if path.is_dir():
         path = path / "family.json"
     body = read_json(path)
-    if body.get("schema") != SCHEMA or int(body.get("schema_version", -1)) != SCHEMA_VERSION:
-        raise UserError(f"{path} is not a {SCHEMA} v{SCHEMA_VERSION} manifest")
+    if not isinstance(body, dict) or body.get("schema") != SCHEMA or str(body.get("schema_version")) != str(SCHEMA_VERSION):
+        raise UserError(f"{path} is not a {SCHEMA} v{SCHEMA_VERSION} manifest (its 'schema' and 'schema_version' "
+                        f"must be {SCHEMA!r} and {SCHEMA_VERSION})")
+    rows = body.get("members")
+    if not isinstance(rows, list):
+        raise UserError(f"{path}: 'members' must be a list of members, got {type(rows).__name__}")
+    known = {f.name for f in fields(Member)}
     out = []
-    for row in body["members"]:
+    for i, row in enumerate(rows):
+        where = f"{path}: members[{i}]"
+        if not isinstance(row, dict):
+            raise UserError(f"{where} must be a mapping, got {row!r}")
+        missing = [k for k in ("name", "checkpoint", "role") if not isinstance(row.get(k), str) or not row.get(k)]
+        if missing:
+            raise UserError(f"{where} lacks {', '.join(repr(k) for k in missing)} (a non-empty string each)")
+        unknown = sorted(set(row) - known)
+        if unknown:
+            raise UserError(f"{where} has unknown key(s) {', '.join(map(repr, unknown))}; valid: {', '.join(sorted(known))}")
+        why = name_problem(row["name"])
+        if why:
+            raise UserError(f"{where}: name {row['name']!r} {why}")
         ck = Path(row["checkpoint"])
         if not ck.is_absolute():
             ck = (path.parent / ck).resolve()

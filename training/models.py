@@ -296,8 +296,16 @@ def model_from_checkpoint(ckpt: dict[str, Any], source: str = "checkpoint", **ex
         have = ckpt.get(key)
         if want is not None and have is not None and have != want:
             raise UserError(f"{source} has {key}={have!r}, expected {want!r}")
+    if ckpt.get("kind") == "transnet" or "model_args" in ckpt:
+        raise UserError(f"{source} is a Trans-Net checkpoint (written by fit-transnet), not a network; give a "
+                        f"checkpoint written by train (or another family command)")
     if not ckpt.get("arch"):
         raise UserError(f"{source} is a bare state dict without 'arch'; pass --arch so the model can be built")
+    bad = [k for k, ok in (("num_classes", isinstance(ckpt.get("num_classes"), int) and ckpt["num_classes"] > 0),
+                           ("state_dict", isinstance(ckpt.get("state_dict"), dict))) if not ok]
+    if bad:
+        raise UserError(f"{source} (arch {ckpt['arch']!r}) lacks a valid {' and '.join(map(repr, bad))}; it is not "
+                        f"a workbench network checkpoint")
     model = build_model(ckpt["arch"], int(ckpt["num_classes"]), int(ckpt.get("in_channels", 3)),
                         ckpt.get("input_size"), **ckpt.get("arch_kwargs", {}))
     load_weights(model, ckpt["state_dict"], source)

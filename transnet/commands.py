@@ -9,13 +9,14 @@ from typing import Any
 from common.errors import UserError
 from common.files import read_json
 from common.options import Command, add_dataclass_args, add_run_args, dataclass_from_args
+from common.ranges import positive_int
 from common.rundir import run_mode
 from training.loop import TrainConfig
 from training.options import add_train_args
 from transnet.data import DATA_ON
 from transnet.fit import FitConfig, fit_transnet
 from transnet.model import STD_CORRECTIONS
-from transnet.options import FIT_CHOICES, FIT_HELP
+from transnet.options import FIT_CHOICES, FIT_HELP, FIT_TYPES
 from transnet.original import ImportConfig, import_transnet
 from transnet.refine import REFINE_PRESET, RefineConfig, run_refine
 from transnet.variance_file import run_variance
@@ -24,7 +25,7 @@ from transnet.variance_file import run_variance
 # --------------------------------------------------------------------------- fit-transnet
 
 def _add_fit(p: argparse.ArgumentParser) -> None:
-    add_dataclass_args(p, FitConfig, help=FIT_HELP, choices=FIT_CHOICES)
+    add_dataclass_args(p, FitConfig, help=FIT_HELP, choices=FIT_CHOICES, types=FIT_TYPES)
     add_run_args(p)
 
 
@@ -61,9 +62,14 @@ def _add_variance(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="test", help="split to report on")
     p.add_argument("--source", default=None, help="source net (default: the Trans-Net's)")
     p.add_argument("--target", default=None, help="target net (default: the Trans-Net's)")
-    p.add_argument("--batch_size", type=int, default=256, help="rows per batch")
+    p.add_argument("--batch_size", type=positive_int(), default=256, help="rows per batch")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--data_on", default="auto", choices=list(DATA_ON), help="where the features are held")
+    p.add_argument("--allow_other_checkpoints", action="store_true",
+                   help="apply the Trans-Net to nets (--source/--target, --features) other than the checkpoints it "
+                        "was fitted on")
+    p.add_argument("--allow_unfinished", action="store_true",
+                   help="report on a Trans-Net whose fit did not finish (its last.pt)")
     add_run_args(p, out_required=False)
 
 
@@ -73,7 +79,8 @@ def _run_variance(args: argparse.Namespace) -> None:
     rep = run_variance(args.transnet, args.features, args.split, args.out_dir, source=args.source,
                        target=args.target, target_features=args.target_features, device=args.device,
                        batch_size=args.batch_size, data_on=args.data_on,
-                       mode=run_mode(args.resume, args.overwrite))
+                       mode=run_mode(args.resume, args.overwrite),
+                       allow_other_checkpoints=args.allow_other_checkpoints, allow_unfinished=args.allow_unfinished)
     print(summary_line(rep))
     print(f"wrote {rep['path']}")
 
@@ -131,6 +138,7 @@ REFINE_HELP = {
     "baseline": "also fine-tune B's upper part on B's own features (same budget): the fair baseline",
     "data_root": "data root override (default: the one in net B's checkpoint)",
     "allow_other_checkpoints": "accept nets other than those the Trans-Net's features were extracted from",
+    "allow_unfinished": "use a Trans-Net whose fit did not finish (its last.pt)",
 }
 
 

@@ -3,6 +3,7 @@ text and the choices of the :class:`~transnet.fit.FitConfig` options."""
 from __future__ import annotations
 
 from common.device import PRECISIONS
+from common.ranges import positive_int_or
 from transnet.data import DATA_ON
 from transnet.fit import FIT_SCHEDULES, LOSS_SCALES
 from transnet.model import INPUT_NORMS, STD_CORRECTIONS
@@ -59,3 +60,6 @@ FIT_HELP = {
 # Choices of the fit options (fit-transnet and consistency).
 FIT_CHOICES = {"input_norm": list(INPUT_NORMS), "schedule": list(FIT_SCHEDULES), "loss_scale": list(LOSS_SCALES),
                "data_on": list(DATA_ON), "precision": list(PRECISIONS), "std_correction": list(STD_CORRECTIONS)}
+
+# Types of the fit options whose range is not the one their name has in common.ranges.OPTION_TYPES.
+FIT_TYPES = {"epochs": positive_int_or("auto")}

@@ -32,9 +32,11 @@ from common.checkpoints import load_checkpoint
 from common.device import use_device
 from common.errors import UserError
 from common.files import read_json
+from common.finished import require_finished_result
 from common.provenance import sha256_file
 from common.registry import unknown_choice_message
 from common.rundir import RunDir, is_finished
+from features.identity import fitted_nets
 from training.data import build_dataset
 from training.datasets import DataSpec
 from training.loop import TrainConfig, evaluate, make_loader, train
@@ -57,6 +59,7 @@ class RefineConfig:
     baseline: bool = True                  # also fine-tune B on its own features (the fair baseline)
     data_root: str | None = None           # override the data root stored in net B's checkpoint
     allow_other_checkpoints: bool = False  # accept nets other than those the Trans-Net's features came from
+    allow_unfinished: bool = False         # use a Trans-Net whose fit did not finish (its last.pt)
 
 
 # --------------------------------------------------------------------------- splitting
@@ -222,7 +225,7 @@ def parse_orders(orders: str, k: int) -> list[int]:
 
 def _check_provenance(info: dict[str, Any], which: str, ckpt_path: str, allow: bool) -> None:
     """The Trans-Net's features record the checkpoint sha256 they came from: the net must be that one."""
-    prov = ((info.get("feature_provenance") or {}).get("train") or {}).get(which) or {}
+    prov = fitted_nets(info).get(which) or {}
     want = prov.get("checkpoint_sha256")
     if not want or allow:
         return
@@ -251,6 +254,7 @@ def run_refine(cfg: RefineConfig, tcfg: TrainConfig, out_dir: str | Path, mode: 
             raise UserError(f"--{name} is required")
     out = Path(out_dir)
     device = use_device(tcfg.device)
+    require_finished_result(cfg.transnet, "refine", cfg.allow_unfinished)
     ck_a, ck_b = load_checkpoint(cfg.net_a), load_checkpoint(cfg.net_b)
     _same_data(ck_a, ck_b)
     transnet, info = load_transnet(cfg.transnet)

@@ -9,8 +9,10 @@ from typing import Any
 from common.device import use_device
 from common.errors import UserError
 from common.files import write_json
+from common.finished import require_finished_result
 from common.provenance import provenance
 from common.rundir import RunDir
+from features.identity import check_transnet_features
 from transnet.convergence import verdict
 from transnet.data import choose_placement, make_source, open_pair
 from transnet.fit import add_warning, in_sample_warning, load_transnet
@@ -25,15 +27,19 @@ def variance_filename(split: str) -> str:
 def run_variance(transnet_dir: str | Path, features: str | None = None, split: str = "test",
                  out_dir: str | Path | None = None, *, source: str | None = None, target: str | None = None,
                  target_features: str | None = None, device: str = "auto", batch_size: int = 256,
-                 data_on: str = "auto", mode: str = "new") -> dict[str, Any]:
+                 data_on: str = "auto", mode: str = "new", allow_other_checkpoints: bool = False,
+                 allow_unfinished: bool = False) -> dict[str, Any]:
     """Variance report of a fitted Trans-Net on one split (one streaming float64 pass); written to
     ``variance.json`` in the Trans-Net run directory, or in ``out_dir`` (a run directory of its own)."""
-    dev = use_device(device)
+    require_finished_result(transnet_dir, "variance", allow_unfinished)
     model, info = load_transnet(transnet_dir)
+    dev = use_device(device)
     feats = features or info["features"]
     tfeats = target_features or (info["target_features"] if not features and info["target_features"] != info["features"]
                                  else None)
     src_name, tgt_name = source or info["source"], target or info["target"]
+    check_transnet_features(info, feats, split, source=src_name, target=tgt_name, target_features=tfeats,
+                            allow=allow_other_checkpoints)
     pair = open_pair(feats, src_name, tgt_name, info["layer"], split, tfeats)
     if (pair.shape_a[0], pair.shape_b[0]) != (model.channels, model.out_channels):
         raise UserError(f"{pair.dataset_path('a')} -> {pair.dataset_path('b')} has {pair.shape_a[0]} -> "

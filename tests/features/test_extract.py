@@ -322,15 +322,18 @@ def odd_ckpts(tmp_path_factory):
     (["--nets", "five={five}", "--conv_layer", "4"], "trained on 5 classes"),
     (["--nets", "a={a}", "--conv_layer", "4", "--image_size", "40"], "trained on 32 px inputs"),
     (["--nets", "a={a}", "s={seed1}", "--conv_layer", "4"], "disagree on the data set.*split_seed"),
-    (["--nets", "a={a}", "--conv_layer", "4", "--split", "tset"], "split"),
+    (["--nets", "a={a}", "--conv_layer", "4", "--split", "tset"], "--split: 'tset': unknown 'tset'; valid: train, val, test"),
     (["--nets", "a={missing}", "--conv_layer", "4"], "does not exist"),
     (["--nets", "a={a}"], "no layers requested"),
 ])
-def test_bad_input_is_refused_with_a_clear_message(cli, ckpts, odd_ckpts, tmp_path, args, message):
+def test_bad_input_is_refused_with_a_clear_message(cli, ckpts, odd_ckpts, tmp_path, capsys, args, message):
     paths = {**{k: str(v) for k, v in ckpts.items()}, **{k: str(v) for k, v in odd_ckpts.items()},
              "missing": str(tmp_path / "nope.pt")}
     argv = [a.format(**paths) for a in args]
-    code, _, err = cli("extract", *argv, "--limit", 4, "--out", tmp_path / "f.h5")
+    try:
+        code, _, err = cli("extract", *argv, "--limit", 4, "--out", tmp_path / "f.h5")
+    except SystemExit as e:                  # refused by the option's own type (unknown split): usage + error
+        code, err = (1 if e.code == 2 else e.code), capsys.readouterr().err
     assert code == 1
     import re
 

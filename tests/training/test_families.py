@@ -117,9 +117,10 @@ def test_born_again_passes_temperature_and_records_teacher_hash(cli, tiny, tmp_p
     assert "ensemble" in (out / "generations.md").read_text() and "ban_g1" in stdout
 
 
-def test_born_again_rejects_zero_generations(cli, tiny, tmp_path):
-    code, _, err = cli("born-again", *tiny["opts"], "--generations", "0", "--out_dir", tmp_path / "b")
-    assert code == 1 and "--generations must be >= 1, got 0" in err
+def test_born_again_rejects_zero_generations(cli, tiny, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli("born-again", *tiny["opts"], "--generations", "0", "--out_dir", tmp_path / "b")
+    assert e.value.code == 2 and "argument --generations: expects an integer >= 1, got '0'" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
 
 
