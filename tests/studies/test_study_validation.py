@@ -46,7 +46,7 @@ INVALID = [
     ("extract.dtype", "int8", "extract.dtype 'int8' is not one of float16, float32"),
     ("extract.splits", ["train", "dev"], "extract.splits must list distinct splits"),
     ("transnet.kernel", 4, "transnet.kernel: expects an odd integer >= 1, got 4"),
-    ("transnet.epochs", -1, "transnet.epochs: expects an integer >= 1, got -1"),
+    ("transnet.epochs", -1, "--epochs must be >= 1, got -1"),
     ("transnet.input_norm", "batch", "unknown --input_norm 'batch'"),
     ("transnet.learning_rate", 0.1, "transnet: unknown key(s) 'learning_rate'"),
     ("transnet.source", "seed0", "source are set by the study itself"),
