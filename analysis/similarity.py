@@ -1,11 +1,12 @@
 """The similarity baselines between two nets' features at one layer, by name: linear CKA (biased,
-unbiased and minibatch HSIC), SVCCA, PWCCA and the orthogonal Procrustes distance, each with its
+unbiased and minibatch HSIC), SVCCA, PWCCA, R²_CCA and the orthogonal Procrustes distance, each with its
 direction (``similarity``: larger = more alike; ``distance``: smaller = more alike) and a
 permutation test. Everything is float64.
 
 Where each lives: :mod:`analysis.sources` (reading, non-finite checks), :mod:`analysis.cka` (CKA and
 Procrustes of one pair), :mod:`analysis.cka_matrices` (every pair of K nets, Grams shared, the null),
-:mod:`analysis.minibatch_cka`, :mod:`analysis.cca` (SVCCA, PWCCA) and
+:mod:`analysis.minibatch_cka`, :mod:`analysis.cca` (SVCCA, PWCCA, R²_CCA of one pair),
+:mod:`analysis.similarity_cca` (their matrices) and
 :mod:`analysis.similarity_results` (null summaries, the per-metric matrices).
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any, Callable
 import h5py
 import numpy as np
 
-from analysis.cca import pwcca_similarity, svcca_similarity
+from analysis.cca import pwcca_similarity, r2cca_similarity, svcca_similarity
 from analysis.cka import linear_cka_similarity, procrustes_distance, unbiased_cka_similarity
 from analysis.minibatch_cka import minibatch_cka_similarity
 from analysis.similarity_results import NullSummary, null_summary, permutation_indices
@@ -44,9 +45,12 @@ for _m in (
     Metric("cka_minibatch", "similarity", minibatch_cka_similarity,
            "minibatch linear CKA of Nguyen et al. 2021: unbiased HSIC averaged over random minibatches"),
     Metric("svcca", "similarity", svcca_similarity,
-           "SVCCA: SVD keeping 99% of the variance, then the mean canonical correlation"),
+           "SVCCA: SVD keeping the leading directions (--svcca_keep, --svcca_rule), then the mean canonical "
+           "correlation"),
     Metric("pwcca", "similarity", pwcca_similarity,
-           "PWCCA: canonical correlations weighted by the row net's neurons (not symmetric)"),
+           "PWCCA: canonical correlations weighted by the row net's neurons (not symmetric; --pwcca_variant)"),
+    Metric("r2cca", "similarity", r2cca_similarity,
+           "R2_CCA: the mean squared canonical correlation of the full-rank features"),
     Metric("procrustes", "distance", procrustes_distance,
            "orthogonal Procrustes distance of centred, Frobenius-normalised features, in [0, 2]"),
 ):

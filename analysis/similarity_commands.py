@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
-from analysis.cca import CCA_FEATURES
+from analysis.cca import CCA_FEATURES, PWCCA_VARIANTS, SVCCA_RULES
 from analysis.cka import FORMS
 from analysis.similarity import METRICS
 from analysis.similarity_run import SimilarityConfig, write_similarity
@@ -20,11 +20,19 @@ from common.options import Command, add_dataclass_args, add_run_args, dataclass_
 from common.rundir import run_mode
 
 
-def format_matrix(nets: Sequence[str], matrix: Sequence[Sequence[float | None]], width: int = 9) -> str:
-    head = " " * width + "".join(f"{n[:width - 1]:>{width}}" for n in nets)
-    rows = [f"{a[:width - 1]:<{width}}" + "".join(f"{'n/a' if v is None else f'{v:.3f}':>{width}}" for v in row)
-            for a, row in zip(nets, matrix)]
-    return "\n".join([head] + rows)
+def format_matrix(nets: Sequence[str], matrix: Sequence[Sequence[float | None]], width: int = 9,
+                  refused: Sequence[dict] = (), symmetric: bool = True, columns: Sequence[str] | None = None) -> str:
+    """The matrix as text; refused pairs are blank cells with a footnote giving the reasons, other
+    undefined values ``n/a``."""
+    columns = list(columns or nets)
+    blank = {tuple(e["pair"]) for e in refused} | ({tuple(e["pair"][::-1]) for e in refused} if symmetric else set())
+    head = " " * width + "".join(f"{n[:width - 1]:>{width}}" for n in columns)
+    rows = [f"{a[:width - 1]:<{width}}" + "".join(
+        f"{'' if (i, j) in blank else 'n/a' if v is None else f'{v:.3f}':>{width}}" for j, v in enumerate(row))
+        for i, (a, row) in enumerate(zip(nets, matrix))]
+    notes = sorted({e["reason"] for e in refused})
+    foot = [f"  blank: refused ({'; '.join(notes)})"] if notes else []
+    return "\n".join([head] + rows + foot)
 
 
 # --------------------------------------------------------------------------- command
@@ -39,7 +47,14 @@ HELP = {
     "cka_form": "auto, features (memory independent of N) or gram (memory independent of C*H*W); both exact",
     "cca_features": "what SVCCA/PWCCA see: pooled (spatial mean per channel), flat (C*H*W) or positions "
                     "(each position a sample)",
-    "svcca_keep": "fraction of variance kept by SVCCA's SVD step",
+    "svcca_keep": "SVCCA's SVD step: a fraction 0 < f <= 1 (of the variance or of the summed singular values, "
+                  "see --svcca_rule) or an integer count of directions (google's tutorial keeps 20 or 50)",
+    "svcca_rule": "what --svcca_keep's fraction counts: variance (sum of s^2, the default) or singular (sum of s, "
+                  "as google/svcca's tutorial)",
+    "pwcca_variant": "paper (Morcos et al. 2018, whitened variates of centred data) or svcca-code (reproduces "
+                     "google/svcca compute_pwcca: no whitening, means added back, uncentred weights)",
+    "rank_tol": "CCA numerical rank: 0 = tolerance from the storage dtype's rounding (float16/float32); else "
+                "singular values <= rank_tol * s_max are dropped",
     "batch_size": "cka_minibatch: samples per minibatch",
     "memory_gb": "GiB the arrays of the computation may hold at once (Gram matrices or accumulators and read "
                  "blocks; the interpreter and libraries add about 0.4 GiB); auto picks the form that fits",
@@ -51,7 +66,8 @@ def _add_similarity(p: argparse.ArgumentParser) -> None:
     p.add_argument("--features", required=True, help="kc-features HDF5 file")
     p.add_argument("--layer", required=True, help=HELP["layer"])
     add_dataclass_args(p, SimilarityConfig, skip=("layer",), help=HELP,
-                       choices={"cka_form": list(FORMS), "cca_features": list(CCA_FEATURES)})
+                       choices={"cka_form": list(FORMS), "cca_features": list(CCA_FEATURES),
+                                "svcca_rule": list(SVCCA_RULES), "pwcca_variant": list(PWCCA_VARIANTS)})
     add_run_args(p)
 
 
@@ -60,10 +76,11 @@ def _run_similarity(args: argparse.Namespace) -> None:
     body = write_similarity(args.features, cfg, args.out_dir, run_mode(args.resume, args.overwrite))
     for m, entry in body["metrics"].items():
         print(f"{m} ({entry['direction']}), {body['layer']}, {body['split']} split, n={body['n_samples']}:")
-        print(format_matrix(body["nets"], entry["matrix"]))
+        refused, sym = entry.get("refused", []), entry.get("symmetric", True)
+        print(format_matrix(body["nets"], entry["matrix"], refused=refused, symmetric=sym))
         if "p_values" in entry:
             print(f"  permutation p-values ({entry['permutations']} shuffles):")
-            print(format_matrix(body["nets"], entry["p_values"]))
+            print(format_matrix(body["nets"], entry["p_values"], refused=refused, symmetric=sym))
     for w in body["warnings"]:
         print(f"warning: {w}")
     print(f"wrote {Path(args.out_dir) / 'similarity.json'}")

@@ -12,13 +12,16 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import h5py
+import numpy as np
 
-from analysis.cca import CCA_FAMILY, CCA_FEATURES, cca_matrices
+from analysis.cca import CCA_FAMILY
 from analysis.cka import FORMS
 from analysis.cka_matrices import CKA_FAMILY, cka_family_matrices
 from analysis.minibatch_cka import minibatch_cka_matrix
 from analysis.similarity import METRICS, get_metric
+from analysis.similarity_cca import CCAOptions, cca_matrices
 from analysis.similarity_results import MatrixResult
+from analysis.sources import SimilarityError
 from common.errors import UserError
 from common.files import write_json
 from common.options import parse_csv
@@ -34,6 +37,7 @@ from features.store import (
     read_index,
 )
 
+CORRELATIONS_FILE = "cca_correlations.npz"     # beside similarity.json: canonical correlations per pair
 FLATTENING = {
     "cka": "flat: per-sample C*H*W features, centred over all samples",
     "cka_unbiased": "flat: per-sample C*H*W features",
@@ -59,7 +63,10 @@ class SimilarityConfig:
     seed: int = 0                    # seed of the permutations and of the minibatches
     cka_form: str = "auto"           # auto | features (memory independent of N) | gram (independent of C*H*W)
     cca_features: str = "pooled"     # pooled | flat | positions: samples x dims given to SVCCA/PWCCA
-    svcca_keep: float = 0.99         # fraction of variance SVCCA's SVD step keeps
+    svcca_keep: float = 0.99         # SVCCA: fraction 0 < f <= 1 (see svcca_rule) or an integer count of directions
+    svcca_rule: str = "variance"     # SVCCA's fraction of: variance (sum s^2) | singular (sum s, google's tutorial)
+    pwcca_variant: str = "paper"     # paper (Morcos et al. 2018) | svcca-code (google/svcca compute_pwcca's numbers)
+    rank_tol: float = 0.0            # CCA rank: 0 = from the storage dtype's rounding; else relative to s_max
     batch_size: int = 256            # cka_minibatch: samples per minibatch
     memory_gb: float = 4.0           # what the computation may hold in memory at once
     allow_changed_checkpoints: bool = False   # use features whose checkpoint changed since extraction
@@ -82,14 +89,11 @@ def check_options(cfg: SimilarityConfig) -> None:
         raise UserError("--layer is required (the module path stored in the feature file, e.g. features.30)")
     if cfg.permutations < 0:
         raise UserError(f"--permutations {cfg.permutations}: must be >= 0")
-    if not 0.0 < cfg.svcca_keep <= 1.0:
-        raise UserError(f"--svcca_keep {cfg.svcca_keep}: must be in (0, 1]")
+    cca_options(cfg).check()
     if cfg.memory_gb <= 0:
         raise UserError(f"--memory_gb {cfg.memory_gb}: must be > 0")
     if cfg.cka_form not in FORMS:
         raise UserError(f"--cka_form {cfg.cka_form!r}; valid: {', '.join(FORMS)}")
-    if cfg.cca_features not in CCA_FEATURES:
-        raise UserError(f"--cca_features {cfg.cca_features!r}; valid: {', '.join(CCA_FEATURES)}")
 
 
 def open_layer(f: h5py.File, split: str, nets: Sequence[str] | None,
@@ -122,47 +126,87 @@ def open_layer(f: h5py.File, split: str, nets: Sequence[str] | None,
     return nets, datasets
 
 
+def cca_options(cfg: SimilarityConfig) -> CCAOptions:
+    return CCAOptions(cfg.cca_features, cfg.svcca_keep, cfg.svcca_rule, cfg.pwcca_variant, cfg.rank_tol)
+
+
 def similarity_matrix(features_path: str | Path, layer: str, split: str = "test", nets: Sequence[str] | None = None,
-                      metrics: str | Sequence[str] = ("cka",), *, permutations: int = 100, seed: int = 0,
-                      cka_form: str = "auto", cca_features: str = "pooled", svcca_keep: float = 0.99,
-                      batch_size: int = 256, memory_gb: float = 4.0) -> dict[str, Any]:
-    """Every requested metric over every pair of ``nets`` at ``layer``: the body of ``similarity.json``."""
-    cfg = SimilarityConfig(layer, split, ",".join(nets or []), ",".join(parse_metrics(metrics)), permutations,
-                           seed, cka_form, cca_features, svcca_keep, batch_size, memory_gb)
-    return compute(features_path, cfg)
+                      metrics: str | Sequence[str] = ("cka",), **options: Any) -> dict[str, Any]:
+    """Every requested metric over every pair of ``nets`` at ``layer``: the body of ``similarity.json``.
+    ``options`` are :class:`SimilarityConfig` fields (``permutations``, ``cca_features``, ...)."""
+    cfg = SimilarityConfig(layer=layer, split=split, nets=",".join(nets or []),
+                           metric=",".join(parse_metrics(metrics)), **options)
+    return compute(features_path, cfg)[0]
 
 
-def compute(features_path: str | Path, cfg: SimilarityConfig) -> dict[str, Any]:
-    check_options(cfg)
+def metric_results(sources: Sequence[Any], names: Sequence[str], cfg: SimilarityConfig) -> dict[str, MatrixResult]:
+    """Every metric of ``cfg`` over every pair of ``sources`` (named ``names``), refusals per pair."""
     metrics = parse_metrics(cfg.metric)
     memory = int(cfg.memory_gb * 2 ** 30)
-    with open_features(features_path) as f:
-        nets, dss = open_layer(f, cfg.split, parse_csv(cfg.nets), cfg.layer, cfg.allow_changed_checkpoints)
-        n = int(dss[0].shape[0])
-        results: dict[str, MatrixResult] = {}
-        if any(m in CKA_FAMILY for m in metrics):
-            results.update(cka_family_matrices(dss, metrics, form=cfg.cka_form, permutations=cfg.permutations,
-                                               seed=cfg.seed, memory_bytes=memory))
-        if "cka_minibatch" in metrics:
-            results["cka_minibatch"] = minibatch_cka_matrix(dss, batch_size=cfg.batch_size, seed=cfg.seed,
-                                                            permutations=cfg.permutations)
-        if any(m in CCA_FAMILY for m in metrics):
-            results.update(cca_matrices(dss, metrics, features=cfg.cca_features, keep_variance=cfg.svcca_keep,
-                                        permutations=cfg.permutations, seed=cfg.seed, memory_bytes=memory))
-        dims = {name: list(ds.shape[1:]) for name, ds in zip(nets, dss)}
+    results: dict[str, MatrixResult] = {}
+    if any(m in CKA_FAMILY for m in metrics):
+        results.update(cka_family_matrices(sources, metrics, form=cfg.cka_form, permutations=cfg.permutations,
+                                           seed=cfg.seed, memory_bytes=memory))
+    if "cka_minibatch" in metrics:
+        results["cka_minibatch"] = minibatch_cka_matrix(sources, batch_size=cfg.batch_size, seed=cfg.seed,
+                                                        permutations=cfg.permutations)
+    if any(m in CCA_FAMILY for m in metrics):
+        o = cca_options(cfg)
+        results.update(cca_matrices(sources, metrics, features=o.features, keep_variance=o.keep, rule=o.rule,
+                                    pwcca_variant=o.pwcca_variant, rank_tol=o.rank_tol,
+                                    permutations=cfg.permutations, seed=cfg.seed, memory_bytes=memory, names=names))
+    check_something_computed(results, len(sources))
+    return results
+
+
+def check_something_computed(results: dict[str, MatrixResult], k: int) -> None:
+    """Refused pairs leave the rest running, but a run where every pair of every metric was refused
+    fails with the reasons."""
+    if results and all(r.refused and len(r.refused_pairs()) >= (k * k if not r.details.get("symmetric", True)
+                                                                 else k * (k + 1) // 2) for r in results.values()):
+        reasons = sorted({e["reason"] for r in results.values() for e in r.refused})
+        raise SimilarityError("every pair was refused: " + "; ".join(reasons))
+
+
+def metric_entries(results: dict[str, MatrixResult], cfg: SimilarityConfig) -> tuple[dict[str, Any], list[str]]:
+    """``similarity.json``'s ``metrics`` (each with its description, features and null) and the warnings."""
     body_metrics = {}
     warnings = []
-    for m in metrics:
+    for m in parse_metrics(cfg.metric):
         entry = results[m].to_json()
         entry["description"] = get_metric(m).description
         entry["features"] = FLATTENING.get(m) or CCA_FLATTENING[cfg.cca_features]
         if cfg.permutations and "null" not in entry:
             entry["null"] = (f"pairing of samples shuffled (rows of the column net permuted), the same "
                              f"{cfg.permutations} permutations for every pair, seed {cfg.seed}")
+        if results[m].refused:
+            entry["refused_note"] = "blank cells: pairs refused (see refused); the other pairs were computed"
         body_metrics[m] = entry
         warnings += [f"{m}: {w}" for w in entry["warnings"]]
+    return body_metrics, warnings
+
+
+def compute(features_path: str | Path, cfg: SimilarityConfig) -> tuple[dict[str, Any], dict[str, MatrixResult]]:
+    """The body of ``similarity.json`` and the per-metric results behind it."""
+    check_options(cfg)
+    with open_features(features_path) as f:
+        nets, dss = open_layer(f, cfg.split, parse_csv(cfg.nets), cfg.layer, cfg.allow_changed_checkpoints)
+        n = int(dss[0].shape[0])
+        results = metric_results(dss, nets, cfg)
+        dims = {name: list(ds.shape[1:]) for name, ds in zip(nets, dss)}
+    body_metrics, warnings = metric_entries(results, cfg)
     return {"split": cfg.split, "layer": cfg.layer, "nets": nets, "n_samples": n, "features": str(features_path),
-            "dims": dims, "metrics": body_metrics, "warnings": warnings}
+            "dims": dims, "metrics": body_metrics, "warnings": warnings}, results
+
+
+def write_vectors(path: Path, results: dict[str, MatrixResult], names: Sequence[str]) -> bool:
+    """The canonical correlations of every computed pair, ``METRIC/ROW/COLUMN`` arrays in one .npz."""
+    arrays = {f"{m}/{names[i]}/{names[j]}": v for m, r in results.items() for (i, j), v in r.vectors.items()}
+    if not arrays:
+        return False
+    with open(path, "wb") as fh:
+        np.savez(fh, **arrays)
+    return True
 
 
 def write_similarity(features: str | Path, cfg: SimilarityConfig, out_dir: str | Path, mode: str = "new") -> dict[str, Any]:
@@ -174,7 +218,11 @@ def write_similarity(features: str | Path, cfg: SimilarityConfig, out_dir: str |
         inputs = {name: provenance_of(ds) for name, ds in zip(nets, dss)}
     with RunDir(out_dir, mode) as run:
         run.write_config(cfg, features=str(features), inputs=inputs)
-        body = compute(features, cfg)
+        body, results = compute(features, cfg)
+        if write_vectors(run.file(CORRELATIONS_FILE), results, body["nets"]):
+            for m, r in results.items():
+                if r.vectors:
+                    body["metrics"][m]["correlations_file"] = CORRELATIONS_FILE
         write_json(run.file("similarity.json"), body)
         summary = {}
         for m, entry in body["metrics"].items():
