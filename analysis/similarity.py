@@ -19,7 +19,9 @@ import numpy as np
 
 from analysis.cca import pwcca_similarity, r2cca_similarity, svcca_similarity
 from analysis.cka import linear_cka_similarity, procrustes_distance, unbiased_cka_similarity
+from analysis.cka_rbf import rbf_cka_similarity, rbf_unbiased_cka_similarity
 from analysis.minibatch_cka import minibatch_cka_similarity
+from analysis.similarity_shape import shape_distance
 from analysis.similarity_results import NullSummary, null_summary, permutation_indices
 from analysis.sources import as_source, check_same_rows
 from common.errors import UserError
@@ -53,6 +55,13 @@ for _m in (
            "R2_CCA: the mean squared canonical correlation of the full-rank features"),
     Metric("procrustes", "distance", procrustes_distance,
            "orthogonal Procrustes distance of centred, Frobenius-normalised features, in [0, 2]"),
+    Metric("cka_rbf", "similarity", rbf_cka_similarity,
+           "RBF-kernel CKA, plug-in (biased) HSIC, bandwidth --rbf_sigma x the median distance (Kornblith et al. 2019)"),
+    Metric("cka_rbf_unbiased", "similarity", rbf_unbiased_cka_similarity,
+           "RBF-kernel CKA with the unbiased HSIC of Song et al. 2012, bandwidth as cka_rbf"),
+    Metric("shape", "distance", shape_distance,
+           "generalized shape metric (Williams et al. 2021), angular form in radians, partial whitening "
+           "--shape_alpha (1: angular Procrustes, 0: CCA-like)"),
 ):
     METRICS.add(_m.name, _m)
 

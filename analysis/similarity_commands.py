@@ -55,6 +55,9 @@ HELP = {
                      "google/svcca compute_pwcca: no whitening, means added back, uncentred weights)",
     "rank_tol": "CCA numerical rank: 0 = tolerance from the storage dtype's rounding (float16/float32); else "
                 "singular values <= rank_tol * s_max are dropped",
+    "rbf_sigma": "cka_rbf: bandwidth as a fraction of the median distance between samples (Kornblith et al. "
+                 "2019 report 0.2, 0.4, 0.8)",
+    "shape_alpha": "shape: partial whitening in [0, 1]; 1 = none (angular Procrustes), 0 = full (CCA-like)",
     "batch_size": "cka_minibatch: samples per minibatch",
     "memory_gb": "GiB the arrays of the computation may hold at once (Gram matrices or accumulators and read "
                  "blocks; the interpreter and libraries add about 0.4 GiB); auto picks the form that fits",

@@ -17,10 +17,12 @@ import numpy as np
 from analysis.cca import CCA_FAMILY
 from analysis.cka import FORMS
 from analysis.cka_matrices import CKA_FAMILY, cka_family_matrices
+from analysis.cka_rbf import RBF_FAMILY, check_sigma, rbf_cka_matrices
 from analysis.minibatch_cka import minibatch_cka_matrix
 from analysis.similarity import METRICS, get_metric
 from analysis.similarity_cca import CCAOptions, cca_matrices
 from analysis.similarity_results import MatrixResult
+from analysis.similarity_shape import check_alpha, shape_matrix
 from analysis.sources import SimilarityError
 from common.errors import UserError
 from common.files import write_json
@@ -43,6 +45,8 @@ FLATTENING = {
     "cka_unbiased": "flat: per-sample C*H*W features",
     "cka_minibatch": "flat: per-sample C*H*W features",
     "procrustes": "flat: per-sample C*H*W features, centred, scaled to unit Frobenius norm",
+    "cka_rbf": "flat: per-sample C*H*W features, Euclidean distances between samples",
+    "cka_rbf_unbiased": "flat: per-sample C*H*W features, Euclidean distances between samples",
 }
 CCA_FLATTENING = {
     "pooled": "pooled: spatial mean per channel (N x C)",
@@ -67,6 +71,8 @@ class SimilarityConfig:
     svcca_rule: str = "variance"     # SVCCA's fraction of: variance (sum s^2) | singular (sum s, google's tutorial)
     pwcca_variant: str = "paper"     # paper (Morcos et al. 2018) | svcca-code (google/svcca compute_pwcca's numbers)
     rank_tol: float = 0.0            # CCA rank: 0 = from the storage dtype's rounding; else relative to s_max
+    rbf_sigma: float = 0.8           # RBF CKA bandwidth as a fraction of the median distance (Kornblith et al.)
+    shape_alpha: float = 1.0         # shape metric's partial whitening: 1 none (angular Procrustes), 0 full
     batch_size: int = 256            # cka_minibatch: samples per minibatch
     memory_gb: float = 4.0           # what the computation may hold in memory at once
     allow_changed_checkpoints: bool = False   # use features whose checkpoint changed since extraction
@@ -90,6 +96,8 @@ def check_options(cfg: SimilarityConfig) -> None:
     if cfg.permutations < 0:
         raise UserError(f"--permutations {cfg.permutations}: must be >= 0")
     cca_options(cfg).check()
+    check_sigma(cfg.rbf_sigma)
+    check_alpha(cfg.shape_alpha)
     if cfg.memory_gb <= 0:
         raise UserError(f"--memory_gb {cfg.memory_gb}: must be > 0")
     if cfg.cka_form not in FORMS:
@@ -155,6 +163,13 @@ def metric_results(sources: Sequence[Any], names: Sequence[str], cfg: Similarity
         results.update(cca_matrices(sources, metrics, features=o.features, keep_variance=o.keep, rule=o.rule,
                                     pwcca_variant=o.pwcca_variant, rank_tol=o.rank_tol,
                                     permutations=cfg.permutations, seed=cfg.seed, memory_bytes=memory, names=names))
+    if any(m in RBF_FAMILY for m in metrics):
+        results.update(rbf_cka_matrices(sources, metrics, sigma=cfg.rbf_sigma, permutations=cfg.permutations,
+                                        seed=cfg.seed, memory_bytes=memory, names=names))
+    if "shape" in metrics:
+        results["shape"] = shape_matrix(sources, alpha=cfg.shape_alpha, features=cfg.cca_features,
+                                        rank_tol=cfg.rank_tol, permutations=cfg.permutations, seed=cfg.seed,
+                                        names=names)
     check_something_computed(results, len(sources))
     return results
 
