@@ -58,6 +58,9 @@ HELP = {
     "rbf_sigma": "cka_rbf: bandwidth as a fraction of the median distance between samples (Kornblith et al. "
                  "2019 report 0.2, 0.4, 0.8)",
     "shape_alpha": "shape: partial whitening in [0, 1]; 1 = none (angular Procrustes), 0 = full (CCA-like)",
+    "fit_split": "fit the alignment-based metrics (svcca, pwcca, r2cca, procrustes, shape) on this split's rows "
+                 "and score them on --score_split's (default: in-sample on --split); the others run on the score split",
+    "score_split": "split the held-out alignment metrics are scored on (default: --split)",
     "batch_size": "cka_minibatch: samples per minibatch",
     "memory_gb": "GiB the arrays of the computation may hold at once (Gram matrices or accumulators and read "
                  "blocks; the interpreter and libraries add about 0.4 GiB); auto picks the form that fits",

@@ -23,6 +23,7 @@ from analysis.similarity import METRICS, get_metric
 from analysis.similarity_cca import CCAOptions, cca_matrices
 from analysis.similarity_results import MatrixResult
 from analysis.similarity_shape import check_alpha, shape_matrix
+from analysis.similarity_split import SPLIT_METRICS, split_matrices
 from analysis.sources import SimilarityError
 from common.errors import UserError
 from common.files import write_json
@@ -73,6 +74,8 @@ class SimilarityConfig:
     rank_tol: float = 0.0            # CCA rank: 0 = from the storage dtype's rounding; else relative to s_max
     rbf_sigma: float = 0.8           # RBF CKA bandwidth as a fraction of the median distance (Kornblith et al.)
     shape_alpha: float = 1.0         # shape metric's partial whitening: 1 none (angular Procrustes), 0 full
+    fit_split: str = ""              # alignment metrics: fit on this split's rows ("": in-sample on --split)
+    score_split: str = ""            # ... and score on this split's rows ("": --split)
     batch_size: int = 256            # cka_minibatch: samples per minibatch
     memory_gb: float = 4.0           # what the computation may hold in memory at once
     allow_changed_checkpoints: bool = False   # use features whose checkpoint changed since extraction
@@ -98,6 +101,12 @@ def check_options(cfg: SimilarityConfig) -> None:
     cca_options(cfg).check()
     check_sigma(cfg.rbf_sigma)
     check_alpha(cfg.shape_alpha)
+    if cfg.score_split and not cfg.fit_split:
+        raise UserError(f"--score_split {cfg.score_split} needs --fit_split (the split the alignment is fitted on); "
+                        f"without it every metric is in-sample on --split")
+    if cfg.fit_split and cfg.fit_split == score_split(cfg):
+        raise UserError(f"--fit_split {cfg.fit_split} equals the score split: held-out scores need another split "
+                        f"(e.g. --fit_split train --score_split test)")
     if cfg.memory_gb <= 0:
         raise UserError(f"--memory_gb {cfg.memory_gb}: must be > 0")
     if cfg.cka_form not in FORMS:
@@ -147,11 +156,19 @@ def similarity_matrix(features_path: str | Path, layer: str, split: str = "test"
     return compute(features_path, cfg)[0]
 
 
-def metric_results(sources: Sequence[Any], names: Sequence[str], cfg: SimilarityConfig) -> dict[str, MatrixResult]:
-    """Every metric of ``cfg`` over every pair of ``sources`` (named ``names``), refusals per pair."""
+def metric_results(sources: Sequence[Any], names: Sequence[str], cfg: SimilarityConfig,
+                   fit_sources: Sequence[Any] | None = None) -> dict[str, MatrixResult]:
+    """Every metric of ``cfg`` over every pair of ``sources`` (named ``names``), refusals per pair.
+    With ``fit_sources`` the alignment metrics are fitted on them and scored on ``sources``."""
     metrics = parse_metrics(cfg.metric)
     memory = int(cfg.memory_gb * 2 ** 30)
     results: dict[str, MatrixResult] = {}
+    if fit_sources is not None:
+        held = [m for m in metrics if m in SPLIT_METRICS]
+        results.update(split_matrices(fit_sources, sources, held, opts=cca_options(cfg), alpha=cfg.shape_alpha,
+                                      permutations=cfg.permutations, seed=cfg.seed, names=names,
+                                      fit_split=cfg.fit_split, score_split=score_split(cfg)))
+        metrics = [m for m in metrics if m not in held]
     if any(m in CKA_FAMILY for m in metrics):
         results.update(cka_family_matrices(sources, metrics, form=cfg.cka_form, permutations=cfg.permutations,
                                            seed=cfg.seed, memory_bytes=memory))
@@ -174,6 +191,10 @@ def metric_results(sources: Sequence[Any], names: Sequence[str], cfg: Similarity
     return results
 
 
+def score_split(cfg: SimilarityConfig) -> str:
+    return cfg.score_split or cfg.split
+
+
 def check_something_computed(results: dict[str, MatrixResult], k: int) -> None:
     """Refused pairs leave the rest running, but a run where every pair of every metric was refused
     fails with the reasons."""
@@ -194,6 +215,8 @@ def metric_entries(results: dict[str, MatrixResult], cfg: SimilarityConfig) -> t
         if cfg.permutations and "null" not in entry:
             entry["null"] = (f"pairing of samples shuffled (rows of the column net permuted), the same "
                              f"{cfg.permutations} permutations for every pair, seed {cfg.seed}")
+        if cfg.fit_split and m not in SPLIT_METRICS:
+            entry["in_sample"] = f"not an alignment metric: computed in-sample on the {score_split(cfg)} rows"
         if results[m].refused:
             entry["refused_note"] = "blank cells: pairs refused (see refused); the other pairs were computed"
         body_metrics[m] = entry
@@ -205,13 +228,18 @@ def compute(features_path: str | Path, cfg: SimilarityConfig) -> tuple[dict[str,
     """The body of ``similarity.json`` and the per-metric results behind it."""
     check_options(cfg)
     with open_features(features_path) as f:
-        nets, dss = open_layer(f, cfg.split, parse_csv(cfg.nets), cfg.layer, cfg.allow_changed_checkpoints)
+        nets, dss = open_layer(f, score_split(cfg), parse_csv(cfg.nets), cfg.layer, cfg.allow_changed_checkpoints)
+        fit = (open_layer(f, cfg.fit_split, nets, cfg.layer, cfg.allow_changed_checkpoints)[1]
+               if cfg.fit_split else None)
         n = int(dss[0].shape[0])
-        results = metric_results(dss, nets, cfg)
+        results = metric_results(dss, nets, cfg, fit)
         dims = {name: list(ds.shape[1:]) for name, ds in zip(nets, dss)}
     body_metrics, warnings = metric_entries(results, cfg)
-    return {"split": cfg.split, "layer": cfg.layer, "nets": nets, "n_samples": n, "features": str(features_path),
-            "dims": dims, "metrics": body_metrics, "warnings": warnings}, results
+    body = {"split": score_split(cfg), "layer": cfg.layer, "nets": nets, "n_samples": n,
+            "features": str(features_path), "dims": dims, "metrics": body_metrics, "warnings": warnings}
+    if cfg.fit_split:
+        body["fit_split"] = cfg.fit_split
+    return body, results
 
 
 def write_vectors(path: Path, results: dict[str, MatrixResult], names: Sequence[str]) -> bool:
@@ -229,8 +257,11 @@ def write_similarity(features: str | Path, cfg: SimilarityConfig, out_dir: str |
     check_options(cfg)
     parse_metrics(cfg.metric)
     with open_features(features) as f:
-        nets, dss = open_layer(f, cfg.split, parse_csv(cfg.nets), cfg.layer, cfg.allow_changed_checkpoints)
+        nets, dss = open_layer(f, score_split(cfg), parse_csv(cfg.nets), cfg.layer, cfg.allow_changed_checkpoints)
         inputs = {name: provenance_of(ds) for name, ds in zip(nets, dss)}
+        if cfg.fit_split:
+            fit = open_layer(f, cfg.fit_split, nets, cfg.layer, cfg.allow_changed_checkpoints)[1]
+            inputs.update({f"{name}@{cfg.fit_split}": provenance_of(ds) for name, ds in zip(nets, fit)})
     with RunDir(out_dir, mode) as run:
         run.write_config(cfg, features=str(features), inputs=inputs)
         body, results = compute(features, cfg)

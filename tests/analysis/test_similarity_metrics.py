@@ -146,3 +146,48 @@ def test_the_command_writes_the_new_metrics_and_the_canonical_correlations(cli, 
     vec = np.load(tmp_path / "o" / "cca_correlations.npz")
     assert vec["svcca/x/y"].shape == (2,) and vec["r2cca/x/z"].shape == (3,)
     assert ms["r2cca"]["matrix"][0][2] == pytest.approx(np.mean(vec["r2cca/x/z"] ** 2))
+
+
+# --------------------------------------------------------------------------- fit on one split, score on another
+
+def test_fitting_and_scoring_on_the_same_rows_gives_the_in_sample_values(trio):
+    from analysis.similarity_cca import CCAOptions
+    from analysis.similarity_split import split_matrices
+
+    nets = list(trio)
+    opts = CCAOptions(features="pooled", keep=0.99)
+    res = split_matrices(nets, nets, ["svcca", "pwcca", "r2cca", "procrustes", "shape"], opts=opts, alpha=0.5)
+    for m, kw in (("svcca", dict(features="pooled")), ("pwcca", dict(features="pooled")),
+                  ("r2cca", dict(features="pooled")), ("procrustes", {}), ("shape", dict(alpha=0.5, features="pooled"))):
+        for i, j in ((0, 1), (1, 2), (2, 0)):
+            assert res[m].matrix[i, j] == pytest.approx(S.get_metric(m)(nets[i], nets[j], **kw), rel=1e-8, abs=1e-10), m
+
+
+def test_held_out_scores_remove_the_in_sample_inflation_of_unrelated_nets(cli, tmp_path):
+    import json
+
+    from tests.fakedata import write_features_by_split
+
+    rng = np.random.default_rng(11)
+    split = {s: {"a": rng.normal(size=(n, 8, 2, 2)), "b": rng.normal(size=(n, 8, 2, 2))}
+             for s, n in (("train", 30), ("test", 400))}
+    mix = rng.normal(size=(8, 8)) + 3 * np.eye(8)
+    for s in split:                                   # c is an invertible channel mixing of a: related
+        split[s]["c"] = np.einsum("nchw,cd->ndhw", split[s]["a"], mix)
+    path = write_features_by_split(tmp_path / "f.h5", split, layer="conv")
+    common = ["similarity", "--features", path, "--layer", "conv", "--metric", "r2cca,svcca,procrustes,shape,cka",
+              "--svcca_keep", "1.0", "--permutations", "5"]
+    assert cli(*common, "--split", "train", "--out_dir", tmp_path / "in")[0] == 0
+    code, _, err = cli(*common, "--fit_split", "train", "--score_split", "test", "--out_dir", tmp_path / "out")
+    assert code == 0, err
+    ins = json.loads((tmp_path / "in" / "similarity.json").read_text())["metrics"]
+    out = json.loads((tmp_path / "out" / "similarity.json").read_text())
+    assert out["fit_split"] == "train" and out["split"] == "test"
+    held = out["metrics"]
+    assert ins["r2cca"]["matrix"][0][1] > 0.15 and abs(held["r2cca"]["matrix"][0][1]) < 0.05   # a vs b unrelated
+    assert held["r2cca"]["matrix"][0][2] == pytest.approx(1.0, abs=1e-6)                      # a vs c: exact map
+    assert held["procrustes"]["held_out"].startswith("alignment fitted") and held["procrustes"]["fit_rows"] == 30
+    assert "in-sample on the test rows" in held["cka"]["in_sample"]
+    assert held["svcca"]["p_values"][0][2] == pytest.approx(1 / 6)
+    code, _, err = cli(*common, "--score_split", "test", "--out_dir", tmp_path / "bad")
+    assert code == 1 and "needs --fit_split" in err
