@@ -61,6 +61,8 @@ HELP = {
     "fit_split": "fit the alignment-based metrics (svcca, pwcca, r2cca, procrustes, shape) on this split's rows "
                  "and score them on --score_split's (default: in-sample on --split); the others run on the score split",
     "score_split": "split the held-out alignment metrics are scored on (default: --split)",
+    "spatial": "--cca_features positions with nets of different H x W: pool (adaptive average) or interpolate "
+               "(bilinear) every net to the smallest H x W; recorded in similarity.json",
     "batch_size": "cka_minibatch: samples per minibatch",
     "memory_gb": "GiB the arrays of the computation may hold at once (Gram matrices or accumulators and read "
                  "blocks; the interpreter and libraries add about 0.4 GiB); auto picks the form that fits",

@@ -23,6 +23,7 @@ from analysis.similarity import METRICS, get_metric
 from analysis.similarity_cca import CCAOptions, cca_matrices
 from analysis.similarity_results import MatrixResult
 from analysis.similarity_shape import check_alpha, shape_matrix
+from analysis.similarity_spatial import SPATIAL, to_common_size
 from analysis.similarity_split import SPLIT_METRICS, split_matrices
 from analysis.sources import SimilarityError
 from common.errors import UserError
@@ -49,6 +50,7 @@ FLATTENING = {
     "cka_rbf": "flat: per-sample C*H*W features, Euclidean distances between samples",
     "cka_rbf_unbiased": "flat: per-sample C*H*W features, Euclidean distances between samples",
 }
+POSITION_METRICS = CCA_FAMILY + ("shape",)     # the metrics --cca_features positions applies to
 CCA_FLATTENING = {
     "pooled": "pooled: spatial mean per channel (N x C)",
     "flat": "flat: per-sample C*H*W features (N x C*H*W)",
@@ -76,6 +78,7 @@ class SimilarityConfig:
     shape_alpha: float = 1.0         # shape metric's partial whitening: 1 none (angular Procrustes), 0 full
     fit_split: str = ""              # alignment metrics: fit on this split's rows ("": in-sample on --split)
     score_split: str = ""            # ... and score on this split's rows ("": --split)
+    spatial: str = ""                # positions mode, nets of different H x W: pool | interpolate to the smallest
     batch_size: int = 256            # cka_minibatch: samples per minibatch
     memory_gb: float = 4.0           # what the computation may hold in memory at once
     allow_changed_checkpoints: bool = False   # use features whose checkpoint changed since extraction
@@ -101,6 +104,8 @@ def check_options(cfg: SimilarityConfig) -> None:
     cca_options(cfg).check()
     check_sigma(cfg.rbf_sigma)
     check_alpha(cfg.shape_alpha)
+    if cfg.spatial and cfg.spatial not in SPATIAL:
+        raise UserError(f"--spatial {cfg.spatial!r}; valid: {', '.join(SPATIAL)} (or empty: sizes must agree)")
     if cfg.score_split and not cfg.fit_split:
         raise UserError(f"--score_split {cfg.score_split} needs --fit_split (the split the alignment is fitted on); "
                         f"without it every metric is in-sample on --split")
@@ -163,9 +168,14 @@ def metric_results(sources: Sequence[Any], names: Sequence[str], cfg: Similarity
     metrics = parse_metrics(cfg.metric)
     memory = int(cfg.memory_gb * 2 ** 30)
     results: dict[str, MatrixResult] = {}
+    cca_sources, spatial = sources, None
+    if cfg.spatial and cfg.cca_features == "positions" and any(m in POSITION_METRICS for m in metrics):
+        cca_sources, spatial = to_common_size(sources, names, cfg.spatial)
+        if fit_sources is not None:
+            fit_sources = to_common_size(fit_sources, names, cfg.spatial)[0]
     if fit_sources is not None:
         held = [m for m in metrics if m in SPLIT_METRICS]
-        results.update(split_matrices(fit_sources, sources, held, opts=cca_options(cfg), alpha=cfg.shape_alpha,
+        results.update(split_matrices(fit_sources, cca_sources, held, opts=cca_options(cfg), alpha=cfg.shape_alpha,
                                       permutations=cfg.permutations, seed=cfg.seed, names=names,
                                       fit_split=cfg.fit_split, score_split=score_split(cfg)))
         metrics = [m for m in metrics if m not in held]
@@ -177,16 +187,20 @@ def metric_results(sources: Sequence[Any], names: Sequence[str], cfg: Similarity
                                                         permutations=cfg.permutations)
     if any(m in CCA_FAMILY for m in metrics):
         o = cca_options(cfg)
-        results.update(cca_matrices(sources, metrics, features=o.features, keep_variance=o.keep, rule=o.rule,
+        results.update(cca_matrices(cca_sources, metrics, features=o.features, keep_variance=o.keep, rule=o.rule,
                                     pwcca_variant=o.pwcca_variant, rank_tol=o.rank_tol,
                                     permutations=cfg.permutations, seed=cfg.seed, memory_bytes=memory, names=names))
     if any(m in RBF_FAMILY for m in metrics):
         results.update(rbf_cka_matrices(sources, metrics, sigma=cfg.rbf_sigma, permutations=cfg.permutations,
                                         seed=cfg.seed, memory_bytes=memory, names=names))
     if "shape" in metrics:
-        results["shape"] = shape_matrix(sources, alpha=cfg.shape_alpha, features=cfg.cca_features,
+        results["shape"] = shape_matrix(cca_sources, alpha=cfg.shape_alpha, features=cfg.cca_features,
                                         rank_tol=cfg.rank_tol, permutations=cfg.permutations, seed=cfg.seed,
                                         names=names)
+    if spatial:
+        for m, r in results.items():
+            if m in POSITION_METRICS:
+                r.details["spatial"] = spatial
     check_something_computed(results, len(sources))
     return results
 

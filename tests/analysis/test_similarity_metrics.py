@@ -191,3 +191,44 @@ def test_held_out_scores_remove_the_in_sample_inflation_of_unrelated_nets(cli, t
     assert held["svcca"]["p_values"][0][2] == pytest.approx(1 / 6)
     code, _, err = cli(*common, "--score_split", "test", "--out_dir", tmp_path / "bad")
     assert code == 1 and "needs --fit_split" in err
+
+
+# --------------------------------------------------------------------------- layers of different spatial size
+
+@pytest.mark.parametrize("mode", ["pool", "interpolate"])
+def test_spatial_resizing_matches_torch(mode):
+    import torch
+    import torch.nn.functional as F
+
+    from analysis.similarity_spatial import resize
+
+    x = np.random.default_rng(12).normal(size=(3, 2, 7, 5)).astype(np.float32)
+    got = resize(x, (3, 2), mode)
+    t = torch.from_numpy(x)
+    want = (F.adaptive_avg_pool2d(t, (3, 2)) if mode == "pool"
+            else F.interpolate(t, size=(3, 2), mode="bilinear", align_corners=False)).numpy()
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_positions_mode_compares_layers_of_different_size_after_pooling(tmp_path):
+    from analysis.similarity_run import similarity_matrix
+    from tests.fakedata import write_features_one_split
+
+    rng = np.random.default_rng(13)
+    big = rng.normal(size=(40, 3, 4, 4)).astype(np.float32)
+    small = big.reshape(40, 3, 2, 2, 2, 2).mean((3, 5))[:, ::-1].copy()        # 2x2 average pool, channels reversed
+    path = write_features_one_split(tmp_path / "f.h5", {"big": big})
+    from features.store import create_features, mark_complete, open_features
+    with open_features(path, "a") as f:
+        ds = create_features(f, "test", "small", "conv", small.shape, "float32", {})
+        ds[...] = small
+        mark_complete(ds)
+    kw = dict(metrics="svcca,cka", permutations=0, cca_features="positions", svcca_keep=1.0)
+    with pytest.raises(UserError, match="--spatial"):
+        similarity_matrix(path, "conv", **kw)
+    body = similarity_matrix(path, "conv", spatial="pool", **kw)
+    sv = body["metrics"]["svcca"]
+    assert sv["matrix"][0][1] == pytest.approx(1.0, abs=1e-6)
+    assert sv["spatial"]["mode"] == "pool" and sv["spatial"]["size"] == [2, 2]
+    assert sv["spatial"]["from"] == {"big": [4, 4], "small": [2, 2]} and "spatial" not in body["metrics"]["cka"]
