@@ -1,10 +1,12 @@
-"""``similarity``: CKA / SVCCA / PWCCA / Procrustes matrices over the nets of a feature file.
+"""``similarity``: CKA / SVCCA / PWCCA / Procrustes / shape matrices over the nets of a feature file.
 
     python cli.py similarity --features F --layer features.30 [--split test] [--nets a,b,c] \\
         --metric cka,svcca,pwcca,procrustes [--permutations 100] --out_dir D
+    python cli.py similarity --features F --layers features.4,features.8 --nets a,b --metric cka --out_dir D
 
-writes ``D/similarity.json`` and ``D/config.json``; the computation lives in
-:mod:`analysis.similarity_run` (:func:`~analysis.similarity_run.similarity_matrix` for notebooks).
+writes ``D/similarity.json`` and ``D/config.json`` (and ``layers_<metric>.png`` for ``--layers``); the
+computation lives in :mod:`analysis.similarity_run` (:func:`~analysis.similarity_run.similarity_matrix`
+for notebooks) and :mod:`analysis.similarity_layers`.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import Sequence
 from analysis.cca import CCA_FEATURES, PWCCA_VARIANTS, SVCCA_RULES
 from analysis.cka import FORMS
 from analysis.similarity import METRICS
+from analysis.similarity_layers import write_layer_similarity
 from analysis.similarity_run import SimilarityConfig, write_similarity
 from common.options import Command, add_dataclass_args, add_run_args, dataclass_from_args
 from common.rundir import run_mode
@@ -39,6 +42,8 @@ def format_matrix(nets: Sequence[str], matrix: Sequence[Sequence[float | None]],
 
 HELP = {
     "layer": "layer (module path) to compare, e.g. features.30",
+    "layers": "comma list of layers: every layer of --nets A against every layer of B (or of A with itself), "
+              "written as the layers matrix of similarity.json and drawn as layers_<metric>.png",
     "split": "split of the feature file (test, train, val)",
     "nets": "comma list of nets; empty: every net of the split",
     "metric": "comma list of metrics: " + ", ".join(METRICS.names()),
@@ -72,15 +77,31 @@ HELP = {
 
 def _add_similarity(p: argparse.ArgumentParser) -> None:
     p.add_argument("--features", required=True, help="kc-features HDF5 file")
-    p.add_argument("--layer", required=True, help=HELP["layer"])
-    add_dataclass_args(p, SimilarityConfig, skip=("layer",), help=HELP,
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--layer", default="", help=HELP["layer"])
+    where.add_argument("--layers", default="", help=HELP["layers"])
+    add_dataclass_args(p, SimilarityConfig, skip=("layer", "layers"), help=HELP,
                        choices={"cka_form": list(FORMS), "cca_features": list(CCA_FEATURES),
                                 "svcca_rule": list(SVCCA_RULES), "pwcca_variant": list(PWCCA_VARIANTS)})
     add_run_args(p)
 
 
+def _print_layers(body: dict) -> None:
+    lay = body["layers"]
+    for m, entry in lay["metrics"].items():
+        print(f"{m} ({entry['direction']}), {lay['row_net']} (rows) x {lay['column_net']} (columns), "
+              f"{body['split']} split, n={body['n_samples']}:")
+        print(format_matrix(lay["names"], entry["matrix"], refused=entry.get("refused", []), symmetric=False))
+    for w in body["warnings"]:
+        print(f"warning: {w}")
+
+
 def _run_similarity(args: argparse.Namespace) -> None:
     cfg = dataclass_from_args(SimilarityConfig, args)
+    if cfg.layers:
+        _print_layers(write_layer_similarity(args.features, cfg, args.out_dir, run_mode(args.resume, args.overwrite)))
+        print(f"wrote {Path(args.out_dir) / 'similarity.json'}")
+        return
     body = write_similarity(args.features, cfg, args.out_dir, run_mode(args.resume, args.overwrite))
     for m, entry in body["metrics"].items():
         print(f"{m} ({entry['direction']}), {body['layer']}, {body['split']} split, n={body['n_samples']}:")
@@ -95,10 +116,12 @@ def _run_similarity(args: argparse.Namespace) -> None:
 
 
 COMMANDS = [
-    Command("similarity", "CKA / SVCCA / PWCCA / Procrustes matrices between nets at one layer",
+    Command("similarity", "CKA / SVCCA / PWCCA / Procrustes matrices between nets at one layer, or layer x layer",
             _add_similarity, _run_similarity,
-            "Compare every pair of nets of a feature file at one layer with the similarity baselines "
-            "(linear CKA biased/unbiased/minibatch, SVCCA, PWCCA, orthogonal Procrustes distance) and a "
-            "permutation null (shuffled sample pairing: chance level and p-values). Writes similarity.json "
+            "Compare every pair of nets of a feature file at one layer (--layer), or every layer of one or two "
+            "nets with every other (--layers), with the similarity baselines (linear and RBF CKA biased/unbiased, "
+            "minibatch CKA, SVCCA, PWCCA, R2_CCA, orthogonal Procrustes, the shape metric), every convention "
+            "named and selectable, and a permutation null (shuffled sample pairing: chance level and p-values); "
+            "--fit_split/--score_split score the alignment metrics held out. Writes similarity.json "
             "and config.json into --out_dir."),
 ]

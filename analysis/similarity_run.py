@@ -63,6 +63,7 @@ class SimilarityConfig:
     """Options of one ``similarity`` run."""
 
     layer: str = ""                  # module path of the layer, as in the feature file
+    layers: str = ""                 # comma list: layer x layer matrices of one or two --nets instead of --layer
     split: str = "test"
     nets: str = ""                   # comma list; empty: every net of the split
     metric: str = "cka"              # comma list of metric names
@@ -97,8 +98,9 @@ def parse_metrics(metric: str | Sequence[str]) -> list[str]:
 
 
 def check_options(cfg: SimilarityConfig) -> None:
-    if not cfg.layer:
-        raise UserError("--layer is required (the module path stored in the feature file, e.g. features.30)")
+    if not cfg.layer and not cfg.layers:
+        raise UserError("--layer is required (the module path stored in the feature file, e.g. features.30), or "
+                        "--layers L1,L2,... with --nets A[,B] for layer x layer matrices")
     if cfg.permutations < 0:
         raise UserError(f"--permutations {cfg.permutations}: must be >= 0")
     cca_options(cfg).check()
