@@ -2,12 +2,14 @@
 whitening, in its angular form, over every pair of K nets.
 
 Each net's centred samples ``Xc`` (the ``--cca_features`` view, rows x d) are partially whitened,
-``Z = Xc (alpha I + (1 - alpha) S^-1/2)`` with ``S = Xc^T Xc / rows`` (pseudo-inverse on the numerical
-rank): ``alpha = 1`` leaves them alone (the angular Procrustes distance), ``alpha = 0`` whitens fully
-(the angle of mean canonical correlation when both sides have the same rank). The distance is the
+``Z = Xc (alpha I + (1 - alpha) S^-1/2)`` with ``S = Xc^T Xc``, not divided by the number of rows (as
+netrep's ``whiten``; pseudo-inverse on the numerical rank): ``alpha = 1`` leaves them alone (the
+angular Procrustes distance), ``alpha = 0`` whitens fully (the angle of mean canonical correlation
+when both sides have the same rank). For 0 < alpha < 1 the value depends on the features' scale, as
+in netrep (its variance-preserving rescaling is one factor per net, which the angle ignores). The distance is the
 angle ``arccos(||Zx^T Zy||_* / (||Zx||_F ||Zy||_F))`` in radians, in [0, pi/2]: the smallest angle
 between the two normalised configurations over orthogonal maps, a metric (triangle inequality).
-From the SVD ``Xc = U diag(s) V^T``: ``Z = U diag(g) V^T`` with ``g = alpha s + (1 - alpha) sqrt(rows)``,
+From the SVD ``Xc = U diag(s) V^T``: ``Z = U diag(g) V^T`` with ``g = alpha s + (1 - alpha)``,
 so each pair needs only ``diag(g_x) U_x^T U_y diag(g_y)``.
 """
 from __future__ import annotations
@@ -29,9 +31,9 @@ def check_alpha(alpha: float) -> None:
                         f"angular Procrustes distance; 0: full whitening, CCA-like)")
 
 
-def whitened_gains(v: CCAView, alpha: float, rows: int) -> np.ndarray:
+def whitened_gains(v: CCAView, alpha: float) -> np.ndarray:
     """``g`` of ``Z = U diag(g) V^T``: the singular values of the partially whitened features."""
-    return alpha * v.s + (1.0 - alpha) * np.sqrt(rows)
+    return alpha * v.s + (1.0 - alpha)
 
 
 def shape_angle(ux: np.ndarray, gx: np.ndarray, uy: np.ndarray, gy: np.ndarray) -> float:
@@ -63,7 +65,7 @@ def shape_distance(x: Any, y: Any, *, alpha: float = 1.0, features: str = "flat"
         raise SimilarityError(why)
     vx = CCAView.of(xs, nx, storage_eps(as_source(x).dtype), rank_tol)
     vy = CCAView.of(ys, ny, storage_eps(as_source(y).dtype), rank_tol)
-    return shape_angle(vx.u, whitened_gains(vx, alpha, rows), vy.u, whitened_gains(vy, alpha, rows))
+    return shape_angle(vx.u, whitened_gains(vx, alpha), vy.u, whitened_gains(vy, alpha))
 
 
 def shape_matrix(sources: Sequence[Any], *, alpha: float = 1.0, features: str = "pooled", rank_tol: float = 0.0,
@@ -83,7 +85,7 @@ def shape_matrix(sources: Sequence[Any], *, alpha: float = 1.0, features: str = 
                      np.full((permutations, k, k), np.nan) if permutations else None,
                      {"shape_alpha": alpha, "cca_features": features, "units": "radians, in [0, pi/2]",
                       "form": "angular: arccos(||Zx^T Zy||_* / (||Zx||_F ||Zy||_F)), Z = Xc (alpha I + (1 - alpha) "
-                              "S^-1/2) (Williams et al. 2021)"})
+                              "S^-1/2), S = Xc^T Xc (Williams et al. 2021; netrep's whitening)"})
     pairs, needed = [], set()
     for i in range(k):
         for j in range(i, k):
@@ -97,7 +99,7 @@ def shape_matrix(sources: Sequence[Any], *, alpha: float = 1.0, features: str = 
     for i in progress(sorted(needed), total=len(needed), desc="shape bases"):
         samples, norm = cca_data(srcs[i], features)
         v = CCAView.of(samples, norm, storage_eps(srcs[i].dtype), rank_tol)
-        views[i] = (v.u, whitened_gains(v, alpha, rows))
+        views[i] = (v.u, whitened_gains(v, alpha))
     for i, j in pairs:
         (ux, gx), (uy, gy) = views[i], views[j]
         try:

@@ -78,13 +78,12 @@ def cca_split_value(metric: str, x: SplitView, y: SplitView, kx: int, ky: int,
 
 def aligned_cos(x: SplitView, y: SplitView, alpha: float, perm: np.ndarray | None = None) -> float:
     """``tr(Q^T Zx^T Zy) / (||Zx|| ||Zy||)`` on the score rows, Q and the whitening from the fit rows."""
-    gx = alpha * x.fit.s + (1 - alpha) * np.sqrt(x.rows_fit)
-    gy = alpha * y.fit.s + (1 - alpha) * np.sqrt(y.rows_fit)
+    gx, gy = alpha * x.fit.s + (1 - alpha), alpha * y.fit.s + (1 - alpha)
     p, _, rt = np.linalg.svd((x.fit.u * gx).T @ (y.fit.u * gy), full_matrices=False)
 
     def coords(v: SplitView, rows: np.ndarray) -> tuple[np.ndarray, float]:
         tv = rows @ v.fit.vt.T                                             # (rows, r)
-        h = alpha + (1 - alpha) * np.sqrt(v.rows_fit) / v.fit.s
+        h = alpha + (1 - alpha) / v.fit.s
         z = tv * h
         rest = max(float(np.sum(rows ** 2) - np.sum(tv ** 2)), 0.0)       # outside the fit span
         return z, float(np.sqrt(np.sum(z ** 2) + alpha ** 2 * rest))

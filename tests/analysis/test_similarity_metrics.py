@@ -232,3 +232,20 @@ def test_positions_mode_compares_layers_of_different_size_after_pooling(tmp_path
     assert sv["matrix"][0][1] == pytest.approx(1.0, abs=1e-6)
     assert sv["spatial"]["mode"] == "pool" and sv["spatial"]["size"] == [2, 2]
     assert sv["spatial"]["from"] == {"big": [4, 4], "small": [2, 2]} and "spatial" not in body["metrics"]["cka"]
+
+
+def test_partial_whitening_follows_the_eigendecomposition_recipe(trio):
+    """Z = Xc V diag(alpha + (1 - alpha) lam^-1/2) V^T with lam, V the eigenpairs of Xc^T Xc (netrep's
+    convention), then the angle of the best orthogonal alignment."""
+    x, y, _ = trio
+    alpha = 0.3
+
+    def whiten(a):
+        a = a.mean((2, 3)).astype(float)
+        a = a - a.mean(0)
+        lam, v = np.linalg.eigh(a.T @ a)
+        return a @ (v * (alpha + (1 - alpha) * lam ** -0.5)) @ v.T
+
+    zx, zy = whiten(x), whiten(y)
+    want = np.arccos(np.linalg.svd(zx.T @ zy, compute_uv=False).sum() / (np.linalg.norm(zx) * np.linalg.norm(zy)))
+    assert S.get_metric("shape")(x, y, alpha=alpha, features="pooled") == pytest.approx(want, rel=1e-9)
