@@ -28,6 +28,7 @@ def format_matrix(nets: Sequence[str], matrix: Sequence[Sequence[float | None]],
     """The matrix as text; refused pairs are blank cells with a footnote giving the reasons, other
     undefined values ``n/a``."""
     columns = list(columns or nets)
+    width = max(width, min(24, max(len(n) for n in list(nets) + columns) + 2))
     blank = {tuple(e["pair"]) for e in refused} | ({tuple(e["pair"][::-1]) for e in refused} if symmetric else set())
     head = " " * width + "".join(f"{n[:width - 1]:>{width}}" for n in columns)
     rows = [f"{a[:width - 1]:<{width}}" + "".join(

@@ -91,6 +91,13 @@ def test_float32_net_of_four_latent_maps_has_rank_four_and_pwcca_one_against_its
     assert int(np.sum(s > s[0] * max(xs.shape) * np.finfo(np.float64).eps)) > 4
     assert CC.pwcca_similarity(x, z, features="pooled") == pytest.approx(1.0, abs=1e-5)
     assert CC.pwcca_similarity(x, x, features="flat") == pytest.approx(1.0, abs=1e-5)
+    # a net holding x's whole span (its 4 maps) and 4 more: weighted by its neurons, x's rounding
+    # dimensions would pair with its extra variates; at rank 4 only the 4 shared pairs count
+    a = np.concatenate([z, np.random.default_rng(5).normal(size=(len(z), 4, 3, 3)).astype(np.float32)], 1)
+    assert CC.pwcca_similarity(a, x, features="pooled") == pytest.approx(1.0, abs=1e-6)
+    assert CC.pwcca_similarity(a, x, features="pooled", rank_tol=1e-15) < 0.8      # float64's tolerance
+    a16, x16 = a.astype(np.float16), x.astype(np.float16)
+    assert CC.pwcca_similarity(a16, x16, features="pooled") == pytest.approx(1.0, abs=1e-6)
     # float16 storage: the tolerance grows with its eps, the rank stays 4
     assert CC.CCAView.of(*CC.cca_data(x.astype(np.float16), "pooled"), CC.storage_eps(np.float16)).rank == 4
     # an explicit relative tolerance overrides the dtype's
