@@ -92,6 +92,7 @@ def _print_layers(body: dict) -> None:
     for m, entry in lay["metrics"].items():
         print(f"{m} ({entry['direction']}), {lay['row_net']} (rows) x {lay['column_net']} (columns), "
               f"{body['split']} split, n={body['n_samples']}:")
+        print(f"  {entry['convention']}")
         print(format_matrix(lay["names"], entry["matrix"], refused=entry.get("refused", []), symmetric=False))
     for w in body["warnings"]:
         print(f"warning: {w}")
@@ -106,6 +107,7 @@ def _run_similarity(args: argparse.Namespace) -> None:
     body = write_similarity(args.features, cfg, args.out_dir, run_mode(args.resume, args.overwrite))
     for m, entry in body["metrics"].items():
         print(f"{m} ({entry['direction']}), {body['layer']}, {body['split']} split, n={body['n_samples']}:")
+        print(f"  {entry['convention']}")
         refused, sym = entry.get("refused", []), entry.get("symmetric", True)
         print(format_matrix(body["nets"], entry["matrix"], refused=refused, symmetric=sym))
         if "p_values" in entry:

@@ -98,6 +98,7 @@ def layer_matrix(features_path: str | Path, cfg: SimilarityConfig) -> dict[str, 
         block = _block(r, rows, cols)
         block["description"] = entries[m]["description"]
         block["features"] = entries[m]["features"]
+        block["convention"] = entries[m]["convention"]
         if "null" in entries[m]:
             block["null"] = entries[m]["null"]
         metrics[m] = block

@@ -220,6 +220,32 @@ def check_something_computed(results: dict[str, MatrixResult], k: int) -> None:
         raise SimilarityError("every pair was refused: " + "; ".join(reasons))
 
 
+def convention_line(m: str, entry: dict[str, Any]) -> str:
+    """One line naming every convention the values of ``entry`` depend on (for tables and reports)."""
+    parts = [entry["features"].split(":")[0] + " features"]
+    nets = entry.get("nets") if isinstance(entry.get("nets"), dict) else {}
+    if m == "svcca":
+        parts.append(entry["svcca_rule"])
+        parts.append("k " + ", ".join(f"{n} {d['k']}" for n, d in nets.items()))
+    if m == "pwcca":
+        parts.append(f"variant {entry['pwcca_variant']}, weights from the row net")
+    if nets:
+        parts.append("rank " + ", ".join(f"{n} {d['rank']} (tol {d['rank_tol']:.2g})" for n, d in nets.items()))
+    if "rbf_sigma" in entry:
+        parts.append(f"bandwidth {entry['rbf_sigma']:g} x median distance")
+    if "shape_alpha" in entry:
+        parts.append(f"alpha {entry['shape_alpha']:g}, radians")
+    if "form" in entry and m in ("cka", "cka_unbiased", "procrustes"):
+        parts.append(f"{entry['form']} form (exact)")
+    if "fit_split" in entry:
+        parts.append(f"fitted on {entry['fit_split']}, scored on {entry['score_split']}")
+    if "spatial" in entry:
+        parts.append(f"{entry['spatial']['mode']} to {entry['spatial']['size'][0]}x{entry['spatial']['size'][1]}")
+    if entry.get("refused"):
+        parts.append(f"{len(entry['refused'])} pair(s) refused")
+    return f"{m}: " + "; ".join(parts)
+
+
 def metric_entries(results: dict[str, MatrixResult], cfg: SimilarityConfig) -> tuple[dict[str, Any], list[str]]:
     """``similarity.json``'s ``metrics`` (each with its description, features and null) and the warnings."""
     body_metrics = {}
@@ -235,6 +261,7 @@ def metric_entries(results: dict[str, MatrixResult], cfg: SimilarityConfig) -> t
             entry["in_sample"] = f"not an alignment metric: computed in-sample on the {score_split(cfg)} rows"
         if results[m].refused:
             entry["refused_note"] = "blank cells: pairs refused (see refused); the other pairs were computed"
+        entry["convention"] = convention_line(m, entry)
         body_metrics[m] = entry
         warnings += [f"{m}: {w}" for w in entry["warnings"]]
     return body_metrics, warnings

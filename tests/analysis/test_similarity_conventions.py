@@ -166,3 +166,14 @@ def test_cca_matrix_vectors_are_the_canonical_correlations():
     rho = res.vectors[(0, 1)]
     np.testing.assert_allclose(rho, [1, 1, 1], atol=1e-10)
     assert res.matrix[0, 1] == pytest.approx(np.mean(rho ** 2))
+
+
+def test_each_entry_carries_a_one_line_convention_for_tables(tmp_path):
+    x, z = latent_net(n=80)
+    path = write_features_one_split(tmp_path / "f.h5", {"x": x, "z": z})
+    body = similarity_matrix(path, "conv", metrics="svcca,pwcca,cka,shape", permutations=0, svcca_keep=3)
+    line = body["metrics"]["svcca"]["convention"]
+    assert line.startswith("svcca: pooled features") and "keep 3 directions" in line and "k x 3, z 3" in line
+    assert "rank x 4" in line
+    assert "weights from the row net" in body["metrics"]["pwcca"]["convention"]
+    assert "form (exact)" in body["metrics"]["cka"]["convention"] and "alpha 1" in body["metrics"]["shape"]["convention"]
