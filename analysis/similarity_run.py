@@ -3,7 +3,11 @@
 :func:`write_similarity` (the same, written into a run directory with its config and provenance).
 
 ``similarity.json``: ``{"split", "layer", "nets", "n_samples", "dims", "metrics": {name: {"matrix",
-"null_mean", "p_values", ...}}, "warnings"}``, rows and columns in ``nets`` order.
+"null_mean", "p_values", "convention", "refused", ...}}, "warnings"}`` (plus ``fit_split`` for held-out
+scores), rows and columns in ``nets`` order. Each metric entry names its conventions (``convention``
+in one line, and field by field); refused pairs are ``None`` cells listed under ``refused`` with their
+reason. Canonical correlations of every computed pair go to ``cca_correlations.npz`` beside it.
+Layer x layer runs (``--layers``) write a ``layers`` key instead (:mod:`analysis.similarity_layers`).
 """
 from __future__ import annotations
 
