@@ -11,7 +11,8 @@ metric keeps its conventions, refusals and null); the layers block is cut out of
                 "metrics": {name: {"matrix" (rows: A's layers, columns: B's), "null_mean", "p_values",
                                    "refused", "direction", "description", ...}}}}
 
-and ``layers_<metric>.png/.svg`` beside it draw each matrix (:mod:`analysis.layer_plots`).
+and ``layers_<metric>.png/.svg`` beside it draw each matrix (:mod:`analysis.layer_plots`);
+``cca_correlations.npz`` holds the canonical correlations (keys ``METRIC/NET/LAYER/NET/LAYER``).
 """
 from __future__ import annotations
 
@@ -21,12 +22,14 @@ from typing import Any
 from analysis.layer_plots import layer_heatmap
 from analysis.similarity_results import MatrixResult
 from analysis.similarity_run import (
+    CORRELATIONS_FILE,
     SimilarityConfig,
     check_options,
     metric_entries,
     metric_results,
     open_layer,
     score_split,
+    write_vectors,
 )
 from common.errors import UserError
 from common.files import write_json
@@ -73,6 +76,12 @@ def _block(r: MatrixResult, rows: list[int], cols: list[int]) -> dict[str, Any]:
 
 def layer_matrix(features_path: str | Path, cfg: SimilarityConfig) -> dict[str, Any]:
     """The body of a layer x layer ``similarity.json`` (see the module)."""
+    return layer_results(features_path, cfg)[0]
+
+
+def layer_results(features_path: str | Path, cfg: SimilarityConfig
+                  ) -> tuple[dict[str, Any], dict[str, MatrixResult], list[str]]:
+    """The body, the per-metric results over every (net, layer) source, and the sources' names."""
     check_options(cfg)
     layers, nets = check_layer_options(cfg)
     names, sources, dims = [], [], {}
@@ -108,7 +117,7 @@ def layer_matrix(features_path: str | Path, cfg: SimilarityConfig) -> dict[str, 
             "layers": {"row_net": nets[0], "column_net": nets[-1], "names": layers, "metrics": metrics}}
     if cfg.fit_split:
         body["fit_split"] = cfg.fit_split
-    return body
+    return body, results, names
 
 
 def write_layer_similarity(features: str | Path, cfg: SimilarityConfig, out_dir: str | Path,
@@ -123,8 +132,12 @@ def write_layer_similarity(features: str | Path, cfg: SimilarityConfig, out_dir:
                   for net in nets for layer in layers}
     with RunDir(out_dir, mode) as run:
         run.write_config(cfg, features=str(features), inputs=inputs)
-        body = layer_matrix(features, cfg)
+        body, results, names = layer_results(features, cfg)
         lay = body["layers"]
+        if write_vectors(run.file(CORRELATIONS_FILE), results, names):
+            for m, r in results.items():
+                if r.vectors:
+                    lay["metrics"][m]["correlations_file"] = CORRELATIONS_FILE
         for m, e in lay["metrics"].items():
             paths = layer_heatmap(e["matrix"], lay["names"], run.file(f"layers_{m}"), metric=m,
                                   direction=e["direction"], row_net=lay["row_net"], column_net=lay["column_net"],

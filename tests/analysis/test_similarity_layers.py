@@ -78,3 +78,4 @@ def test_the_command_writes_the_layers_matrix_and_its_heatmap(cli, two_nets, tmp
     assert pw["matrix"][2][2] is not None                              # 6 + 6 dims: computed
     assert (out / "layers_cka.png").stat().st_size > 0 and "layers_cka.png" in body["layers"]["metrics"]["cka"]["figure"]
     assert "A (rows) x B (columns)" in stdout and "blank: refused" in stdout
+    assert np.load(out / "cca_correlations.npz")["pwcca/A/l3/B/l3"].shape == (6,)
