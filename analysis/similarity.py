@@ -1,11 +1,12 @@
 """The similarity baselines between two nets' features at one layer, by name: linear CKA (biased,
-unbiased and minibatch HSIC), SVCCA, PWCCA and the orthogonal Procrustes distance, each with its
+unbiased and minibatch HSIC), SVCCA, PWCCA, R²_CCA and the orthogonal Procrustes distance, each with its
 direction (``similarity``: larger = more alike; ``distance``: smaller = more alike) and a
 permutation test. Everything is float64.
 
 Where each lives: :mod:`analysis.sources` (reading, non-finite checks), :mod:`analysis.cka` (CKA and
 Procrustes of one pair), :mod:`analysis.cka_matrices` (every pair of K nets, Grams shared, the null),
-:mod:`analysis.minibatch_cka`, :mod:`analysis.cca` (SVCCA, PWCCA) and
+:mod:`analysis.minibatch_cka`, :mod:`analysis.cca` (SVCCA, PWCCA, R²_CCA of one pair),
+:mod:`analysis.similarity_cca` (their matrices) and
 :mod:`analysis.similarity_results` (null summaries, the per-metric matrices).
 """
 from __future__ import annotations
@@ -16,9 +17,11 @@ from typing import Any, Callable
 import h5py
 import numpy as np
 
-from analysis.cca import pwcca_similarity, svcca_similarity
+from analysis.cca import pwcca_similarity, r2cca_similarity, svcca_similarity
 from analysis.cka import linear_cka_similarity, procrustes_distance, unbiased_cka_similarity
+from analysis.cka_rbf import rbf_cka_similarity, rbf_unbiased_cka_similarity
 from analysis.minibatch_cka import minibatch_cka_similarity
+from analysis.similarity_shape import shape_distance
 from analysis.similarity_results import NullSummary, null_summary, permutation_indices
 from analysis.sources import as_source, check_same_rows
 from common.errors import UserError
@@ -44,11 +47,21 @@ for _m in (
     Metric("cka_minibatch", "similarity", minibatch_cka_similarity,
            "minibatch linear CKA of Nguyen et al. 2021: unbiased HSIC averaged over random minibatches"),
     Metric("svcca", "similarity", svcca_similarity,
-           "SVCCA: SVD keeping 99% of the variance, then the mean canonical correlation"),
+           "SVCCA: SVD keeping the leading directions (--svcca_keep, --svcca_rule), then the mean canonical "
+           "correlation"),
     Metric("pwcca", "similarity", pwcca_similarity,
-           "PWCCA: canonical correlations weighted by the row net's neurons (not symmetric)"),
+           "PWCCA: canonical correlations weighted by the row net's neurons (not symmetric; --pwcca_variant)"),
+    Metric("r2cca", "similarity", r2cca_similarity,
+           "R2_CCA: the mean squared canonical correlation of the full-rank features"),
     Metric("procrustes", "distance", procrustes_distance,
            "orthogonal Procrustes distance of centred, Frobenius-normalised features, in [0, 2]"),
+    Metric("cka_rbf", "similarity", rbf_cka_similarity,
+           "RBF-kernel CKA, plug-in (biased) HSIC, bandwidth --rbf_sigma x the median distance (Kornblith et al. 2019)"),
+    Metric("cka_rbf_unbiased", "similarity", rbf_unbiased_cka_similarity,
+           "RBF-kernel CKA with the unbiased HSIC of Song et al. 2012, bandwidth as cka_rbf"),
+    Metric("shape", "distance", shape_distance,
+           "generalized shape metric (Williams et al. 2021), angular form in radians, partial whitening "
+           "--shape_alpha (1: angular Procrustes, 0: CCA-like)"),
 ):
     METRICS.add(_m.name, _m)
 

@@ -51,10 +51,32 @@ class MatrixResult:
     null: np.ndarray | None = None            # (P, K, K) null values, NaN where not computed
     details: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    refused: list[dict[str, Any]] = field(default_factory=list)     # {"pair", "nets", "reason", "when"}
+    vectors: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)   # canonical correlations per pair
 
     def warn(self, msg: str) -> None:
         if msg not in self.warnings:
             self.warnings.append(msg)
+
+    def refuse(self, i: int, j: int, names: list[str], reason: str, when: str) -> None:
+        """Leave pair (i, j) blank, with why and when it was decided (e.g. ``before the SVD``)."""
+        self.matrix[i, j] = np.nan
+        if self.null is not None:
+            self.null[:, i, j] = np.nan
+        self.refused.append({"pair": [i, j], "nets": [names[i], names[j]], "reason": reason, "when": when})
+
+    def refused_pairs(self) -> set[tuple[int, int]]:
+        return {(e["pair"][0], e["pair"][1]) for e in self.refused}
+
+    def refused_mask(self) -> np.ndarray:
+        """(K, K) True where a pair was refused (both orders for a symmetric metric)."""
+        k = self.matrix.shape[0]
+        mask = np.zeros((k, k), dtype=bool)
+        for i, j in self.refused_pairs():
+            mask[i, j] = True
+            if self.details.get("symmetric", True):
+                mask[j, i] = True
+        return mask
 
     def summaries(self) -> dict[str, np.ndarray]:
         """null_mean, null_std, p_values (K, K); NaN where there is no value or no null."""
@@ -83,9 +105,11 @@ class MatrixResult:
             missing_null = np.isfinite(self.matrix) & ~np.isfinite(sums["p_values"])
             if missing_null.any() and not self.warnings:
                 self.warn("the permutation null is missing for some pairs")
-        if not np.all(np.isfinite(self.matrix)) and not self.warnings:
+        if not np.all(np.isfinite(self.matrix) | self.refused_mask()) and not self.warnings:
             self.warn("some values are undefined")
         body.update(self.details)
+        if self.refused:
+            body["refused"] = list(self.refused)
         body["warnings"] = list(self.warnings)
         return body
 

@@ -333,7 +333,7 @@ class StudyRunner:
                     "permutations": self.study.permutations}
 
         def run(mode: str) -> None:
-            from analysis.similarity_commands import SimilarityConfig, write_similarity
+            from analysis.similarity_run import SimilarityConfig, write_similarity
 
             nets = self.expand_pairs()[0]
             cfg = SimilarityConfig(layer=layer, split=self.study.similarity_split, nets=",".join(nets),

@@ -154,7 +154,7 @@ def load_study(path: str | os.PathLike) -> Study:
         base = base.get("metrics") or ()
     base = tuple([base] if isinstance(base, str) else base)
     if base:
-        from analysis.similarity_commands import parse_metrics
+        from analysis.similarity_run import parse_metrics
 
         parse_metrics(",".join(base))
     diag = raw.get("diagnose")

@@ -16,7 +16,7 @@ from analysis import minibatch_cka as MB
 from analysis import similarity as S
 from analysis import similarity_results as R
 from analysis import sources as SRC
-from analysis.similarity_commands import similarity_matrix
+from analysis.similarity_run import similarity_matrix
 from common.errors import UserError
 from features.store import create_features, mark_complete, open_features
 from tests.fakedata import write_features_one_split

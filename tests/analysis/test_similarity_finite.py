@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from analysis import cca, cka, minibatch_cka
-from analysis.similarity_commands import similarity_matrix
+from analysis.similarity_run import similarity_matrix
 from analysis.sources import NonFiniteFeatures, check_finite
 from tests.fakedata import write_features_one_split
 from tests.processes import flat

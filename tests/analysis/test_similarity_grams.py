@@ -63,7 +63,7 @@ def test_matrix_null_equals_the_one_pair_permutation_test(nets, metric):
 def test_cca_matrix_null_equals_the_one_pair_permutation_test(nets, metric):
     """Each net's basis (and PWCCA's projection of its neurons) computed once gives, pair by pair and
     permutation by permutation, what recomputing the metric on permuted rows gives."""
-    from analysis.cca import cca_matrices
+    from analysis.similarity_cca import cca_matrices
 
     res = cca_matrices(nets, [metric], features="pooled", permutations=6, seed=2)[metric]
     # PWCCA is computed for every ordered pair; SVCCA for i <= j, mirrored (its null permutes the
