@@ -293,7 +293,7 @@ def _check_pairs(p: Problems, raw: Any, names: dict[str, tuple[str, str]], kinds
 
 
 def _check_baselines(p: Problems, raw: Any, splits: tuple[str, ...]) -> None:
-    from analysis.similarity_commands import parse_metrics
+    from analysis.similarity_run import parse_metrics
 
     if isinstance(raw, dict):
         if not p.keys("baselines", raw, ("metrics", "split", "permutations")):

@@ -99,10 +99,7 @@ def test_modules_stay_small(module):
 # (importer, command module): the rule below tolerates exactly these, and fails once one of them is
 # gone so that the entry is deleted. The integrator empties this after merging those branches.
 PENDING_MOVES = {
-    ("studies.runner", "analysis.similarity_commands"),                            # SimilarityConfig, write_similarity
-    ("studies.spec", "analysis.similarity_commands"),                              # parse_metrics
     ("notebooks/01_quickstart.ipynb", "transnet.commands"),                        # summary_line
-    ("notebooks/03_similarity_baselines.ipynb", "analysis.similarity_commands"),   # similarity_matrix
 }
 
 
