@@ -231,7 +231,11 @@ OPTION_TYPES: dict[str, OptionType] = {
     "std_correction": int_range(0, 1), "std_floor": probability(),
     "gate_init": probability(), "block_rows": positive_int(),
     # analysis
-    "permutations": nonneg_int(), "svcca_keep": finite_float(0.0, 1.0, lo_open=True), "memory_gb": positive_float(),
+    "permutations": nonneg_int(), "memory_gb": positive_float(),
+    # a fraction in (0, 1] or a whole count of directions (the CCA code refuses a count that is not whole)
+    "svcca_keep": positive_float(),
+    "rank_tol": finite_float(0.0, 1.0, lo_open=False, hi_open=True), "rbf_sigma": positive_float(),
+    "shape_alpha": finite_float(0.0, 1.0),
     "top": positive_int(), "panels": nonneg_int(), "panel_channels": positive_int(),
 }
 
