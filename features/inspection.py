@@ -19,6 +19,7 @@ from common.files import jsonable
 from features import store
 from features.layers import build_extractor, resolve_layer
 from features.nets import DATA_FIELDS, Net, load_net
+from features.tokens import map_tokens
 from training.data import build_dataset
 from training.datasets import DataSpec
 
@@ -140,22 +141,28 @@ def _verify_net(f: h5py.File, split: str, net: str, dset: Dataset, index: np.nda
             out += [VerifyRow(split, net, l, "mismatch", pick.tolist(), reason="labels differ from the data set")
                     for l in lays]
             continue
+        # a <layer>.prefix dataset (transformer prefix tokens) is recomputed with the layer it belongs to
+        prefix_of = {l: str(attrs[l]["tokens_of"]) for l in lays if attrs[l].get("point") == "tokens->prefix"}
+        requests = {l: prefix_of.get(l, str(attrs[l].get("layer") or l)) for l in lays}
         try:
-            pts = [resolve_layer(model, str(attrs[l].get("layer") or l)) for l in lays]
+            by_name = {r: resolve_layer(model, r) for r in dict.fromkeys(requests.values())}
+            ex = map_tokens(model, build_extractor(model, list(by_name.values())).to(dev), tuple(x.shape[1:]),
+                            keep_prefix=bool(prefix_of))
         except UserError as e:
             out += [VerifyRow(split, net, l, "failed", reason=str(e)) for l in lays]
             continue
-        ex = build_extractor(model, pts).to(dev)
         bf16 = any(attrs[l].get("autocast") == "bfloat16" for l in lays)
         with autocast(dev, bf16):
             rec = ex(x)
-        for l, p in zip(lays, pts):
+        for l in lays:
+            p = by_name[requests[l]]
+            key = l if l in prefix_of else p.name
             if attrs[l].get("node") not in (None, p.node):
                 out.append(VerifyRow(split, net, l, "failed", reason=f"layer {p.name!r} now resolves to {p.node!r}, "
                                      f"the file recorded {attrs[l].get('node')!r}"))
                 continue
             stored = torch.from_numpy(np.asarray(g[l][pick.tolist()])).float()
-            got = rec[p.name].to(torch.float16 if g[l].dtype == np.float16 else torch.float32).float().cpu()
+            got = rec[key].to(torch.float16 if g[l].dtype == np.float16 else torch.float32).float().cpu()
             if got.shape != stored.shape:
                 out.append(VerifyRow(split, net, l, "mismatch", pick.tolist(),
                                      reason=f"shape {tuple(got.shape)} recomputed, {tuple(stored.shape)} stored"))

@@ -47,6 +47,7 @@ from studies.cache import STATE_FILE, Stage, StudyState, outputs_exist, remove_o
 from studies.spec import FAMILY_KINDS, Study, check_keys, load_study, section_dataclass
 from training.loop import TrainConfig
 from training.manifest import Member, read_manifest, write_manifest
+from training.models import parse_model_kwargs
 from training.runner import ModelSpec, run_training
 
 STUDY_TIMEOUT = datetime.timedelta(days=7)   # other ranks wait at a barrier while rank 0 trains a family
@@ -150,10 +151,10 @@ class StudyRunner:
         s = self.study
         opts = dict(opts)
         cfg = self._train_cfg(opts)
-        arch = str(opts.get("arch", "vgg_tiny"))
-        spec = ModelSpec(arch)
+        arch = f"model:{opts['model']}" if opts.get("model") else str(opts.get("arch", "vgg_tiny"))
+        spec = ModelSpec(arch, kwargs=parse_model_kwargs(opts.get("model_kwargs")))
         if kind == "seeds":
-            check_keys("members.seeds", opts, ("arch", "seeds", "train", "prefix"))
+            check_keys("members.seeds", opts, ("arch", "seeds", "train", "prefix", "model", "model_kwargs"))
             seeds = [int(x) for x in opts.get("seeds", [0, 5])]
             prefix = str(opts.get("prefix", "seed"))
             out.mkdir(parents=True, exist_ok=True)
@@ -188,7 +189,7 @@ class StudyRunner:
                                       metrics={"test_top1": m.get("test_top1")}))
             write_manifest(out, "seeds", members, config={"data": asdict(s.data), "train": asdict(cfg), "seeds": seeds})
         elif kind == "distill":
-            check_keys("members.distill", opts, ("arch", "teacher", "alpha", "temperature", "train", "name"))
+            check_keys("members.distill", opts, ("arch", "teacher", "alpha", "temperature", "train", "name", "model", "model_kwargs"))
             teacher = str(opts.get("teacher", ""))
             members = self.all_members()
             if teacher not in members:
@@ -202,7 +203,7 @@ class StudyRunner:
             self.log(f"  {kd.student_name}: test top-1 {res.train.metrics['test_top1']:.2f}% "
                      f"(teacher {res.teacher_metrics['test_top1']:.2f}%)")
         elif kind == "born_again":
-            check_keys("members.born_again", opts, ("arch", "generations", "lambda", "temperature", "train"))
+            check_keys("members.born_again", opts, ("arch", "generations", "lambda", "temperature", "train", "model", "model_kwargs"))
             ban = BANConfig(generations=int(opts.get("generations", 3)), lam=float(opts.get("lambda", 0.5)),
                             temperature=float(opts.get("temperature", 1.0)))
             self.log(f"  born-again: {ban.generations} generations of {arch}, lambda {ban.lam}, T {ban.temperature}")
@@ -210,7 +211,7 @@ class StudyRunner:
             for r in res.generations:
                 self.log(f"  {r['name']}: test top-1 {r['test_top1']:.2f}%, ensemble {r['ensemble_top1']:.2f}%")
         elif kind == "evolve":
-            check_keys("members.evolve", opts, ("arch", "generations", "split", "split_rate", "train"))
+            check_keys("members.evolve", opts, ("arch", "generations", "split", "split_rate", "train", "model", "model_kwargs"))
             ke = EvolveConfig(generations=int(opts.get("generations", 3)), split=str(opts.get("split", "kels")).lower(),
                               split_rate=float(opts.get("split_rate", 0.5)))
             self.log(f"  knowledge evolution: {ke.generations} generations of {arch}, {ke.split} split {ke.split_rate}")

@@ -20,14 +20,20 @@ from common.options import Command, add_dataclass_args, add_run_args, dataclass_
 from common.registry import unknown_choice_message
 from common.rundir import run_mode
 from training.born_again import BANConfig, born_again
-from training.commands import TRAIN_HELP, add_data_args, add_model_args, add_train_args, data_from_args
+from training.commands import (
+    TRAIN_HELP,
+    add_data_args,
+    add_model_args,
+    add_train_args,
+    data_from_args,
+    model_spec_from_args,
+)
 from training.compress import CompressConfig, compress
 from training.distill import KDConfig, distill
 from training.families import MEMBER_CHECKPOINTS
 from training.grid import run_grid, write_summary
 from training.loop import OPTIMIZERS, SCHEDULES, TrainConfig
 from training.pruning import PRUNE_SCOPES
-from training.runner import ModelSpec
 
 KD_HELP = {
     "teacher": "teacher checkpoint (written by `train`; same classes, channels and input size as the data)",
@@ -70,7 +76,7 @@ def _add_distill(p: argparse.ArgumentParser) -> None:
 
 
 def _run_distill(args: argparse.Namespace) -> None:
-    res = distill(data_from_args(args), ModelSpec(args.arch, args.weights), dataclass_from_args(KDConfig, args),
+    res = distill(data_from_args(args), model_spec_from_args(args), dataclass_from_args(KDConfig, args),
                   dataclass_from_args(TrainConfig, args), args.out_dir, run_mode(args.resume, args.overwrite))
     _print_metrics(res.train.metrics, "student")
     print(f"teacher: test top-1 {res.teacher_metrics['test_top1']:.2f}%")
@@ -92,7 +98,7 @@ def _add_born_again(p: argparse.ArgumentParser) -> None:
 
 
 def _run_born_again(args: argparse.Namespace) -> None:
-    res = born_again(data_from_args(args), ModelSpec(args.arch, args.weights), dataclass_from_args(BANConfig, args),
+    res = born_again(data_from_args(args), model_spec_from_args(args), dataclass_from_args(BANConfig, args),
                      dataclass_from_args(TrainConfig, args), args.out_dir, run_mode(args.resume, args.overwrite))
     print(res.table, end="")
     print(f"family: {res.manifest}; per generation: {Path(args.out_dir) / 'generations.json'}")
