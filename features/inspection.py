@@ -143,7 +143,8 @@ def _verify_net(f: h5py.File, split: str, net: str, dset: Dataset, index: np.nda
             continue
         # a <layer>.prefix dataset (transformer prefix tokens) is recomputed with the layer it belongs to
         prefix_of = {l: str(attrs[l]["tokens_of"]) for l in lays if attrs[l].get("point") == "tokens->prefix"}
-        requests = {l: prefix_of.get(l, str(attrs[l].get("layer") or l)) for l in lays}
+        src = {l: prefix_of.get(l, l) for l in lays}
+        requests = {l: _request(attrs.get(src[l], {}), src[l], net) for l in lays}
         try:
             by_name = {r: resolve_layer(model, r) for r in dict.fromkeys(requests.values())}
             ex = map_tokens(model, build_extractor(model, list(by_name.values())).to(dev), tuple(x.shape[1:]),
@@ -174,3 +175,10 @@ def _verify_net(f: h5py.File, split: str, net: str, dset: Dataset, index: np.nda
             ok = bool(torch.isfinite(stored).all()) and rel <= tol
             out.append(VerifyRow(split, net, l, "ok" if ok else "mismatch", pick.tolist(), diff, rel, tol))
     return out
+
+
+def _request(a: dict[str, Any], dataset: str, net: str) -> str:
+    """The layer request that recomputes a dataset: its stored name re-resolved to the recorded node
+    (``NAME=NET:NODE``) when the two differ (a per-net request, a negative block index)."""
+    layer, node = str(a.get("layer") or dataset), a.get("node")
+    return f"{layer}={net}:{node}" if node and node != layer and layer != "logits" else layer
