@@ -18,7 +18,7 @@ from common.errors import UserError
 from common.files import jsonable
 from features import store
 from features.layers import build_extractor, resolve_layer
-from features.nets import DATA_FIELDS, Net, load_net
+from features.nets import DATA_FIELDS, BareBuild, Net, load_net
 from features.tokens import map_tokens
 from training.data import build_dataset
 from training.datasets import DataSpec
@@ -121,7 +121,7 @@ def _verify_net(f: h5py.File, split: str, net: str, dset: Dataset, index: np.nda
         key = f"{ckpt}|{sha}"
         if key not in cache:
             try:
-                cache[key] = load_net(net, ckpt, expect_sha256=sha or None)
+                cache[key] = load_net(net, ckpt, expect_sha256=sha or None, bare=_bare_build(attrs[lays[0]], f))
             except UserError as e:
                 cache[key] = str(e)
         loaded = cache[key]
@@ -182,3 +182,13 @@ def _request(a: dict[str, Any], dataset: str, net: str) -> str:
     (``NAME=NET:NODE``) when the two differ (a per-net request, a negative block index)."""
     layer, node = str(a.get("layer") or dataset), a.get("node")
     return f"{layer}={net}:{node}" if node and node != layer and layer != "logits" else layer
+
+
+def _bare_build(a: dict[str, Any], f: h5py.File) -> BareBuild | None:
+    """How ``extract --arch/--model`` built a net from a weights file without an arch (None: a checkpoint)."""
+    if not a.get("weights_sha256") or a.get("weights_sha256") != a.get("checkpoint_sha256"):
+        return None
+    tf = store.attrs_dict(f).get("transform") or {}
+    size = a.get("build_input_size") or None
+    return BareBuild(str(a.get("arch")), a.get("arch_kwargs") or {}, a.get("build_num_classes") or None,
+                     int(tf.get("channels", 3)) if isinstance(tf, dict) else 3, size)

@@ -112,6 +112,8 @@ def _bare_net(name: str, path: Path, bare: BareBuild, expect_sha256: str | None)
     model = build_model(bare.arch, bare.num_classes, bare.in_channels, bare.input_size, **bare.kwargs)
     load_weights_file(model, str(path), f"net {name!r} ({path})")
     prov: dict[str, Any] = {"weights": str(path.resolve()), "weights_sha256": sha}
+    prov.update({k: v for k, v in (("build_num_classes", bare.num_classes), ("build_input_size", bare.input_size))
+                 if v is not None})
     if bare.kwargs:
         prov["arch_kwargs"] = dict(bare.kwargs)
     if is_user_model(bare.arch):

@@ -119,3 +119,5 @@ def test_extract_a_timm_block_from_a_local_weights_file(cli, tmp_path, spec, lay
         assert d.attrs["point"] == want_point and d.attrs["arch"] == spec[0]
         assert d.ndim == 4 and d.attrs["weights_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
         np.testing.assert_allclose(d[...], want.numpy(), rtol=1e-5, atol=1e-5)
+    code, so, err = cli("inspect", out, "--verify", "--verify_rows", 2)      # rebuilt from the weights file
+    assert code == 0 and "OK" in so, so + err
