@@ -155,9 +155,11 @@ def gather(sources: Sequence[Source], cfg: ImportConfig, ids: np.ndarray | None 
         n.ids = n.ids if n.ids is not None else (None if ids is None else np.asarray(ids, dtype=np.int64))
         n.labels = n.labels if n.labels is not None else (None if labels is None else np.asarray(labels, np.int64))
         if n.ids is None:
-            raise UserError(f"net {n.name!r}: no sample ids; put them in its file as {cfg.ids_key!r} or pass --ids FILE")
+            raise UserError(f"net {n.name!r}: no sample ids; put them in its file as {cfg.ids_key!r} or pass "
+                            f"--ids FILE")
         if n.labels is None:
-            raise UserError(f"net {n.name!r}: no labels; put them in its file as {cfg.labels_key!r} or pass --labels FILE")
+            raise UserError(f"net {n.name!r}: no labels; put them in its file as {cfg.labels_key!r} or pass "
+                            f"--labels FILE")
     return nets
 
 

@@ -152,7 +152,8 @@ def map_tokens(model: nn.Module, extractor: FeatureExtractor, input_shape: tuple
     for p in extractor.points:
         v = raw[p.name]
         if not isinstance(v, torch.Tensor):
-            raise UserError(f"layer {p.name!r} does not produce a tensor (got {type(v).__name__}); choose another point")
+            raise UserError(f"layer {p.name!r} does not produce a tensor (got {type(v).__name__}); choose another "
+                            f"point")
         m = token_map_for(model, p, tuple(v.shape[1:]))
         if m is not None:
             maps[p.name] = m

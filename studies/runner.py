@@ -223,7 +223,8 @@ class StudyRunner:
             self.log(f"  {kd.student_name}: test top-1 {res.train.metrics['test_top1']:.2f}% "
                      f"(teacher {res.teacher_metrics['test_top1']:.2f}%)")
         elif kind == "born_again":
-            check_keys("members.born_again", opts, ("arch", "generations", "lambda", "temperature", "train", "model", "model_kwargs"))
+            check_keys("members.born_again", opts, ("arch", "generations", "lambda", "temperature", "train", "model",
+                                                    "model_kwargs"))
             ban = BANConfig(generations=int(opts.get("generations", 3)), lam=float(opts.get("lambda", 0.5)),
                             temperature=float(opts.get("temperature", 1.0)))
             self.log(f"  born-again: {ban.generations} generations of {arch}, lambda {ban.lam}, T {ban.temperature}")
@@ -231,7 +232,8 @@ class StudyRunner:
             for r in res.generations:
                 self.log(f"  {r['name']}: test top-1 {r['test_top1']:.2f}%, ensemble {r['ensemble_top1']:.2f}%")
         elif kind == "evolve":
-            check_keys("members.evolve", opts, ("arch", "generations", "split", "split_rate", "train", "model", "model_kwargs"))
+            check_keys("members.evolve", opts, ("arch", "generations", "split", "split_rate", "train", "model",
+                                                "model_kwargs"))
             ke = EvolveConfig(generations=int(opts.get("generations", 3)), split=str(opts.get("split", "kels")).lower(),
                               split_rate=float(opts.get("split_rate", 0.5)))
             self.log(f"  knowledge evolution: {ke.generations} generations of {arch}, {ke.split} split {ke.split_rate}")

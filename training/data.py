@@ -120,7 +120,8 @@ def _per_channel(what: str, value: str | None, channels: int) -> tuple[float, ..
     if len(vals) == 1:
         return vals * channels
     if len(vals) != channels:
-        raise UserError(f"--{what} {value!r} gives {len(vals)} values for {channels}-channel images; give 1 or {channels}")
+        raise UserError(f"--{what} {value!r} gives {len(vals)} values for {channels}-channel images; give 1 or "
+                        f"{channels}")
     return vals
 
 

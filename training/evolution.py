@@ -96,7 +96,8 @@ def _finish_generation(g: int, gdir: Path, ke: EvolveConfig, plan: dict[str, Lay
         skip = ("state_dict", "optimizer", "scheduler", "history", "best_top1", "masks", "metrics")
         slim_ck = {k: v for k, v in ck.items() if k not in skip}
         slim_ck.update(state_dict={k: v.cpu() for k, v in slim.state_dict().items()},
-                       arch_kwargs=slim_arch_kwargs(ck["arch"], ck.get("arch_kwargs"), ke.split_rate), role="slim", slim_of="last.pt",
+                       arch_kwargs=slim_arch_kwargs(ck["arch"], ck.get("arch_kwargs"), ke.split_rate), role="slim",
+                       slim_of="last.pt",
                        slim_of_sha256=sha256_file(last),
                        metrics={"test_top1": ev_s["top1"], "test_top5": ev_s["top5"], "test_loss": ev_s["loss"]})
         save_checkpoint(gdir / "slim.pt", slim_ck)

@@ -35,7 +35,8 @@ def model_provenance(model_spec: ModelSpec) -> dict[str, Any]:
     if is_user_model(model_spec.arch):
         out.update(entry_provenance(model_spec.arch))
     if model_spec.weights:
-        out.update({"weights": str(Path(model_spec.weights).resolve()), "weights_sha256": sha256_file(model_spec.weights)})
+        out.update({"weights": str(Path(model_spec.weights).resolve()),
+                    "weights_sha256": sha256_file(model_spec.weights)})
     return out
 
 

@@ -35,7 +35,8 @@ def test_extract_export_import_round_trip_keeps_every_dataset_and_reads_downstre
     np.save(tmp_path / "ids.npy", idx)
     np.save(tmp_path / "labels.npy", lab)
     imp = tmp_path / "imported.h5"
-    code, out, err = cli("import-features", "--net", f"a={tmp_path / 'a.npz'}", "--net", f"b={tmp_path / 'b.safetensors'}",
+    code, out, err = cli("import-features", "--net", f"a={tmp_path / 'a.npz'}",
+                         "--net", f"b={tmp_path / 'b.safetensors'}",
                          "--net", f"b:features.1={tmp_path / 'b_f1.npy'}", "--ids", tmp_path / "ids.npy",
                          "--labels", tmp_path / "labels.npy", "--split", "test", "--out", imp)
     assert code == 0, err

@@ -105,7 +105,8 @@ def test_extract_a_timm_block_from_a_local_weights_file(cli, tmp_path, spec, lay
     else:
         torch.save(sd, path)
     out = tmp_path / "f.h5"
-    code, so, err = cli("extract", "--nets", f"t={path}", "--arch", spec[0], "--model_kwargs", json.dumps(spec[1]), "--num_classes", 10, "--layer", layer,
+    code, so, err = cli("extract", "--nets", f"t={path}", "--arch", spec[0], "--model_kwargs", json.dumps(spec[1]),
+                        "--num_classes", 10, "--layer", layer,
                         "--dataset", "animal-mnist", "--channels", 1, "--image_size", 32, "--mean", "0.2",
                         "--std", "0.4", "--split", "test", "--limit", 6, "--dtype", "float32", "--out", out)
     assert code == 0, err
