@@ -24,6 +24,7 @@ COMMAND_MODULES = {
     "training.family_commands": ("distill", "born-again", "search", "summarize", "compress"),
     "training.ke_commands": ("evolve",),
     "features.commands": ("extract", "inspect", "list-layers"),
+    "features.import_commands": ("import-features",),
     "transnet.commands": ("fit-transnet", "variance", "import-transnet", "refine"),
     "analysis.similarity_commands": ("similarity",),
     "analysis.commands": ("consistency", "visualize", "diagnose", "report"),

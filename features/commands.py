@@ -19,12 +19,14 @@ from common.device import PRECISIONS
 from features.extract import COMPRESSIONS, DTYPES, ExtractConfig, extract_features
 from features.inspection import describe_file, verify_file
 from features.layers import format_layers, list_layers
-from features.nets import Net, build_feature_data, data_spec_for, load_net
+from features.nets import BareBuild, Net, build_feature_data, data_spec_for, load_net
 from features.nonfinite import NonFiniteFeaturesWarning
 from training.data import SPLITS
 from training.manifest import read_manifest
-from training.models import ARCHS, build_model, model_from_checkpoint
+from training.models import arch_names, build_model, default_input_size, model_from_checkpoint, parse_model_kwargs
 from training.options import add_data_args
+from training.runner import ModelSpec, resolve_data
+from training.user_models import MODEL_PREFIX
 
 # --------------------------------------------------------------------------- extract
 
@@ -44,12 +46,14 @@ EXTRACT_HELP = {
                    "signed activations)",
     "queue_batches": "batches in flight between the forward passes and the writer thread",
     "flush_s": "seconds between flushes (rows_done is raised only after the rows it covers are flushed)",
+    "keep_prefix": "transformer layers (tokens -> grid): also store the class/distillation/register tokens as "
+                   "<layer>.prefix, (N, C, P, 1)",
 }
 
 # Data options of `train`, but here each one only overrides what the checkpoints record.
 DATA_DESTS = {"dataset": "name", "data_root": "data_root", "transform": "transform", "image_size": "image_size",
               "channels": "channels", "subset": "subset", "subset_kind": "subset_kind", "split_seed": "split_seed",
-              "bbox_crop": "bbox_crop", "train_images": "train_images"}
+              "bbox_crop": "bbox_crop", "train_images": "train_images", "mean": "mean", "std": "std"}
 
 
 def _add_extract(p: argparse.ArgumentParser) -> None:
@@ -62,6 +66,15 @@ def _add_extract(p: argparse.ArgumentParser) -> None:
     g.add_argument("--conv_layer", action="append", type=nonneg_int(), default=None, metavar="N",
                    help="alias of --layer features.N (the paper's index into a VGG/AlexNet `features`)")
     g.add_argument("--out", required=True, help="the feature file to write (kc-features v1)")
+    b = p.add_argument_group("nets from weights files that record no arch (plain state dicts, timm checkpoints, "
+                             ".safetensors)")
+    which = b.add_mutually_exclusive_group()
+    which.add_argument("--arch", default=None, help="build such nets as this arch (e.g. timm:convnext_atto)")
+    which.add_argument("--model", default=None, metavar="PACKAGE.MODULE:CALLABLE",
+                       help="build such nets with your own callable")
+    b.add_argument("--model_kwargs", default=None, metavar="JSON", help="kwargs of the builder (a JSON object)")
+    b.add_argument("--num_classes", type=int, default=None,
+                   help="their class count (default: the builder's own; timm: its pretrained_cfg's)")
     m = p.add_mutually_exclusive_group()
     m.add_argument("--resume", action="store_true",
                    help="continue an interrupted extraction in --out (complete datasets are skipped)")
@@ -94,7 +107,16 @@ def nets_from_args(args: argparse.Namespace) -> list[Net]:
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise UserError(f"net name(s) {dup} given twice (--nets and --family together?); names must be unique")
-    return [load_net(name, path, sha) for name, path, sha in entries]
+    return [load_net(name, path, sha, bare_build(args)) for name, path, sha in entries]
+
+
+def bare_build(args: argparse.Namespace) -> BareBuild | None:
+    """``--arch`` / ``--model`` of ``extract``: how to build nets whose file records no arch."""
+    arch = f"{MODEL_PREFIX}{args.model}" if getattr(args, "model", None) else getattr(args, "arch", None)
+    if not arch:
+        return None
+    size = getattr(args, "image_size", None) or default_input_size(arch)
+    return BareBuild(arch, parse_model_kwargs(args.model_kwargs), args.num_classes, args.channels or 3, size)
 
 
 def command_line(args: argparse.Namespace, name: str) -> str:
@@ -134,6 +156,9 @@ def _run_extract(args: argparse.Namespace) -> int:
     nets = nets_from_args(args)
     overrides = {field: getattr(args, dest) for dest, field in DATA_DESTS.items()}
     spec = data_spec_for(nets, overrides)
+    bare = bare_build(args)
+    if bare is not None and any(n.arch == bare.arch and n.dataset is None for n in nets):
+        spec = resolve_data(spec, ModelSpec(bare.arch))   # timm: size / normalisation from its pretrained_cfg
     splits = [s.strip() for s in cfg.split.split(",") if s.strip()]
     data = build_feature_data(spec, splits, cfg.limit)
     mode = run_mode(args.resume, args.overwrite)
@@ -233,8 +258,12 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
 def _add_list_layers(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--arch", default=None, help="architecture: " + ", ".join(ARCHS.names()))
+    src.add_argument("--arch", default=None, help="architecture: " + ", ".join(arch_names()))
+    src.add_argument("--model", default=None, metavar="PACKAGE.MODULE:CALLABLE",
+                     help="your own model: the nn.Module this callable returns")
     src.add_argument("--checkpoint", default=None, help="a workbench checkpoint (arch, classes, input size from it)")
+    p.add_argument("--model_kwargs", default=None, metavar="JSON",
+                   help="kwargs of the builder as a JSON object (with --arch timm:NAME or --model)")
     p.add_argument("--num_classes", type=positive_int(), default=10, help="classes (with --arch)")
     p.add_argument("--in_channels", type=positive_int(), default=3, help="input channels (with --arch)")
     p.add_argument("--input_size", type=positive_int(), default=None,
@@ -250,16 +279,13 @@ def _run_list_layers(args: argparse.Namespace) -> int:
         chans = int(ck.get("in_channels") or (ck.get("transform") or {}).get("channels") or 3)
         what = f"{args.checkpoint} (arch {ck.get('arch')})"
     else:
-        from training.models import ARCH_INFO
-
-        if args.arch not in ARCHS:
-            model = build_model(args.arch, args.num_classes)  # raises the unknown-arch message
-        size = args.input_size or ARCH_INFO[args.arch]["default_size"]
+        arch = f"{MODEL_PREFIX}{args.model}" if args.model else args.arch
+        size = args.input_size or default_input_size(arch)
         chans = args.in_channels
-        model = build_model(args.arch, args.num_classes, chans, size)
-        what = f"arch {args.arch}"
+        model = build_model(arch, args.num_classes, chans, size, **parse_model_kwargs(args.model_kwargs))
+        what = f"arch {arch}"
     if not size:
-        raise UserError("the checkpoint records no input size; pass --input_size")
+        raise UserError("no input size known (a checkpoint or own model that records none); pass --input_size")
     rows = list_layers(model, (chans, int(size), int(size)))
     if args.json:
         print(json.dumps([jsonable(r.__dict__) for r in rows], indent=2))

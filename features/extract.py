@@ -60,6 +60,7 @@ from features.nets import FeatureData, Net, check_net_name, check_nets_fit_data
 from features.nonfinite import NonFiniteFeaturesWarning, stored_counts, value_range, warning_text
 from features.shards import join_shards, shard_files, shard_path, shard_rows
 from features.targets import Target, build_targets, create_targets, open_output, plan_file, plan_joined
+from features.tokens import map_tokens
 from features.writer import FeatureWriter, WriteBatch
 from training.loop import make_loader
 
@@ -82,6 +83,7 @@ class ExtractConfig:
     compression: str = "none"        # none | lzf | gzip (none: lzf is 16x slower and saves nothing here)
     queue_batches: int = 4           # batches in flight between the compute and the writer thread
     flush_s: float = 1.0             # raise rows_done (after a flush) at most every this many seconds
+    keep_prefix: bool = False        # token layers: also store the class/distillation/register tokens as <layer>.prefix
 
 
 DTYPES = ("float16", "float32")
@@ -147,6 +149,7 @@ def extract_features(nets: Sequence[Net], data: FeatureData, layers: Sequence[tu
     extractors: dict[str, FeatureExtractor] = {}
     points: dict[str, list[LayerPoint]] = {}
     shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+    extra: dict[str, dict[str, dict]] = {}       # per net and point: the token-map attributes (features/tokens.py)
     in_shape = (data.channels, data.image_size, data.image_size)
     for n in nets:
         pts = [resolve_layer(n.model, name, conv, n.name, n.arch) for name, conv in layers]
@@ -154,6 +157,8 @@ def extract_features(nets: Sequence[Net], data: FeatureData, layers: Sequence[tu
             pts.append(resolve_layer(n.model, store.LOGITS))
         ex = build_extractor(n.model.cpu().eval(), pts)
         check_against_hooks(n.model, ex, in_shape)
+        ex = map_tokens(n.model, ex, in_shape, cfg.keep_prefix)   # (N, T, C), (N, H, W, C), (N, C) -> (N, C, H, W)
+        pts, extra[n.name] = list(ex.points), dict(getattr(ex, "extra_attrs", {}))
         shapes[n.name] = output_shapes(ex, in_shape)
         if cfg.logits and n.num_classes is not None and shapes[n.name][store.LOGITS] != (int(n.num_classes),):
             raise UserError(f"net {n.name!r}: its output has shape {shapes[n.name][store.LOGITS]}, not ({n.num_classes},)")
@@ -165,7 +170,7 @@ def extract_features(nets: Sequence[Net], data: FeatureData, layers: Sequence[tu
     group = ControlGroup(info)
     try:
         res = _run(nets, data, splits, out, cfg, mode, command, extractors, points, shapes, device, info, group,
-                   stop_after, hard_kill, on_landed)
+                   stop_after, hard_kill, on_landed, extra)
     finally:
         group.close()
     if any(n > 0 for n in res.nonfinite.values()):
@@ -206,10 +211,10 @@ def _device(name: str) -> torch.device:
 
 
 def _run(nets, data, splits, out, cfg, mode, command, extractors, points, shapes, device, info, group,
-         stop_after, hard_kill, on_landed) -> ExtractResult:
+         stop_after, hard_kill, on_landed, extra=None) -> ExtractResult:
     n_rows = {s: len(data.labels[s]) for s in splits}
     full_targets = build_targets(nets, data, splits, points, shapes, n_rows, cfg.dtype, cfg.compression,
-                                 cfg.precision, device, command)
+                                 cfg.precision, device, command, extra=extra)
     bounds = {s: shard_rows(n_rows[s], cfg.batch_size, info.rank, info.world) for s in splits}
     target_file = shard_path(out, info.rank, info.world) if info.active else out
 

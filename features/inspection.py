@@ -18,8 +18,9 @@ from common.errors import UserError
 from common.files import jsonable
 from features import store
 from features.layers import build_extractor, resolve_layer
-from features.nets import DATA_FIELDS, Net, load_net
+from features.nets import DATA_FIELDS, BareBuild, Net, load_net
 from features.targets import stored_precision
+from features.tokens import map_tokens
 from training.data import build_dataset
 from training.datasets import DataSpec
 
@@ -125,7 +126,7 @@ def _verify_net(f: h5py.File, split: str, net: str, dset: Dataset, index: np.nda
         key = f"{ckpt}|{sha}"
         if key not in cache:
             try:
-                cache[key] = load_net(net, ckpt, expect_sha256=sha or None)
+                cache[key] = load_net(net, ckpt, expect_sha256=sha or None, bare=_bare_build(attrs[lays[0]], f))
             except UserError as e:
                 cache[key] = str(e)
         loaded = cache[key]
@@ -145,23 +146,30 @@ def _verify_net(f: h5py.File, split: str, net: str, dset: Dataset, index: np.nda
             out += [VerifyRow(split, net, l, "mismatch", pick.tolist(), reason="labels differ from the data set")
                     for l in lays]
             continue
+        # a <layer>.prefix dataset (transformer prefix tokens) is recomputed with the layer it belongs to
+        prefix_of = {l: str(attrs[l]["tokens_of"]) for l in lays if attrs[l].get("point") == "tokens->prefix"}
+        src = {l: prefix_of.get(l, l) for l in lays}
+        requests = {l: _request(attrs.get(src[l], {}), src[l], net) for l in lays}
         try:
-            pts = [resolve_layer(model, str(attrs[l].get("layer") or l)) for l in lays]
+            by_name = {r: resolve_layer(model, r) for r in dict.fromkeys(requests.values())}
+            ex = map_tokens(model, build_extractor(model, list(by_name.values())).to(dev), tuple(x.shape[1:]),
+                            keep_prefix=bool(prefix_of))
         except UserError as e:
             out += [VerifyRow(split, net, l, "failed", reason=str(e)) for l in lays]
             continue
-        ex = build_extractor(model, pts).to(dev)
         precs = {stored_precision(attrs[l]) for l in lays}
         prec = next(p for p in ("bf16", "tf32", "fp32") if p in precs)    # the least precise of the group
         with float32_math(dev, prec), precision_autocast(dev, prec):
             rec = ex(x)
-        for l, p in zip(lays, pts):
+        for l in lays:
+            p = by_name[requests[l]]
+            key = l if l in prefix_of else p.name
             if attrs[l].get("node") not in (None, p.node):
                 out.append(VerifyRow(split, net, l, "failed", reason=f"layer {p.name!r} now resolves to {p.node!r}, "
                                      f"the file recorded {attrs[l].get('node')!r}"))
                 continue
             stored = torch.from_numpy(np.asarray(g[l][pick.tolist()])).float()
-            got = rec[p.name].to(torch.float16 if g[l].dtype == np.float16 else torch.float32).float().cpu()
+            got = rec[key].to(torch.float16 if g[l].dtype == np.float16 else torch.float32).float().cpu()
             if got.shape != stored.shape:
                 out.append(VerifyRow(split, net, l, "mismatch", pick.tolist(),
                                      reason=f"shape {tuple(got.shape)} recomputed, {tuple(stored.shape)} stored"))
@@ -173,3 +181,20 @@ def _verify_net(f: h5py.File, split: str, net: str, dset: Dataset, index: np.nda
             ok = bool(torch.isfinite(stored).all()) and rel <= tol
             out.append(VerifyRow(split, net, l, "ok" if ok else "mismatch", pick.tolist(), diff, rel, tol))
     return out
+
+
+def _request(a: dict[str, Any], dataset: str, net: str) -> str:
+    """The layer request that recomputes a dataset: its stored name re-resolved to the recorded node
+    (``NAME=NET:NODE``) when the two differ (a per-net request, a negative block index)."""
+    layer, node = str(a.get("layer") or dataset), a.get("node")
+    return f"{layer}={net}:{node}" if node and node != layer and layer != "logits" else layer
+
+
+def _bare_build(a: dict[str, Any], f: h5py.File) -> BareBuild | None:
+    """How ``extract --arch/--model`` built a net from a weights file without an arch (None: a checkpoint)."""
+    if not a.get("weights_sha256") or a.get("weights_sha256") != a.get("checkpoint_sha256"):
+        return None
+    tf = store.attrs_dict(f).get("transform") or {}
+    size = a.get("build_input_size") or None
+    return BareBuild(str(a.get("arch")), a.get("arch_kwargs") or {}, a.get("build_num_classes") or None,
+                     int(tf.get("channels", 3)) if isinstance(tf, dict) else 3, size)

@@ -167,9 +167,39 @@ def _match_node(name: str, qual: dict[fx.Node, str]) -> fx.Node | None:
     return last
 
 
+def split_request(request: str) -> tuple[str, dict[str, str]]:
+    """A per-net request ``NAME=NET:PATH,NET:PATH[,*:PATH]`` (nets of different architectures compared
+    at comparable depths under one dataset name) -> ``(NAME, {net: path})``; a plain path -> ``(path, {})``."""
+    if "=" not in request:
+        return request, {}
+    alias, _, rest = request.partition("=")
+    paths: dict[str, str] = {}
+    for item in rest.split(","):
+        net, sep, path = item.strip().partition(":")
+        if not alias or "/" in alias or not sep or not net or not path or net in paths:
+            raise UserError(f"layer request {request!r}: expected NAME=NET:PATH,NET:PATH (each net once, '*' for "
+                            f"every other net), e.g. mid=cnn0:features.8,vit0:blocks.1")
+        paths[net] = path
+    return alias, paths
+
+
+def layer_name(request: str) -> str:
+    """The dataset name a request is stored under (the request itself, or NAME of ``NAME=NET:PATH,...``)."""
+    return split_request(request)[0]
+
+
 def resolve_layer(model: nn.Module, name: str, conv_layer: int | None = None, net: str = "",
                   arch: str = "") -> LayerPoint:
-    """Resolve one request against the model; unknown names fail with the nearest valid paths."""
+    """Resolve one request against the model; unknown names fail with the nearest valid paths.
+    A per-net request (:func:`split_request`) resolves this net's path and is stored under its NAME."""
+    alias, per_net = split_request(name) if conv_layer is None else (name, {})
+    if per_net:
+        path = per_net.get(net, per_net.get("*"))
+        if path is None:
+            raise UserError(f"layer request {name!r} names no path for net {net!r} (nets: "
+                            f"{', '.join(per_net)}); add {net}:PATH or *:PATH")
+        p = resolve_layer(model, path, None, net, arch)
+        return LayerPoint(alias, p.node, p.point)
     if conv_layer is not None:
         name = conv_layer_path(model, conv_layer, net)
     if name == LOGITS:

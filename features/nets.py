@@ -9,7 +9,7 @@ size or channel count than the data set gives.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,7 +24,7 @@ from common.provenance import sha256_file
 from features.store import SPLIT_KEYS
 from training.data import build_dataset, transform_spec
 from training.datasets import DataSpec
-from training.models import model_from_checkpoint
+from training.models import build_model, model_from_checkpoint
 
 
 
@@ -42,6 +42,22 @@ class Net:
     transform: dict[str, Any] | None = None
     input_size: int | None = None
     in_channels: int | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)   # arch_kwargs, own-model entry point + file sha256
+
+
+@dataclass(frozen=True)
+class BareBuild:
+    """How to build a net whose file records no arch (a plain state dict, a timm checkpoint, a
+    ``.safetensors`` file): ``extract --arch timm:NAME`` or ``--model package.module:callable``."""
+
+    arch: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    num_classes: int | None = None        # None: the builder's default (timm: its pretrained_cfg's)
+    in_channels: int = 3
+    input_size: int | None = None
+
+
+PROVENANCE_KEYS = ("arch_kwargs", "model_entry", "model_file", "model_file_sha256", "weights", "weights_sha256")
 
 
 def check_net_name(name: str) -> None:
@@ -50,10 +66,15 @@ def check_net_name(name: str) -> None:
                         f"{' or '.join(SPLIT_KEYS)}, no surrounding spaces")
 
 
-def load_net(name: str, checkpoint: str | os.PathLike, expect_sha256: str | None = None) -> Net:
-    """Build a net from a workbench checkpoint (weights_only load); ``expect_sha256`` from a manifest."""
+def load_net(name: str, checkpoint: str | os.PathLike, expect_sha256: str | None = None,
+             bare: BareBuild | None = None) -> Net:
+    """Build a net from a workbench checkpoint (weights_only load); ``expect_sha256`` from a manifest.
+    With ``bare``, a file that is no workbench checkpoint (or records no arch) is built as ``bare`` says
+    and its weights loaded strictly (``training/weights.py``: timm formats and safetensors included)."""
     check_net_name(name)
     path = Path(checkpoint)
+    if bare is not None and not _is_workbench_checkpoint(path):
+        return _bare_net(name, path, bare, expect_sha256)
     ckpt = load_checkpoint(path)
     sha = sha256_file(path)
     if expect_sha256 and expect_sha256 != sha:
@@ -61,10 +82,57 @@ def load_net(name: str, checkpoint: str | os.PathLike, expect_sha256: str | None
                         f"{expect_sha256[:12]}...; the checkpoint changed since the manifest was written")
     model = model_from_checkpoint(ckpt, source=f"net {name!r} ({path})")
     tf = ckpt.get("transform") or None
+    prov = {k: ckpt[k] for k in PROVENANCE_KEYS if ckpt.get(k) not in (None, {}, "")}
+    _check_model_file(name, prov)
     return Net(name=name, model=model.eval(), arch=str(ckpt.get("arch")), num_classes=ckpt.get("num_classes"),
                checkpoint=str(path.resolve()), sha256=sha, dataset=ckpt.get("dataset") or None, transform=tf,
                input_size=ckpt.get("input_size") or (tf or {}).get("image_size"),
-               in_channels=ckpt.get("in_channels") or (tf or {}).get("channels"))
+               in_channels=ckpt.get("in_channels") or (tf or {}).get("channels"), provenance=prov)
+
+
+def _is_workbench_checkpoint(path: Path) -> bool:
+    if path.suffix.lower() in (".safetensors", ".npz", ".npy") or not path.is_file():
+        return False
+    try:
+        ck = load_checkpoint(path)
+    except UserError:
+        return False
+    return bool(ck.get("arch")) and ck.get("num_classes") is not None   # a timm checkpoint may name its arch too
+
+
+def _bare_net(name: str, path: Path, bare: BareBuild, expect_sha256: str | None) -> Net:
+    from training.user_models import entry_provenance, is_user_model
+    from training.weights import check_local, load_weights_file
+
+    check_local(str(path))
+    sha = sha256_file(path)
+    if expect_sha256 and expect_sha256 != sha:
+        raise UserError(f"net {name!r}: {path} has sha256 {sha[:12]}..., the family manifest recorded "
+                        f"{expect_sha256[:12]}...")
+    model = build_model(bare.arch, bare.num_classes, bare.in_channels, bare.input_size, **bare.kwargs)
+    load_weights_file(model, str(path), f"net {name!r} ({path})")
+    prov: dict[str, Any] = {"weights": str(path.resolve()), "weights_sha256": sha}
+    prov.update({k: v for k, v in (("build_num_classes", bare.num_classes), ("build_input_size", bare.input_size))
+                 if v is not None})
+    if bare.kwargs:
+        prov["arch_kwargs"] = dict(bare.kwargs)
+    if is_user_model(bare.arch):
+        prov.update(entry_provenance(bare.arch))
+    return Net(name=name, model=model.eval(), arch=bare.arch, num_classes=None, checkpoint=str(path.resolve()),
+               sha256=sha, in_channels=bare.in_channels, provenance=prov)
+
+
+def _check_model_file(name: str, prov: dict[str, Any]) -> None:
+    """An own model's defining file must still be the one the checkpoint was trained with."""
+    if not prov.get("model_entry") or not prov.get("model_file_sha256"):
+        return
+    from training.user_models import entry_provenance
+
+    now = entry_provenance(str(prov["model_entry"]))
+    if now["model_file_sha256"] != prov["model_file_sha256"]:
+        raise UserError(f"net {name!r}: {now['model_file']} (defining {prov['model_entry']}) has sha256 "
+                        f"{now['model_file_sha256'][:12]}..., the checkpoint was trained with "
+                        f"{str(prov['model_file_sha256'])[:12]}...; the model code changed since training")
 
 
 @dataclass

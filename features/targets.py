@@ -171,10 +171,12 @@ def create_targets(f: h5py.File, targets: Sequence[Target]) -> None:
 def build_targets(nets: Sequence[Net], data: FeatureData, splits: Sequence[str],
                   points: dict[str, list[LayerPoint]], shapes: dict[str, dict[str, tuple[int, ...]]],
                   rows: dict[str, int], dtype: str, compression: str, precision: str, device: torch.device,
-                  command: str) -> list[Target]:
+                  command: str, extra: dict[str, dict[str, dict[str, Any]]] | None = None) -> list[Target]:
     """Every ``/<split>/<net>/<point>`` of a request over the full splits (``rows`` per split): layer
     features in ``dtype``, logits in float32, computed in ``precision`` (asked; ``precision_effective``
-    is what ``device`` makes of it, and ``autocast`` "bfloat16" or "none" as before)."""
+    is what ``device`` makes of it, and ``autocast`` "bfloat16" or "none" as before). ``extra[net][point]``:
+    attributes of a converted layer output (``point: "tokens->grid"``, ``grid``, ``prefix_tokens``), part of
+    its identity."""
     code = code_version()
     effective = effective_precision(device, precision)
     autocast_tag = "bfloat16" if effective == "bf16" else "none"
@@ -185,11 +187,12 @@ def build_targets(nets: Sequence[Net], data: FeatureData, splits: Sequence[str],
                 dt = "float32" if p.point == "logits" else dtype
                 identity = {"checkpoint_sha256": n.sha256, "arch": n.arch, "layer": p.name, "node": p.node,
                             "point": p.point, "dtype": dt, "autocast": autocast_tag, "precision_effective": effective,
-                            "transform": data.transform, "dataset_spec": data.spec}
+                            "transform": data.transform, "dataset_spec": data.spec,
+                            **((extra or {}).get(n.name, {}).get(p.name, {}))}
                 prov = {"checkpoint": n.checkpoint, "net": n.name, "num_classes": n.num_classes,
                         "command": command, "code_version": code, "created_utc": now_utc(),
                         "torch_version": str(torch.__version__), "device": str(device),
-                        "compression": compression, "precision": precision}
+                        "compression": compression, "precision": precision, **n.provenance}
                 comp = None if compression == "none" else compression
                 if p.conv_layer is not None:
                     prov["conv_layer"] = p.conv_layer

@@ -47,6 +47,7 @@ from studies.cache import STATE_FILE, Stage, StudyState, outputs_exist, remove_o
 from studies.spec import FAMILY_KINDS, Study, check_keys, fit_config, load_study
 from training.loop import TrainConfig
 from training.manifest import Member, read_manifest, write_manifest
+from training.models import parse_model_kwargs
 from training.runner import ModelSpec, run_training
 
 STUDY_TIMEOUT = datetime.timedelta(days=7)   # other ranks wait at a barrier while rank 0 trains a family
@@ -87,6 +88,8 @@ class StudyRunner:
 
     # ------------------------------------------------------------------ stages
     def stages(self) -> list[Stage]:
+        from features.layers import layer_name
+
         s = self.study
         st: list[Stage] = []
         base_key = {"data": asdict(s.data), "train": asdict(s.train)}
@@ -95,7 +98,7 @@ class StudyRunner:
                 st.append(self._family_stage(kind, s.members[kind], base_key))
         st.append(Stage("extract", self._extract_key, self._run_extract, self._extract_ok, (self.features,),
                         reads_outputs=True, dist_run=self._run_extract))
-        for layer in s.extract.layers:
+        for layer in map(layer_name, s.extract.layers):        # NAME of a per-net request NAME=NET:PATH,...
             st.append(self._consistency_stage(layer))
             if s.baselines:
                 st.append(self._similarity_stage(layer))
@@ -142,53 +145,71 @@ class StudyRunner:
         check_keys("members.*.train", over, [f.name for f in dataclasses.fields(TrainConfig)])
         return replace(self.study.train, **over)
 
+    @staticmethod
+    def _model_spec(opts: dict[str, Any]) -> tuple[str, ModelSpec]:
+        """A member's arch (``arch``, a registry name or timm:NAME, or ``model``, an entry point) and spec."""
+        arch = f"model:{opts['model']}" if opts.get("model") else str(opts.get("arch", "vgg_tiny"))
+        return arch, ModelSpec(arch, kwargs=parse_model_kwargs(opts.get("model_kwargs")))
+
+    def _run_seeds(self, opts: dict[str, Any] | list[dict[str, Any]], out: Path, mode: str) -> None:
+        """``members.seeds``: one entry (arch, seeds, prefix) or a list of them (several architectures, e.g.
+        a CNN and a ViT, each with its own prefix); every member of every entry goes into one family."""
+        entries = [dict(e) for e in (opts if isinstance(opts, list) else [opts])]
+        out.mkdir(parents=True, exist_ok=True)
+        members, r = [], self.ranks
+        for entry in entries:
+            check_keys("members.seeds", entry, ("arch", "seeds", "train", "prefix", "model", "model_kwargs"))
+            cfg = self._train_cfg(entry)
+            arch, spec = self._model_spec(entry)
+            seeds = [int(x) for x in entry.get("seeds", [0, 5])]
+            prefix = str(entry.get("prefix", "seed"))
+            mine = seeds[r.rank::r.world] if r.world > 1 else seeds     # under torchrun: round-robin over ranks
+            for seed in mine:
+                with local_only():
+                    self._train_seed(spec, cfg, seed, out / f"{prefix}{seed}", mode)
+            if r.world > 1:
+                r.barrier()
+                if not r.main:
+                    continue
+            for seed in seeds:
+                run_dir = out / f"{prefix}{seed}"
+                self._train_seed(spec, cfg, seed, run_dir, mode)
+                m = read_json(run_dir / "metrics.json")
+                members.append(Member(f"{prefix}{seed}", str(run_dir / "last.pt"), "seed", arch=arch,
+                                      metrics={"test_top1": m.get("test_top1")}))
+        if r.main:
+            one = len(entries) == 1
+            seeds_cfg = [e.get("seeds", [0, 5]) for e in entries]
+            train_cfg = [asdict(self._train_cfg(e)) for e in entries]
+            write_manifest(out, "seeds", members, config={"data": asdict(self.study.data),
+                                                          "train": train_cfg[0] if one else train_cfg,
+                                                          "seeds": seeds_cfg[0] if one else seeds_cfg})
+
+    def _train_seed(self, spec: ModelSpec, cfg: TrainConfig, seed: int, run_dir: Path, mode: str) -> None:
+        if is_finished(run_dir):
+            return
+        name = run_dir.name
+        self.log(f"  training {name} ({spec.arch}, {cfg.epochs} epochs)")
+        has = run_dir.is_dir() and any(run_dir.iterdir())
+        res = run_training(self.study.data, spec, replace(cfg, seed=seed), run_dir,
+                           "resume" if has and mode != "overwrite" else ("overwrite" if has else "new"), desc=name)
+        self.log(f"  {name}: test top-1 {res.metrics['test_top1']:.2f}%")
+
     def _run_family(self, kind: str, opts: dict[str, Any], out: Path, mode: str) -> None:
         from training.born_again import BANConfig, born_again
         from training.distill import KDConfig, distill
         from training.evolution import EvolveConfig, evolve
 
         s = self.study
+        if kind == "seeds":
+            self._run_seeds(opts, out, mode)
+            return
         opts = dict(opts)
         cfg = self._train_cfg(opts)
-        arch = str(opts.get("arch", "vgg_tiny"))
-        spec = ModelSpec(arch)
-        if kind == "seeds":
-            check_keys("members.seeds", opts, ("arch", "seeds", "train", "prefix"))
-            seeds = [int(x) for x in opts.get("seeds", [0, 5])]
-            prefix = str(opts.get("prefix", "seed"))
-            out.mkdir(parents=True, exist_ok=True)
-            r = self.ranks
-            mine = seeds[r.rank::r.world] if r.world > 1 else seeds     # under torchrun: round-robin over ranks
-            for seed in mine:
-                run_dir = out / f"{prefix}{seed}"
-                if not is_finished(run_dir):
-                    self.log(f"  training {prefix}{seed} ({arch}, {cfg.epochs} epochs)")
-                    has = run_dir.is_dir() and any(run_dir.iterdir())
-                    with local_only():
-                        res = run_training(s.data, spec, replace(cfg, seed=seed), run_dir,
-                                           "resume" if has and mode != "overwrite" else ("overwrite" if has else "new"),
-                                           desc=f"{prefix}{seed}")
-                    self.log(f"  {prefix}{seed}: test top-1 {res.metrics['test_top1']:.2f}%")
-            if r.world > 1:
-                r.barrier()
-                if not r.main:
-                    return
-            members = []
-            for seed in seeds:
-                run_dir = out / f"{prefix}{seed}"
-                if not is_finished(run_dir):
-                    self.log(f"  training {prefix}{seed} ({arch}, {cfg.epochs} epochs)")
-                    has = run_dir.is_dir() and any(run_dir.iterdir())
-                    res = run_training(s.data, spec, replace(cfg, seed=seed), run_dir,
-                                       "resume" if has and mode != "overwrite" else ("overwrite" if has else "new"),
-                                       desc=f"{prefix}{seed}")
-                    self.log(f"  {prefix}{seed}: test top-1 {res.metrics['test_top1']:.2f}%")
-                m = read_json(run_dir / "metrics.json")
-                members.append(Member(f"{prefix}{seed}", str(run_dir / "last.pt"), "seed", arch=arch,
-                                      metrics={"test_top1": m.get("test_top1")}))
-            write_manifest(out, "seeds", members, config={"data": asdict(s.data), "train": asdict(cfg), "seeds": seeds})
-        elif kind == "distill":
-            check_keys("members.distill", opts, ("arch", "teacher", "alpha", "temperature", "train", "name"))
+        arch, spec = self._model_spec(opts)
+        if kind == "distill":
+            check_keys("members.distill", opts, ("arch", "teacher", "alpha", "temperature", "train", "name", "model",
+                                                 "model_kwargs"))
             teacher = str(opts.get("teacher", ""))
             members = self.all_members()
             if teacher not in members:
@@ -202,7 +223,8 @@ class StudyRunner:
             self.log(f"  {kd.student_name}: test top-1 {res.train.metrics['test_top1']:.2f}% "
                      f"(teacher {res.teacher_metrics['test_top1']:.2f}%)")
         elif kind == "born_again":
-            check_keys("members.born_again", opts, ("arch", "generations", "lambda", "temperature", "train"))
+            check_keys("members.born_again", opts, ("arch", "generations", "lambda", "temperature", "train", "model",
+                                                    "model_kwargs"))
             ban = BANConfig(generations=int(opts.get("generations", 3)), lam=float(opts.get("lambda", 0.5)),
                             temperature=float(opts.get("temperature", 1.0)))
             self.log(f"  born-again: {ban.generations} generations of {arch}, lambda {ban.lam}, T {ban.temperature}")
@@ -210,7 +232,8 @@ class StudyRunner:
             for r in res.generations:
                 self.log(f"  {r['name']}: test top-1 {r['test_top1']:.2f}%, ensemble {r['ensemble_top1']:.2f}%")
         elif kind == "evolve":
-            check_keys("members.evolve", opts, ("arch", "generations", "split", "split_rate", "train"))
+            check_keys("members.evolve", opts, ("arch", "generations", "split", "split_rate", "train", "model",
+                                                "model_kwargs"))
             ke = EvolveConfig(generations=int(opts.get("generations", 3)), split=str(opts.get("split", "kels")).lower(),
                               split_rate=float(opts.get("split_rate", 0.5)))
             self.log(f"  knowledge evolution: {ke.generations} generations of {arch}, {ke.split} split {ke.split_rate}")
@@ -225,6 +248,7 @@ class StudyRunner:
                 "members": self._member_hashes()}
 
     def _extract_ok(self) -> bool:
+        from features.layers import layer_name
         from features.store import FeatureFileError, get_features, list_nets, open_features
 
         try:
@@ -235,7 +259,7 @@ class StudyRunner:
                     for net in names:
                         if net not in have:
                             return False
-                        for layer in self.study.extract.layers:
+                        for layer in map(layer_name, self.study.extract.layers):
                             get_features(f, split, net, layer)
         except (FeatureFileError, UserError, OSError, KeyError):
             return False

@@ -80,6 +80,7 @@ BAD_CALLS = {
     "evolve": lambda g: ["--arch", "vgg_tiny", "--dataset", f"imagefolder:{g['dir']}", "--out_dir", g["out"]],
     "extract": lambda g: ["--nets", f"a={g['junk_pt']}", "--layer", "features.8", "--out", g["out"] + ".h5"],
     "inspect": lambda g: [g["junk_h5"]],
+    "import-features": lambda g: ["--net", f"a={g['junk_pt']}", "--out", g["out"] + ".h5"],
     "list-layers": lambda g: ["--arch", "vgg_tinny"],
     "fit-transnet": lambda g: ["--features", g["junk_h5"], "--source", "a", "--target", "b", "--layer",
                                "features.8", "--out_dir", g["out"]],

@@ -31,7 +31,7 @@ from training.kd import ban_loss_fn
 from training.loop import TrainConfig, cross_entropy_loss
 from training.manifest import Member, write_manifest
 from training.models import model_from_checkpoint
-from training.runner import ModelSpec, run_training
+from training.runner import ModelSpec, resolve_data, run_training
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,7 @@ def born_again(data: DataSpec, model_spec: ModelSpec, ban: BANConfig, cfg: Train
         raise UserError(f"--generations must be >= 1, got {ban.generations}")
     check_member_checkpoint(ban.member_checkpoint)
     ban_loss_fn(ban.lam, ban.temperature)  # validates λ and T before anything is written
+    data = resolve_data(data, model_spec)  # a timm arch: input size / normalisation from its pretrained_cfg
     out = Path(out_dir)
     num_classes = data_num_classes(data)
     rows: list[dict[str, Any]] = []

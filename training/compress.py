@@ -61,6 +61,7 @@ def compress(cc: CompressConfig, cfg: TrainConfig, out_dir: str | Path, mode: st
     ck = load_checkpoint(src)
     if not ck.get("arch") or not isinstance(ck.get("dataset"), dict):
         raise UserError(f"{src} is not a workbench checkpoint with its arch and data set; compress needs one")
+    model_spec = ModelSpec(ck["arch"], kwargs=ck.get("arch_kwargs") or {})   # recorded in the new checkpoints
     data = DataSpec(**ck["dataset"])
     if cc.data_root:
         data = replace(data, data_root=cc.data_root)
@@ -90,7 +91,7 @@ def compress(cc: CompressConfig, cfg: TrainConfig, out_dir: str | Path, mode: st
             if is_finished(ft_dir):
                 model.load_state_dict(load_checkpoint(ft_dir / "last.pt", map_location=device)["state_dict"])
             else:
-                run_training(data, ModelSpec(ck["arch"]), cfg_ft, ft_dir, "resume" if non_empty(ft_dir) else "new",
+                run_training(data, model_spec, cfg_ft, ft_dir, "resume" if non_empty(ft_dir) else "new",
                              model=model, family=family, extra_config={"compress": config["compress"]},
                              desc="fine-tune", on_step_end=lambda m: project_(m, codes))
             project_(model, codes)  # no-op after the loop's last step; guards the invariant
@@ -109,12 +110,10 @@ def compress(cc: CompressConfig, cfg: TrainConfig, out_dir: str | Path, mode: st
             "storage": storage_bits(stats, cc.quantize_bits),
             "note": "biases and BatchNorm parameters are not compressed; distinct values count kept weights only",
         }
-        fields = checkpoint_fields(ModelSpec(ck["arch"]), data, num_classes, config, original_checkpoint=str(src),
+        fields = checkpoint_fields(model_spec, data, num_classes, config, original_checkpoint=str(src),
                                    original_sha256=src_sha, family="compressed",
                                    compression={"prune": cc.prune, "prune_scope": cc.prune_scope,
                                                 "bits": cc.quantize_bits})
-        if "arch_kwargs" in ck:
-            fields["arch_kwargs"] = ck["arch_kwargs"]
         model.cpu()
         ck_path = out / "compressed.pt"
         save_checkpoint(ck_path, {**fields, "state_dict": model.state_dict(), "epoch": cc.finetune_epochs,

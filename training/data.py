@@ -102,7 +102,27 @@ def transform_spec(spec: DataSpec) -> TransformSpec:
         mean, std = (ANIMAL_MEAN,) * channels, (ANIMAL_STD,) * channels
     else:
         mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.449,), (0.226,))
+    mean = _per_channel("mean", spec.mean, channels) or mean
+    std = _per_channel("std", spec.std, channels) or std
+    if min(std) <= 0:
+        raise UserError(f"--std must be > 0 per channel, got {spec.std}")
     return TransformSpec(spec.transform, int(size), channels, tuple(mean), tuple(std))
+
+
+def _per_channel(what: str, value: str | None, channels: int) -> tuple[float, ...] | None:
+    """``"0.5"`` or ``"0.5,0.4,0.3"`` -> one float per channel (one value is repeated); None stays None."""
+    if value is None or str(value).strip() == "":
+        return None
+    try:
+        vals = tuple(float(v) for v in str(value).split(","))
+    except ValueError:
+        raise UserError(f"--{what} {value!r} is not a comma-separated list of numbers") from None
+    if len(vals) == 1:
+        return vals * channels
+    if len(vals) != channels:
+        raise UserError(f"--{what} {value!r} gives {len(vals)} values for {channels}-channel images; give 1 or "
+                        f"{channels}")
+    return vals
 
 
 def build_dataset(spec: DataSpec, split: str, train_transform: bool | None = None) -> IndexedDataset:

@@ -92,6 +92,8 @@ class DataSpec:
     split_seed: int = 0                    # seed of data sets without an official split
     bbox_crop: bool = True                 # CUB-200 / Dogs: crop to the bounding box (paper)
     train_images: int = 0                  # > 0: train on a seeded random subset of this many training images
+    mean: str | None = None                # normalisation mean per channel, "0.5,0.5,0.5" (None: the data set's own;
+    std: str | None = None                 # for a timm arch its pretrained_cfg's)
     options: dict[str, Any] = field(default_factory=dict)
 
 

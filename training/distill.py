@@ -24,7 +24,7 @@ from training.families import (
 from training.kd import kd_loss_fn
 from training.loop import TrainConfig, TrainResult
 from training.manifest import Member, write_manifest
-from training.runner import ModelSpec, run_training
+from training.runner import ModelSpec, resolve_data, run_training
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,7 @@ def distill(data: DataSpec, student: ModelSpec, kd: KDConfig, cfg: TrainConfig, 
     check_member_checkpoint(kd.member_checkpoint)
     if kd.teacher_name == kd.student_name:
         raise UserError(f"--teacher_name and --student_name must differ, both are {kd.teacher_name!r}")
+    data = resolve_data(data, student)  # a timm arch: input size / normalisation from its pretrained_cfg
     loss_fn = kd_loss_fn(kd.alpha, kd.temperature, cfg.label_smoothing)
     out = Path(out_dir)
     num_classes = data_num_classes(data)

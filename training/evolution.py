@@ -29,8 +29,8 @@ from training.ke import LayerSplit, channel_plan, check_split, count_params, ext
 from training.loop import TrainConfig, evaluate, make_loader
 from training.loop import validate as validate_train
 from training.manifest import Member, write_manifest
-from training.models import model_from_checkpoint
-from training.runner import ModelSpec, build_for_data, run_training
+from training.models import model_from_checkpoint, slim_arch_kwargs
+from training.runner import ModelSpec, build_for_data, resolve_data, run_training
 
 FAMILY = "knowledge-evolution"
 
@@ -96,7 +96,8 @@ def _finish_generation(g: int, gdir: Path, ke: EvolveConfig, plan: dict[str, Lay
         skip = ("state_dict", "optimizer", "scheduler", "history", "best_top1", "masks", "metrics")
         slim_ck = {k: v for k, v in ck.items() if k not in skip}
         slim_ck.update(state_dict={k: v.cpu() for k, v in slim.state_dict().items()},
-                       arch_kwargs={"width": ke.split_rate}, role="slim", slim_of="last.pt",
+                       arch_kwargs=slim_arch_kwargs(ck["arch"], ck.get("arch_kwargs"), ke.split_rate), role="slim",
+                       slim_of="last.pt",
                        slim_of_sha256=sha256_file(last),
                        metrics={"test_top1": ev_s["top1"], "test_top5": ev_s["top5"], "test_loss": ev_s["loss"]})
         save_checkpoint(gdir / "slim.pt", slim_ck)
@@ -154,6 +155,7 @@ def evolve(data: DataSpec, model_spec: ModelSpec, cfg: TrainConfig, ke: EvolveCo
     log = log or (lambda s: None)
     validate_evolve(ke)
     validate_train(cfg)
+    data = resolve_data(data, model_spec)  # a timm arch: input size / normalisation from its pretrained_cfg
     out = Path(out_dir)
     train_set = build_dataset(data, "train")
     test_set = build_dataset(data, "test")

@@ -41,11 +41,11 @@ from training.options import (
     add_train_args,
     add_train_command_args,
     data_from_args,
+    model_spec_from_args,
     train_from_args,
     training_summary,
 )
 from training.pruning import PRUNE_SCOPES
-from training.runner import ModelSpec
 
 KD_HELP = {
     "teacher": "teacher checkpoint (written by `train`; same classes, channels and input size as the data)",
@@ -88,7 +88,7 @@ def _add_distill(p: argparse.ArgumentParser) -> None:
 
 
 def _run_distill(args: argparse.Namespace) -> None:
-    res = distill(data_from_args(args), ModelSpec(args.arch, args.weights), dataclass_from_args(KDConfig, args),
+    res = distill(data_from_args(args), model_spec_from_args(args), dataclass_from_args(KDConfig, args),
                   dataclass_from_args(TrainConfig, args), args.out_dir, run_mode(args.resume, args.overwrite))
     _print_metrics(res.train.metrics, "student")
     print(f"teacher: test top-1 {res.teacher_metrics['test_top1']:.2f}%")
@@ -110,7 +110,7 @@ def _add_born_again(p: argparse.ArgumentParser) -> None:
 
 
 def _run_born_again(args: argparse.Namespace) -> None:
-    res = born_again(data_from_args(args), ModelSpec(args.arch, args.weights), dataclass_from_args(BANConfig, args),
+    res = born_again(data_from_args(args), model_spec_from_args(args), dataclass_from_args(BANConfig, args),
                      dataclass_from_args(TrainConfig, args), args.out_dir, run_mode(args.resume, args.overwrite))
     print(res.table, end="")
     print(f"family: {res.manifest}; per generation: {Path(args.out_dir) / 'generations.json'}")

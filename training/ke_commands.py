@@ -29,8 +29,7 @@ from training.ke import (
     SPLIT_MODES,
 )
 from training.loop import TrainConfig
-from training.options import add_data_args, add_model_args, add_train_args, data_from_args
-from training.runner import ModelSpec
+from training.options import add_data_args, add_model_args, add_train_args, data_from_args, model_spec_from_args
 
 KE_HELP = {
     "generations": "number of generations (>= 1); --resume may raise it to continue evolving",
@@ -120,7 +119,7 @@ def _run_evolve(args: argparse.Namespace) -> None:
     cfg = dataclass_from_args(TrainConfig, a)
     ke = dataclass_from_args(EvolveConfig, a)
     out = Path(a.out_dir)
-    evolve(data, ModelSpec(a.arch, a.weights), cfg, ke, out, run_mode(a.resume, a.overwrite),
+    evolve(data, model_spec_from_args(a), cfg, ke, out, run_mode(a.resume, a.overwrite),
            preset=a.preset, preset_keys=from_preset)
     print((out / "generations.md").read_text(), end="")
     print(f"generations: {out / 'generations.json'}; family manifest: {out / 'family.json'}")

@@ -1,7 +1,11 @@
-"""Architectures (a registry): torchvision ImageNet-size nets and small CIFAR-size nets.
+"""Architectures (a registry): torchvision ImageNet-size nets and small CIFAR-size nets, plus two
+open-ended name spaces that resolve through the same :func:`build_model`:
 
-``build_model(arch, num_classes, in_channels, input_size)`` returns a CPU module; the caller
-moves it to a device. Module paths are stable (``features.N`` for VGG-style nets, ``layerK``
+- ``timm:NAME``: any timm model, ``pretrained=False`` (``training/timm_models.py``);
+- ``model:package.module:callable``: the ``nn.Module`` your own code returns (``training/user_models.py``).
+
+``build_model(arch, num_classes, in_channels, input_size, **arch_kwargs)`` returns a CPU module; the
+caller moves it to a device. Module paths are stable (``features.N`` for VGG-style nets, ``layerK``
 for ResNets) because feature files store them.
 """
 from __future__ import annotations
@@ -238,21 +242,66 @@ register_arch("wrn16_2", family="wrn", default_size=32, min_size=8)(
 
 # --------------------------------------------------------------------------- building and loading
 
-def build_model(arch: str, num_classes: int, in_channels: int = 3, input_size: int | None = None,
+EXTERNAL_ARCHS = ("timm:NAME", "model:package.module:callable")
+
+
+def arch_names() -> list[str]:
+    """Every arch name a user may give: the registry's plus the two open name spaces."""
+    return ARCHS.names() + list(EXTERNAL_ARCHS)
+
+
+def _external_builder(arch: str) -> Callable[..., nn.Module] | None:
+    from training.timm_models import build_timm, is_timm
+    from training.user_models import build_user_model, is_user_model
+
+    return build_timm if is_timm(arch) else build_user_model if is_user_model(arch) else None
+
+
+def width_key(arch: str) -> str:
+    """The ``arch_kwargs`` key of the Knowledge-Evolution width multiplier: ``width`` for registry archs (older
+    slim checkpoints use it), ``kels_width`` for timm / own models, whose builders may take a ``width`` of their own."""
+    return "kels_width" if _external_builder(str(arch)) is not None else "width"
+
+
+def slim_arch_kwargs(arch: str, arch_kwargs: dict[str, Any] | None, rate: float) -> dict[str, Any]:
+    """``arch_kwargs`` of a slim (width ``rate``) copy of a net built with ``arch_kwargs``."""
+    return {**(arch_kwargs or {}), width_key(arch): rate}
+
+
+def default_input_size(arch: str) -> int | None:
+    """The input size an arch was designed for: the registry's, timm's ``pretrained_cfg``, or None (own model)."""
+    from training.timm_models import default_input_size as timm_size, is_timm
+
+    if is_timm(arch):
+        return timm_size(arch)
+    if arch in ARCH_INFO:
+        return int(ARCH_INFO[arch]["default_size"])
+    return None
+
+
+def build_model(arch: str, num_classes: int | None, in_channels: int = 3, input_size: int | None = None,
                 **kw: Any) -> nn.Module:
-    """A freshly initialised CPU model. Unknown arch: the error lists every registered name."""
-    try:
-        fn = ARCHS.get(arch)
-    except UnknownNameError as e:
-        raise UserError(str(e)) from None
-    info = ARCH_INFO[arch]
-    size = input_size or info["default_size"]
-    if size < info["min_size"]:
-        raise UserError(f"arch {arch!r} needs inputs of at least {info['min_size']} px, got {size}")
-    if num_classes < 1:
+    """A freshly initialised CPU model. Unknown arch: the error lists every registered name.
+    ``num_classes`` None (timm / own models only): the builder's own default."""
+    external = _external_builder(str(arch))
+    if num_classes is None and external is None:
+        raise UserError(f"arch {arch!r} needs a class count (num_classes)")
+    if num_classes is not None and num_classes < 1:
         raise UserError(f"num_classes must be >= 1, got {num_classes}")
-    width = kw.pop("width", None)
-    model = fn(num_classes=num_classes, in_channels=in_channels, input_size=size, **kw)
+    width = kw.pop(width_key(arch), None)
+    if external is not None:
+        size = input_size or default_input_size(arch)
+        model = external(arch, num_classes, in_channels, size, **kw)
+    else:
+        try:
+            fn = ARCHS.get(arch)
+        except UnknownNameError as e:
+            raise UserError(f"{e} Or timm:NAME (any timm model) or --model package.module:callable.") from None
+        info = ARCH_INFO[arch]
+        size = input_size or info["default_size"]
+        if size < info["min_size"]:
+            raise UserError(f"arch {arch!r} needs inputs of at least {info['min_size']} px, got {size}")
+        model = fn(num_classes=num_classes, in_channels=in_channels, input_size=size, **kw)
     if width is not None and float(width) != 1.0:
         # Width multiplier (any arch): the Knowledge-Evolution KELS sub-network, every layer but the
         # classifier's outputs at ceil(width * channels). Slim checkpoints carry arch_kwargs={"width": k}.
@@ -260,6 +309,24 @@ def build_model(arch: str, num_classes: int, in_channels: int = 3, input_size: i
 
         model = shrink_to_width(model, float(width), in_channels, size)
     return model
+
+
+def parse_model_kwargs(text: str | dict | None) -> dict[str, Any]:
+    """``--model_kwargs``: a JSON object (a dict from a config file passes through); None is {}."""
+    if text is None or text == "":
+        return {}
+    if isinstance(text, dict):
+        return dict(text)
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"--model_kwargs {text!r} is not JSON ({e.msg}); give an object such as "
+                        f"'{{\"patch_size\": 4, \"depth\": 4}}'") from None
+    if not isinstance(value, dict):
+        raise UserError(f"--model_kwargs must be a JSON object (name: value), got {type(value).__name__}")
+    return value
 
 
 def strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

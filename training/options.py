@@ -10,9 +10,10 @@ from common.rundir import run_mode
 from training.data import dataset_names
 from training.datasets import DataSpec
 from training.loop import OPTIMIZERS, SCHEDULES, TrainConfig, TrainResult
-from training.models import ARCHS
+from training.models import arch_names, parse_model_kwargs
 from training.runner import ModelSpec, run_training
 from training.transforms import TRANSFORMS
+from training.user_models import MODEL_PREFIX
 
 DATA_HELP = {
     "name": "data set: " + ", ".join(dataset_names()),
@@ -26,6 +27,9 @@ DATA_HELP = {
     "split_seed": "seed of the train/test split of data sets that have no official one",
     "bbox_crop": "crop CUB-200 / Dogs images to their bounding box (as the KC paper does)",
     "train_images": "train on a random subset of this many training images (seeded by --split_seed; 0: all)",
+    "mean": "normalisation mean, one value or one per channel, comma-separated (default: the data set's own; "
+            "for a timm arch the model's pretrained_cfg)",
+    "std": "normalisation std, like --mean",
 }
 
 TRAIN_HELP = {
@@ -64,8 +68,23 @@ def add_train_args(p: argparse.ArgumentParser, **defaults) -> None:
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--arch", default=ModelSpec.arch, help="architecture: " + ", ".join(ARCHS.names()))
-    g.add_argument("--weights", default=None, help="local checkpoint or state-dict file to start from")
+    which = g.add_mutually_exclusive_group()
+    which.add_argument("--arch", default=ModelSpec.arch, help="architecture: " + ", ".join(arch_names()))
+    which.add_argument("--model", default=None, metavar="PACKAGE.MODULE:CALLABLE",
+                       help="your own model: the nn.Module this callable returns (instead of --arch)")
+    g.add_argument("--model_kwargs", default=None, metavar="JSON",
+                   help='kwargs of the model builder as a JSON object, e.g. \'{"patch_size": 4, "depth": 4}\' for '
+                        'timm:vit_tiny_patch16_224 at 32 px (num_classes, in_chans and a fixed-size model\'s '
+                        'img_size are filled in)')
+    g.add_argument("--weights", default=None,
+                   help="local file to start from: workbench checkpoint, state dict, timm checkpoint or "
+                        ".safetensors (never a hub download)")
+
+
+def model_spec_from_args(args: argparse.Namespace) -> ModelSpec:
+    """``--arch`` / ``--model``, ``--model_kwargs`` and ``--weights`` as a :class:`ModelSpec`."""
+    arch = f"{MODEL_PREFIX}{args.model}" if getattr(args, "model", None) else args.arch
+    return ModelSpec(arch, args.weights, parse_model_kwargs(getattr(args, "model_kwargs", None)))
 
 
 def add_train_command_args(p: argparse.ArgumentParser) -> None:
@@ -79,7 +98,7 @@ def add_train_command_args(p: argparse.ArgumentParser) -> None:
 def train_from_args(args: argparse.Namespace) -> TrainResult:
     """Run ``train`` with parsed options (those of :func:`add_train_command_args`)."""
     cfg = dataclass_from_args(TrainConfig, args)
-    return run_training(data_from_args(args), ModelSpec(args.arch, args.weights), cfg, args.out_dir,
+    return run_training(data_from_args(args), model_spec_from_args(args), cfg, args.out_dir,
                         run_mode(args.resume, args.overwrite))
 
 

@@ -2,13 +2,12 @@
 builder (KD, Born-Again, Knowledge Evolution) call."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import torch.nn as nn
 
-from common.checkpoints import load_checkpoint
 from common.device import use_device
 from common.errors import UserError
 from common.rundir import RunDir
@@ -16,13 +15,43 @@ from training.data import build_dataset, maybe_cache, transform_spec
 from training.datasets import DataSpec
 from training.harness import seed_everything
 from training.loop import LossFn, TrainConfig, TrainResult, train
-from training.models import build_model, load_weights
+from training.models import build_model
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    arch: str = "vgg_small"
+    arch: str = "vgg_small"          # a registry name, timm:NAME or model:package.module:callable
     weights: str | None = None       # a local state-dict / checkpoint file to start from (never a hub download)
+    kwargs: dict[str, Any] = field(default_factory=dict)   # --model_kwargs: builder kwargs (checkpoint arch_kwargs)
+
+
+def model_provenance(model_spec: ModelSpec) -> dict[str, Any]:
+    """Checkpoint fields that identify the code and the starting weights of a net: ``arch_kwargs``; for an
+    own model its entry point, file and the file's sha256; the weights file and its sha256."""
+    from common.provenance import sha256_file
+    from training.user_models import entry_provenance, is_user_model
+
+    out: dict[str, Any] = {}
+    if model_spec.kwargs:
+        out["arch_kwargs"] = dict(model_spec.kwargs)
+    if is_user_model(model_spec.arch):
+        out.update(entry_provenance(model_spec.arch))
+    if model_spec.weights:
+        out.update({"weights": str(Path(model_spec.weights).resolve()),
+                    "weights_sha256": sha256_file(model_spec.weights)})
+    return out
+
+
+def resolve_data(data: DataSpec, model_spec: ModelSpec) -> DataSpec:
+    """For a timm arch, the input size and normalisation the data options leave open come from the model's
+    ``pretrained_cfg``; other archs keep the data set's own (unchanged spec)."""
+    from training.data import natural_channels
+    from training.timm_models import data_defaults, is_timm
+
+    if not is_timm(model_spec.arch):
+        return data
+    d = data_defaults(model_spec.arch, data.channels or natural_channels(data.name))
+    return replace(data, **{k: v for k, v in d.items() if getattr(data, k) is None})
 
 
 def checkpoint_fields(model_spec: ModelSpec, data: DataSpec, num_classes: int, config: dict[str, Any],
@@ -31,15 +60,16 @@ def checkpoint_fields(model_spec: ModelSpec, data: DataSpec, num_classes: int, c
     t = transform_spec(data)
     return {"arch": model_spec.arch, "num_classes": num_classes, "in_channels": t.channels,
             "input_size": t.image_size, "dataset": asdict(data), "transform": t.to_dict(), "config": config,
-            **family}
+            **model_provenance(model_spec), **family}
 
 
 def build_for_data(model_spec: ModelSpec, data: DataSpec, num_classes: int) -> nn.Module:
     t = transform_spec(data)
-    model = build_model(model_spec.arch, num_classes, t.channels, t.image_size)
-    if model_spec.weights:
-        ck = load_checkpoint(model_spec.weights)
-        load_weights(model, ck["state_dict"], f"--weights {model_spec.weights}")
+    model = build_model(model_spec.arch, num_classes, t.channels, t.image_size, **model_spec.kwargs)
+    if model_spec.weights:  # any local checkpoint / state dict / timm / safetensors file (training/weights.py)
+        from training.weights import load_weights_file
+
+        load_weights_file(model, model_spec.weights)
     return model
 
 
@@ -54,6 +84,7 @@ def run_training(data: DataSpec, model_spec: ModelSpec, cfg: TrainConfig, out_di
     ``family`` fields (teacher checkpoint + sha256, generation, masks...) go into every checkpoint.
     """
     device = use_device(cfg.device)          # the indexed device, recorded in config.json
+    data = resolve_data(data, model_spec)
     train_set = build_dataset(data, "train")
     test_set = build_dataset(data, "test")
     if train_set.num_classes != test_set.num_classes:

@@ -199,3 +199,17 @@ def test_list_layers_cli(cli, tmp_path):
     assert code == 0 and "layer3.2.add" in out and "input 1x32x32" in out
     code, _, err = cli("list-layers", "--arch", "vgg_tinny")
     assert code == 1 and "vgg_tiny" in err
+
+
+def test_per_net_request_stores_each_nets_own_path_under_one_name():
+    vgg, r20 = _eval("vgg_tiny"), _eval("cifar_resnet20")
+    req = "mid=cnn:features.4,res:layer3.-1.add"
+    p = resolve_layer(vgg, req, net="cnn")
+    assert (p.name, p.node, p.point) == ("mid", "features.4", "output")
+    p = resolve_layer(r20, req, net="res")
+    assert (p.name, p.node, p.point) == ("mid", "layer3.2.add", "fx:add")
+    assert resolve_layer(vgg, "mid=*:features.8", net="any").node == "features.8"
+    with pytest.raises(UserError, match="no path for net 'other'"):
+        resolve_layer(vgg, req, net="other")
+    with pytest.raises(UserError, match="NAME=NET:PATH"):
+        resolve_layer(vgg, "mid=features.4", net="cnn")
