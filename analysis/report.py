@@ -121,24 +121,42 @@ def matrix_table(matrix: Sequence[Sequence[Any]], nets: Sequence[str], corner: s
 
 def build_document(st: StudyFolder, figs: Mapping[str, list[Path]]) -> list[Block]:
     """The report as blocks, most important first: the answer, then the evidence, then provenance."""
-    doc: list[Block] = []
     name = (st.info or {}).get("title") or (st.info or {}).get("name")
-    title = f"Knowledge consistency study: {name or st.root.name}"
-    doc.append(("h", 1, title))
-    doc.append(("p", f"Generated {now_utc()} from {st.root.resolve()}."))
-
-    # ---- the answer first
-    glance = glance_readings(st)
-    doc.append(("h", 2, "At a glance"))
-    doc.append(("ul", glance or ["No consistency results in this study yet (see 'Missing parts' below)."]))
+    doc: list[Block] = [("h", 1, f"Knowledge consistency study: {name or st.root.name}"),
+                        ("p", f"Generated {now_utc()} from {st.root.resolve()}.")]
     first_heat = next((k for k in figs if k.startswith("consistency_residual_")), None)
+    doc += glance_section(st, figs, first_heat)
+    doc += compared_section(st)
+    doc += networks_section(st)
+    for layer, c in st.consistency.items():
+        doc += consistency_section(layer, c, figs, first_heat)
+    doc += generations_section(st, figs)
+    for layer, s in st.similarity.items():
+        doc += similarity_section(st, layer, s, figs)
+    for layer, diags in st.diagnosis.items():
+        doc += diagnosis_section(layer, diags)
+    doc += training_section(figs)
+    doc += closing_section(st)
+    return doc
+
+
+# ---- one function per section, in the order the report shows them
+
+def glance_section(st: StudyFolder, figs: Mapping[str, list[Path]], first_heat: str | None) -> list[Block]:
+    """The answer first: the few readings that answer the study's question, and the first heatmap."""
+    doc: list[Block] = [("h", 2, "At a glance"),
+                        ("ul", glance_readings(st) or ["No consistency results in this study yet (see 'Missing "
+                                                       "parts' below)."])]
     if first_heat:
         doc.append(("fig", figs[first_heat][0], "Residual fraction per directed pair (row = source A, column = "
-                                                 "target B): the share of B's features that A's cannot rebuild. "
-                                                 "Colour scale fixed to [0, 1]."))
+                                                "target B): the share of B's features that A's cannot rebuild. "
+                                                "Colour scale fixed to [0, 1]."))
+    return doc
 
-    # ---- what was compared
-    doc.append(("h", 2, "What was compared"))
+
+def compared_section(st: StudyFolder) -> list[Block]:
+    """What was compared: the study's description and options, the feature file's splits, nets and layers."""
+    doc: list[Block] = [("h", 2, "What was compared")]
     if st.info and st.info.get("description"):
         doc.append(("p", str(st.info["description"]).strip()))
     items = [f"{k}: {describe_value(v)}" for k, v in (st.info or {}).items() if k not in INFO_SKIP]
@@ -151,100 +169,111 @@ def build_document(st: StudyFolder, figs: Mapping[str, list[Path]]) -> list[Bloc
             items.append(f"split {split}: {s['n']} images; nets {', '.join(sorted(s['nets'], key=natural_key))}; "
                          f"layers {', '.join(layers)}")
     doc.append(("ul", items or ["(no study.json and no feature file: see the sections below)"]))
-
-    # ---- networks
-    if st.families:
-        doc.append(("h", 2, "Networks"))
-        for fam in st.families:
-            header = ["member", "role", "generation", "teacher", "arch", "test top-1 (%)", "epochs"]
-            body = [[m["name"], m["role"], _fmt(m["generation"]), m["teacher"] or "—", m["arch"] or "—",
-                     _fmt(m["metrics"].get("test_top1")), _fmt(m["metrics"].get("epoch"))] for m in fam["members"]]
-            doc.append(("h", 3, f"Family {fam['name']} ({fam['family']})"))
-            doc.append(("table", header, body))
-
-    # ---- consistency
-    for layer, c in st.consistency.items():
-        tag = _slug(layer)
-        doc.append(("h", 2, f"Knowledge consistency at {layer}"))
-        doc.append(("p", CONSISTENCY_NOTE))
-        doc.append(("ul", consistency_readings(c["rows"], layer)))
-        doc.append(("table", *consistency_table(c["rows"])))
-        for key, cap in ((f"consistency_residual_{tag}", "Residual fraction matrix (row = source, column = target)."),
-                         (f"order_fractions_{tag}", "Fraction of each target's variance per order and in the "
-                                                    "residual (stacked; need not sum to 1).")):
-            if key in figs and key != first_heat:
-                doc.append(("fig", figs[key][0], cap))
-            elif key == first_heat:
-                doc.append(("p", "The residual fraction matrix is shown under 'At a glance'."))
-        if c.get("matrices"):
-            m = c["matrices"]["matrices"]
-            doc.append(("h", 3, "R² matrix (row = source A, column = target B)"))
-            doc.append(("table", *matrix_table(m["r2"], c["matrices"]["nets"], "A \\ B")))
-
-    # ---- generations
-    gens = study_generations(st)
-    if gens:
-        doc.append(("h", 2, "Generations"))
-        for fam, layers in gens.items():
-            for layer, rows in layers.items():
-                tag = _slug(f"{fam}_{layer}" if layer else fam)
-                doc.append(("h", 3, f"{fam}" + (f" at {layer}" if layer else "")))
-                doc.append(("ul", generation_readings(rows) or ["(no accuracies or residuals recorded)"]))
-                doc.append(("table", ["generation", "net", "test top-1 (%)", "slim top-1 (%)",
-                                      "residual to previous", "residual to first"],
-                            [[_fmt(r["generation"]), r["net"], _fmt(r["test_top1"]), _fmt(r["slim_test_top1"]),
-                              _fmt(r["residual_to_previous"]), _fmt(r["residual_to_first"])] for r in rows]))
-                if f"generations_{tag}" in figs:
-                    doc.append(("fig", figs[f"generations_{tag}"][0], "Accuracy and residual fractions over generations."))
-
-    # ---- similarity baselines
-    for layer, s in st.similarity.items():
-        tag = _slug(layer)
-        doc.append(("h", 2, f"Similarity baselines at {layer}"))
-        doc.append(("p", f"Split {s.get('split')}; rows and columns in the order {', '.join(s['nets'])}. "
-                         "Similarities lie in [0, 1] (1 = alike); distances are ≥ 0 (0 = alike). These measures are "
-                         "symmetric; Trans-Net consistency is directional."))
-        for metric, body in s.get("metrics", {}).items():
-            doc.append(("h", 3, metric))
-            doc.append(("table", *matrix_table(body["matrix"], s["nets"], metric)))
-            if body.get("null_mean") is not None:
-                doc.append(("p", f"Permutation null (shuffled pairing of samples): mean {_fmt_null(body['null_mean'])}."))
-            for w in body.get("warnings", []) or []:
-                doc.append(("p", f"Warning: {w}"))
-            if f"similarity_{metric}_{tag}" in figs:
-                doc.append(("fig", figs[f"similarity_{metric}_{tag}"][0], f"{metric} matrix."))
-        if layer in st.consistency and "cka" in s.get("metrics", {}):
-            pts = agreement_points(st.consistency[layer]["rows"], s, "cka")
-            doc.append(("ul", agreement_readings(pts, "cka")))
-            if f"agreement_cka_{tag}" in figs:
-                doc.append(("fig", figs[f"agreement_cka_{tag}"][0], "One point per pair of nets: CKA against the "
-                                                                      "mean held-out R² of the two Trans-Nets."))
-
-    # ---- diagnosis
-    for layer, diags in st.diagnosis.items():
-        doc.append(("h", 2, f"Network diagnosis at {layer}"))
-        for d in diags:
-            doc.append(("h", 3, f"{d['a']} against {d['b']}"))
-            doc.append(("ul", diagnosis_readings(d)))
-            for rel in d.get("figures", []):
-                p = Path(d["dir"]) / rel
-                if p.suffix == ".png" and p.is_file():
-                    doc.append(("fig", p, _diag_caption(p.name, d)))
-
-    # ---- training curves
-    train_figs = [k for k in figs if k.startswith("training_")]
-    if train_figs:
-        doc.append(("h", 2, "Training curves"))
-        for k in train_figs:
-            doc.append(("fig", figs[k][0], k.replace("training_", "Family ")))
-
-    # ---- missing, warnings, provenance
-    doc.append(("h", 2, "Missing parts and warnings"))
-    doc.append(("ul", [f"missing: {m}" for m in st.missing] + [f"warning: {w}" for w in st.warnings]
-                or ["Nothing missing; no warnings."]))
-    doc.append(("h", 2, "Provenance"))
-    doc.append(("ul", provenance_items(st)))
     return doc
+
+
+def networks_section(st: StudyFolder) -> list[Block]:
+    """One table per family: member, role, generation, teacher, arch, accuracy, epochs."""
+    if not st.families:
+        return []
+    doc: list[Block] = [("h", 2, "Networks")]
+    for fam in st.families:
+        header = ["member", "role", "generation", "teacher", "arch", "test top-1 (%)", "epochs"]
+        body = [[m["name"], m["role"], _fmt(m["generation"]), m["teacher"] or "—", m["arch"] or "—",
+                 _fmt(m["metrics"].get("test_top1")), _fmt(m["metrics"].get("epoch"))] for m in fam["members"]]
+        doc += [("h", 3, f"Family {fam['name']} ({fam['family']})"), ("table", header, body)]
+    return doc
+
+
+def consistency_section(layer: str, c: Mapping[str, Any], figs: Mapping[str, list[Path]],
+                        first_heat: str | None) -> list[Block]:
+    """Readings, the pair table, the heatmap and order bars, and the R² matrix of one layer."""
+    tag = _slug(layer)
+    doc: list[Block] = [("h", 2, f"Knowledge consistency at {layer}"), ("p", CONSISTENCY_NOTE),
+                        ("ul", consistency_readings(c["rows"], layer)), ("table", *consistency_table(c["rows"]))]
+    for key, cap in ((f"consistency_residual_{tag}", "Residual fraction matrix (row = source, column = target)."),
+                     (f"order_fractions_{tag}", "Fraction of each target's variance per order and in the "
+                                                "residual (stacked; need not sum to 1).")):
+        if key in figs and key != first_heat:
+            doc.append(("fig", figs[key][0], cap))
+        elif key == first_heat:
+            doc.append(("p", "The residual fraction matrix is shown under 'At a glance'."))
+    if c.get("matrices"):
+        m = c["matrices"]["matrices"]
+        doc.append(("h", 3, "R² matrix (row = source A, column = target B)"))
+        doc.append(("table", *matrix_table(m["r2"], c["matrices"]["nets"], "A \\ B")))
+    return doc
+
+
+def generations_section(st: StudyFolder, figs: Mapping[str, list[Path]]) -> list[Block]:
+    """Per generation family and layer: readings, the accuracy/residual table and the curves."""
+    gens = study_generations(st)
+    if not gens:
+        return []
+    doc: list[Block] = [("h", 2, "Generations")]
+    for fam, layers in gens.items():
+        for layer, rows in layers.items():
+            tag = _slug(f"{fam}_{layer}" if layer else fam)
+            doc.append(("h", 3, f"{fam}" + (f" at {layer}" if layer else "")))
+            doc.append(("ul", generation_readings(rows) or ["(no accuracies or residuals recorded)"]))
+            doc.append(("table", ["generation", "net", "test top-1 (%)", "slim top-1 (%)",
+                                  "residual to previous", "residual to first"],
+                        [[_fmt(r["generation"]), r["net"], _fmt(r["test_top1"]), _fmt(r["slim_test_top1"]),
+                          _fmt(r["residual_to_previous"]), _fmt(r["residual_to_first"])] for r in rows]))
+            if f"generations_{tag}" in figs:
+                doc.append(("fig", figs[f"generations_{tag}"][0], "Accuracy and residual fractions over generations."))
+    return doc
+
+
+def similarity_section(st: StudyFolder, layer: str, s: Mapping[str, Any], figs: Mapping[str, list[Path]]) -> list[Block]:
+    """The similarity baselines of one layer: one matrix per metric, and their agreement with R²."""
+    tag = _slug(layer)
+    doc: list[Block] = [("h", 2, f"Similarity baselines at {layer}"),
+                        ("p", f"Split {s.get('split')}; rows and columns in the order {', '.join(s['nets'])}. "
+                              "Similarities lie in [0, 1] (1 = alike); distances are ≥ 0 (0 = alike). These measures "
+                              "are symmetric; Trans-Net consistency is directional.")]
+    for metric, body in s.get("metrics", {}).items():
+        doc.append(("h", 3, metric))
+        doc.append(("table", *matrix_table(body["matrix"], s["nets"], metric)))
+        if body.get("null_mean") is not None:
+            doc.append(("p", f"Permutation null (shuffled pairing of samples): mean {_fmt_null(body['null_mean'])}."))
+        doc += [("p", f"Warning: {w}") for w in body.get("warnings", []) or []]
+        if f"similarity_{metric}_{tag}" in figs:
+            doc.append(("fig", figs[f"similarity_{metric}_{tag}"][0], f"{metric} matrix."))
+    if layer in st.consistency and "cka" in s.get("metrics", {}):
+        pts = agreement_points(st.consistency[layer]["rows"], s, "cka")
+        doc.append(("ul", agreement_readings(pts, "cka")))
+        if f"agreement_cka_{tag}" in figs:
+            doc.append(("fig", figs[f"agreement_cka_{tag}"][0], "One point per pair of nets: CKA against the "
+                                                                  "mean held-out R² of the two Trans-Nets."))
+    return doc
+
+
+def diagnosis_section(layer: str, diags: Sequence[Mapping[str, Any]]) -> list[Block]:
+    """Blind spots and unreliable features of each diagnosed pair, with their figures."""
+    doc: list[Block] = [("h", 2, f"Network diagnosis at {layer}")]
+    for d in diags:
+        doc += [("h", 3, f"{d['a']} against {d['b']}"), ("ul", diagnosis_readings(d))]
+        for rel in d.get("figures", []):
+            p = Path(d["dir"]) / rel
+            if p.suffix == ".png" and p.is_file():
+                doc.append(("fig", p, _diag_caption(p.name, d)))
+    return doc
+
+
+def training_section(figs: Mapping[str, list[Path]]) -> list[Block]:
+    keys = [k for k in figs if k.startswith("training_")]
+    if not keys:
+        return []
+    return [("h", 2, "Training curves")] + [("fig", figs[k][0], k.replace("training_", "Family ")) for k in keys]
+
+
+def closing_section(st: StudyFolder) -> list[Block]:
+    """What is missing, the warnings, and the provenance."""
+    return [("h", 2, "Missing parts and warnings"),
+            ("ul", [f"missing: {m}" for m in st.missing] + [f"warning: {w}" for w in st.warnings]
+             or ["Nothing missing; no warnings."]),
+            ("h", 2, "Provenance"), ("ul", provenance_items(st))]
 
 
 INFO_SKIP = ("title", "name", "description", "updated_utc", "created_utc")
