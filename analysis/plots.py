@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import matplotlib
+import matplotlib.lines
 import matplotlib.patches
 import numpy as np
 from matplotlib.figure import Figure
@@ -93,9 +94,11 @@ def _pct(v: float | None) -> str:
 
 def matrix_heatmap(matrix: Sequence[Sequence[float | None]], labels: Sequence[str], out_base: str | os.PathLike,
                    title: str, value_label: str, kind: str = "fraction", row_title: str = "source (A)",
-                   col_title: str = "target (B)", col_labels: Sequence[str] | None = None) -> list[Path]:
+                   col_title: str = "target (B)", col_labels: Sequence[str] | None = None,
+                   marks: Sequence[Sequence[bool]] | None = None) -> list[Path]:
     """A labelled matrix. ``kind``: ``fraction`` (scale fixed to [0, 1]), ``distance`` (0 to max),
-    ``signed`` (symmetric about 0). ``None`` cells are grey and marked n/a (e.g. the diagonal)."""
+    ``signed`` (symmetric about 0). ``None`` cells are grey and marked n/a (e.g. the diagonal).
+    Cells where ``marks`` is true get a dagger (†) after their value: a fit not converged."""
     import seaborn as sns
 
     if kind not in ("fraction", "distance", "signed"):
@@ -118,7 +121,9 @@ def matrix_heatmap(matrix: Sequence[Sequence[float | None]], labels: Sequence[st
         fig = new_figure(max(4.2, 2.2 + 0.62 * n_c), max(3.0, 1.4 + 0.5 * n_r))
         ax = fig.add_subplot()
         ax.set_facecolor(MISSING_COLOUR)
-        annot = np.array([["n/a" if not np.isfinite(v) else f"{v:.2f}" for v in row] for row in m])
+        mk = np.zeros(m.shape, bool) if marks is None else np.array(marks, dtype=bool)
+        annot = np.array([["n/a" if not np.isfinite(v) else f"{v:.2f}" + ("†" if f else "") for v, f in zip(row, fr)]
+                          for row, fr in zip(m, mk)])
         sns.heatmap(m, ax=ax, vmin=vmin, vmax=vmax, cmap=cmap, annot=annot if n_r * n_c <= 400 else False,
                     fmt="", square=n_r == n_c, linewidths=0.5, linecolor="white",
                     xticklabels=col_labels, yticklabels=list(labels), cbar_kws={"label": value_label},
@@ -146,7 +151,7 @@ def order_fraction_bars(rows: Sequence[Mapping[str, Any]], out_base: str | os.Pa
     if not rows:
         raise ValueError("no pairs to plot")
     n_orders = max(_n_orders(r) for r in rows)
-    labels = [f"{r['source']}→{r['target']}" for r in rows]
+    labels = [pair_label(r) for r in rows]
     x = np.arange(len(rows))
     with style():
         fig = new_figure(max(4.0, 1.2 + 0.45 * len(rows)), 3.4)
@@ -168,6 +173,11 @@ def order_fraction_bars(rows: Sequence[Mapping[str, Any]], out_base: str | os.Pa
         fig.text(0.0, -0.02, "components are not orthogonal: a bar need not sum to exactly 1", fontsize=7,
                  color="#555555")
         return save_figure(fig, out_base)
+
+
+def pair_label(row: Mapping[str, Any]) -> str:
+    """``A→B``, with a dagger when the row's fit is not converged."""
+    return f"{row['source']}→{row['target']}" + (" †" if row.get("convergence") == "not converged" else "")
 
 
 def _n_orders(row: Mapping[str, Any]) -> int:
@@ -266,6 +276,48 @@ def agreement_scatter(points: Sequence[Mapping[str, Any]], out_base: str | os.Pa
         ax.set_xlabel(x_label)
         ax.set_ylabel(y_label)
         ax.set_title(title)
+        return save_figure(fig, out_base)
+
+
+VERDICT_COLOURS = {"converged": "#009E73", "not converged": "#D55E00", "unknown": "#777777"}
+
+
+def loss_curves(series: Mapping[str, Mapping[str, Sequence[tuple[int, float]]]], verdicts: Mapping[str, str],
+                out_base: str | os.PathLike, title: str = "Trans-Net loss curves", ncols: int = 4) -> list[Path]:
+    """Small multiples, one panel per fit: train loss (and validation loss, when logged) per epoch on a
+    log scale, each panel titled with the fit's convergence verdict (coloured: converged green, not
+    converged orange-red, unknown grey). ``series``: label -> {"train": [(epoch, loss)], "val": [...]}."""
+    if not series:
+        raise ValueError("no loss curves to plot")
+    n = len(series)
+    ncols = max(1, min(ncols, n))
+    nrows = -(-n // ncols)
+    with style():
+        fig = new_figure(1.9 * ncols + 0.4, 1.55 * nrows + 0.5)
+        axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+        for ax, (label, s) in zip(axes, series.items()):
+            for key, colour, ls in (("train", ORDER_COLOURS[0], "-"), ("val", ORDER_COLOURS[1], "--")):
+                pts = s.get(key) or []
+                if pts:
+                    e, v = zip(*pts)
+                    ax.plot(e, v, ls, color=colour, lw=1.0, label=key)
+            vals = [v for pts in s.values() for _, v in pts]
+            if vals and min(vals) > 0:
+                ax.set_yscale("log")
+            verdict = verdicts.get(label, "unknown")
+            ax.set_title(f"{label}\n{verdict}", fontsize=7, color=VERDICT_COLOURS.get(verdict, "#777777"))
+            ax.tick_params(labelsize=6)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=4))
+        for ax in axes[n:]:
+            ax.set_axis_off()
+        handles, labels = axes[0].get_legend_handles_labels()
+        if any("val" in s for s in series.values()) and "val" not in labels:
+            handles.append(matplotlib.lines.Line2D([], [], ls="--", color=ORDER_COLOURS[1]))
+            labels.append("val")
+        fig.legend(handles, ["train loss" if l == "train" else "validation loss" for l in labels],
+                   loc="outside lower center", ncols=2, frameon=False, fontsize=7)
+        fig.supxlabel("epoch", fontsize=8)
+        fig.suptitle(title)
         return save_figure(fig, out_base)
 
 

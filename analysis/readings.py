@@ -10,6 +10,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from analysis.consistency import asymmetry, generation_rows, natural_key
+from analysis.convergence import refusal, usable, verdict_of
 from analysis.study_folder import StudyFolder, read_study_folder
 
 ASYMMETRY_THRESHOLD = 0.05   # residual fractions of the two directions differing less than this: "nearly symmetric"
@@ -45,14 +46,17 @@ def pair_reading(row: Mapping[str, Any]) -> str:
 
 
 def consistency_readings(rows: Sequence[Mapping[str, Any]], layer: str) -> list[str]:
-    """Plain-language statements computed from a consistency table (no claim beyond the numbers)."""
-    out = []
-    inside = [f"{r['source']}→{r['target']}" for r in rows if r.get("held_out") is False]
-    if inside:
-        out.append(f"Warning: {len(inside)} of {len(rows)} pair(s) ({', '.join(inside)}) are scored on their "
-                   f"training split (in-sample, not held-out): a Trans-Net can memorise its training rows, so "
-                   f"their R² and fractions overstate the consistency.")
-    ok = [r for r in rows if r.get("fraction_residual") is not None]
+    """Plain-language statements computed from a consistency table (no claim beyond the numbers).
+
+    No conclusion (extreme, share, asymmetry) is drawn from a pair that is not converged or whose R²
+    is below 0 (``analysis.convergence.refusal``); the readings say which pairs and why. Two values are
+    compared only when their bootstrap intervals (``<key>_ci`` columns, when present) separate."""
+    out = in_sample_readings(rows)
+    refused = [(r, refusal(r)) for r in rows if refusal(r)]
+    if refused:
+        out.append(f"No conclusion is drawn from {len(refused)} of {len(rows)} pair(s): " + "; ".join(
+            f"{r['source']}→{r['target']}: {why}" for r, why in refused) + ".")
+    ok = [r for r in rows if usable(r) and r.get("fraction_residual") is not None]
     if ok:
         best = min(ok, key=lambda r: r["fraction_residual"])
         worst = max(ok, key=lambda r: r["fraction_residual"])
@@ -60,28 +64,86 @@ def consistency_readings(rows: Sequence[Mapping[str, Any]], layer: str) -> list[
         out.append(f"At layer {layer}, over {len(ok)} directed pair(s), the inconsistent part of the target's "
                    f"variance ranges from {pct(res.min())} ({best['source']}→{best['target']}) to "
                    f"{pct(res.max())} ({worst['source']}→{worst['target']}); median {pct(float(np.median(res)))}.")
-        f0 = [r.get("fraction_order0") for r in ok if r.get("fraction_order0") is not None]
-        hi = [sum(r.get(f"fraction_order{k}") or 0.0 for k in range(1, int(r.get("orders", 0)) + 1)) for r in ok]
-        if f0 and any(int(r.get("orders", 0)) > 0 for r in ok):
-            where = "the linear (order-0) component" if np.median(f0) >= np.median(hi) else "the nonlinear components"
-            note = (" (fractions above 100% mean that the components overlap and partly cancel)"
-                    if max(np.median(f0), np.median(hi)) > 1 else "")
-            out.append(f"The larger share lies in {where}: median fraction {pct(float(np.median(f0)))} at order 0 "
-                       f"against {pct(float(np.median(hi)))} summed over orders ≥ 1{note}.")
-    asym = asymmetry(rows)
-    if asym:
-        d = asym[0]
-        if abs(d["difference"]) >= ASYMMETRY_THRESHOLD:
-            hard, easy = (d["b"], d["a"]) if d["difference"] > 0 else (d["a"], d["b"])
-            r_hard = max(d["a_to_b"], d["b_to_a"])
-            r_easy = min(d["a_to_b"], d["b_to_a"])
-            out.append(f"Largest asymmetry: {pct(r_hard)} of {hard}'s variance is not rebuilt from {easy}, but only "
-                       f"{pct(r_easy)} of {easy}'s from {hard}: {hard} holds more knowledge that {easy} lacks than "
-                       f"the reverse.")
-        else:
-            out.append(f"The pairs are nearly symmetric: the two directions' residual fractions differ by at most "
-                       f"{pct(abs(d['difference']))} ({d['a']}, {d['b']}).")
-    out += [pair_reading(r) for r in rows]
+        out += share_readings(ok)
+    out += asymmetry_readings(rows)
+    unknown = [f"{r['source']}→{r['target']}" for r in rows if verdict_of(r) == "unknown" and usable(r)]
+    if unknown:
+        out.append(f"Convergence was not judged for {len(unknown)} pair(s) ({', '.join(unknown)}): their numbers "
+                   f"are read as they are, without a convergence check.")
+    return out
+
+
+def in_sample_readings(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    inside = [f"{r['source']}→{r['target']}" for r in rows if r.get("held_out") is False]
+    if not inside:
+        return []
+    return [f"Warning: {len(inside)} of {len(rows)} pair(s) ({', '.join(inside)}) are scored on their training "
+            f"split (in-sample, not held-out): a Trans-Net can memorise its training rows, so their R² and "
+            f"fractions overstate the consistency."]
+
+
+def share_readings(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Where the explained variance lies, from the additive shares (sequential R² gains: they add up
+    to R²); the paper's per-order fractions overlap, so they are stated once as overlapping, not as shares."""
+    out = []
+    add = [r["additive_shares"] for r in rows if r.get("additive_shares") and len(r["additive_shares"]) > 1]
+    if add:
+        first = float(np.median([a[0] for a in add]))
+        rest = float(np.median([sum(a[1:]) for a in add]))
+        where = "the linear (order-0) component" if first >= rest else "the nonlinear components"
+        out.append(f"The larger share lies in {where}: order 0 alone reaches a median R² of {first:.2f}, and the "
+                   f"orders ≥ 1 add a median {rest:+.2f} (additive shares over {len(add)} pair(s)).")
+    over = [r for r in rows if overlap_total(r) is not None and overlap_total(r) > OVERLAP_TOLERANCE]
+    if over:
+        tot = [overlap_total(r) for r in over]
+        out.append(f"In {len(over)} of {len(rows)} pair(s) the paper's per-order variances and the residual add up "
+                   f"to {min(tot):.1f}x–{max(tot):.1f}x the target's variance: the order components overlap and "
+                   f"partly cancel, so their fractions are not shares of the target"
+                   + (" (the additive shares are)." if add else "."))
+    return out
+
+
+def overlap_total(row: Mapping[str, Any]) -> float | None:
+    """Sum of the per-order fractions and the residual fraction of a row (None if any is missing)."""
+    vals = [row.get(f"fraction_order{k}") for k in range(int(row.get("orders", 0)) + 1)] + [row.get("fraction_residual")]
+    return None if any(v is None for v in vals) else float(sum(vals))
+
+
+def separated(a: Sequence[float] | None, b: Sequence[float] | None) -> bool:
+    """True when two intervals [lo, hi] do not overlap, or when either is unknown (then the point
+    values are compared as they are)."""
+    if not a or not b:
+        return True
+    return a[1] < b[0] or b[1] < a[0]
+
+
+def asymmetry_readings(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The largest asymmetry between the two directions of a pair, read only from usable pairs and
+    only when the two residual fractions (and their intervals) differ."""
+    out = []
+    by = {(r["source"], r["target"]): r for r in rows}
+    for d in asymmetry(rows):
+        bad = [f"{x}→{y}" for x, y in ((d["a"], d["b"]), (d["b"], d["a"])) if not usable(by[(x, y)])]
+        if bad:
+            out.append(f"The asymmetry between {d['a']} and {d['b']} is not read: {', '.join(bad)} cannot carry a "
+                       f"conclusion (see above).")
+    asym = asymmetry([r for r in rows if usable(r)])
+    if not asym:
+        return out
+    d = asym[0]
+    ci_ab = by[(d["a"], d["b"])].get("fraction_residual_ci")
+    ci_ba = by[(d["b"], d["a"])].get("fraction_residual_ci")
+    if abs(d["difference"]) < ASYMMETRY_THRESHOLD or not separated(ci_ab, ci_ba):
+        why = ("their bootstrap intervals overlap" if not separated(ci_ab, ci_ba)
+               else f"they differ by at most {pct(abs(d['difference']))}")
+        out.append(f"The pairs are nearly symmetric: the two directions' residual fractions of {d['a']} and {d['b']} "
+                   f"(the largest difference) cannot be told apart: {why}.")
+        return out
+    hard, easy = (d["b"], d["a"]) if d["difference"] > 0 else (d["a"], d["b"])
+    r_hard, r_easy = max(d["a_to_b"], d["b_to_a"]), min(d["a_to_b"], d["b_to_a"])
+    out.append(f"Largest asymmetry: {pct(r_hard)} of {hard}'s variance is not rebuilt from {easy}, but only "
+               f"{pct(r_easy)} of {easy}'s from {hard}: {hard} holds more knowledge that {easy} lacks than "
+               f"the reverse.")
     return out
 
 

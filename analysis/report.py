@@ -21,6 +21,7 @@ import numpy as np
 
 from analysis import plots
 from analysis.consistency import natural_key, net_matrix
+from analysis.convergence import loss_series, verdict_of
 from analysis.document import Block, render_html, render_markdown
 from analysis.readings import (
     agreement_points,
@@ -53,9 +54,15 @@ def study_figures(st: StudyFolder, out_dir: str | os.PathLike | None = None) -> 
         tag = _slug(layer)
         figs[f"consistency_residual_{tag}"] = plots.matrix_heatmap(
             net_matrix(c["rows"], c["nets"], "fraction_residual"), c["nets"], out / f"consistency_residual_{tag}",
-            f"Residual fraction at {layer}", "residual fraction of Var(x_B)")
+            f"Residual fraction at {layer}", "residual fraction of Var(x_B)", marks=not_converged_marks(c))
         figs[f"order_fractions_{tag}"] = plots.order_fraction_bars(
             c["rows"], out / f"order_fractions_{tag}", f"Variance of each target explained per order at {layer}")
+        series = {label: loss_series(h) for label, h in c.get("histories", {}).items()}
+        series = {k: v for k, v in series.items() if v}
+        if series:
+            verdicts = {f"{r['source']}→{r['target']}": verdict_of(r) for r in c["rows"]}
+            figs[f"loss_curves_{tag}"] = plots.loss_curves(series, verdicts, out / f"loss_curves_{tag}",
+                                                           f"Trans-Net loss per epoch at {layer}")
     for layer, s in st.similarity.items():
         tag = _slug(layer)
         for metric, body in s.get("metrics", {}).items():
@@ -83,6 +90,11 @@ def study_figures(st: StudyFolder, out_dir: str | os.PathLike | None = None) -> 
     return figs
 
 
+def not_converged_marks(c: Mapping[str, Any]) -> list[list[bool]]:
+    """Net x net: True where the pair's fit is judged not converged."""
+    return [[v == "not converged" for v in row] for row in net_matrix(c["rows"], c["nets"], "convergence")]
+
+
 def _slug(s: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in s).strip("_") or "x"
 
@@ -104,12 +116,13 @@ def _fmt(v: Any) -> str:
 def consistency_table(rows: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
     k_max = max((int(r.get("orders", 0)) for r in rows), default=0)
     header = (["source (A)", "target (B)", "n"] + [f"frac. order {k}" for k in range(k_max + 1)]
-              + ["frac. residual", "R²"] + [f"gate {k}" for k in range(1, k_max + 1)] + ["MSE", "warnings"])
+              + ["frac. residual", "R²", "convergence"] + [f"gate {k}" for k in range(1, k_max + 1)]
+              + ["MSE", "warnings"])
     body = []
     for r in rows:
         body.append([r["source"], r["target"], _fmt(r.get("n_samples"))]
                     + [_fmt(r.get(f"fraction_order{k}")) for k in range(k_max + 1)]
-                    + [_fmt(r.get("fraction_residual")), _fmt(r.get("r2"))]
+                    + [_fmt(r.get("fraction_residual")), _fmt(r.get("r2")), verdict_of(r)]
                     + [_fmt(r.get(f"gate{k}")) for k in range(1, k_max + 1)]
                     + [_fmt(r.get("mse")), r.get("warnings") or ""])
     return header, body
@@ -194,10 +207,16 @@ def consistency_section(layer: str, c: Mapping[str, Any], figs: Mapping[str, lis
     for key, cap in ((f"consistency_residual_{tag}", "Residual fraction matrix (row = source, column = target)."),
                      (f"order_fractions_{tag}", "Fraction of each target's variance per order and in the "
                                                 "residual (stacked; need not sum to 1).")):
+        cap += " † marks a fit that did not converge." if any(verdict_of(r) == "not converged" for r in c["rows"]) else ""
         if key in figs and key != first_heat:
             doc.append(("fig", figs[key][0], cap))
         elif key == first_heat:
             doc.append(("p", "The residual fraction matrix is shown under 'At a glance'."))
+    if f"loss_curves_{tag}" in figs:
+        doc.append(("fig", figs[f"loss_curves_{tag}"][0], "Loss per epoch of every Trans-Net (train loss solid, "
+                                                           "validation loss dashed when the fit held rows out of its "
+                                                           "training split), titled with the fit's convergence "
+                                                           "verdict."))
     if c.get("matrices"):
         m = c["matrices"]["matrices"]
         doc.append(("h", 3, "R² matrix (row = source A, column = target B)"))

@@ -24,13 +24,13 @@ none of them is refused):
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from analysis.consistency import natural_key
+from analysis.consistency import PAIR_SEP, natural_key, pair_report
+from analysis.convergence import convergence_of, read_history
 from common.errors import UserError
 from common.files import read_json
 from features.store import attrs_dict, list_layers, list_nets, list_splits, open_features
@@ -56,20 +56,6 @@ class StudyFolder:
         return sorted(set(self.consistency) | set(self.similarity) | set(self.diagnosis), key=natural_key)
 
 
-def _read_history(run_dir: Path) -> list[dict[str, Any]]:
-    p = run_dir / "log.jsonl"
-    if not p.is_file():
-        return []
-    out = []
-    for line in p.read_text().splitlines():
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue          # a line cut by an interrupted run
-    return out
-
-
 def read_family(path: Path, study: StudyFolder) -> dict[str, Any] | None:
     try:
         body = read_json(path / "family.json")
@@ -87,7 +73,7 @@ def read_family(path: Path, study: StudyFolder) -> dict[str, Any] | None:
                 metrics.setdefault(k, run_metrics.get(k))
         rows.append({"name": m.name, "role": m.role, "generation": m.generation, "teacher": m.teacher,
                      "arch": m.arch, "metrics": metrics, "run_dir": str(run_dir),
-                     "history": _read_history(run_dir) if m.role != "slim" else []})
+                     "history": read_history(run_dir) if m.role != "slim" else []})
     return {"name": path.name, "family": body.get("family", path.name), "dir": str(path), "members": rows,
             "config": body.get("config", {})}
 
@@ -113,6 +99,30 @@ def _read_features(path: Path, study: StudyFolder) -> dict[str, Any] | None:
     except UserError as e:
         study.warnings.append(str(e))
         return None
+
+
+def fit_details(folder: Path, rows: list[dict[str, Any]], study: StudyFolder) -> dict[str, list[dict[str, Any]]]:
+    """Complete each consistency row from its pair's run directory: the fit's convergence verdict
+    (``convergence``, ``convergence_reasons``; ``unknown`` when the run holds none) and the additive
+    shares of its variance report (``additive_shares``, None when absent). Returns the fits' epoch
+    logs by pair label ``A→B``."""
+    histories = {}
+    for r in rows:
+        pair_dir = folder / (r.get("transnet_dir") or f"pairs/{r['source']}{PAIR_SEP}{r['target']}")
+        metrics: dict[str, Any] = {}
+        report: dict[str, Any] = {}
+        try:
+            metrics = read_json(pair_dir / "metrics.json") if (pair_dir / "metrics.json").is_file() else {}
+            report = pair_report(pair_dir, r.get("split") or "test")
+        except UserError as e:
+            study.warnings.append(f"{folder.name}: {r['source']}→{r['target']}: {e}")
+        conv = convergence_of(metrics if "convergence" in metrics else report)
+        r["convergence"], r["convergence_reasons"] = conv["verdict"], conv["reasons"]
+        r.setdefault("additive_shares", report.get("additive_shares") or metrics.get("additive_shares"))
+        hist = read_history(pair_dir)
+        if hist:
+            histories[f"{r['source']}→{r['target']}"] = hist
+    return histories
 
 
 def read_study_folder(root: str | os.PathLike) -> StudyFolder:
@@ -167,8 +177,9 @@ def read_study_folder(root: str | os.PathLike) -> StudyFolder:
             continue
         nets = (mats or {}).get("nets") or sorted({r["source"] for r in rows} | {r["target"] for r in rows},
                                                  key=natural_key)
+        histories = fit_details(d, rows, st)
         st.consistency[rows[0].get("layer") or d.name] = {"dir": str(d), "rows": rows, "matrices": mats,
-                                                          "nets": nets, "config": cfg}
+                                                          "nets": nets, "config": cfg, "histories": histories}
     for p in sorted((root / "similarity").glob("*/similarity.json")) if (root / "similarity").is_dir() else []:
         try:
             body = read_json(p)
