@@ -143,36 +143,79 @@ def matrix_heatmap(matrix: Sequence[Sequence[float | None]], labels: Sequence[st
 # --------------------------------------------------------------------------- order fractions
 
 def order_fraction_bars(rows: Sequence[Mapping[str, Any]], out_base: str | os.PathLike,
-                        title: str = "Where each target's variance is explained") -> list[Path]:
-    """Stacked bars per pair (A→B): fraction of Var(x_B) in Y0, Y1, ... and in the residual.
-
-    The components are not orthogonal, so a bar need not reach exactly 1; the dotted line marks 1.
-    """
+                        title: str = "Variance of each target per order (the paper's Var(Y_k))") -> list[Path]:
+    """Grouped (side-by-side, not stacked) bars per pair (A→B): Var(Y_k) / Var(x_B) for each order k
+    and the residual fraction. The components overlap, so the bars are not parts of a whole; the
+    additive view is :func:`additive_share_bars`. ``<key>_ci`` columns, when present, draw as error bars."""
     if not rows:
         raise ValueError("no pairs to plot")
     n_orders = max(_n_orders(r) for r in rows)
-    labels = [pair_label(r) for r in rows]
+    keys = [f"fraction_order{k}" for k in range(n_orders)] + ["fraction_residual"]
+    names = [f"order {k}" for k in range(n_orders)] + ["residual (inconsistent)"]
+    colours = [order_colour(k) for k in range(n_orders)] + [RESIDUAL_COLOUR]
+    x = np.arange(len(rows))
+    w = 0.8 / len(keys)
+    with style():
+        fig = new_figure(max(4.5, 1.4 + 0.22 * len(rows) * len(keys)), 3.4)
+        ax = fig.add_subplot()
+        for i, (key, name, colour) in enumerate(zip(keys, names, colours)):
+            v = np.array([_num(r.get(key)) for r in rows])
+            ax.bar(x + (i - (len(keys) - 1) / 2) * w, np.nan_to_num(v), width=w, color=colour, label=name,
+                   yerr=_ci_err(rows, key, v), error_kw={"elinewidth": 0.6, "capsize": 1.5})
+        ax.axhline(1.0, color="black", lw=0.8, ls=":")
+        ax.set_xticks(x, [pair_label(r) for r in rows], rotation=45, ha="right")
+        ax.set_ylabel("Var(Y_k) / Var(x_B)")
+        ax.set_ylim(0, max(1.05, float(np.nanmax([_num(r.get(k)) for r in rows for k in keys] + [0])) * 1.1))
+        ax.set_title(title)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+        fig.text(0.0, -0.02, "the components overlap: these fractions are not shares and need not add up to 1",
+                 fontsize=7, color="#555555")
+        return save_figure(fig, out_base)
+
+
+def additive_share_bars(rows: Sequence[Mapping[str, Any]], out_base: str | os.PathLike,
+                        title: str = "Share of each target's variance added by each order") -> list[Path]:
+    """Stacked bars per pair (A→B) of the additive shares (``additive_shares``: R² of Y0, then the gain of
+    adding Y1, then Y2, ...) topped by the unexplained part 1 − R², so a bar reaches exactly 1. A negative
+    gain (an order that makes the partial reconstruction worse) is drawn below 0."""
+    rows = [r for r in rows if r.get("additive_shares")]
+    if not rows:
+        raise ValueError("no pairs with additive shares to plot")
+    n = max(len(r["additive_shares"]) for r in rows)
     x = np.arange(len(rows))
     with style():
         fig = new_figure(max(4.0, 1.2 + 0.45 * len(rows)), 3.4)
         ax = fig.add_subplot()
-        bottom = np.zeros(len(rows))
-        for k in range(n_orders):
-            v = np.array([_num(r.get(f"fraction_order{k}")) for r in rows])
-            ax.bar(x, np.nan_to_num(v), bottom=bottom, color=order_colour(k), label=f"order {k}", width=0.75)
-            bottom += np.nan_to_num(v)
-        res = np.array([_num(r.get("fraction_residual")) for r in rows])
-        ax.bar(x, np.nan_to_num(res), bottom=bottom, color=RESIDUAL_COLOUR, label="residual (inconsistent)",
-               width=0.75, hatch="//", edgecolor="white", linewidth=0)
-        ax.axhline(1.0, color="black", lw=0.8, ls=":")
-        ax.set_xticks(x, labels, rotation=45, ha="right")
-        ax.set_ylabel("fraction of Var(x_B)")
-        ax.set_ylim(0, max(1.05, float(np.nanmax(bottom + np.nan_to_num(res))) * 1.05))
+        up, down = np.zeros(len(rows)), np.zeros(len(rows))
+        for k in range(n):
+            v = np.array([_num(r["additive_shares"][k]) if k < len(r["additive_shares"]) else 0.0 for r in rows])
+            v = np.nan_to_num(v)
+            base = np.where(v >= 0, up, down)
+            ax.bar(x, v, bottom=base, color=order_colour(k), width=0.75,
+                   label="order 0 alone (R² of Y0)" if k == 0 else f"added by order {k}")
+            up, down = np.where(v >= 0, up + v, up), np.where(v < 0, down + v, down)
+        unexplained = np.array([1.0 - float(np.nansum(r["additive_shares"])) for r in rows])
+        ax.bar(x, unexplained, bottom=up, color=RESIDUAL_COLOUR, width=0.75, hatch="//", edgecolor="white",
+               linewidth=0, label="unexplained (1 − R²)")
+        ax.axhline(0.0, color="black", lw=0.6)
+        ax.set_xticks(x, [pair_label(r) for r in rows], rotation=45, ha="right")
+        ax.set_ylabel("share of Var(x_B)")
+        ax.set_ylim(min(0.0, float(down.min())) - 0.05, max(1.05, float((up + unexplained).max()) + 0.05))
         ax.set_title(title)
         ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
-        fig.text(0.0, -0.02, "components are not orthogonal: a bar need not sum to exactly 1", fontsize=7,
-                 color="#555555")
+        fig.text(0.0, -0.02, "sequential: each order's gain in R² over the orders below it; the shares add up to R²",
+                 fontsize=7, color="#555555")
         return save_figure(fig, out_base)
+
+
+def _ci_err(rows: Sequence[Mapping[str, Any]], key: str, v: np.ndarray) -> np.ndarray | None:
+    """(2, n) error-bar lengths from the rows' ``<key>_ci`` intervals (None when no row has one)."""
+    cis = [r.get(f"{key}_ci") for r in rows]
+    if not any(cis):
+        return None
+    lo = np.array([c[0] if c else np.nan for c in cis], dtype=float)
+    hi = np.array([c[1] if c else np.nan for c in cis], dtype=float)
+    return np.nan_to_num(np.vstack([np.clip(v - lo, 0, None), np.clip(hi - v, 0, None)]))
 
 
 def pair_label(row: Mapping[str, Any]) -> str:

@@ -38,9 +38,11 @@ from common.provenance import now_utc, provenance
 
 SIMILARITY_KIND = {"procrustes": "distance"}          # every other metric is a similarity in [0, 1]
 CONSISTENCY_NOTE = ("Fractions are of the target's variance Var(x_B) on held-out features (per-channel "
-                    "centred). The order components are not orthogonal, so the fractions of the orders and "
-                    "the residual need not add up to 1. Knowledge consistency is directional: A→B asks how "
-                    "much of B's features can be rebuilt from A's.")
+                    "centred). The paper's per-order variances Var(Y_k) overlap (the components are not "
+                    "orthogonal), so they and the residual need not add up to 1; the additive shares do: order "
+                    "0's share is the R² of Y0 alone, order k's the R² it adds to the orders below it, and "
+                    "they sum to R². Knowledge consistency is directional: A→B asks how much of B's features "
+                    "can be rebuilt from A's.")
 
 
 # =========================================================================== figures
@@ -56,7 +58,10 @@ def study_figures(st: StudyFolder, out_dir: str | os.PathLike | None = None) -> 
             net_matrix(c["rows"], c["nets"], "fraction_residual"), c["nets"], out / f"consistency_residual_{tag}",
             f"Residual fraction at {layer}", "residual fraction of Var(x_B)", marks=not_converged_marks(c))
         figs[f"order_fractions_{tag}"] = plots.order_fraction_bars(
-            c["rows"], out / f"order_fractions_{tag}", f"Variance of each target explained per order at {layer}")
+            c["rows"], out / f"order_fractions_{tag}", f"Variance of each target per order at {layer} (Var(Y_k))")
+        if any(r.get("additive_shares") for r in c["rows"]):
+            figs[f"additive_shares_{tag}"] = plots.additive_share_bars(
+                c["rows"], out / f"additive_shares_{tag}", f"Share of each target's variance added per order at {layer}")
         series = {label: loss_series(h) for label, h in c.get("histories", {}).items()}
         series = {k: v for k, v in series.items() if v}
         if series:
@@ -116,16 +121,22 @@ def _fmt(v: Any) -> str:
 def consistency_table(rows: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
     k_max = max((int(r.get("orders", 0)) for r in rows), default=0)
     header = (["source (A)", "target (B)", "n"] + [f"frac. order {k}" for k in range(k_max + 1)]
+              + [f"add. share {k}" for k in range(k_max + 1)]
               + ["frac. residual", "R²", "convergence"] + [f"gate {k}" for k in range(1, k_max + 1)]
               + ["MSE", "warnings"])
     body = []
     for r in rows:
         body.append([r["source"], r["target"], _fmt(r.get("n_samples"))]
                     + [_fmt(r.get(f"fraction_order{k}")) for k in range(k_max + 1)]
+                    + [_fmt(_at(r.get("additive_shares"), k)) for k in range(k_max + 1)]
                     + [_fmt(r.get("fraction_residual")), _fmt(r.get("r2")), verdict_of(r)]
                     + [_fmt(r.get(f"gate{k}")) for k in range(1, k_max + 1)]
                     + [_fmt(r.get("mse")), r.get("warnings") or ""])
     return header, body
+
+
+def _at(values: Sequence[Any] | None, k: int) -> Any:
+    return values[k] if values and k < len(values) else None
 
 
 def matrix_table(matrix: Sequence[Sequence[Any]], nets: Sequence[str], corner: str) -> tuple[list[str], list[list[str]]]:
@@ -205,8 +216,11 @@ def consistency_section(layer: str, c: Mapping[str, Any], figs: Mapping[str, lis
     doc: list[Block] = [("h", 2, f"Knowledge consistency at {layer}"), ("p", CONSISTENCY_NOTE),
                         ("ul", consistency_readings(c["rows"], layer)), ("table", *consistency_table(c["rows"]))]
     for key, cap in ((f"consistency_residual_{tag}", "Residual fraction matrix (row = source, column = target)."),
-                     (f"order_fractions_{tag}", "Fraction of each target's variance per order and in the "
-                                                "residual (stacked; need not sum to 1).")):
+                     (f"additive_shares_{tag}", "Additive view: the share of each target's variance that order 0 "
+                                                "explains alone, then the R² each further order adds (stacked: "
+                                                "they sum to R²), topped by the unexplained 1 − R²."),
+                     (f"order_fractions_{tag}", "The paper's view: Var(Y_k) / Var(x_B) per order and the residual "
+                                                "fraction, side by side (they overlap, so they are not stacked).")):
         cap += " † marks a fit that did not converge." if any(verdict_of(r) == "not converged" for r in c["rows"]) else ""
         if key in figs and key != first_heat:
             doc.append(("fig", figs[key][0], cap))

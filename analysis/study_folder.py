@@ -101,7 +101,7 @@ def _read_features(path: Path, study: StudyFolder) -> dict[str, Any] | None:
         return None
 
 
-def fit_details(folder: Path, rows: list[dict[str, Any]], study: StudyFolder) -> dict[str, list[dict[str, Any]]]:
+def fit_details(folder: Path, rows: list[dict[str, Any]], warnings: list[str]) -> dict[str, list[dict[str, Any]]]:
     """Complete each consistency row from its pair's run directory: the fit's convergence verdict
     (``convergence``, ``convergence_reasons``; ``unknown`` when the run holds none) and the additive
     shares of its variance report (``additive_shares``, None when absent). Returns the fits' epoch
@@ -115,7 +115,7 @@ def fit_details(folder: Path, rows: list[dict[str, Any]], study: StudyFolder) ->
             metrics = read_json(pair_dir / "metrics.json") if (pair_dir / "metrics.json").is_file() else {}
             report = pair_report(pair_dir, r.get("split") or "test")
         except UserError as e:
-            study.warnings.append(f"{folder.name}: {r['source']}→{r['target']}: {e}")
+            warnings.append(f"{folder.name}: {r['source']}→{r['target']}: {e}")
         conv = convergence_of(metrics if "convergence" in metrics else report)
         r["convergence"], r["convergence_reasons"] = conv["verdict"], conv["reasons"]
         r.setdefault("additive_shares", report.get("additive_shares") or metrics.get("additive_shares"))
@@ -177,7 +177,7 @@ def read_study_folder(root: str | os.PathLike) -> StudyFolder:
             continue
         nets = (mats or {}).get("nets") or sorted({r["source"] for r in rows} | {r["target"] for r in rows},
                                                  key=natural_key)
-        histories = fit_details(d, rows, st)
+        histories = fit_details(d, rows, st.warnings)
         st.consistency[rows[0].get("layer") or d.name] = {"dir": str(d), "rows": rows, "matrices": mats,
                                                           "nets": nets, "config": cfg, "histories": histories}
     for p in sorted((root / "similarity").glob("*/similarity.json")) if (root / "similarity").is_dir() else []:

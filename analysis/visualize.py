@@ -11,10 +11,11 @@ from typing import Any
 
 from analysis import plots
 from analysis.consistency import generation_rows, held_out_label, net_matrix, read_table
+from analysis.convergence import loss_series, verdict_of
 from analysis.diagnose import panel_for_rows
 from analysis.readings import family_generations
 from analysis.report import SIMILARITY_KIND, study_figures
-from analysis.study_folder import StudyFolder, read_family, read_study_folder
+from analysis.study_folder import StudyFolder, fit_details, read_family, read_study_folder
 from common.errors import UserError
 from common.files import read_json
 from common.options import parse_csv
@@ -24,17 +25,25 @@ from transnet.fit import load_transnet
 VISUALS = ("auto", "study", "consistency", "similarity", "family", "panel")
 
 
-
 def consistency_figures(folder: Path, rows: list[dict[str, Any]], nets: list[str], layer: str,
                         out: Path | None = None) -> list[Path]:
+    """The figures of a consistency folder: residual and R² heatmaps, the per-order variances (grouped),
+    the additive shares (stacked) and the loss curves of its fits."""
     out = out or folder / "figures"
+    histories = fit_details(Path(folder), rows, [])
+    marks = [[v == "not converged" for v in row] for row in net_matrix(rows, nets, "convergence")]
     paths = plots.matrix_heatmap(net_matrix(rows, nets, "fraction_residual"), nets, out / "residual_fraction",
-                                 f"Residual fraction at {layer}", "residual fraction of Var(x_B)")
+                                 f"Residual fraction at {layer}", "residual fraction of Var(x_B)", marks=marks)
     paths += plots.matrix_heatmap(net_matrix(rows, nets, "r2"), nets, out / "r2",
                                   f"{held_out_label(rows)} R² at {layer}", "R²")
-    paths += plots.order_fraction_bars(rows, out / "order_fractions", f"Variance explained per order at {layer}")
+    paths += plots.order_fraction_bars(rows, out / "order_fractions", f"Variance of each target per order at {layer}")
+    if any(r.get("additive_shares") for r in rows):
+        paths += plots.additive_share_bars(rows, out / "additive_shares", f"Share added by each order at {layer}")
+    series = {k: v for k, v in ((k, loss_series(h)) for k, h in histories.items()) if v}
+    if series:
+        paths += plots.loss_curves(series, {f"{r['source']}→{r['target']}": verdict_of(r) for r in rows},
+                                   out / "loss_curves", f"Trans-Net loss per epoch at {layer}")
     return paths
-
 
 
 def detect_visual(path: Path) -> str:

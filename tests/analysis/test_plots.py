@@ -55,16 +55,30 @@ def test_heatmap_rejects_a_matrix_that_does_not_match_its_labels(tmp_path):
         plots.matrix_heatmap([[0.1]], ["a"], tmp_path / "x", "t", "v", kind="log")
 
 
-def test_stacked_order_bars_stack_the_fractions_of_each_pair(tmp_path, captured):
-    rows = [{"source": "a", "target": "b", "fraction_order0": 0.6, "fraction_order1": 0.1, "fraction_residual": 0.3},
-            {"source": "b", "target": "a", "fraction_order0": 0.5, "fraction_order1": None, "fraction_residual": 0.45}]
+def test_per_order_bars_are_grouped_not_stacked(tmp_path, captured):
+    rows = [{"source": "a", "target": "b", "fraction_order0": 1.6, "fraction_order1": 0.9, "fraction_residual": 0.3},
+            {"source": "b", "target": "a", "fraction_order0": 0.5, "fraction_order1": None, "fraction_residual": 0.45,
+             "convergence": "not converged"}]
     paths = plots.order_fraction_bars(rows, tmp_path / "bars")
     _check_written(paths, tmp_path / "bars")
+    ax = captured[0].axes[0]
+    bars = ax.patches
+    assert [round(b.get_height(), 6) for b in bars] == [1.6, 0.5, 0.9, 0.0, 0.3, 0.45]
+    assert all(b.get_y() == 0 for b in bars)                    # side by side: every bar starts at 0
+    assert len({round(b.get_x(), 6) for b in bars}) == 6
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["a→b", "b→a †"]
+
+
+def test_additive_share_bars_stack_to_one(tmp_path, captured):
+    rows = [{"source": "a", "target": "b", "additive_shares": [0.6, 0.15, -0.05]},
+            {"source": "b", "target": "a", "additive_shares": [0.3, 0.1, 0.0]}]
+    plots.additive_share_bars(rows, tmp_path / "add")
     bars = captured[0].axes[0].patches
-    heights = [round(b.get_height(), 6) for b in bars]
-    bottoms = [round(b.get_y(), 6) for b in bars]
-    assert heights == [0.6, 0.5, 0.1, 0.0, 0.3, 0.45]           # order 0, order 1, residual; a missing value adds 0
-    assert bottoms == [0.0, 0.0, 0.6, 0.5, 0.7, 0.5]
+    net: dict[float, float] = {}
+    for b in bars:                       # the signed heights of one pair's bars add up to 1
+        net[round(b.get_x(), 6)] = net.get(round(b.get_x(), 6), 0.0) + b.get_height()
+    assert sorted(round(v, 6) for v in net.values()) == [1.0, 1.0]   # shares + unexplained (1 − R²) = 1
+    assert min(round(b.get_y(), 6) for b in bars if b.get_height() < 0) == 0.0  # a negative gain hangs below 0
 
 
 def test_decomposition_panel_uses_one_symmetric_scale_per_channel(tmp_path, captured):
