@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from analysis.bootstrap import REPLICATES
 from analysis.consistency import PAIR_PLANS, ConsistencyConfig, run_consistency
 from analysis.diagnose import DiagnoseConfig, diagnose_pair
 from analysis.readings import diagnosis_readings
 from analysis.report import make_report
 from analysis.visualize import VISUALS, consistency_figures, visualize
+from common.errors import UserError
 from common.options import Command, add_dataclass_args, add_run_args, dataclass_from_args
 from common.rundir import run_mode
 from transnet.commands import FIT_CHOICES, FIT_HELP
@@ -109,10 +111,16 @@ def _run_diagnose(args: argparse.Namespace) -> None:
 def _add_report(p: argparse.ArgumentParser) -> None:
     p.add_argument("study_dir", help="the study folder (layout: see analysis/report.py)")
     p.add_argument("--out_dir", default=None, help="where report.html, report.md and figures/ go (default: STUDY_DIR)")
+    p.add_argument("--bootstrap", type=int, default=REPLICATES, metavar="B",
+                   help="resamples of the test rows for the percentile intervals of R², the fractions and CKA "
+                        "(0: no intervals)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resamples")
 
 
 def _run_report(args: argparse.Namespace) -> None:
-    res = make_report(args.study_dir, args.out_dir)
+    if args.bootstrap < 0:
+        raise UserError(f"--bootstrap must be >= 0 (0: no intervals), got {args.bootstrap}")
+    res = make_report(args.study_dir, args.out_dir, args.bootstrap, args.seed)
     print(f"wrote {res['html']} (self-contained) and {res['markdown']}")
     for m in res["missing"]:
         print(f"missing: {m}")

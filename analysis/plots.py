@@ -7,8 +7,10 @@ draws them.
 
 Conventions shared by all figures:
 
-- fractions of variance, R² and similarities in [0, 1] use one sequential colour map with the scale
-  fixed to [0, 1], so two heatmaps can be compared by colour alone;
+- fractions of variance, R² and similarities use one sequential colour map with its scale fitted to
+  the values shown (so 0.13 to 0.28 is not one flat colour), always with a colour bar and the values
+  written in the cells; axes of scatters and accuracies are fitted to the data
+  (``analysis/plot_layout.py``);
 - signed feature maps (x_B, ŷ, Y_k, residual) use a diverging map with one symmetric scale per
   channel, shared across the columns of that channel;
 - order k always has the same colour; the residual (inconsistent part) is grey;
@@ -28,6 +30,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from analysis.plot_layout import accuracy_limits, fitted_limits, place_labels
+
 # --------------------------------------------------------------------------- style
 
 STYLE: dict[str, Any] = {
@@ -45,7 +49,7 @@ STYLE: dict[str, Any] = {
     "svg.fonttype": "none",          # text stays text in SVG
     "svg.hashsalt": "kc-workbench",  # deterministic SVG ids
 }
-FRACTION_CMAP = "viridis"            # fractions, R², similarities: fixed to [0, 1]
+FRACTION_CMAP = "viridis"            # fractions, R², similarities: scale fitted to the values
 DISTANCE_CMAP = "magma_r"            # distances >= 0 (Procrustes): scale from 0 to the maximum
 SIGNED_CMAP = "RdBu_r"               # feature maps: symmetric scale per channel
 ENERGY_CMAP = "inferno"              # residual energy maps (>= 0)
@@ -96,7 +100,7 @@ def matrix_heatmap(matrix: Sequence[Sequence[float | None]], labels: Sequence[st
                    title: str, value_label: str, kind: str = "fraction", row_title: str = "source (A)",
                    col_title: str = "target (B)", col_labels: Sequence[str] | None = None,
                    marks: Sequence[Sequence[bool]] | None = None) -> list[Path]:
-    """A labelled matrix. ``kind``: ``fraction`` (scale fixed to [0, 1]), ``distance`` (0 to max),
+    """A labelled matrix. ``kind``: ``fraction`` (colour scale fitted to the values), ``distance`` (0 to max),
     ``signed`` (symmetric about 0). ``None`` cells are grey and marked n/a (e.g. the diagonal).
     Cells where ``marks`` is true get a dagger (†) after their value: a fit not converged."""
     import seaborn as sns
@@ -110,7 +114,10 @@ def matrix_heatmap(matrix: Sequence[Sequence[float | None]], labels: Sequence[st
                          f"{len(col_labels)} column labels")
     finite = m[np.isfinite(m)]
     if kind == "fraction":
-        vmin, vmax, cmap = *FRACTION_LIMITS, FRACTION_CMAP
+        vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else FRACTION_LIMITS
+        if vmax - vmin < 0.02:                   # one value: a narrow band around it, not a blank scale
+            vmin, vmax = vmin - 0.01, vmax + 0.01
+        cmap = FRACTION_CMAP
     elif kind == "distance":
         vmin, vmax, cmap = 0.0, float(finite.max()) if finite.size and finite.max() > 0 else 1.0, DISTANCE_CMAP
     else:
@@ -249,6 +256,9 @@ def generation_curves(rows: Sequence[Mapping[str, Any]], out_base: str | os.Path
             v = np.array([_num(r.get(key)) for r in rows])
             if np.isfinite(v).any():
                 ax1.plot(g, v, "o-", color=c, label=lab)
+        lim = accuracy_limits([_num(r.get(k)) for r in rows for k in ("test_top1", "slim_test_top1")])
+        if lim:
+            ax1.set_ylim(*lim)
         ax1.set_xlabel("generation")
         ax1.set_ylabel("test top-1 (%)")
         ax1.set_title("accuracy")
@@ -258,7 +268,8 @@ def generation_curves(rows: Sequence[Mapping[str, Any]], out_base: str | os.Path
             v = np.array([_num(r.get(key)) for r in rows])
             if np.isfinite(v).any():
                 ax2.plot(g, v, "s-", color=c, label=lab)
-        ax2.set_ylim(*FRACTION_LIMITS)
+        res = [_num(r.get(k)) for r in rows for k in ("residual_to_previous", "residual_to_first")]
+        ax2.set_ylim(*fitted_limits(res, min_span=0.1, clip=(0.0, np.inf)))
         ax2.set_xlabel("generation")
         ax2.set_ylabel("residual fraction of Var(x_g)")
         ax2.set_title("inconsistent knowledge")
@@ -291,6 +302,10 @@ def training_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]], out_ba
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax1.set_xlabel("epoch")
         ax1.set_ylabel("train loss")
+        lim = accuracy_limits([h["test_top1"] for hist in histories.values() for h in hist
+                               if h.get("test_top1") is not None])
+        if lim:
+            ax2.set_ylim(*lim)
         ax2.set_xlabel("epoch")
         ax2.set_ylabel("test top-1 (%)")
         ax2.legend(frameon=False, loc="lower right", fontsize=7)
@@ -300,25 +315,75 @@ def training_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]], out_ba
 
 def agreement_scatter(points: Sequence[Mapping[str, Any]], out_base: str | os.PathLike, x_label: str,
                       y_label: str, title: str) -> list[Path]:
-    """One point per net pair: a similarity baseline (x) against Trans-Net consistency (y), both in
-    [0, 1], with the pair names written next to the points."""
+    """One point per net pair: a similarity baseline (x) against Trans-Net consistency (y), with the
+    bootstrap intervals (``x_ci``, ``y_ci``) as error bars, axes fitted to the data, and the pair names
+    placed where they do not collide. A pair that cannot carry a conclusion (``usable`` false) is hollow."""
     if not points:
         raise ValueError("no points to plot")
+    x = np.array([_num(p["x"]) for p in points])
+    y = np.array([_num(p["y"]) for p in points])
+    xerr, yerr = (_point_err(points, k, v) for k, v in (("x_ci", x), ("y_ci", y)))
     with style():
-        fig = new_figure(4.2, 3.8)
+        fig = new_figure(4.6, 4.0)
         ax = fig.add_subplot()
-        x = np.array([_num(p["x"]) for p in points])
-        y = np.array([_num(p["y"]) for p in points])
-        ax.plot([0, 1], [0, 1], ":", color="#888888", lw=0.8)
-        ax.scatter(x, y, color=ORDER_COLOURS[0], s=22, zorder=3)
-        for p, xi, yi in zip(points, x, y):
-            ax.annotate(p["label"], (xi, yi), fontsize=6, xytext=(3, 2), textcoords="offset points")
-        lo = min(0.0, float(np.nanmin(np.concatenate([x, y]))))   # R² may be slightly negative
-        ax.set_xlim(lo - 0.04, 1.04)
-        ax.set_ylim(lo - 0.04, 1.04)
+        ok = np.array([p.get("usable") is not False for p in points])
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="none", ecolor="#9ab", elinewidth=0.7, capsize=1.5, zorder=2)
+        ax.scatter(x[ok], y[ok], color=ORDER_COLOURS[0], s=22, zorder=3, label="usable pair")
+        if (~ok).any():
+            ax.scatter(x[~ok], y[~ok], facecolor="white", edgecolor=ORDER_COLOURS[5], s=22, zorder=3,
+                       label="not converged or R² < 0")
+            ax.legend(frameon=False, fontsize=7, loc="best")
+        lows = lambda v, e: None if e is None else list(v - e[0])   # noqa: E731
+        highs = lambda v, e: None if e is None else list(v + e[1])  # noqa: E731
+        ax.set_xlim(*fitted_limits(x, lows(x, xerr), highs(x, xerr), clip=(-0.05, 1.05)))
+        ax.set_ylim(*fitted_limits(y, lows(y, yerr), highs(y, yerr), clip=(-np.inf, 1.05)))
+        lo, hi = max(ax.get_xlim()[0], ax.get_ylim()[0]), min(ax.get_xlim()[1], ax.get_ylim()[1])
+        if lo < hi:
+            ax.plot([lo, hi], [lo, hi], ":", color="#888888", lw=0.8, zorder=1)
         ax.set_xlabel(x_label)
         ax.set_ylabel(y_label)
         ax.set_title(title)
+        place_labels(ax, x, y, [p["label"] for p in points])
+        return save_figure(fig, out_base)
+
+
+def _point_err(points: Sequence[Mapping[str, Any]], key: str, v: np.ndarray) -> np.ndarray | None:
+    cis = [p.get(key) for p in points]
+    if not any(cis):
+        return None
+    lo = np.array([c[0] if c else x for c, x in zip(cis, v)], dtype=float)
+    hi = np.array([c[1] if c else x for c, x in zip(cis, v)], dtype=float)
+    return np.nan_to_num(np.vstack([np.clip(v - lo, 0, None), np.clip(hi - v, 0, None)]))
+
+
+def pair_value_bars(rows: Sequence[Mapping[str, Any]], key: str, groups: Mapping[str, str],
+                    out_base: str | os.PathLike, title: str, value_label: str) -> list[Path]:
+    """One bar per directed pair (A→B) of ``key``, grouped by ``groups[label]`` (e.g. the family of the
+    pair), with ``<key>_ci`` error bars; for a plan whose net x net matrix would be mostly empty cells."""
+    if not rows:
+        raise ValueError("no pairs to plot")
+    order = sorted(range(len(rows)), key=lambda i: (groups.get(pair_label(rows[i]).rstrip(" †"), ""), i))
+    rows = [rows[i] for i in order]
+    names = [groups.get(pair_label(r).rstrip(" †"), "") for r in rows]
+    v = np.array([_num(r.get(key)) for r in rows])
+    uniq = list(dict.fromkeys(names))
+    with style():
+        fig = new_figure(max(4.0, 1.4 + 0.32 * len(rows)), 3.3)
+        ax = fig.add_subplot()
+        x = np.arange(len(rows))
+        ax.bar(x, np.nan_to_num(v), color=[order_colour(uniq.index(n)) for n in names], width=0.7,
+               yerr=_ci_err(rows, key, v), error_kw={"elinewidth": 0.6, "capsize": 1.5})
+        for n in uniq:
+            idx = [i for i, m in enumerate(names) if m == n]
+            ax.bar([], [], color=order_colour(uniq.index(n)), label=n or "other")
+            if uniq.index(n) % 2:                 # alternate shading marks the groups
+                ax.axvspan(min(idx) - 0.5, max(idx) + 0.5, color="#f4f4f4", zorder=0)
+        ax.set_xticks(x, [pair_label(r) for r in rows], rotation=45, ha="right")
+        ax.set_ylabel(value_label)
+        lo, hi = fitted_limits(v, clip=None)
+        ax.set_ylim(min(0.0, lo), max(hi, 0.0))
+        ax.set_title(title)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False, title="group")
         return save_figure(fig, out_base)
 
 
@@ -462,7 +527,8 @@ def residual_energy_figure(diag: Mapping[str, Any], out_base: str | os.PathLike,
             ax.set_title(label, fontsize=8)
             pax = fig.add_subplot(grid[r, 1])
             pos = np.asarray(d["position_relative"], dtype=float)
-            im = pax.imshow(pos, cmap=ENERGY_CMAP, vmin=0, vmax=max(1.0, float(pos.max())))
+            lo, hi = float(np.nanmin(pos)), float(np.nanmax(pos))
+            im = pax.imshow(pos, cmap=ENERGY_CMAP, vmin=lo, vmax=hi if hi > lo else lo + 1e-6)
             pax.set_xticks([])
             pax.set_yticks([])
             pax.set_title("per position", fontsize=8)

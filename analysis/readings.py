@@ -9,6 +9,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from analysis.bootstrap import percentile_interval
 from analysis.consistency import asymmetry, generation_rows, natural_key
 from analysis.convergence import refusal, usable, verdict_of
 from analysis.study_folder import StudyFolder, read_study_folder
@@ -178,42 +179,71 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
 
 def agreement_points(rows: Sequence[Mapping[str, Any]], sim: Mapping[str, Any], metric: str) -> list[dict[str, Any]]:
     """One point per unordered pair present in both: x = the similarity metric, y = the mean of the two
-    directions' R² (or the one direction fitted). Pairs without a finite value are left out."""
+    directions' R² (or the one direction fitted). Pairs without a finite value are left out. Points
+    carry ``x_ci`` (the metric's interval, when the similarity holds a ``ci`` matrix), ``y_ci`` (from the
+    rows' paired R² replicates, when present), and ``usable`` (no direction refused a conclusion)."""
     nets = sim["nets"]
-    m = sim["metrics"][metric]["matrix"]
+    body = sim["metrics"][metric]
+    m, ci = body["matrix"], body.get("ci")
     idx = {n: i for i, n in enumerate(nets)}
-    r2: dict[frozenset, list[float]] = {}
+    by: dict[frozenset, list[Mapping[str, Any]]] = {}
     for r in rows:
         if r["source"] in idx and r["target"] in idx and r.get("r2") is not None:
-            r2.setdefault(frozenset((r["source"], r["target"])), []).append(r["r2"])
+            by.setdefault(frozenset((r["source"], r["target"])), []).append(r)
     pts = []
-    for key, vals in r2.items():
+    for key, rs in by.items():
         a, b = sorted(key, key=natural_key)
         v = m[idx[a]][idx[b]]
         if v is None or not math.isfinite(v):
             continue
-        pts.append({"label": f"{a}–{b}", "x": float(v), "y": float(np.mean(vals)), "a": a, "b": b})
+        reps = [r["r2_replicates"] for r in rs if r.get("r2_replicates") is not None]
+        y_ci = percentile_interval(np.mean(reps, axis=0)) if len(reps) == len(rs) else None
+        pts.append({"label": f"{a}–{b}", "x": float(v), "y": float(np.mean([r["r2"] for r in rs])), "a": a, "b": b,
+                    "x_ci": ci[idx[a]][idx[b]] if ci else None, "y_ci": y_ci, "usable": all(usable(r) for r in rs)})
     return sorted(pts, key=lambda p: natural_key(p["label"]))
 
 
+def separable_share(values: Sequence[float], cis: Sequence[Sequence[float] | None]) -> float:
+    """Share of the pairs of points whose intervals separate (1.0 when no interval is known)."""
+    if not any(cis):
+        return 1.0
+    n = len(values)
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    return sum(separated(cis[i], cis[j]) for i, j in pairs) / max(len(pairs), 1)
+
+
 def agreement_readings(points: Sequence[Mapping[str, Any]], metric: str) -> list[str]:
+    """Whether the metric and the Trans-Net R² rank the pairs alike, read only from usable pairs and only
+    when most of their intervals separate (otherwise the rankings are noise and the reading says so)."""
+    refused = [p["label"] for p in points if p.get("usable") is False]
+    points = [p for p in points if p.get("usable") is not False]
+    out = [f"Left out of the ranking: {', '.join(refused)} (a Trans-Net that cannot carry a conclusion)."] \
+        if refused else []
     if len(points) < 3:
-        return [f"Only {len(points)} pair(s) have both {metric} and a Trans-Net R²: too few to compare rankings."]
+        return out + [f"Only {len(points)} pair(s) have both {metric} and a usable Trans-Net R²: too few to "
+                      f"compare rankings."]
+    for axis, name in (("x", metric), ("y", "the Trans-Net R²")):
+        share = separable_share([p[axis] for p in points], [p.get(f"{axis}_ci") for p in points])
+        if share < 0.5:
+            vals = [p[axis] for p in points]
+            return out + [f"{name[0].upper() + name[1:]} cannot rank the {len(points)} pairs: their values "
+                          f"({min(vals):.3f} to {max(vals):.3f}) lie within each other's bootstrap intervals "
+                          f"({100 * share:.0f}% of the pairs of pairs separate), so no ranking is compared."]
     rho = spearman([p["x"] for p in points], [p["y"] for p in points])
     if rho is None:
-        return [f"{metric} or the Trans-Net R² is the same for every pair: their rankings cannot be compared."]
+        return out + [f"{metric} or the Trans-Net R² is the same for every pair: their rankings cannot be compared."]
     word = "agree" if rho >= 0.7 else "partly agree" if rho >= 0.3 else "disagree"
     rx = _ranks([p["x"] for p in points])
     ry = _ranks([p["y"] for p in points])
     worst = int(np.argmax(np.abs(rx - ry)))
     weak = f" (only {len(points)} pairs: weak evidence)" if len(points) < 6 else ""
-    text = [f"{metric} and the Trans-Net R² {word} on the ranking of the {len(points)} pairs (Spearman ρ = {rho:.2f})"
-            f"{weak}."]
+    out.append(f"{metric} and the Trans-Net R² {word} on the ranking of the {len(points)} pairs (Spearman ρ = "
+               f"{rho:.2f}){weak}.")
     if abs(rx[worst] - ry[worst]) >= 1:
         p = points[worst]
-        text.append(f"They differ most on {p['label']}: rank {int(rx[worst])} of {len(points)} by {metric} "
-                    f"({p['x']:.2f}) but {int(ry[worst])} by R² ({p['y']:.2f}) (rank 1 = most alike).")
-    return text
+        out.append(f"They differ most on {p['label']}: rank {int(rx[worst])} of {len(points)} by {metric} "
+                   f"({p['x']:.2f}) but {int(ry[worst])} by R² ({p['y']:.2f}) (rank 1 = most alike).")
+    return out
 
 
 def _ranks(v: Sequence[float]) -> np.ndarray:

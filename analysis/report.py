@@ -20,6 +20,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from analysis import plots
+from analysis.bootstrap import REPLICATES
 from analysis.consistency import natural_key, net_matrix
 from analysis.convergence import loss_series, verdict_of
 from analysis.document import Block, render_html, render_markdown
@@ -33,6 +34,7 @@ from analysis.readings import (
     study_generations,
 )
 from analysis.study_folder import StudyFolder, read_study_folder
+from analysis.uncertainty import add_study_intervals
 from common.files import atomic_write
 from common.provenance import now_utc, provenance
 
@@ -54,9 +56,14 @@ def study_figures(st: StudyFolder, out_dir: str | os.PathLike | None = None) -> 
     figs: dict[str, list[Path]] = {}
     for layer, c in st.consistency.items():
         tag = _slug(layer)
-        figs[f"consistency_residual_{tag}"] = plots.matrix_heatmap(
-            net_matrix(c["rows"], c["nets"], "fraction_residual"), c["nets"], out / f"consistency_residual_{tag}",
-            f"Residual fraction at {layer}", "residual fraction of Var(x_B)", marks=not_converged_marks(c))
+        if mostly_empty(c["rows"], c["nets"]):
+            figs[f"consistency_residual_{tag}"] = plots.pair_value_bars(
+                c["rows"], "fraction_residual", pair_groups(st, c["rows"]), out / f"consistency_residual_{tag}",
+                f"Residual fraction per pair at {layer}", "residual fraction of Var(x_B)")
+        else:
+            figs[f"consistency_residual_{tag}"] = plots.matrix_heatmap(
+                net_matrix(c["rows"], c["nets"], "fraction_residual"), c["nets"], out / f"consistency_residual_{tag}",
+                f"Residual fraction at {layer}", "residual fraction of Var(x_B)", marks=not_converged_marks(c))
         figs[f"order_fractions_{tag}"] = plots.order_fraction_bars(
             c["rows"], out / f"order_fractions_{tag}", f"Variance of each target per order at {layer} (Var(Y_k))")
         if any(r.get("additive_shares") for r in c["rows"]):
@@ -95,6 +102,21 @@ def study_figures(st: StudyFolder, out_dir: str | os.PathLike | None = None) -> 
     return figs
 
 
+def mostly_empty(rows: Sequence[Mapping[str, Any]], nets: Sequence[str]) -> bool:
+    """True when fewer than half of the net x net matrix's off-diagonal cells were computed."""
+    return len(rows) < 0.5 * len(nets) * (len(nets) - 1)
+
+
+def pair_groups(st: StudyFolder, rows: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """Pair label ``A→B`` -> the family of both nets (``seeds``), or ``fam_A / fam_B`` across families."""
+    fam = {m["name"]: f["name"] for f in st.families for m in f["members"]}
+    out = {}
+    for r in rows:
+        fa, fb = fam.get(r["source"], "?"), fam.get(r["target"], "?")
+        out[f"{r['source']}→{r['target']}"] = fa if fa == fb else f"{fa} / {fb}"
+    return out
+
+
 def not_converged_marks(c: Mapping[str, Any]) -> list[list[bool]]:
     """Net x net: True where the pair's fit is judged not converged."""
     return [[v == "not converged" for v in row] for row in net_matrix(c["rows"], c["nets"], "convergence")]
@@ -128,8 +150,10 @@ def consistency_table(rows: Sequence[Mapping[str, Any]]) -> tuple[list[str], lis
     for r in rows:
         body.append([r["source"], r["target"], _fmt(r.get("n_samples"))]
                     + [_fmt(r.get(f"fraction_order{k}")) for k in range(k_max + 1)]
-                    + [_fmt(_at(r.get("additive_shares"), k)) for k in range(k_max + 1)]
-                    + [_fmt(r.get("fraction_residual")), _fmt(r.get("r2")), verdict_of(r)]
+                    + [_fmt_ci(_at(r.get("additive_shares"), k), _at(r.get("additive_shares_ci"), k))
+                       for k in range(k_max + 1)]
+                    + [_fmt_ci(r.get("fraction_residual"), r.get("fraction_residual_ci")),
+                       _fmt_ci(r.get("r2"), r.get("r2_ci")), verdict_of(r)]
                     + [_fmt(r.get(f"gate{k}")) for k in range(1, k_max + 1)]
                     + [_fmt(r.get("mse")), r.get("warnings") or ""])
     return header, body
@@ -139,8 +163,29 @@ def _at(values: Sequence[Any] | None, k: int) -> Any:
     return values[k] if values and k < len(values) else None
 
 
-def matrix_table(matrix: Sequence[Sequence[Any]], nets: Sequence[str], corner: str) -> tuple[list[str], list[list[str]]]:
-    return [corner] + list(nets), [[n] + [_fmt(v) for v in row] for n, row in zip(nets, matrix)]
+def matrix_table(matrix: Sequence[Sequence[Any]], nets: Sequence[str], corner: str,
+                 ci: Sequence[Sequence[Any]] | None = None) -> tuple[list[str], list[list[str]]]:
+    """A net x net table; with ``ci`` (a matrix of [lo, hi] or None) each cell shows its interval."""
+    ci = ci or [[None] * len(nets) for _ in nets]
+    return [corner] + list(nets), [[n] + [_fmt_ci(v, c) for v, c in zip(row, crow)]
+                                   for n, row, crow in zip(nets, matrix, ci)]
+
+
+def _fmt_ci(v: Any, ci: Sequence[float] | None) -> str:
+    """``0.812 [0.790, 0.830]``: a value and its bootstrap interval (the value alone when there is none)."""
+    if v is None or not ci or any(x is None or x != x for x in ci):
+        return _fmt(v)
+    return f"{_fmt(v)} [{_fmt(float(ci[0]))}, {_fmt(float(ci[1]))}]"
+
+
+def interval_note(st: StudyFolder) -> str:
+    """The one sentence that states how every interval of the report was computed."""
+    b = st.bootstrap
+    if not b:
+        return "No bootstrap intervals were computed (report --bootstrap 0): values are read without uncertainty."
+    return (f"Intervals in brackets are {100 * b['level']:.0f}% percentile bootstrap intervals over test rows: the "
+            f"resampling unit is one {b['unit']}; {b['replicates']} resamples, seed {b['seed']}, the same resamples "
+            f"for every pair and measure. Two values are compared or ranked only when their intervals separate.")
 
 
 def build_document(st: StudyFolder, figs: Mapping[str, list[Path]]) -> list[Block]:
@@ -153,7 +198,7 @@ def build_document(st: StudyFolder, figs: Mapping[str, list[Path]]) -> list[Bloc
     doc += compared_section(st)
     doc += networks_section(st)
     for layer, c in st.consistency.items():
-        doc += consistency_section(layer, c, figs, first_heat)
+        doc += consistency_section(layer, c, figs, first_heat, interval_note(st))
     doc += generations_section(st, figs)
     for layer, s in st.similarity.items():
         doc += similarity_section(st, layer, s, figs)
@@ -172,9 +217,10 @@ def glance_section(st: StudyFolder, figs: Mapping[str, list[Path]], first_heat: 
                         ("ul", glance_readings(st) or ["No consistency results in this study yet (see 'Missing "
                                                        "parts' below)."])]
     if first_heat:
-        doc.append(("fig", figs[first_heat][0], "Residual fraction per directed pair (row = source A, column = "
-                                                "target B): the share of B's features that A's cannot rebuild. "
-                                                "Colour scale fixed to [0, 1]."))
+        doc.append(("fig", figs[first_heat][0], "Residual fraction per directed pair (a matrix: row = source A, "
+                                                "column = target B; or bars per pair grouped by family when most "
+                                                "cells of the matrix were not computed): the share of B's "
+                                                "features that A's cannot rebuild. † marks a fit not converged."))
     return doc
 
 
@@ -210,12 +256,12 @@ def networks_section(st: StudyFolder) -> list[Block]:
 
 
 def consistency_section(layer: str, c: Mapping[str, Any], figs: Mapping[str, list[Path]],
-                        first_heat: str | None) -> list[Block]:
+                        first_heat: str | None, note: str = "") -> list[Block]:
     """Readings, the pair table, the heatmap and order bars, and the R² matrix of one layer."""
     tag = _slug(layer)
-    doc: list[Block] = [("h", 2, f"Knowledge consistency at {layer}"), ("p", CONSISTENCY_NOTE),
+    doc: list[Block] = [("h", 2, f"Knowledge consistency at {layer}"), ("p", CONSISTENCY_NOTE), ("p", note),
                         ("ul", consistency_readings(c["rows"], layer)), ("table", *consistency_table(c["rows"]))]
-    for key, cap in ((f"consistency_residual_{tag}", "Residual fraction matrix (row = source, column = target)."),
+    for key, cap in ((f"consistency_residual_{tag}", "Residual fraction per directed pair."),
                      (f"additive_shares_{tag}", "Additive view: the share of each target's variance that order 0 "
                                                 "explains alone, then the R² each further order adds (stacked: "
                                                 "they sum to R²), topped by the unexplained 1 − R²."),
@@ -363,17 +409,21 @@ def provenance_items(st: StudyFolder) -> list[str]:
     return items
 
 
-def write_report(study_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[Path]:
+def write_report(study_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
+                 bootstrap: int = REPLICATES) -> list[Path]:
     """Write ``report.html`` and ``report.md`` (see :func:`make_report`); return their paths."""
-    res = make_report(study_dir, out_dir)
+    res = make_report(study_dir, out_dir, bootstrap)
     return [res["html"], res["markdown"]]
 
 
-def make_report(study_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Read the study, draw its figures (into ``out_dir``/figures, default STUDY/figures), and write
-    ``report.html`` and ``report.md`` into ``out_dir`` (default: the study folder). Returns the paths
-    (``html``, ``markdown``), ``figures`` (key -> paths), and the study's ``missing`` and ``warnings``."""
+def make_report(study_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
+                bootstrap: int = REPLICATES, seed: int = 0) -> dict[str, Any]:
+    """Read the study, add bootstrap intervals (``bootstrap`` resamples of the test rows, seeded; 0: none),
+    draw its figures (into ``out_dir``/figures, default STUDY/figures), and write ``report.html`` and
+    ``report.md`` into ``out_dir`` (default: the study folder). Returns the paths (``html``,
+    ``markdown``), ``figures`` (key -> paths), and the study's ``missing`` and ``warnings``."""
     st = read_study_folder(study_dir)
+    add_study_intervals(st, bootstrap, seed)
     out = Path(out_dir) if out_dir else st.root
     out.mkdir(parents=True, exist_ok=True)
     figs = study_figures(st, out / "figures")

@@ -50,6 +50,7 @@ class StudyFolder:
     diagnosis: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    bootstrap: dict[str, Any] | None = None     # replicates, seed, level, unit of the intervals (None: none)
 
     @property
     def layers(self) -> list[str]:
