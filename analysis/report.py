@@ -313,7 +313,7 @@ def similarity_section(st: StudyFolder, layer: str, s: Mapping[str, Any], figs: 
                               "are symmetric; Trans-Net consistency is directional.")]
     for metric, body in s.get("metrics", {}).items():
         doc.append(("h", 3, metric))
-        doc.append(("table", *matrix_table(body["matrix"], s["nets"], metric)))
+        doc.append(("table", *matrix_table(body["matrix"], s["nets"], metric, body.get("ci"))))
         if body.get("null_mean") is not None:
             doc.append(("p", f"Permutation null (shuffled pairing of samples): mean {_fmt_null(body['null_mean'])}."))
         doc += [("p", f"Warning: {w}") for w in body.get("warnings", []) or []]

@@ -129,6 +129,11 @@ def test_a_partial_study_reports_what_is_missing(tmp_path, cli):
     assert "missing: families" in out and "warning: consistency/broken has no table.json" in out
     text = (tmp_path / "rep" / "report.md").read_text()
     assert "## Knowledge consistency at conv" in text and "| a | b |" in text
+    assert "95% percentile bootstrap intervals over test rows" in text and "200 resamples" in text
+    rows = read_study_folder(study).consistency["conv"]["rows"]
+    assert re.search(r"\| a \| b \| \d+ \|.*\| -?\d\.\d{3} \[-?\d\.\d{3}, -?\d\.\d{3}\] \|", text), text  # R² [lo, hi]
+    assert rows and "no bootstrap interval" not in text
+
     assert "consistency/broken has no table.json" in text and "missing: features.h5" in text
     assert (tmp_path / "rep" / "figures" / "consistency_residual_conv.png").is_file()
     assert not re.search(r"\bnan\b", text, re.IGNORECASE)
@@ -167,6 +172,7 @@ def test_report_of_a_real_small_study_holds_every_table_and_figure(demo, tmp_pat
         assert (demo / "figures" / f"{key}.png").is_file() and (demo / "figures" / f"{key}.svg").is_file()
     assert "figures/panel_blind_spots_1.png" in md and "residual_energy.png" in md
     assert not re.search(r"\bnan\b", md, re.IGNORECASE)
+    assert re.search(r"\| seed0 \| 1\.000 \| \d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\] \|", md)   # CKA with its interval
     # the numbers in the readings are the table's
     rows = read_study_folder(demo).consistency["features.4"]["rows"]
     ok = [r["fraction_residual"] for r in rows if usable(r)]
