@@ -27,7 +27,7 @@ def fitted_limits(values: Sequence[float], lows: Sequence[float] | None = None, 
     v = np.asarray([x for x in list(values) + list(lows or []) + list(highs or []) if x is not None], dtype=float)
     v = v[np.isfinite(v)]
     if not v.size:
-        return clip or (0.0, 1.0)
+        return 0.0, 1.0
     lo, hi = float(v.min()), float(v.max())
     span = max(hi - lo, min_span)
     mid = (lo + hi) / 2

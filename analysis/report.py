@@ -247,9 +247,15 @@ def networks_section(st: StudyFolder) -> list[Block]:
     if not st.families:
         return []
     doc: list[Block] = [("h", 2, "Networks")]
+    if st.aliases:
+        doc.append(("p", "Trained once, reused: " + ", ".join(f"{a} = {b}" for a, b in sorted(st.aliases.items()))
+                    + ". Each pair has the same training recipe (architecture, data, every training option and "
+                      "seed, loss, no teacher), so the second is the same net: its run directory is the first's, "
+                      "and its similarity to it (CKA 1) is no finding."))
     for fam in st.families:
         header = ["member", "role", "generation", "teacher", "arch", "test top-1 (%)", "epochs"]
-        body = [[m["name"], m["role"], _fmt(m["generation"]), m["teacher"] or "—", m["arch"] or "—",
+        body = [[m["name"] + (f" (= {st.aliases[m['name']]})" if m["name"] in st.aliases else ""), m["role"],
+                 _fmt(m["generation"]), m["teacher"] or "—", m["arch"] or "—",
                  _fmt(m["metrics"].get("test_top1")), _fmt(m["metrics"].get("epoch"))] for m in fam["members"]]
         doc += [("h", 3, f"Family {fam['name']} ({fam['family']})"), ("table", header, body)]
     return doc

@@ -2,25 +2,8 @@
 directories, features.h5, consistency, similarity and diagnosis results), with missing or broken
 parts listed rather than fatal.
 
-**The study folder** (written by ``python cli.py study``; every part is optional, but a folder with
-none of them is refused):
-
-    STUDY/study.json                         what was compared (written by the study runner: name,
-                                             description, data, members, extract, transnet, pairs,
-                                             baselines, diagnose; any other keys are shown as given)
-    STUDY/families/<family>/family.json      kc-family manifests (training/manifest.py); each member's
-                                             checkpoint lies in its run directory (config.json,
-                                             metrics.json, log.jsonl). Members with role "generation"
-                                             and a generation number make the generation curves;
-                                             role "slim" members add the slim accuracy of their
-                                             generation. Member names are the net names of features.h5.
-    STUDY/features.h5                        the kc-features file
-    STUDY/consistency/<layer>/               ``python cli.py consistency`` folders: table.json,
-                                             table.csv, matrices.json, config.json, pairs/
-    STUDY/similarity/<layer>/similarity.json ``python cli.py similarity`` output
-    STUDY/diagnosis/<layer>/                 ``python cli.py diagnose`` folders (diagnosis.json, figures/),
-                                             one per layer, or several as diagnosis/<layer>/<A>__<B>/
-    STUDY/figures/                           figures made by the report / ``visualize`` (PNG + SVG)
+The layout of a study folder is in ``analysis/study_layout.py`` (its one owner, shared with the
+writer, ``studies/runner.py``).
 """
 from __future__ import annotations
 
@@ -31,12 +14,11 @@ from typing import Any
 
 from analysis.consistency import PAIR_SEP, natural_key, pair_report
 from analysis.convergence import convergence_of, read_history
+from analysis.study_layout import ALIASES_FILE, FAMILIES, FEATURES, STUDY_FILE, STUDY_PARTS
 from common.errors import UserError
 from common.files import read_json
 from features.store import attrs_dict, list_layers, list_nets, list_splits, open_features
 from training.manifest import read_manifest
-
-STUDY_PARTS = ("study.json", "state.json", "families", "features.h5", "consistency", "similarity", "diagnosis")
 
 
 @dataclass
@@ -50,6 +32,7 @@ class StudyFolder:
     diagnosis: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    aliases: dict[str, str] = field(default_factory=dict)   # member -> member with the same recipe
     bootstrap: dict[str, Any] | None = None     # replicates, seed, level, unit of the intervals (None: none)
 
     @property
@@ -134,16 +117,21 @@ def read_study_folder(root: str | os.PathLike) -> StudyFolder:
     present = [p for p in STUDY_PARTS if (root / p).exists()]
     if not present:
         raise UserError(f"{root} is not a study folder: it holds none of {', '.join(STUDY_PARTS)} (see the "
-                        f"layout in analysis/study_folder.py; python cli.py study writes one)")
+                        f"layout in analysis/study_layout.py; python cli.py study writes one)")
     st = StudyFolder(root)
-    if (root / "study.json").is_file():
+    if (root / STUDY_FILE).is_file():
         try:
-            st.info = read_json(root / "study.json")
+            st.info = read_json(root / STUDY_FILE)
         except UserError as e:
             st.warnings.append(str(e))
     else:
         st.missing.append("study.json (what was compared): the report lists what the files hold instead")
-    fam_root = root / "families"
+    if (root / ALIASES_FILE).is_file():
+        try:
+            st.aliases = dict(read_json(root / ALIASES_FILE).get("aliases") or {})
+        except UserError as e:
+            st.warnings.append(str(e))
+    fam_root = root / FAMILIES
     fam_dirs = sorted(p for p in fam_root.iterdir() if (p / "family.json").is_file()) if fam_root.is_dir() else []
     for d in fam_dirs:
         fam = read_family(d, st)
@@ -151,8 +139,8 @@ def read_study_folder(root: str | os.PathLike) -> StudyFolder:
             st.families.append(fam)
     if not fam_dirs:
         st.missing.append("families/<family>/family.json: no training results (accuracies, training curves)")
-    if (root / "features.h5").is_file():
-        st.features = _read_features(root / "features.h5", st)
+    if (root / FEATURES).is_file():
+        st.features = _read_features(root / FEATURES, st)
     else:
         st.missing.append("features.h5: the feature file")
     for part in ("consistency", "similarity", "diagnosis"):
