@@ -109,7 +109,9 @@ def _run_diagnose(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------- report
 
 def _add_report(p: argparse.ArgumentParser) -> None:
-    p.add_argument("study_dir", help="the study folder (layout: see analysis/report.py)")
+    p.add_argument("study_dir", help="a study folder (layout: analysis/study_layout.py) or any folder of results the "
+                                     "commands wrote (consistency folders, fit-transnet runs, similarity.json, "
+                                     "diagnose folders, family manifests), searched recursively")
     p.add_argument("--out_dir", default=None, help="where report.html, report.md and figures/ go (default: STUDY_DIR)")
     p.add_argument("--bootstrap", type=int, default=REPLICATES, metavar="B",
                    help="resamples of the test rows for the percentile intervals of R², the fractions and CKA "
@@ -142,8 +144,10 @@ COMMANDS = [
     Command("diagnose", "blind spots and unreliable features of net A against net B", _add_diagnose, _run_diagnose,
             "From the residuals of the A->B and B->A Trans-Nets: residual energy per channel, position and image "
             "(relative to the target's variance), ranked images and channels, and Fig. 1 panels of the top images."),
-    Command("report", "write report.html (self-contained) and report.md of a study folder", _add_report, _run_report,
-            "Collect what a study folder holds (families, features, consistency, similarity, diagnosis) into one "
+    Command("report", "write report.html (self-contained) and report.md of a study or results folder", _add_report,
+            _run_report,
+            "Collect what a study folder (or any folder of results) holds (families, features, consistency, "
+            "similarity, diagnosis) into one "
             "self-contained HTML page with embedded figures and a Markdown twin, with plain-language readings "
             "computed from the numbers and a provenance section."),
 ]

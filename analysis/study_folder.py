@@ -12,9 +12,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from analysis.consistency import PAIR_SEP, natural_key, pair_report
+from analysis.consistency import PAIR_SEP, natural_key, pair_report, pair_row
 from analysis.convergence import convergence_of, read_history
-from analysis.study_layout import ALIASES_FILE, FAMILIES, FEATURES, STUDY_FILE, STUDY_PARTS
+from analysis.study_layout import (
+    ALIASES_FILE,
+    CONSISTENCY,
+    DIAGNOSIS,
+    FAMILIES,
+    FEATURES,
+    SIMILARITY,
+    STUDY_FILE,
+    STUDY_PARTS,
+)
 from common.errors import UserError
 from common.files import read_json
 from features.store import attrs_dict, list_layers, list_nets, list_splits, open_features
@@ -110,14 +119,13 @@ def fit_details(folder: Path, rows: list[dict[str, Any]], warnings: list[str]) -
 
 
 def read_study_folder(root: str | os.PathLike) -> StudyFolder:
-    """Read whatever parts of a study folder exist; missing or broken parts are listed, not fatal."""
+    """Read whatever parts of a study folder exist; missing or broken parts are listed, not fatal. A
+    folder that is not a study folder is read as a folder of results (:func:`read_results_folder`)."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"study folder {root} does not exist or is not a directory")
-    present = [p for p in STUDY_PARTS if (root / p).exists()]
-    if not present:
-        raise UserError(f"{root} is not a study folder: it holds none of {', '.join(STUDY_PARTS)} (see the "
-                        f"layout in analysis/study_layout.py; python cli.py study writes one)")
+    if not any((root / p).exists() for p in STUDY_PARTS):
+        return read_results_folder(root)
     st = StudyFolder(root)
     if (root / STUDY_FILE).is_file():
         try:
@@ -143,50 +151,101 @@ def read_study_folder(root: str | os.PathLike) -> StudyFolder:
         st.features = _read_features(root / FEATURES, st)
     else:
         st.missing.append("features.h5: the feature file")
-    for part in ("consistency", "similarity", "diagnosis"):
+    for part in (CONSISTENCY, SIMILARITY, DIAGNOSIS):
         if not (root / part).is_dir() or not any((root / part).iterdir()):
             st.missing.append(f"{part}/: no {part} results")
-    for d in sorted((root / "consistency").glob("*")) if (root / "consistency").is_dir() else []:
-        if not d.is_dir():
-            continue
-        if not (d / "table.json").is_file():
-            st.warnings.append(f"consistency/{d.name} has no table.json: the consistency run did not finish "
-                               f"(re-run it with --resume)")
-            continue
-        try:
-            body = read_json(d / "table.json")
-            mats = read_json(d / "matrices.json") if (d / "matrices.json").is_file() else None
-            cfg = read_json(d / "config.json") if (d / "config.json").is_file() else {}
-        except UserError as e:
-            st.warnings.append(str(e))
-            continue
-        rows = body.get("rows", [])
-        if not rows:
-            st.warnings.append(f"consistency/{d.name}/table.json holds no pairs")
-            continue
-        nets = (mats or {}).get("nets") or sorted({r["source"] for r in rows} | {r["target"] for r in rows},
-                                                 key=natural_key)
-        histories = fit_details(d, rows, st.warnings)
-        st.consistency[rows[0].get("layer") or d.name] = {"dir": str(d), "rows": rows, "matrices": mats,
-                                                          "nets": nets, "config": cfg, "histories": histories}
-    for p in sorted((root / "similarity").glob("*/similarity.json")) if (root / "similarity").is_dir() else []:
-        try:
-            body = read_json(p)
-        except UserError as e:
-            st.warnings.append(str(e))
-            continue
-        st.similarity[body.get("layer") or p.parent.name] = {**body, "dir": str(p.parent)}
-    diag_root = root / "diagnosis"
+    for d in sorted((root / CONSISTENCY).glob("*")) if (root / CONSISTENCY).is_dir() else []:
+        if d.is_dir():
+            add_consistency(st, d)
+    for p in sorted((root / SIMILARITY).glob("*/similarity.json")) if (root / SIMILARITY).is_dir() else []:
+        add_similarity(st, p)
+    diag_root = root / DIAGNOSIS
     found = sorted(diag_root.glob("*/diagnosis.json")) + sorted(diag_root.glob("*/*/diagnosis.json"))
     for p in found if diag_root.is_dir() else []:
-        try:
-            body = read_json(p)
-        except UserError as e:
-            st.warnings.append(str(e))
-            continue
-        layer = body.get("layer") or (p.parent.name if p.parent.parent == diag_root else p.parent.parent.name)
-        st.diagnosis.setdefault(layer, []).append({**body, "dir": str(p.parent)})
+        add_diagnosis(st, p, p.parent.name if p.parent.parent == diag_root else p.parent.parent.name)
     for d in sorted(diag_root.glob("*")) if diag_root.is_dir() else []:
         if d.is_dir() and not (d / "diagnosis.json").is_file() and not any(d.glob("*/diagnosis.json")):
             st.warnings.append(f"{d.relative_to(root)} has no diagnosis.json: the diagnose run did not finish")
+    return st
+
+
+def add_consistency(st: StudyFolder, d: Path) -> None:
+    """A consistency folder (``table.json``, ``matrices.json``, ``pairs/``) into ``st.consistency``."""
+    if not (d / "table.json").is_file():
+        st.warnings.append(f"{d.relative_to(st.root)} has no table.json: the consistency run did not finish "
+                           f"(re-run it with --resume)")
+        return
+    try:
+        body = read_json(d / "table.json")
+        mats = read_json(d / "matrices.json") if (d / "matrices.json").is_file() else None
+        cfg = read_json(d / "config.json") if (d / "config.json").is_file() else {}
+    except UserError as e:
+        st.warnings.append(str(e))
+        return
+    rows = body.get("rows", []) if isinstance(body, dict) else []
+    if not rows:
+        st.warnings.append(f"{d.relative_to(st.root)}/table.json holds no pairs")
+        return
+    nets = (mats or {}).get("nets") or sorted({r["source"] for r in rows} | {r["target"] for r in rows},
+                                             key=natural_key)
+    histories = fit_details(d, rows, st.warnings)
+    st.consistency[rows[0].get("layer") or d.name] = {"dir": str(d), "rows": rows, "matrices": mats,
+                                                      "nets": nets, "config": cfg, "histories": histories}
+
+
+def add_similarity(st: StudyFolder, p: Path) -> None:
+    try:
+        body = read_json(p)
+    except UserError as e:
+        st.warnings.append(str(e))
+        return
+    st.similarity[body.get("layer") or p.parent.name] = {**body, "dir": str(p.parent)}
+
+
+def add_diagnosis(st: StudyFolder, p: Path, fallback_layer: str) -> None:
+    try:
+        body = read_json(p)
+    except UserError as e:
+        st.warnings.append(str(e))
+        return
+    st.diagnosis.setdefault(body.get("layer") or fallback_layer, []).append({**body, "dir": str(p.parent)})
+
+
+def read_results_folder(root: Path) -> StudyFolder:
+    """Any folder of results the commands wrote, searched recursively: consistency folders
+    (``table.json``), ``similarity.json`` files, diagnose folders (``diagnosis.json``), family manifests
+    (``family.json``), and fit-transnet run directories not inside a consistency folder (their
+    ``metrics.json`` / ``variance.json`` become the rows of one table per layer)."""
+    st = StudyFolder(root)
+    cons = sorted(p.parent for p in root.rglob("table.json"))
+    inside = lambda p: any(c in p.parents for c in cons)  # noqa: E731  (a pair of a consistency folder)
+    for d in cons:
+        add_consistency(st, d)
+    for p in sorted(root.rglob("similarity.json")):
+        add_similarity(st, p)
+    for p in sorted(root.rglob("diagnosis.json")):
+        add_diagnosis(st, p, p.parent.name)
+    for p in sorted(root.rglob("family.json")):
+        fam = read_family(p.parent, st)
+        if fam:
+            st.families.append(fam)
+    fits: dict[str, list[dict[str, Any]]] = {}
+    for p in sorted(root.rglob("transnet.pt")):
+        if inside(p) or not (p.parent / "metrics.json").is_file():
+            continue
+        try:
+            rep = read_json(p.parent / "metrics.json")
+            fits.setdefault(rep.get("layer") or "?", []).append(pair_row(rep, os.path.relpath(p.parent, root)))
+        except UserError as e:
+            st.warnings.append(f"{p.parent.relative_to(root)}: {e}")
+    for layer, rows in fits.items():
+        nets = sorted({r["source"] for r in rows} | {r["target"] for r in rows}, key=natural_key)
+        st.consistency.setdefault(layer, {"dir": str(root), "rows": rows, "matrices": None, "nets": nets,
+                                          "config": {}, "histories": fit_details(root, rows, st.warnings)})
+    if not (st.consistency or st.similarity or st.diagnosis or st.families):
+        raise UserError(f"{root} holds no results: no study folder parts ({', '.join(STUDY_PARTS)}; layout in "
+                        f"analysis/study_layout.py) and, anywhere below it, no consistency folder (table.json), "
+                        f"similarity.json, diagnosis.json, family.json or fit-transnet run (transnet.pt + "
+                        f"metrics.json)")
+    st.missing.append("study.json: this is a folder of results, not a study; the report lists what it holds")
     return st

@@ -113,7 +113,7 @@ def test_empty_or_missing_study_folders_are_refused(tmp_path, cli):
     (tmp_path / "empty").mkdir()
     code, out, err = cli("report", tmp_path / "empty")
     err = " ".join(err.split())                                  # cli.py wraps messages at 100 columns
-    assert code == 1 and "is not a study folder" in err and "consistency" in err
+    assert code == 1 and "holds no results" in err and "consistency folder (table.json)" in err
 
 
 def test_a_partial_study_reports_what_is_missing(tmp_path, cli):

@@ -2,6 +2,8 @@
 and verdicts shown; built from hand-written run folders (no fitting)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from analysis.convergence import convergence_of, loss_series, refusal
@@ -66,3 +68,20 @@ def test_loss_series_take_train_and_validation_loss_per_epoch():
             {"epoch": 3, "train_loss": None, "val_loss": 1.5}]
     assert loss_series(hist) == {"train": [(1, 2.0), (2, 1.0)], "val": [(1, 2.5), (3, 1.5)]}
     assert loss_series([{"epoch": 1, "train_loss": 1.0}]) == {"train": [(1, 1.0)]}
+
+
+def test_any_folder_of_results_is_read_not_only_a_study_folder(tmp_path):
+    res = tmp_path / "results"
+    for rep in _asymmetric(verdict_ba="not converged"):                  # two loose fit-transnet runs
+        run = res / "fits" / f"{rep['source']}_to_{rep['target']}"
+        run.mkdir(parents=True)
+        (run / "transnet.pt").write_bytes(b"")
+        (run / "metrics.json").write_text(json.dumps(rep))
+    (res / "sim").mkdir()
+    (res / "sim" / "similarity.json").write_text(json.dumps(
+        {"split": "test", "layer": "conv", "nets": ["a", "b"], "metrics": {"cka": {"matrix": [[1, 0.9], [0.9, 1]]}}}))
+    st = read_study_folder(res)
+    rows = st.consistency["conv"]["rows"]
+    assert sorted((r["source"], r["target"], r["convergence"]) for r in rows) == [
+        ("a", "b", "converged"), ("b", "a", "not converged")]
+    assert st.similarity["conv"]["nets"] == ["a", "b"] and "study.json" in st.missing[0]
