@@ -258,7 +258,7 @@ def train(model: nn.Module, train_set: Dataset, test_set: Dataset, cfg: TrainCon
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         seen = 0
-        for x, y, _ in progress(train_loader, steps, f"{desc} {epoch + 1}/{cfg.epochs}"):
+        for x, y, _ in progress(train_loader, steps, desc, epoch=(epoch, cfg.epochs)):
             x = x.to(device, non_blocking=True)
             y = y.to(device, non_blocking=True)
             if device.type == "cuda" and cfg.channels_last:
