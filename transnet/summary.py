@@ -13,5 +13,9 @@ def summary_line(m: dict[str, Any]) -> str:
     line = (f"{m['source']} -> {m['target']} at {m['layer']}: {where} R² {num(m['r2'], '.4f')} on {m['split']} "
             f"(n={m['n_samples']}); variance fractions {fr}, residual {num(m['fraction_residual'], '.3f')}"
             + (f"; gates (order 1 first) {gates}" if gates else ""))
+    conv = m.get("convergence")
+    if isinstance(conv, dict) and conv.get("verdict"):
+        why = "; ".join(str(r) for r in conv.get("reasons") or [])
+        line += f"\nconvergence: {conv['verdict']}" + (f" ({why})" if why else "")
     warns = m.get("warnings") or ([m["warning"]] if m.get("warning") else [])
     return line + "".join(f"\nwarning: {w}" for w in warns)

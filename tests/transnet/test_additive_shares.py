@@ -38,3 +38,13 @@ def test_additive_shares_are_sequential_r2_gains_that_sum_to_r2():
 def test_additive_shares_of_a_constant_target_are_undefined():
     assert all(np.isnan(additive_shares(0.0, [0.0, 0.0])))
     assert additive_shares(2.0, [1.0, 0.5]) == [0.5, 0.25]
+
+
+def test_the_summary_line_states_the_convergence_verdict():
+    from transnet.summary import summary_line
+
+    m = {"source": "a", "target": "b", "layer": "l", "r2": 0.3, "split": "test", "n_samples": 4,
+         "fraction_orders": [0.2], "fraction_residual": 0.7}
+    assert "convergence" not in summary_line(m)
+    m["convergence"] = {"verdict": "not converged", "reasons": ["validation loss still falling"]}
+    assert summary_line(m).endswith("\nconvergence: not converged (validation loss still falling)")
