@@ -1,10 +1,11 @@
 """The study report: one self-contained ``report.html`` (figures embedded as base64 PNG) and a
 ``report.md`` (figures as relative links) from a study folder.
 
-    python cli.py report STUDY_DIR [--out_dir DIR]
+    python cli.py report STUDY_DIR [--out_dir DIR] [--bootstrap B] [--seed S]
 
-The study folder's layout is in ``analysis/study_folder.py``, the sentences come from
-``analysis/readings.py`` and the two renderers from ``analysis/document.py``.
+The study folder's layout is in ``analysis/study_layout.py`` (any folder of results is read too:
+``analysis/study_folder.py``), the sentences come from ``analysis/readings.py``, the bootstrap
+intervals from ``analysis/uncertainty.py`` and the two renderers from ``analysis/document.py``.
 
 The document is built once as a list of blocks (headings, paragraphs, lists, tables, figures) and
 rendered twice (Markdown and HTML), so both files say the same. Every sentence with a number in it
@@ -325,6 +326,9 @@ def similarity_section(st: StudyFolder, layer: str, s: Mapping[str, Any], figs: 
         doc += [("p", f"Warning: {w}") for w in body.get("warnings", []) or []]
         if f"similarity_{metric}_{tag}" in figs:
             doc.append(("fig", figs[f"similarity_{metric}_{tag}"][0], f"{metric} matrix."))
+    for png in sorted(Path(s["dir"]).glob("**/layers*.png")) if s.get("dir") else []:
+        doc.append(("fig", png, f"Layer x layer similarity ({png.stem}): every layer of one net against every "
+                                f"layer of the other (or of the same net)."))
     if layer in st.consistency and "cka" in s.get("metrics", {}):
         pts = agreement_points(st.consistency[layer]["rows"], s, "cka")
         doc.append(("ul", agreement_readings(pts, "cka")))

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from analysis import plots
-from analysis.consistency import generation_rows, held_out_label, net_matrix, read_table
+from analysis.consistency import generation_rows, held_out_label, natural_key, net_matrix, read_table
 from analysis.convergence import loss_series, verdict_of
 from analysis.diagnose import panel_for_rows
 from analysis.readings import family_generations
@@ -32,10 +32,18 @@ def consistency_figures(folder: Path, rows: list[dict[str, Any]], nets: list[str
     out = out or folder / "figures"
     histories = fit_details(Path(folder), rows, [])
     marks = [[v == "not converged" for v in row] for row in net_matrix(rows, nets, "convergence")]
-    paths = plots.matrix_heatmap(net_matrix(rows, nets, "fraction_residual"), nets, out / "residual_fraction",
-                                 f"Residual fraction at {layer}", "residual fraction of Var(x_B)", marks=marks)
-    paths += plots.matrix_heatmap(net_matrix(rows, nets, "r2"), nets, out / "r2",
-                                  f"{held_out_label(rows)} R² at {layer}", "R²")
+    if len(rows) < 0.5 * len(nets) * (len(nets) - 1):     # mostly empty matrices: bars per pair instead
+        groups = {f"{r['source']}→{r['target']}": "–".join(sorted((r["source"], r["target"]), key=natural_key))
+                  for r in rows}
+        paths = plots.pair_value_bars(rows, "fraction_residual", groups, out / "residual_fraction",
+                                      f"Residual fraction per pair at {layer}", "residual fraction of Var(x_B)")
+        paths += plots.pair_value_bars(rows, "r2", groups, out / "r2", f"{held_out_label(rows)} R² per pair at {layer}",
+                                       "R²")
+    else:
+        paths = plots.matrix_heatmap(net_matrix(rows, nets, "fraction_residual"), nets, out / "residual_fraction",
+                                     f"Residual fraction at {layer}", "residual fraction of Var(x_B)", marks=marks)
+        paths += plots.matrix_heatmap(net_matrix(rows, nets, "r2"), nets, out / "r2",
+                                      f"{held_out_label(rows)} R² at {layer}", "R²", marks=marks)
     paths += plots.order_fraction_bars(rows, out / "order_fractions", f"Variance of each target per order at {layer}")
     if any(r.get("additive_shares") for r in rows):
         paths += plots.additive_share_bars(rows, out / "additive_shares", f"Share added by each order at {layer}")
