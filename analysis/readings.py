@@ -62,9 +62,15 @@ def consistency_readings(rows: Sequence[Mapping[str, Any]], layer: str) -> list[
         best = min(ok, key=lambda r: r["fraction_residual"])
         worst = max(ok, key=lambda r: r["fraction_residual"])
         res = np.array([r["fraction_residual"] for r in ok])
-        out.append(f"At layer {layer}, over {len(ok)} directed pair(s), the inconsistent part of the target's "
-                   f"variance ranges from {pct(res.min())} ({best['source']}→{best['target']}) to "
-                   f"{pct(res.max())} ({worst['source']}→{worst['target']}); median {pct(float(np.median(res)))}.")
+        if separated(best.get("fraction_residual_ci"), worst.get("fraction_residual_ci")):
+            out.append(f"At layer {layer}, over {len(ok)} directed pair(s), the inconsistent part of the target's "
+                       f"variance ranges from {pct(res.min())} ({best['source']}→{best['target']}) to "
+                       f"{pct(res.max())} ({worst['source']}→{worst['target']}); median {pct(float(np.median(res)))}.")
+        else:
+            out.append(f"At layer {layer}, over {len(ok)} directed pair(s), the inconsistent part of the target's "
+                       f"variance lies between {pct(res.min())} and {pct(res.max())} (median "
+                       f"{pct(float(np.median(res)))}); the extremes' bootstrap intervals overlap, so no pair is "
+                       f"named the most or least consistent.")
         out += share_readings(ok)
     out += asymmetry_readings(rows)
     unknown = [f"{r['source']}→{r['target']}" for r in rows if verdict_of(r) == "unknown" and usable(r)]
@@ -226,9 +232,9 @@ def agreement_readings(points: Sequence[Mapping[str, Any]], metric: str) -> list
         share = separable_share([p[axis] for p in points], [p.get(f"{axis}_ci") for p in points])
         if share < 0.5:
             vals = [p[axis] for p in points]
-            return out + [f"{name[0].upper() + name[1:]} cannot rank the {len(points)} pairs: their values "
-                          f"({min(vals):.3f} to {max(vals):.3f}) lie within each other's bootstrap intervals "
-                          f"({100 * share:.0f}% of the pairs of pairs separate), so no ranking is compared."]
+            return out + [f"The {len(points)} pairs cannot be ranked by {name}: their values ({min(vals):.3f} to "
+                          f"{max(vals):.3f}) lie within each other's bootstrap intervals ({100 * share:.0f}% of the "
+                          f"pairs of pairs separate), so no ranking is compared."]
     rho = spearman([p["x"] for p in points], [p["y"] for p in points])
     if rho is None:
         return out + [f"{metric} or the Trans-Net R² is the same for every pair: their rankings cannot be compared."]

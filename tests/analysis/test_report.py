@@ -77,6 +77,18 @@ def test_consistency_readings_name_the_extremes_and_the_asymmetry():
     assert lines[2].startswith("Convergence was not judged for 4 pair(s)") and len(lines) == 3
 
 
+def test_readings_compare_only_values_whose_intervals_separate():
+    rows = [_row("a", "b", 0.7, 0.05, 0.2, fraction_residual_ci=[0.15, 0.4]),
+            _row("b", "a", 0.5, 0.05, 0.3, fraction_residual_ci=[0.1, 0.45])]
+    lines = consistency_readings(rows, "L")
+    assert "the extremes' bootstrap intervals overlap, so no pair is named" in lines[0]
+    assert "cannot be told apart: their bootstrap intervals overlap" in lines[1]
+    pts = [{"label": f"p{i}", "x": 0.966 + 0.001 * i, "y": 0.5 + 0.1 * i, "x_ci": [0.95, 0.98], "y_ci": None}
+           for i in range(4)]
+    text = agreement_readings(pts, "cka")[0]
+    assert text.startswith("The 4 pairs cannot be ranked by cka: their values (0.966 to 0.969) lie within each other's")
+
+
 def test_agreement_uses_spearman_over_unordered_pairs():
     nets = ["a", "b", "c", "d"]
     cka = np.array([[1, .9, .5, .2], [.9, 1, .6, .3], [.5, .6, 1, .4], [.2, .3, .4, 1]])
