@@ -4,30 +4,18 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
-from analysis import plots
-from analysis.consistency import (
-    PAIR_PLANS,
-    ConsistencyConfig,
-    generation_rows,
-    held_out_label,
-    net_matrix,
-    read_table,
-    run_consistency,
-)
-from analysis.diagnose import DiagnoseConfig, diagnose_pair, panel_for_rows
-from analysis.readings import diagnosis_readings, family_generations
-from analysis.report import SIMILARITY_KIND, make_report, study_figures
-from analysis.study_folder import StudyFolder, read_family, read_study_folder
-from common.errors import UserError
-from common.files import read_json
-from common.finished import require_finished, require_finished_result
-from common.options import Command, add_dataclass_args, add_run_args, dataclass_from_args, parse_csv
-from common.registry import unknown_choice_message
+from analysis.bootstrap import REPLICATES
+from analysis.consistency import PAIR_PLANS, ConsistencyConfig, run_consistency
+from analysis.diagnose import DiagnoseConfig, diagnose_pair
+from analysis.readings import diagnosis_readings
+from analysis.report import make_report
+from analysis.visualize import VISUALS, consistency_figures, visualize
+from common.finished import require_finished
+from common.options import Command, add_dataclass_args, add_run_args, dataclass_from_args
+from common.ranges import nonneg_int
 from common.rundir import run_mode
-from features.identity import check_transnet_features
-from transnet.fit import FitConfig, load_transnet
+from transnet.fit import FitConfig
 from transnet.options import FIT_CHOICES, FIT_HELP, FIT_TYPES
 
 CONSISTENCY_HELP = {
@@ -67,21 +55,7 @@ def _run_consistency(args: argparse.Namespace) -> None:
         print(f"figures: {', '.join(str(p) for p in paths if p.suffix == '.png')}")
 
 
-def consistency_figures(folder: Path, rows: list[dict[str, Any]], nets: list[str], layer: str,
-                        out: Path | None = None) -> list[Path]:
-    out = out or folder / "figures"
-    paths = plots.matrix_heatmap(net_matrix(rows, nets, "fraction_residual"), nets, out / "residual_fraction",
-                                 f"Residual fraction at {layer}", "residual fraction of Var(x_B)")
-    paths += plots.matrix_heatmap(net_matrix(rows, nets, "r2"), nets, out / "r2",
-                                  f"{held_out_label(rows)} R² at {layer}", "R²")
-    paths += plots.order_fraction_bars(rows, out / "order_fractions", f"Variance explained per order at {layer}")
-    return paths
-
-
 # --------------------------------------------------------------------------- visualize
-
-VISUALS = ("auto", "study", "consistency", "similarity", "family", "panel")
-
 
 def _add_visualize(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", nargs="?", default=None,
@@ -99,96 +73,6 @@ def _add_visualize(p: argparse.ArgumentParser) -> None:
     g.add_argument("--channels", default="0", help="comma list of target channels")
     g.add_argument("--allow_other_checkpoints", action="store_true",
                    help="apply the Trans-Net to features of other checkpoints than it was fitted on")
-
-
-def detect_visual(path: Path) -> str:
-    if path.is_file() and path.name == "similarity.json":
-        return "similarity"
-    if not path.is_dir():
-        raise UserError(f"{path} is neither a folder nor a similarity.json")
-    if (path / "table.json").is_file():
-        return "consistency"
-    if (path / "similarity.json").is_file():
-        return "similarity"
-    if (path / "family.json").is_file():
-        return "family"
-    return "study"
-
-
-def visualize(path: str | None, what: str = "auto", out_dir: str | None = None, allow_unfinished: bool = False,
-              **panel: Any) -> list[Path]:
-    """Draw the figures of one result (see ``--what``); return the written paths. A result whose job
-    did not finish is refused unless ``allow_unfinished``."""
-    if what not in VISUALS:
-        raise UserError(unknown_choice_message("figure kind", what, list(VISUALS)))
-    if what == "panel":
-        if panel.get("transnet"):
-            require_finished_result(panel["transnet"], "visualize", allow_unfinished)
-        return _panel(out_dir, **panel)
-    if not path:
-        raise UserError("give the PATH of a study, consistency folder, similarity.json or family folder")
-    src = Path(path)
-    if not src.exists():
-        raise UserError(f"{src} does not exist")
-    what = detect_visual(src) if what == "auto" else what
-    require_finished_result(src, "visualize", allow_unfinished)
-    base = src.parent if src.is_file() else src
-    out = Path(out_dir) if out_dir else base / "figures"
-    if what == "study":
-        figs = study_figures(read_study_folder(src), out)
-        return [p for ps in figs.values() for p in ps]
-    if what == "consistency":
-        rows = read_table(src)
-        mats = read_json(src / "matrices.json") if (src / "matrices.json").is_file() else {}
-        nets = mats.get("nets") or sorted({r["source"] for r in rows} | {r["target"] for r in rows})
-        return consistency_figures(src, rows, nets, rows[0].get("layer") or "", out)
-    if what == "similarity":
-        body = read_json(src if src.is_file() else src / "similarity.json")
-        if "metrics" not in body or "nets" not in body:
-            raise UserError(f"{src} is not a similarity.json (needs 'nets' and 'metrics')")
-        paths: list[Path] = []
-        for metric, m in body["metrics"].items():
-            kind = SIMILARITY_KIND.get(metric, "fraction")
-            paths += plots.matrix_heatmap(m["matrix"], body["nets"], out / f"similarity_{metric}",
-                                          f"{metric} at {body.get('layer')}", metric, kind=kind,
-                                          row_title="net", col_title="net")
-        return paths
-    # family
-    st = StudyFolder(src)
-    fam = read_family(src, st)
-    if fam is None:
-        raise UserError("; ".join(st.warnings) or f"{src} holds no readable family.json")
-    paths = []
-    hist = {m["name"]: m["history"] for m in fam["members"] if m["history"]}
-    if hist:
-        paths += plots.training_curves(hist, out / "training_curves", f"Training curves: {fam['name']}")
-    gens = family_generations(fam)
-    if gens:
-        order, numbers, acc = gens
-        paths += plots.generation_curves(generation_rows(order, [], acc, numbers), out / "generations",
-                                         f"{fam['name']}: generations")
-    if not paths:
-        raise UserError(f"{src}: no training logs and no generations to plot")
-    return paths
-
-
-def _panel(out_dir: str | None, transnet: str | None = None, features: str | None = None, split: str = "test",
-           rows: str = "0", channels: str = "0", allow_other_checkpoints: bool = False) -> list[Path]:
-    if not transnet:
-        raise UserError("--what panel needs --transnet DIR (a fit-transnet run directory)")
-    model, info = load_transnet(transnet)
-    feats = features or info["features"]
-    check_transnet_features(info, feats, split, allow=allow_other_checkpoints)
-    try:
-        row_list, ch_list = parse_csv(rows, int), parse_csv(channels, int)
-    except ValueError:
-        raise UserError(f"--rows and --channels take comma lists of integers, got {rows!r} and {channels!r}") from None
-    if not row_list or not ch_list:
-        raise UserError("--rows and --channels need at least one value each")
-    panel = panel_for_rows(model, feats, split, info["source"], info["target"], info["layer"], row_list, ch_list)
-    out = Path(out_dir) if out_dir else Path(transnet) / "figures"
-    name = f"panel_{split}_rows{'-'.join(map(str, row_list))}_ch{'-'.join(map(str, ch_list))}"
-    return plots.decomposition_panel(panel, out / name, f"{info['source']} → {info['target']} at {info['layer']}")
 
 
 def _run_visualize(args: argparse.Namespace) -> None:
@@ -235,16 +119,22 @@ def _run_diagnose(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------- report
 
 def _add_report(p: argparse.ArgumentParser) -> None:
-    p.add_argument("study_dir", help="the study folder (layout: see analysis/report.py)")
+    p.add_argument("study_dir", help="a study folder (layout: analysis/study_layout.py) or any folder of results the "
+                                     "commands wrote (consistency folders, fit-transnet runs, similarity.json, "
+                                     "diagnose folders, family manifests), searched recursively")
     p.add_argument("--out_dir", default=None, help="where report.html, report.md and figures/ go (default: STUDY_DIR)")
     p.add_argument("--allow_unfinished", action="store_true",
                    help="report on a study whose run did not finish (its stages read as they are)")
+    p.add_argument("--bootstrap", type=nonneg_int(), default=REPLICATES, metavar="B",
+                   help="resamples of the test rows for the percentile intervals of R², the fractions and CKA "
+                        "(0: no intervals)")
+    p.add_argument("--seed", type=nonneg_int(), default=0, help="seed of the bootstrap resamples")
 
 
 def _run_report(args: argparse.Namespace) -> None:
     if Path(args.study_dir, "config.json").exists():      # a study folder written by `study`
         require_finished(args.study_dir, "report", args.allow_unfinished)
-    res = make_report(args.study_dir, args.out_dir)
+    res = make_report(args.study_dir, args.out_dir, args.bootstrap, args.seed)
     print(f"wrote {res['html']} (self-contained) and {res['markdown']}")
     for m in res["missing"]:
         print(f"missing: {m}")
@@ -266,8 +156,10 @@ COMMANDS = [
     Command("diagnose", "blind spots and unreliable features of net A against net B", _add_diagnose, _run_diagnose,
             "From the residuals of the A->B and B->A Trans-Nets: residual energy per channel, position and image "
             "(relative to the target's variance), ranked images and channels, and Fig. 1 panels of the top images."),
-    Command("report", "write report.html (self-contained) and report.md of a study folder", _add_report, _run_report,
-            "Collect what a study folder holds (families, features, consistency, similarity, diagnosis) into one "
+    Command("report", "write report.html (self-contained) and report.md of a study or results folder", _add_report,
+            _run_report,
+            "Collect what a study folder (or any folder of results) holds (families, features, consistency, "
+            "similarity, diagnosis) into one "
             "self-contained HTML page with embedded figures and a Markdown twin, with plain-language readings "
             "computed from the numbers and a provenance section."),
 ]

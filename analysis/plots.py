@@ -7,8 +7,10 @@ draws them.
 
 Conventions shared by all figures:
 
-- fractions of variance, R² and similarities in [0, 1] use one sequential colour map with the scale
-  fixed to [0, 1], so two heatmaps can be compared by colour alone;
+- fractions of variance, R² and similarities use one sequential colour map with its scale fitted to
+  the values shown (so 0.13 to 0.28 is not one flat colour), always with a colour bar and the values
+  written in the cells; axes of scatters and accuracies are fitted to the data
+  (``analysis/plot_layout.py``);
 - signed feature maps (x_B, ŷ, Y_k, residual) use a diverging map with one symmetric scale per
   channel, shared across the columns of that channel;
 - order k always has the same colour; the residual (inconsistent part) is grey;
@@ -22,10 +24,13 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import matplotlib
+import matplotlib.lines
 import matplotlib.patches
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+from analysis.plot_layout import accuracy_limits, fitted_limits, place_labels
 
 # --------------------------------------------------------------------------- style
 
@@ -44,7 +49,7 @@ STYLE: dict[str, Any] = {
     "svg.fonttype": "none",          # text stays text in SVG
     "svg.hashsalt": "kc-workbench",  # deterministic SVG ids
 }
-FRACTION_CMAP = "viridis"            # fractions, R², similarities: fixed to [0, 1]
+FRACTION_CMAP = "viridis"            # fractions, R², similarities: scale fitted to the values
 DISTANCE_CMAP = "magma_r"            # distances >= 0 (Procrustes): scale from 0 to the maximum
 SIGNED_CMAP = "RdBu_r"               # feature maps: symmetric scale per channel
 ENERGY_CMAP = "inferno"              # residual energy maps (>= 0)
@@ -93,9 +98,11 @@ def _pct(v: float | None) -> str:
 
 def matrix_heatmap(matrix: Sequence[Sequence[float | None]], labels: Sequence[str], out_base: str | os.PathLike,
                    title: str, value_label: str, kind: str = "fraction", row_title: str = "source (A)",
-                   col_title: str = "target (B)", col_labels: Sequence[str] | None = None) -> list[Path]:
-    """A labelled matrix. ``kind``: ``fraction`` (scale fixed to [0, 1]), ``distance`` (0 to max),
-    ``signed`` (symmetric about 0). ``None`` cells are grey and marked n/a (e.g. the diagonal)."""
+                   col_title: str = "target (B)", col_labels: Sequence[str] | None = None,
+                   marks: Sequence[Sequence[bool]] | None = None) -> list[Path]:
+    """A labelled matrix. ``kind``: ``fraction`` (colour scale fitted to the values), ``distance`` (0 to max),
+    ``signed`` (symmetric about 0). ``None`` cells are grey and marked n/a (e.g. the diagonal).
+    Cells where ``marks`` is true get a dagger (†) after their value: a fit not converged."""
     import seaborn as sns
 
     if kind not in ("fraction", "distance", "signed"):
@@ -107,7 +114,10 @@ def matrix_heatmap(matrix: Sequence[Sequence[float | None]], labels: Sequence[st
                          f"{len(col_labels)} column labels")
     finite = m[np.isfinite(m)]
     if kind == "fraction":
-        vmin, vmax, cmap = *FRACTION_LIMITS, FRACTION_CMAP
+        vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else FRACTION_LIMITS
+        if vmax - vmin < 0.02:                   # one value: a narrow band around it, not a blank scale
+            vmin, vmax = vmin - 0.01, vmax + 0.01
+        cmap = FRACTION_CMAP
     elif kind == "distance":
         vmin, vmax, cmap = 0.0, float(finite.max()) if finite.size and finite.max() > 0 else 1.0, DISTANCE_CMAP
     else:
@@ -118,7 +128,9 @@ def matrix_heatmap(matrix: Sequence[Sequence[float | None]], labels: Sequence[st
         fig = new_figure(max(4.2, 2.2 + 0.62 * n_c), max(3.0, 1.4 + 0.5 * n_r))
         ax = fig.add_subplot()
         ax.set_facecolor(MISSING_COLOUR)
-        annot = np.array([["n/a" if not np.isfinite(v) else f"{v:.2f}" for v in row] for row in m])
+        mk = np.zeros(m.shape, bool) if marks is None else np.array(marks, dtype=bool)
+        annot = np.array([["n/a" if not np.isfinite(v) else f"{v:.2f}" + ("†" if f else "") for v, f in zip(row, fr)]
+                          for row, fr in zip(m, mk)])
         sns.heatmap(m, ax=ax, vmin=vmin, vmax=vmax, cmap=cmap, annot=annot if n_r * n_c <= 400 else False,
                     fmt="", square=n_r == n_c, linewidths=0.5, linecolor="white",
                     xticklabels=col_labels, yticklabels=list(labels), cbar_kws={"label": value_label},
@@ -138,36 +150,84 @@ def matrix_heatmap(matrix: Sequence[Sequence[float | None]], labels: Sequence[st
 # --------------------------------------------------------------------------- order fractions
 
 def order_fraction_bars(rows: Sequence[Mapping[str, Any]], out_base: str | os.PathLike,
-                        title: str = "Where each target's variance is explained") -> list[Path]:
-    """Stacked bars per pair (A→B): fraction of Var(x_B) in Y0, Y1, ... and in the residual.
-
-    The components are not orthogonal, so a bar need not reach exactly 1; the dotted line marks 1.
-    """
+                        title: str = "Variance of each target per order (the paper's Var(Y_k))") -> list[Path]:
+    """Grouped (side-by-side, not stacked) bars per pair (A→B): Var(Y_k) / Var(x_B) for each order k
+    and the residual fraction. The components overlap, so the bars are not parts of a whole; the
+    additive view is :func:`additive_share_bars`. ``<key>_ci`` columns, when present, draw as error bars."""
     if not rows:
         raise ValueError("no pairs to plot")
     n_orders = max(_n_orders(r) for r in rows)
-    labels = [f"{r['source']}→{r['target']}" for r in rows]
+    keys = [f"fraction_order{k}" for k in range(n_orders)] + ["fraction_residual"]
+    names = [f"order {k}" for k in range(n_orders)] + ["residual (inconsistent)"]
+    colours = [order_colour(k) for k in range(n_orders)] + [RESIDUAL_COLOUR]
+    x = np.arange(len(rows))
+    w = 0.8 / len(keys)
+    with style():
+        fig = new_figure(max(4.5, 1.4 + 0.22 * len(rows) * len(keys)), 3.4)
+        ax = fig.add_subplot()
+        for i, (key, name, colour) in enumerate(zip(keys, names, colours)):
+            v = np.array([_num(r.get(key)) for r in rows])
+            ax.bar(x + (i - (len(keys) - 1) / 2) * w, np.nan_to_num(v), width=w, color=colour, label=name,
+                   yerr=_ci_err(rows, key, v), error_kw={"elinewidth": 0.6, "capsize": 1.5})
+        ax.axhline(1.0, color="black", lw=0.8, ls=":")
+        ax.set_xticks(x, [pair_label(r) for r in rows], rotation=45, ha="right")
+        ax.set_ylabel("Var(Y_k) / Var(x_B)")
+        ax.set_ylim(0, max(1.05, float(np.nanmax([_num(r.get(k)) for r in rows for k in keys] + [0])) * 1.1))
+        ax.set_title(title)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+        fig.text(0.0, -0.02, "the components overlap: these fractions are not shares and need not add up to 1",
+                 fontsize=7, color="#555555")
+        return save_figure(fig, out_base)
+
+
+def additive_share_bars(rows: Sequence[Mapping[str, Any]], out_base: str | os.PathLike,
+                        title: str = "Share of each target's variance added by each order") -> list[Path]:
+    """Stacked bars per pair (A→B) of the additive shares (``additive_shares``: R² of Y0, then the gain of
+    adding Y1, then Y2, ...) topped by the unexplained part 1 − R², so a bar reaches exactly 1. A negative
+    gain (an order that makes the partial reconstruction worse) is drawn below 0."""
+    rows = [r for r in rows if r.get("additive_shares")]
+    if not rows:
+        raise ValueError("no pairs with additive shares to plot")
+    n = max(len(r["additive_shares"]) for r in rows)
     x = np.arange(len(rows))
     with style():
         fig = new_figure(max(4.0, 1.2 + 0.45 * len(rows)), 3.4)
         ax = fig.add_subplot()
-        bottom = np.zeros(len(rows))
-        for k in range(n_orders):
-            v = np.array([_num(r.get(f"fraction_order{k}")) for r in rows])
-            ax.bar(x, np.nan_to_num(v), bottom=bottom, color=order_colour(k), label=f"order {k}", width=0.75)
-            bottom += np.nan_to_num(v)
-        res = np.array([_num(r.get("fraction_residual")) for r in rows])
-        ax.bar(x, np.nan_to_num(res), bottom=bottom, color=RESIDUAL_COLOUR, label="residual (inconsistent)",
-               width=0.75, hatch="//", edgecolor="white", linewidth=0)
-        ax.axhline(1.0, color="black", lw=0.8, ls=":")
-        ax.set_xticks(x, labels, rotation=45, ha="right")
-        ax.set_ylabel("fraction of Var(x_B)")
-        ax.set_ylim(0, max(1.05, float(np.nanmax(bottom + np.nan_to_num(res))) * 1.05))
+        up, down = np.zeros(len(rows)), np.zeros(len(rows))
+        for k in range(n):
+            v = np.array([_num(r["additive_shares"][k]) if k < len(r["additive_shares"]) else 0.0 for r in rows])
+            v = np.nan_to_num(v)
+            base = np.where(v >= 0, up, down)
+            ax.bar(x, v, bottom=base, color=order_colour(k), width=0.75,
+                   label="order 0 alone (R² of Y0)" if k == 0 else f"added by order {k}")
+            up, down = np.where(v >= 0, up + v, up), np.where(v < 0, down + v, down)
+        unexplained = np.array([1.0 - float(np.nansum(r["additive_shares"])) for r in rows])
+        ax.bar(x, unexplained, bottom=up, color=RESIDUAL_COLOUR, width=0.75, hatch="//", edgecolor="white",
+               linewidth=0, label="unexplained (1 − R²)")
+        ax.axhline(0.0, color="black", lw=0.6)
+        ax.set_xticks(x, [pair_label(r) for r in rows], rotation=45, ha="right")
+        ax.set_ylabel("share of Var(x_B)")
+        ax.set_ylim(min(0.0, float(down.min())) - 0.05, max(1.05, float((up + unexplained).max()) + 0.05))
         ax.set_title(title)
         ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
-        fig.text(0.0, -0.02, "components are not orthogonal: a bar need not sum to exactly 1", fontsize=7,
-                 color="#555555")
+        fig.text(0.0, -0.02, "sequential: each order's gain in R² over the orders below it; the shares add up to R²",
+                 fontsize=7, color="#555555")
         return save_figure(fig, out_base)
+
+
+def _ci_err(rows: Sequence[Mapping[str, Any]], key: str, v: np.ndarray) -> np.ndarray | None:
+    """(2, n) error-bar lengths from the rows' ``<key>_ci`` intervals (None when no row has one)."""
+    cis = [r.get(f"{key}_ci") for r in rows]
+    if not any(cis):
+        return None
+    lo = np.array([c[0] if c else np.nan for c in cis], dtype=float)
+    hi = np.array([c[1] if c else np.nan for c in cis], dtype=float)
+    return np.nan_to_num(np.vstack([np.clip(v - lo, 0, None), np.clip(hi - v, 0, None)]))
+
+
+def pair_label(row: Mapping[str, Any]) -> str:
+    """``A→B``, with a dagger when the row's fit is not converged."""
+    return f"{row['source']}→{row['target']}" + (" †" if row.get("convergence") == "not converged" else "")
 
 
 def _n_orders(row: Mapping[str, Any]) -> int:
@@ -196,6 +256,9 @@ def generation_curves(rows: Sequence[Mapping[str, Any]], out_base: str | os.Path
             v = np.array([_num(r.get(key)) for r in rows])
             if np.isfinite(v).any():
                 ax1.plot(g, v, "o-", color=c, label=lab)
+        lim = accuracy_limits([_num(r.get(k)) for r in rows for k in ("test_top1", "slim_test_top1")])
+        if lim:
+            ax1.set_ylim(*lim)
         ax1.set_xlabel("generation")
         ax1.set_ylabel("test top-1 (%)")
         ax1.set_title("accuracy")
@@ -205,7 +268,8 @@ def generation_curves(rows: Sequence[Mapping[str, Any]], out_base: str | os.Path
             v = np.array([_num(r.get(key)) for r in rows])
             if np.isfinite(v).any():
                 ax2.plot(g, v, "s-", color=c, label=lab)
-        ax2.set_ylim(*FRACTION_LIMITS)
+        res = [_num(r.get(k)) for r in rows for k in ("residual_to_previous", "residual_to_first")]
+        ax2.set_ylim(*fitted_limits(res, min_span=0.1, clip=(0.0, np.inf)))
         ax2.set_xlabel("generation")
         ax2.set_ylabel("residual fraction of Var(x_g)")
         ax2.set_title("inconsistent knowledge")
@@ -238,6 +302,10 @@ def training_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]], out_ba
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax1.set_xlabel("epoch")
         ax1.set_ylabel("train loss")
+        lim = accuracy_limits([h["test_top1"] for hist in histories.values() for h in hist
+                               if h.get("test_top1") is not None])
+        if lim:
+            ax2.set_ylim(*lim)
         ax2.set_xlabel("epoch")
         ax2.set_ylabel("test top-1 (%)")
         ax2.legend(frameon=False, loc="lower right", fontsize=7)
@@ -247,25 +315,117 @@ def training_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]], out_ba
 
 def agreement_scatter(points: Sequence[Mapping[str, Any]], out_base: str | os.PathLike, x_label: str,
                       y_label: str, title: str) -> list[Path]:
-    """One point per net pair: a similarity baseline (x) against Trans-Net consistency (y), both in
-    [0, 1], with the pair names written next to the points."""
+    """One point per net pair: a similarity baseline (x) against Trans-Net consistency (y), with the
+    bootstrap intervals (``x_ci``, ``y_ci``) as error bars, axes fitted to the data, and the pair names
+    placed where they do not collide. A pair that cannot carry a conclusion (``usable`` false) is hollow."""
     if not points:
         raise ValueError("no points to plot")
+    x = np.array([_num(p["x"]) for p in points])
+    y = np.array([_num(p["y"]) for p in points])
+    xerr, yerr = (_point_err(points, k, v) for k, v in (("x_ci", x), ("y_ci", y)))
     with style():
-        fig = new_figure(4.2, 3.8)
+        fig = new_figure(4.6, 4.0)
         ax = fig.add_subplot()
-        x = np.array([_num(p["x"]) for p in points])
-        y = np.array([_num(p["y"]) for p in points])
-        ax.plot([0, 1], [0, 1], ":", color="#888888", lw=0.8)
-        ax.scatter(x, y, color=ORDER_COLOURS[0], s=22, zorder=3)
-        for p, xi, yi in zip(points, x, y):
-            ax.annotate(p["label"], (xi, yi), fontsize=6, xytext=(3, 2), textcoords="offset points")
-        lo = min(0.0, float(np.nanmin(np.concatenate([x, y]))))   # R² may be slightly negative
-        ax.set_xlim(lo - 0.04, 1.04)
-        ax.set_ylim(lo - 0.04, 1.04)
+        ok = np.array([p.get("usable") is not False for p in points])
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="none", ecolor="#9ab", elinewidth=0.7, capsize=1.5, zorder=2)
+        ax.scatter(x[ok], y[ok], color=ORDER_COLOURS[0], s=22, zorder=3, label="usable pair")
+        if (~ok).any():
+            ax.scatter(x[~ok], y[~ok], facecolor="white", edgecolor=ORDER_COLOURS[5], s=22, zorder=3,
+                       label="not converged or R² < 0")
+            ax.legend(frameon=False, fontsize=7, loc="best")
+        lows = lambda v, e: None if e is None else list(v - e[0])   # noqa: E731
+        highs = lambda v, e: None if e is None else list(v + e[1])  # noqa: E731
+        ax.set_xlim(*fitted_limits(x, lows(x, xerr), highs(x, xerr), clip=(-0.05, 1.05)))
+        ax.set_ylim(*fitted_limits(y, lows(y, yerr), highs(y, yerr), clip=(-np.inf, 1.05)))
+        lo, hi = max(ax.get_xlim()[0], ax.get_ylim()[0]), min(ax.get_xlim()[1], ax.get_ylim()[1])
+        if lo < hi:
+            ax.plot([lo, hi], [lo, hi], ":", color="#888888", lw=0.8, zorder=1)
         ax.set_xlabel(x_label)
         ax.set_ylabel(y_label)
         ax.set_title(title)
+        place_labels(ax, x, y, [p["label"] for p in points])
+        return save_figure(fig, out_base)
+
+
+def _point_err(points: Sequence[Mapping[str, Any]], key: str, v: np.ndarray) -> np.ndarray | None:
+    cis = [p.get(key) for p in points]
+    if not any(cis):
+        return None
+    lo = np.array([c[0] if c else x for c, x in zip(cis, v)], dtype=float)
+    hi = np.array([c[1] if c else x for c, x in zip(cis, v)], dtype=float)
+    return np.nan_to_num(np.vstack([np.clip(v - lo, 0, None), np.clip(hi - v, 0, None)]))
+
+
+def pair_value_bars(rows: Sequence[Mapping[str, Any]], key: str, groups: Mapping[str, str],
+                    out_base: str | os.PathLike, title: str, value_label: str) -> list[Path]:
+    """One bar per directed pair (A→B) of ``key``, grouped by ``groups[label]`` (e.g. the family of the
+    pair), with ``<key>_ci`` error bars; for a plan whose net x net matrix would be mostly empty cells."""
+    if not rows:
+        raise ValueError("no pairs to plot")
+    order = sorted(range(len(rows)), key=lambda i: (groups.get(pair_label(rows[i]).rstrip(" †"), ""), i))
+    rows = [rows[i] for i in order]
+    names = [groups.get(pair_label(r).rstrip(" †"), "") for r in rows]
+    v = np.array([_num(r.get(key)) for r in rows])
+    uniq = list(dict.fromkeys(names))
+    with style():
+        fig = new_figure(max(4.0, 1.4 + 0.32 * len(rows)), 3.3)
+        ax = fig.add_subplot()
+        x = np.arange(len(rows))
+        ax.bar(x, np.nan_to_num(v), color=[order_colour(uniq.index(n)) for n in names], width=0.7,
+               yerr=_ci_err(rows, key, v), error_kw={"elinewidth": 0.6, "capsize": 1.5})
+        for n in uniq:
+            idx = [i for i, m in enumerate(names) if m == n]
+            ax.bar([], [], color=order_colour(uniq.index(n)), label=n or "other")
+            if uniq.index(n) % 2:                 # alternate shading marks the groups
+                ax.axvspan(min(idx) - 0.5, max(idx) + 0.5, color="#f4f4f4", zorder=0)
+        ax.set_xticks(x, [pair_label(r) for r in rows], rotation=45, ha="right")
+        ax.set_ylabel(value_label)
+        lo, hi = fitted_limits(v, clip=None)
+        ax.set_ylim(min(0.0, lo), max(hi, 0.0))
+        ax.set_title(title)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False, title="group")
+        return save_figure(fig, out_base)
+
+
+VERDICT_COLOURS = {"converged": "#009E73", "not converged": "#D55E00", "unknown": "#777777"}
+
+
+def loss_curves(series: Mapping[str, Mapping[str, Sequence[tuple[int, float]]]], verdicts: Mapping[str, str],
+                out_base: str | os.PathLike, title: str = "Trans-Net loss curves", ncols: int = 4) -> list[Path]:
+    """Small multiples, one panel per fit: train loss (and validation loss, when logged) per epoch on a
+    log scale, each panel titled with the fit's convergence verdict (coloured: converged green, not
+    converged orange-red, unknown grey). ``series``: label -> {"train": [(epoch, loss)], "val": [...]}."""
+    if not series:
+        raise ValueError("no loss curves to plot")
+    n = len(series)
+    ncols = max(1, min(ncols, n))
+    nrows = -(-n // ncols)
+    with style():
+        fig = new_figure(1.9 * ncols + 0.4, 1.55 * nrows + 0.5)
+        axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+        for ax, (label, s) in zip(axes, series.items()):
+            for key, colour, ls in (("train", ORDER_COLOURS[0], "-"), ("val", ORDER_COLOURS[1], "--")):
+                pts = s.get(key) or []
+                if pts:
+                    e, v = zip(*pts)
+                    ax.plot(e, v, ls, color=colour, lw=1.0, label=key)
+            vals = [v for pts in s.values() for _, v in pts]
+            if vals and min(vals) > 0:
+                ax.set_yscale("log")
+            verdict = verdicts.get(label, "unknown")
+            ax.set_title(f"{label}\n{verdict}", fontsize=7, color=VERDICT_COLOURS.get(verdict, "#777777"))
+            ax.tick_params(labelsize=6)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=4))
+        for ax in axes[n:]:
+            ax.set_axis_off()
+        handles, labels = axes[0].get_legend_handles_labels()
+        if any("val" in s for s in series.values()) and "val" not in labels:
+            handles.append(matplotlib.lines.Line2D([], [], ls="--", color=ORDER_COLOURS[1]))
+            labels.append("val")
+        fig.legend(handles, ["train loss" if l == "train" else "validation loss" for l in labels],
+                   loc="outside lower center", ncols=2, frameon=False, fontsize=7)
+        fig.supxlabel("epoch", fontsize=8)
+        fig.suptitle(title)
         return save_figure(fig, out_base)
 
 
@@ -367,7 +527,8 @@ def residual_energy_figure(diag: Mapping[str, Any], out_base: str | os.PathLike,
             ax.set_title(label, fontsize=8)
             pax = fig.add_subplot(grid[r, 1])
             pos = np.asarray(d["position_relative"], dtype=float)
-            im = pax.imshow(pos, cmap=ENERGY_CMAP, vmin=0, vmax=max(1.0, float(pos.max())))
+            lo, hi = float(np.nanmin(pos)), float(np.nanmax(pos))
+            im = pax.imshow(pos, cmap=ENERGY_CMAP, vmin=lo, vmax=hi if hi > lo else lo + 1e-6)
             pax.set_xticks([])
             pax.set_yticks([])
             pax.set_title("per position", fontsize=8)

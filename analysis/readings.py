@@ -9,7 +9,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from analysis.bootstrap import percentile_interval
 from analysis.consistency import asymmetry, generation_rows, natural_key
+from analysis.convergence import refusal, usable, verdict_of
 from analysis.study_folder import StudyFolder, read_study_folder
 
 ASYMMETRY_THRESHOLD = 0.05   # residual fractions of the two directions differing less than this: "nearly symmetric"
@@ -45,43 +47,110 @@ def pair_reading(row: Mapping[str, Any]) -> str:
 
 
 def consistency_readings(rows: Sequence[Mapping[str, Any]], layer: str) -> list[str]:
-    """Plain-language statements computed from a consistency table (no claim beyond the numbers)."""
-    out = []
-    inside = [f"{r['source']}→{r['target']}" for r in rows if r.get("held_out") is False]
-    if inside:
-        out.append(f"Warning: {len(inside)} of {len(rows)} pair(s) ({', '.join(inside)}) are scored on their "
-                   f"training split (in-sample, not held-out): a Trans-Net can memorise its training rows, so "
-                   f"their R² and fractions overstate the consistency.")
-    ok = [r for r in rows if r.get("fraction_residual") is not None]
+    """Plain-language statements computed from a consistency table (no claim beyond the numbers).
+
+    No conclusion (extreme, share, asymmetry) is drawn from a pair that is not converged or whose R²
+    is below 0 (``analysis.convergence.refusal``); the readings say which pairs and why. Two values are
+    compared only when their bootstrap intervals (``<key>_ci`` columns, when present) separate."""
+    out = in_sample_readings(rows)
+    refused = [(r, refusal(r)) for r in rows if refusal(r)]
+    if refused:
+        out.append(f"No conclusion is drawn from {len(refused)} of {len(rows)} pair(s): " + "; ".join(
+            f"{r['source']}→{r['target']}: {why}" for r, why in refused) + ".")
+    ok = [r for r in rows if usable(r) and r.get("fraction_residual") is not None]
     if ok:
         best = min(ok, key=lambda r: r["fraction_residual"])
         worst = max(ok, key=lambda r: r["fraction_residual"])
         res = np.array([r["fraction_residual"] for r in ok])
-        out.append(f"At layer {layer}, over {len(ok)} directed pair(s), the inconsistent part of the target's "
-                   f"variance ranges from {pct(res.min())} ({best['source']}→{best['target']}) to "
-                   f"{pct(res.max())} ({worst['source']}→{worst['target']}); median {pct(float(np.median(res)))}.")
-        f0 = [r.get("fraction_order0") for r in ok if r.get("fraction_order0") is not None]
-        hi = [sum(r.get(f"fraction_order{k}") or 0.0 for k in range(1, int(r.get("orders", 0)) + 1)) for r in ok]
-        if f0 and any(int(r.get("orders", 0)) > 0 for r in ok):
-            where = "the linear (order-0) component" if np.median(f0) >= np.median(hi) else "the nonlinear components"
-            note = (" (fractions above 100% mean that the components overlap and partly cancel)"
-                    if max(np.median(f0), np.median(hi)) > 1 else "")
-            out.append(f"The larger share lies in {where}: median fraction {pct(float(np.median(f0)))} at order 0 "
-                       f"against {pct(float(np.median(hi)))} summed over orders ≥ 1{note}.")
-    asym = asymmetry(rows)
-    if asym:
-        d = asym[0]
-        if abs(d["difference"]) >= ASYMMETRY_THRESHOLD:
-            hard, easy = (d["b"], d["a"]) if d["difference"] > 0 else (d["a"], d["b"])
-            r_hard = max(d["a_to_b"], d["b_to_a"])
-            r_easy = min(d["a_to_b"], d["b_to_a"])
-            out.append(f"Largest asymmetry: {pct(r_hard)} of {hard}'s variance is not rebuilt from {easy}, but only "
-                       f"{pct(r_easy)} of {easy}'s from {hard}: {hard} holds more knowledge that {easy} lacks than "
-                       f"the reverse.")
+        if separated(best.get("fraction_residual_ci"), worst.get("fraction_residual_ci")):
+            out.append(f"At layer {layer}, over {len(ok)} directed pair(s), the inconsistent part of the target's "
+                       f"variance ranges from {pct(res.min())} ({best['source']}→{best['target']}) to "
+                       f"{pct(res.max())} ({worst['source']}→{worst['target']}); median {pct(float(np.median(res)))}.")
         else:
-            out.append(f"The pairs are nearly symmetric: the two directions' residual fractions differ by at most "
-                       f"{pct(abs(d['difference']))} ({d['a']}, {d['b']}).")
-    out += [pair_reading(r) for r in rows]
+            out.append(f"At layer {layer}, over {len(ok)} directed pair(s), the inconsistent part of the target's "
+                       f"variance lies between {pct(res.min())} and {pct(res.max())} (median "
+                       f"{pct(float(np.median(res)))}); the extremes' bootstrap intervals overlap, so no pair is "
+                       f"named the most or least consistent.")
+        out += share_readings(ok)
+    out += asymmetry_readings(rows)
+    unknown = [f"{r['source']}→{r['target']}" for r in rows if verdict_of(r) == "unknown" and usable(r)]
+    if unknown:
+        out.append(f"Convergence was not judged for {len(unknown)} pair(s) ({', '.join(unknown)}): their numbers "
+                   f"are read as they are, without a convergence check.")
+    return out
+
+
+def in_sample_readings(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    inside = [f"{r['source']}→{r['target']}" for r in rows if r.get("held_out") is False]
+    if not inside:
+        return []
+    return [f"Warning: {len(inside)} of {len(rows)} pair(s) ({', '.join(inside)}) are scored on their training "
+            f"split (in-sample, not held-out): a Trans-Net can memorise its training rows, so their R² and "
+            f"fractions overstate the consistency."]
+
+
+def share_readings(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Where the explained variance lies, from the additive shares (sequential R² gains: they add up
+    to R²); the paper's per-order fractions overlap, so they are stated once as overlapping, not as shares."""
+    out = []
+    add = [r["additive_shares"] for r in rows if r.get("additive_shares") and len(r["additive_shares"]) > 1]
+    if add:
+        first = float(np.median([a[0] for a in add]))
+        rest = float(np.median([sum(a[1:]) for a in add]))
+        where = "the linear (order-0) component" if first >= rest else "the nonlinear components"
+        out.append(f"The larger share lies in {where}: order 0 alone reaches a median R² of {first:.2f}, and the "
+                   f"orders ≥ 1 add a median {rest:+.2f} (additive shares over {len(add)} pair(s)).")
+    over = [r for r in rows if overlap_total(r) is not None and overlap_total(r) > OVERLAP_TOLERANCE]
+    if over:
+        tot = [overlap_total(r) for r in over]
+        out.append(f"In {len(over)} of {len(rows)} pair(s) the paper's per-order variances and the residual add up "
+                   f"to {min(tot):.1f}x–{max(tot):.1f}x the target's variance: the order components overlap and "
+                   f"partly cancel, so their fractions are not shares of the target"
+                   + (" (the additive shares are)." if add else "."))
+    return out
+
+
+def overlap_total(row: Mapping[str, Any]) -> float | None:
+    """Sum of the per-order fractions and the residual fraction of a row (None if any is missing)."""
+    vals = [row.get(f"fraction_order{k}") for k in range(int(row.get("orders", 0)) + 1)] + [row.get("fraction_residual")]
+    return None if any(v is None for v in vals) else float(sum(vals))
+
+
+def separated(a: Sequence[float] | None, b: Sequence[float] | None) -> bool:
+    """True when two intervals [lo, hi] do not overlap, or when either is unknown (then the point
+    values are compared as they are)."""
+    if not a or not b:
+        return True
+    return a[1] < b[0] or b[1] < a[0]
+
+
+def asymmetry_readings(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The largest asymmetry between the two directions of a pair, read only from usable pairs and
+    only when the two residual fractions (and their intervals) differ."""
+    out = []
+    by = {(r["source"], r["target"]): r for r in rows}
+    for d in asymmetry(rows):
+        bad = [f"{x}→{y}" for x, y in ((d["a"], d["b"]), (d["b"], d["a"])) if not usable(by[(x, y)])]
+        if bad:
+            out.append(f"The asymmetry between {d['a']} and {d['b']} is not read: {', '.join(bad)} cannot carry a "
+                       f"conclusion (see above).")
+    asym = asymmetry([r for r in rows if usable(r)])
+    if not asym:
+        return out
+    d = asym[0]
+    ci_ab = by[(d["a"], d["b"])].get("fraction_residual_ci")
+    ci_ba = by[(d["b"], d["a"])].get("fraction_residual_ci")
+    if abs(d["difference"]) < ASYMMETRY_THRESHOLD or not separated(ci_ab, ci_ba):
+        why = ("their bootstrap intervals overlap" if not separated(ci_ab, ci_ba)
+               else f"they differ by at most {pct(abs(d['difference']))}")
+        out.append(f"The pairs are nearly symmetric: the two directions' residual fractions of {d['a']} and {d['b']} "
+                   f"(the largest difference) cannot be told apart: {why}.")
+        return out
+    hard, easy = (d["b"], d["a"]) if d["difference"] > 0 else (d["a"], d["b"])
+    r_hard, r_easy = max(d["a_to_b"], d["b_to_a"]), min(d["a_to_b"], d["b_to_a"])
+    out.append(f"Largest asymmetry: {pct(r_hard)} of {hard}'s variance is not rebuilt from {easy}, but only "
+               f"{pct(r_easy)} of {easy}'s from {hard}: {hard} holds more knowledge that {easy} lacks than "
+               f"the reverse.")
     return out
 
 
@@ -116,42 +185,71 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
 
 def agreement_points(rows: Sequence[Mapping[str, Any]], sim: Mapping[str, Any], metric: str) -> list[dict[str, Any]]:
     """One point per unordered pair present in both: x = the similarity metric, y = the mean of the two
-    directions' R² (or the one direction fitted). Pairs without a finite value are left out."""
+    directions' R² (or the one direction fitted). Pairs without a finite value are left out. Points
+    carry ``x_ci`` (the metric's interval, when the similarity holds a ``ci`` matrix), ``y_ci`` (from the
+    rows' paired R² replicates, when present), and ``usable`` (no direction refused a conclusion)."""
     nets = sim["nets"]
-    m = sim["metrics"][metric]["matrix"]
+    body = sim["metrics"][metric]
+    m, ci = body["matrix"], body.get("ci")
     idx = {n: i for i, n in enumerate(nets)}
-    r2: dict[frozenset, list[float]] = {}
+    by: dict[frozenset, list[Mapping[str, Any]]] = {}
     for r in rows:
         if r["source"] in idx and r["target"] in idx and r.get("r2") is not None:
-            r2.setdefault(frozenset((r["source"], r["target"])), []).append(r["r2"])
+            by.setdefault(frozenset((r["source"], r["target"])), []).append(r)
     pts = []
-    for key, vals in r2.items():
+    for key, rs in by.items():
         a, b = sorted(key, key=natural_key)
         v = m[idx[a]][idx[b]]
         if v is None or not math.isfinite(v):
             continue
-        pts.append({"label": f"{a}–{b}", "x": float(v), "y": float(np.mean(vals)), "a": a, "b": b})
+        reps = [r["r2_replicates"] for r in rs if r.get("r2_replicates") is not None]
+        y_ci = percentile_interval(np.mean(reps, axis=0)) if len(reps) == len(rs) else None
+        pts.append({"label": f"{a}–{b}", "x": float(v), "y": float(np.mean([r["r2"] for r in rs])), "a": a, "b": b,
+                    "x_ci": ci[idx[a]][idx[b]] if ci else None, "y_ci": y_ci, "usable": all(usable(r) for r in rs)})
     return sorted(pts, key=lambda p: natural_key(p["label"]))
 
 
+def separable_share(values: Sequence[float], cis: Sequence[Sequence[float] | None]) -> float:
+    """Share of the pairs of points whose intervals separate (1.0 when no interval is known)."""
+    if not any(cis):
+        return 1.0
+    n = len(values)
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    return sum(separated(cis[i], cis[j]) for i, j in pairs) / max(len(pairs), 1)
+
+
 def agreement_readings(points: Sequence[Mapping[str, Any]], metric: str) -> list[str]:
+    """Whether the metric and the Trans-Net R² rank the pairs alike, read only from usable pairs and only
+    when most of their intervals separate (otherwise the rankings are noise and the reading says so)."""
+    refused = [p["label"] for p in points if p.get("usable") is False]
+    points = [p for p in points if p.get("usable") is not False]
+    out = [f"Left out of the ranking: {', '.join(refused)} (a Trans-Net that cannot carry a conclusion)."] \
+        if refused else []
     if len(points) < 3:
-        return [f"Only {len(points)} pair(s) have both {metric} and a Trans-Net R²: too few to compare rankings."]
+        return out + [f"Only {len(points)} pair(s) have both {metric} and a usable Trans-Net R²: too few to "
+                      f"compare rankings."]
+    for axis, name in (("x", metric), ("y", "the Trans-Net R²")):
+        share = separable_share([p[axis] for p in points], [p.get(f"{axis}_ci") for p in points])
+        if share < 0.5:
+            vals = [p[axis] for p in points]
+            return out + [f"The {len(points)} pairs cannot be ranked by {name}: their values ({min(vals):.3f} to "
+                          f"{max(vals):.3f}) lie within each other's bootstrap intervals ({100 * share:.0f}% of the "
+                          f"pairs of pairs separate), so no ranking is compared."]
     rho = spearman([p["x"] for p in points], [p["y"] for p in points])
     if rho is None:
-        return [f"{metric} or the Trans-Net R² is the same for every pair: their rankings cannot be compared."]
+        return out + [f"{metric} or the Trans-Net R² is the same for every pair: their rankings cannot be compared."]
     word = "agree" if rho >= 0.7 else "partly agree" if rho >= 0.3 else "disagree"
     rx = _ranks([p["x"] for p in points])
     ry = _ranks([p["y"] for p in points])
     worst = int(np.argmax(np.abs(rx - ry)))
     weak = f" (only {len(points)} pairs: weak evidence)" if len(points) < 6 else ""
-    text = [f"{metric} and the Trans-Net R² {word} on the ranking of the {len(points)} pairs (Spearman ρ = {rho:.2f})"
-            f"{weak}."]
+    out.append(f"{metric} and the Trans-Net R² {word} on the ranking of the {len(points)} pairs (Spearman ρ = "
+               f"{rho:.2f}){weak}.")
     if abs(rx[worst] - ry[worst]) >= 1:
         p = points[worst]
-        text.append(f"They differ most on {p['label']}: rank {int(rx[worst])} of {len(points)} by {metric} "
-                    f"({p['x']:.2f}) but {int(ry[worst])} by R² ({p['y']:.2f}) (rank 1 = most alike).")
-    return text
+        out.append(f"They differ most on {p['label']}: rank {int(rx[worst])} of {len(points)} by {metric} "
+                   f"({p['x']:.2f}) but {int(ry[worst])} by R² ({p['y']:.2f}) (rank 1 = most alike).")
+    return out
 
 
 def _ranks(v: Sequence[float]) -> np.ndarray:

@@ -1,10 +1,11 @@
 """The study report: one self-contained ``report.html`` (figures embedded as base64 PNG) and a
 ``report.md`` (figures as relative links) from a study folder.
 
-    python cli.py report STUDY_DIR [--out_dir DIR]
+    python cli.py report STUDY_DIR [--out_dir DIR] [--bootstrap B] [--seed S]
 
-The study folder's layout is in ``analysis/study_folder.py``, the sentences come from
-``analysis/readings.py`` and the two renderers from ``analysis/document.py``.
+The study folder's layout is in ``analysis/study_layout.py`` (any folder of results is read too:
+``analysis/study_folder.py``), the sentences come from ``analysis/readings.py``, the bootstrap
+intervals from ``analysis/uncertainty.py`` and the two renderers from ``analysis/document.py``.
 
 The document is built once as a list of blocks (headings, paragraphs, lists, tables, figures) and
 rendered twice (Markdown and HTML), so both files say the same. Every sentence with a number in it
@@ -20,7 +21,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from analysis import plots
+from analysis.bootstrap import REPLICATES
 from analysis.consistency import natural_key, net_matrix
+from analysis.convergence import loss_series, verdict_of
 from analysis.document import Block, render_html, render_markdown
 from analysis.readings import (
     agreement_points,
@@ -32,14 +35,17 @@ from analysis.readings import (
     study_generations,
 )
 from analysis.study_folder import StudyFolder, read_study_folder
+from analysis.uncertainty import add_study_intervals
 from common.files import atomic_write
 from common.provenance import now_utc, provenance
 
 SIMILARITY_KIND = {"procrustes": "distance"}          # every other metric is a similarity in [0, 1]
 CONSISTENCY_NOTE = ("Fractions are of the target's variance Var(x_B) on held-out features (per-channel "
-                    "centred). The order components are not orthogonal, so the fractions of the orders and "
-                    "the residual need not add up to 1. Knowledge consistency is directional: A→B asks how "
-                    "much of B's features can be rebuilt from A's.")
+                    "centred). The paper's per-order variances Var(Y_k) overlap (the components are not "
+                    "orthogonal), so they and the residual need not add up to 1; the additive shares do: order "
+                    "0's share is the R² of Y0 alone, order k's the R² it adds to the orders below it, and "
+                    "they sum to R². Knowledge consistency is directional: A→B asks how much of B's features "
+                    "can be rebuilt from A's.")
 
 
 # =========================================================================== figures
@@ -51,11 +57,25 @@ def study_figures(st: StudyFolder, out_dir: str | os.PathLike | None = None) -> 
     figs: dict[str, list[Path]] = {}
     for layer, c in st.consistency.items():
         tag = _slug(layer)
-        figs[f"consistency_residual_{tag}"] = plots.matrix_heatmap(
-            net_matrix(c["rows"], c["nets"], "fraction_residual"), c["nets"], out / f"consistency_residual_{tag}",
-            f"Residual fraction at {layer}", "residual fraction of Var(x_B)")
+        if mostly_empty(c["rows"], c["nets"]):
+            figs[f"consistency_residual_{tag}"] = plots.pair_value_bars(
+                c["rows"], "fraction_residual", pair_groups(st, c["rows"]), out / f"consistency_residual_{tag}",
+                f"Residual fraction per pair at {layer}", "residual fraction of Var(x_B)")
+        else:
+            figs[f"consistency_residual_{tag}"] = plots.matrix_heatmap(
+                net_matrix(c["rows"], c["nets"], "fraction_residual"), c["nets"], out / f"consistency_residual_{tag}",
+                f"Residual fraction at {layer}", "residual fraction of Var(x_B)", marks=not_converged_marks(c))
         figs[f"order_fractions_{tag}"] = plots.order_fraction_bars(
-            c["rows"], out / f"order_fractions_{tag}", f"Variance of each target explained per order at {layer}")
+            c["rows"], out / f"order_fractions_{tag}", f"Variance of each target per order at {layer} (Var(Y_k))")
+        if any(r.get("additive_shares") for r in c["rows"]):
+            figs[f"additive_shares_{tag}"] = plots.additive_share_bars(
+                c["rows"], out / f"additive_shares_{tag}", f"Share of each target's variance added per order at {layer}")
+        series = {label: loss_series(h) for label, h in c.get("histories", {}).items()}
+        series = {k: v for k, v in series.items() if v}
+        if series:
+            verdicts = {f"{r['source']}→{r['target']}": verdict_of(r) for r in c["rows"]}
+            figs[f"loss_curves_{tag}"] = plots.loss_curves(series, verdicts, out / f"loss_curves_{tag}",
+                                                           f"Trans-Net loss per epoch at {layer}")
     for layer, s in st.similarity.items():
         tag = _slug(layer)
         for metric, body in s.get("metrics", {}).items():
@@ -83,6 +103,26 @@ def study_figures(st: StudyFolder, out_dir: str | os.PathLike | None = None) -> 
     return figs
 
 
+def mostly_empty(rows: Sequence[Mapping[str, Any]], nets: Sequence[str]) -> bool:
+    """True when fewer than half of the net x net matrix's off-diagonal cells were computed."""
+    return len(rows) < 0.5 * len(nets) * (len(nets) - 1)
+
+
+def pair_groups(st: StudyFolder, rows: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """Pair label ``A→B`` -> the family of both nets (``seeds``), or ``fam_A / fam_B`` across families."""
+    fam = {m["name"]: f["name"] for f in st.families for m in f["members"]}
+    out = {}
+    for r in rows:
+        fa, fb = fam.get(r["source"], "?"), fam.get(r["target"], "?")
+        out[f"{r['source']}→{r['target']}"] = fa if fa == fb else f"{fa} / {fb}"
+    return out
+
+
+def not_converged_marks(c: Mapping[str, Any]) -> list[list[bool]]:
+    """Net x net: True where the pair's fit is judged not converged."""
+    return [[v == "not converged" for v in row] for row in net_matrix(c["rows"], c["nets"], "convergence")]
+
+
 def _slug(s: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in s).strip("_") or "x"
 
@@ -104,41 +144,90 @@ def _fmt(v: Any) -> str:
 def consistency_table(rows: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
     k_max = max((int(r.get("orders", 0)) for r in rows), default=0)
     header = (["source (A)", "target (B)", "n"] + [f"frac. order {k}" for k in range(k_max + 1)]
-              + ["frac. residual", "R²"] + [f"gate {k}" for k in range(1, k_max + 1)] + ["MSE", "warnings"])
+              + [f"add. share {k}" for k in range(k_max + 1)]
+              + ["frac. residual", "R²", "convergence"] + [f"gate {k}" for k in range(1, k_max + 1)]
+              + ["MSE", "warnings"])
     body = []
     for r in rows:
         body.append([r["source"], r["target"], _fmt(r.get("n_samples"))]
                     + [_fmt(r.get(f"fraction_order{k}")) for k in range(k_max + 1)]
-                    + [_fmt(r.get("fraction_residual")), _fmt(r.get("r2"))]
+                    + [_fmt_ci(_at(r.get("additive_shares"), k), _at(r.get("additive_shares_ci"), k))
+                       for k in range(k_max + 1)]
+                    + [_fmt_ci(r.get("fraction_residual"), r.get("fraction_residual_ci")),
+                       _fmt_ci(r.get("r2"), r.get("r2_ci")), verdict_of(r)]
                     + [_fmt(r.get(f"gate{k}")) for k in range(1, k_max + 1)]
                     + [_fmt(r.get("mse")), r.get("warnings") or ""])
     return header, body
 
 
-def matrix_table(matrix: Sequence[Sequence[Any]], nets: Sequence[str], corner: str) -> tuple[list[str], list[list[str]]]:
-    return [corner] + list(nets), [[n] + [_fmt(v) for v in row] for n, row in zip(nets, matrix)]
+def _at(values: Sequence[Any] | None, k: int) -> Any:
+    return values[k] if values and k < len(values) else None
+
+
+def matrix_table(matrix: Sequence[Sequence[Any]], nets: Sequence[str], corner: str,
+                 ci: Sequence[Sequence[Any]] | None = None) -> tuple[list[str], list[list[str]]]:
+    """A net x net table; with ``ci`` (a matrix of [lo, hi] or None) each cell shows its interval."""
+    ci = ci or [[None] * len(nets) for _ in nets]
+    return [corner] + list(nets), [[n] + [_fmt_ci(v, c) for v, c in zip(row, crow)]
+                                   for n, row, crow in zip(nets, matrix, ci)]
+
+
+def _fmt_ci(v: Any, ci: Sequence[float] | None) -> str:
+    """``0.812 [0.790, 0.830]``: a value and its bootstrap interval (the value alone when there is none)."""
+    if v is None or not ci or any(x is None or x != x for x in ci):
+        return _fmt(v)
+    return f"{_fmt(v)} [{_fmt(float(ci[0]))}, {_fmt(float(ci[1]))}]"
+
+
+def interval_note(st: StudyFolder) -> str:
+    """The one sentence that states how every interval of the report was computed."""
+    b = st.bootstrap
+    if not b:
+        return "No bootstrap intervals were computed (report --bootstrap 0): values are read without uncertainty."
+    return (f"Intervals in brackets are {100 * b['level']:.0f}% percentile bootstrap intervals over test rows: the "
+            f"resampling unit is one {b['unit']}; {b['replicates']} resamples, seed {b['seed']}, the same resamples "
+            f"for every pair and measure. Two values are compared or ranked only when their intervals separate.")
 
 
 def build_document(st: StudyFolder, figs: Mapping[str, list[Path]]) -> list[Block]:
     """The report as blocks, most important first: the answer, then the evidence, then provenance."""
-    doc: list[Block] = []
     name = (st.info or {}).get("title") or (st.info or {}).get("name")
-    title = f"Knowledge consistency study: {name or st.root.name}"
-    doc.append(("h", 1, title))
-    doc.append(("p", f"Generated {now_utc()} from {st.root.resolve()}."))
-
-    # ---- the answer first
-    glance = glance_readings(st)
-    doc.append(("h", 2, "At a glance"))
-    doc.append(("ul", glance or ["No consistency results in this study yet (see 'Missing parts' below)."]))
+    doc: list[Block] = [("h", 1, f"Knowledge consistency study: {name or st.root.name}"),
+                        ("p", f"Generated {now_utc()} from {st.root.resolve()}.")]
     first_heat = next((k for k in figs if k.startswith("consistency_residual_")), None)
-    if first_heat:
-        doc.append(("fig", figs[first_heat][0], "Residual fraction per directed pair (row = source A, column = "
-                                                 "target B): the share of B's features that A's cannot rebuild. "
-                                                 "Colour scale fixed to [0, 1]."))
+    doc += glance_section(st, figs, first_heat)
+    doc += compared_section(st)
+    doc += networks_section(st)
+    for layer, c in st.consistency.items():
+        doc += consistency_section(layer, c, figs, first_heat, interval_note(st))
+    doc += generations_section(st, figs)
+    for layer, s in st.similarity.items():
+        doc += similarity_section(st, layer, s, figs)
+    for layer, diags in st.diagnosis.items():
+        doc += diagnosis_section(layer, diags)
+    doc += training_section(figs)
+    doc += closing_section(st)
+    return doc
 
-    # ---- what was compared
-    doc.append(("h", 2, "What was compared"))
+
+# ---- one function per section, in the order the report shows them
+
+def glance_section(st: StudyFolder, figs: Mapping[str, list[Path]], first_heat: str | None) -> list[Block]:
+    """The answer first: the few readings that answer the study's question, and the first heatmap."""
+    doc: list[Block] = [("h", 2, "At a glance"),
+                        ("ul", glance_readings(st) or ["No consistency results in this study yet (see 'Missing "
+                                                       "parts' below)."])]
+    if first_heat:
+        doc.append(("fig", figs[first_heat][0], "Residual fraction per directed pair (a matrix: row = source A, "
+                                                "column = target B; or bars per pair grouped by family when most "
+                                                "cells of the matrix were not computed): the share of B's "
+                                                "features that A's cannot rebuild. † marks a fit not converged."))
+    return doc
+
+
+def compared_section(st: StudyFolder) -> list[Block]:
+    """What was compared: the study's description and options, the feature file's splits, nets and layers."""
+    doc: list[Block] = [("h", 2, "What was compared")]
     if st.info and st.info.get("description"):
         doc.append(("p", str(st.info["description"]).strip()))
     items = [f"{k}: {describe_value(v)}" for k, v in (st.info or {}).items() if k not in INFO_SKIP]
@@ -151,100 +240,129 @@ def build_document(st: StudyFolder, figs: Mapping[str, list[Path]]) -> list[Bloc
             items.append(f"split {split}: {s['n']} images; nets {', '.join(sorted(s['nets'], key=natural_key))}; "
                          f"layers {', '.join(layers)}")
     doc.append(("ul", items or ["(no study.json and no feature file: see the sections below)"]))
-
-    # ---- networks
-    if st.families:
-        doc.append(("h", 2, "Networks"))
-        for fam in st.families:
-            header = ["member", "role", "generation", "teacher", "arch", "test top-1 (%)", "epochs"]
-            body = [[m["name"], m["role"], _fmt(m["generation"]), m["teacher"] or "—", m["arch"] or "—",
-                     _fmt(m["metrics"].get("test_top1")), _fmt(m["metrics"].get("epoch"))] for m in fam["members"]]
-            doc.append(("h", 3, f"Family {fam['name']} ({fam['family']})"))
-            doc.append(("table", header, body))
-
-    # ---- consistency
-    for layer, c in st.consistency.items():
-        tag = _slug(layer)
-        doc.append(("h", 2, f"Knowledge consistency at {layer}"))
-        doc.append(("p", CONSISTENCY_NOTE))
-        doc.append(("ul", consistency_readings(c["rows"], layer)))
-        doc.append(("table", *consistency_table(c["rows"])))
-        for key, cap in ((f"consistency_residual_{tag}", "Residual fraction matrix (row = source, column = target)."),
-                         (f"order_fractions_{tag}", "Fraction of each target's variance per order and in the "
-                                                    "residual (stacked; need not sum to 1).")):
-            if key in figs and key != first_heat:
-                doc.append(("fig", figs[key][0], cap))
-            elif key == first_heat:
-                doc.append(("p", "The residual fraction matrix is shown under 'At a glance'."))
-        if c.get("matrices"):
-            m = c["matrices"]["matrices"]
-            doc.append(("h", 3, "R² matrix (row = source A, column = target B)"))
-            doc.append(("table", *matrix_table(m["r2"], c["matrices"]["nets"], "A \\ B")))
-
-    # ---- generations
-    gens = study_generations(st)
-    if gens:
-        doc.append(("h", 2, "Generations"))
-        for fam, layers in gens.items():
-            for layer, rows in layers.items():
-                tag = _slug(f"{fam}_{layer}" if layer else fam)
-                doc.append(("h", 3, f"{fam}" + (f" at {layer}" if layer else "")))
-                doc.append(("ul", generation_readings(rows) or ["(no accuracies or residuals recorded)"]))
-                doc.append(("table", ["generation", "net", "test top-1 (%)", "slim top-1 (%)",
-                                      "residual to previous", "residual to first"],
-                            [[_fmt(r["generation"]), r["net"], _fmt(r["test_top1"]), _fmt(r["slim_test_top1"]),
-                              _fmt(r["residual_to_previous"]), _fmt(r["residual_to_first"])] for r in rows]))
-                if f"generations_{tag}" in figs:
-                    doc.append(("fig", figs[f"generations_{tag}"][0], "Accuracy and residual fractions over generations."))
-
-    # ---- similarity baselines
-    for layer, s in st.similarity.items():
-        tag = _slug(layer)
-        doc.append(("h", 2, f"Similarity baselines at {layer}"))
-        doc.append(("p", f"Split {s.get('split')}; rows and columns in the order {', '.join(s['nets'])}. "
-                         "Similarities lie in [0, 1] (1 = alike); distances are ≥ 0 (0 = alike). These measures are "
-                         "symmetric; Trans-Net consistency is directional."))
-        for metric, body in s.get("metrics", {}).items():
-            doc.append(("h", 3, metric))
-            doc.append(("table", *matrix_table(body["matrix"], s["nets"], metric)))
-            if body.get("null_mean") is not None:
-                doc.append(("p", f"Permutation null (shuffled pairing of samples): mean {_fmt_null(body['null_mean'])}."))
-            for w in body.get("warnings", []) or []:
-                doc.append(("p", f"Warning: {w}"))
-            if f"similarity_{metric}_{tag}" in figs:
-                doc.append(("fig", figs[f"similarity_{metric}_{tag}"][0], f"{metric} matrix."))
-        if layer in st.consistency and "cka" in s.get("metrics", {}):
-            pts = agreement_points(st.consistency[layer]["rows"], s, "cka")
-            doc.append(("ul", agreement_readings(pts, "cka")))
-            if f"agreement_cka_{tag}" in figs:
-                doc.append(("fig", figs[f"agreement_cka_{tag}"][0], "One point per pair of nets: CKA against the "
-                                                                      "mean held-out R² of the two Trans-Nets."))
-
-    # ---- diagnosis
-    for layer, diags in st.diagnosis.items():
-        doc.append(("h", 2, f"Network diagnosis at {layer}"))
-        for d in diags:
-            doc.append(("h", 3, f"{d['a']} against {d['b']}"))
-            doc.append(("ul", diagnosis_readings(d)))
-            for rel in d.get("figures", []):
-                p = Path(d["dir"]) / rel
-                if p.suffix == ".png" and p.is_file():
-                    doc.append(("fig", p, _diag_caption(p.name, d)))
-
-    # ---- training curves
-    train_figs = [k for k in figs if k.startswith("training_")]
-    if train_figs:
-        doc.append(("h", 2, "Training curves"))
-        for k in train_figs:
-            doc.append(("fig", figs[k][0], k.replace("training_", "Family ")))
-
-    # ---- missing, warnings, provenance
-    doc.append(("h", 2, "Missing parts and warnings"))
-    doc.append(("ul", [f"missing: {m}" for m in st.missing] + [f"warning: {w}" for w in st.warnings]
-                or ["Nothing missing; no warnings."]))
-    doc.append(("h", 2, "Provenance"))
-    doc.append(("ul", provenance_items(st)))
     return doc
+
+
+def networks_section(st: StudyFolder) -> list[Block]:
+    """One table per family: member, role, generation, teacher, arch, accuracy, epochs."""
+    if not st.families:
+        return []
+    doc: list[Block] = [("h", 2, "Networks")]
+    if st.aliases:
+        doc.append(("p", "Trained once, reused: " + ", ".join(f"{a} = {b}" for a, b in sorted(st.aliases.items()))
+                    + ". Each pair has the same training recipe (architecture, data, every training option and "
+                      "seed, loss, no teacher), so the second is the same net: its run directory is the first's, "
+                      "and its similarity to it (CKA 1) is no finding."))
+    for fam in st.families:
+        header = ["member", "role", "generation", "teacher", "arch", "test top-1 (%)", "epochs"]
+        body = [[m["name"] + (f" (= {st.aliases[m['name']]})" if m["name"] in st.aliases else ""), m["role"],
+                 _fmt(m["generation"]), m["teacher"] or "—", m["arch"] or "—",
+                 _fmt(m["metrics"].get("test_top1")), _fmt(m["metrics"].get("epoch"))] for m in fam["members"]]
+        doc += [("h", 3, f"Family {fam['name']} ({fam['family']})"), ("table", header, body)]
+    return doc
+
+
+def consistency_section(layer: str, c: Mapping[str, Any], figs: Mapping[str, list[Path]],
+                        first_heat: str | None, note: str = "") -> list[Block]:
+    """Readings, the pair table, the heatmap and order bars, and the R² matrix of one layer."""
+    tag = _slug(layer)
+    doc: list[Block] = [("h", 2, f"Knowledge consistency at {layer}"), ("p", CONSISTENCY_NOTE), ("p", note),
+                        ("ul", consistency_readings(c["rows"], layer)), ("table", *consistency_table(c["rows"]))]
+    for key, cap in ((f"consistency_residual_{tag}", "Residual fraction per directed pair."),
+                     (f"additive_shares_{tag}", "Additive view: the share of each target's variance that order 0 "
+                                                "explains alone, then the R² each further order adds (stacked: "
+                                                "they sum to R²), topped by the unexplained 1 − R²."),
+                     (f"order_fractions_{tag}", "The paper's view: Var(Y_k) / Var(x_B) per order and the residual "
+                                                "fraction, side by side (they overlap, so they are not stacked).")):
+        cap += " † marks a fit that did not converge." if any(verdict_of(r) == "not converged" for r in c["rows"]) else ""
+        if key in figs and key != first_heat:
+            doc.append(("fig", figs[key][0], cap))
+        elif key == first_heat:
+            doc.append(("p", "The residual fraction matrix is shown under 'At a glance'."))
+    if f"loss_curves_{tag}" in figs:
+        doc.append(("fig", figs[f"loss_curves_{tag}"][0], "Loss per epoch of every Trans-Net (train loss solid, "
+                                                           "validation loss dashed when the fit held rows out of its "
+                                                           "training split), titled with the fit's convergence "
+                                                           "verdict."))
+    if c.get("matrices"):
+        m = c["matrices"]["matrices"]
+        doc.append(("h", 3, "R² matrix (row = source A, column = target B)"))
+        doc.append(("table", *matrix_table(m["r2"], c["matrices"]["nets"], "A \\ B")))
+    return doc
+
+
+def generations_section(st: StudyFolder, figs: Mapping[str, list[Path]]) -> list[Block]:
+    """Per generation family and layer: readings, the accuracy/residual table and the curves."""
+    gens = study_generations(st)
+    if not gens:
+        return []
+    doc: list[Block] = [("h", 2, "Generations")]
+    for fam, layers in gens.items():
+        for layer, rows in layers.items():
+            tag = _slug(f"{fam}_{layer}" if layer else fam)
+            doc.append(("h", 3, f"{fam}" + (f" at {layer}" if layer else "")))
+            doc.append(("ul", generation_readings(rows) or ["(no accuracies or residuals recorded)"]))
+            doc.append(("table", ["generation", "net", "test top-1 (%)", "slim top-1 (%)",
+                                  "residual to previous", "residual to first"],
+                        [[_fmt(r["generation"]), r["net"], _fmt(r["test_top1"]), _fmt(r["slim_test_top1"]),
+                          _fmt(r["residual_to_previous"]), _fmt(r["residual_to_first"])] for r in rows]))
+            if f"generations_{tag}" in figs:
+                doc.append(("fig", figs[f"generations_{tag}"][0], "Accuracy and residual fractions over generations."))
+    return doc
+
+
+def similarity_section(st: StudyFolder, layer: str, s: Mapping[str, Any], figs: Mapping[str, list[Path]]) -> list[Block]:
+    """The similarity baselines of one layer: one matrix per metric, and their agreement with R²."""
+    tag = _slug(layer)
+    doc: list[Block] = [("h", 2, f"Similarity baselines at {layer}"),
+                        ("p", f"Split {s.get('split')}; rows and columns in the order {', '.join(s['nets'])}. "
+                              "Similarities lie in [0, 1] (1 = alike); distances are ≥ 0 (0 = alike). These measures "
+                              "are symmetric; Trans-Net consistency is directional.")]
+    for metric, body in s.get("metrics", {}).items():
+        doc.append(("h", 3, metric))
+        doc.append(("table", *matrix_table(body["matrix"], s["nets"], metric, body.get("ci"))))
+        if body.get("null_mean") is not None:
+            doc.append(("p", f"Permutation null (shuffled pairing of samples): mean {_fmt_null(body['null_mean'])}."))
+        doc += [("p", f"Warning: {w}") for w in body.get("warnings", []) or []]
+        if f"similarity_{metric}_{tag}" in figs:
+            doc.append(("fig", figs[f"similarity_{metric}_{tag}"][0], f"{metric} matrix."))
+    for png in sorted(Path(s["dir"]).glob("**/layers*.png")) if s.get("dir") else []:
+        doc.append(("fig", png, f"Layer x layer similarity ({png.stem}): every layer of one net against every "
+                                f"layer of the other (or of the same net)."))
+    if layer in st.consistency and "cka" in s.get("metrics", {}):
+        pts = agreement_points(st.consistency[layer]["rows"], s, "cka")
+        doc.append(("ul", agreement_readings(pts, "cka")))
+        if f"agreement_cka_{tag}" in figs:
+            doc.append(("fig", figs[f"agreement_cka_{tag}"][0], "One point per pair of nets: CKA against the "
+                                                                  "mean held-out R² of the two Trans-Nets."))
+    return doc
+
+
+def diagnosis_section(layer: str, diags: Sequence[Mapping[str, Any]]) -> list[Block]:
+    """Blind spots and unreliable features of each diagnosed pair, with their figures."""
+    doc: list[Block] = [("h", 2, f"Network diagnosis at {layer}")]
+    for d in diags:
+        doc += [("h", 3, f"{d['a']} against {d['b']}"), ("ul", diagnosis_readings(d))]
+        for rel in d.get("figures", []):
+            p = Path(d["dir"]) / rel
+            if p.suffix == ".png" and p.is_file():
+                doc.append(("fig", p, _diag_caption(p.name, d)))
+    return doc
+
+
+def training_section(figs: Mapping[str, list[Path]]) -> list[Block]:
+    keys = [k for k in figs if k.startswith("training_")]
+    if not keys:
+        return []
+    return [("h", 2, "Training curves")] + [("fig", figs[k][0], k.replace("training_", "Family ")) for k in keys]
+
+
+def closing_section(st: StudyFolder) -> list[Block]:
+    """What is missing, the warnings, and the provenance."""
+    return [("h", 2, "Missing parts and warnings"),
+            ("ul", [f"missing: {m}" for m in st.missing] + [f"warning: {w}" for w in st.warnings]
+             or ["Nothing missing; no warnings."]),
+            ("h", 2, "Provenance"), ("ul", provenance_items(st))]
 
 
 INFO_SKIP = ("title", "name", "description", "updated_utc", "created_utc")
@@ -301,17 +419,21 @@ def provenance_items(st: StudyFolder) -> list[str]:
     return items
 
 
-def write_report(study_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[Path]:
+def write_report(study_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
+                 bootstrap: int = REPLICATES) -> list[Path]:
     """Write ``report.html`` and ``report.md`` (see :func:`make_report`); return their paths."""
-    res = make_report(study_dir, out_dir)
+    res = make_report(study_dir, out_dir, bootstrap)
     return [res["html"], res["markdown"]]
 
 
-def make_report(study_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Read the study, draw its figures (into ``out_dir``/figures, default STUDY/figures), and write
-    ``report.html`` and ``report.md`` into ``out_dir`` (default: the study folder). Returns the paths
-    (``html``, ``markdown``), ``figures`` (key -> paths), and the study's ``missing`` and ``warnings``."""
+def make_report(study_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
+                bootstrap: int = REPLICATES, seed: int = 0) -> dict[str, Any]:
+    """Read the study, add bootstrap intervals (``bootstrap`` resamples of the test rows, seeded; 0: none),
+    draw its figures (into ``out_dir``/figures, default STUDY/figures), and write ``report.html`` and
+    ``report.md`` into ``out_dir`` (default: the study folder). Returns the paths (``html``,
+    ``markdown``), ``figures`` (key -> paths), and the study's ``missing`` and ``warnings``."""
     st = read_study_folder(study_dir)
+    add_study_intervals(st, bootstrap, seed)
     out = Path(out_dir) if out_dir else st.root
     out.mkdir(parents=True, exist_ok=True)
     figs = study_figures(st, out / "figures")

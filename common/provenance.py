@@ -40,11 +40,51 @@ def now_utc() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def in_notebook_kernel() -> bool:
+    """True inside a Jupyter kernel (its argv is the kernel launcher and a connection file, not a command)."""
+    return bool(sys.argv) and ("ipykernel" in Path(sys.argv[0]).name or "ipykernel_launcher" in " ".join(sys.argv))
+
+
+def notebook_name() -> str:
+    """The notebook a kernel runs, as far as the kernel was told: Jupyter's ``JPY_SESSION_NAME``, IPython's
+    ``__session__`` or VS Code's ``__vsc_ipynb_file__``; else a phrase saying it was not told."""
+    name = os.environ.get("JPY_SESSION_NAME")
+    if not name and "IPython" in sys.modules:
+        ip = sys.modules["IPython"].get_ipython()
+        ns = getattr(ip, "user_ns", {}) or {}
+        name = ns.get("__session__") or ns.get("__vsc_ipynb_file__")
+    return str(name) if name else "a notebook (its name was not passed to the kernel)"
+
+
+def notebook_call() -> str | None:
+    """The source line of the notebook cell that led to this call (the outermost cell frame), or None."""
+    import inspect
+
+    frame, found = sys._getframe(1), None
+    while frame is not None:
+        fn = frame.f_code.co_filename
+        if "ipykernel_" in fn or fn.startswith("<ipython-input"):
+            found = frame
+        frame = frame.f_back
+    if found is None:
+        return None
+    ctx = inspect.getframeinfo(found).code_context
+    return ctx[0].strip() if ctx else None
+
+
+def invocation() -> str:
+    """What started the work: the command line, or in a notebook kernel the notebook and the call."""
+    if in_notebook_kernel():
+        call = notebook_call()
+        return f"notebook {notebook_name()}" + (f": {call}" if call else "")
+    return " ".join([Path(sys.argv[0]).name] + sys.argv[1:]) if sys.argv else ""
+
+
 def provenance(device: str | torch.device | None = None) -> dict[str, Any]:
-    """What produced an output: command line, code and library versions, host and device."""
+    """What produced an output: command line (or notebook and call), code and library versions, host and device."""
     dev = str(device) if device is not None else "cpu"
     info = {
-        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]) if sys.argv else "",
+        "command": invocation(),
         "code_version": code_version(),
         "torch_version": _torch_version(),
         "numpy_version": np.__version__,

@@ -7,9 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from analysis.study_layout import STATE_FILE  # noqa: F401  (re-exported: the layout has one owner)
 from common.files import read_json, write_json
-
-STATE_FILE = "state.json"
 
 
 @dataclass

@@ -13,17 +13,7 @@ stage's key and status: a stage whose outputs are complete and whose key is unch
 interrupted stage with the same key resumes; a stage whose key changed is redone from scratch (its
 outputs replaced), and so is everything downstream, whose keys change with it.
 
-Study folder (what ``report`` reads)::
-
-    STUDY/study.json                   the study file as resolved (with member names and pairs)
-    STUDY/state.json                   stage keys, status and times
-    STUDY/families/<family>/           run dirs + family.json (seeds, distill, born_again, evolve)
-    STUDY/features.h5                  kc-features v1: every member, every layer, train and test
-    STUDY/consistency/<layer>/         Trans-Net pairs, table.csv/json, matrices.json
-    STUDY/similarity/<layer>/          similarity.json
-    STUDY/diagnosis/<layer>/           blind spots / unreliable features of one pair
-    STUDY/figures/                     PNG + SVG
-    STUDY/report.html, report.md
+The study folder's layout (what ``report`` reads) is ``analysis/study_layout.py``.
 """
 from __future__ import annotations
 
@@ -37,6 +27,18 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from analysis.study_layout import (
+    ALIASES_FILE,
+    CONSISTENCY,
+    DIAGNOSIS,
+    FAMILIES,
+    FEATURES,
+    FIGURES,
+    REPORT_HTML,
+    SIMILARITY,
+    STUDY_FILE,
+    layer_dir,
+)
 from common.distributed import ControlGroup, DistInfo, local_only
 from common.errors import UserError
 from common.files import load_config_file, read_json, write_json
@@ -61,8 +63,8 @@ class StudyRunner:
         self.study, self.study_file, self.root = study, Path(study_file), Path(out_dir)
         self.ranks = ranks or ControlGroup(timeout=STUDY_TIMEOUT)
         self.log = log if self.ranks.main else (lambda m: None)
-        self.features = self.root / "features.h5"
-        self.fam_dir = self.root / "families"
+        self.features = self.root / FEATURES
+        self.fam_dir = self.root / FAMILIES
         self._keys: dict[str, str] = {}    # stage keys computed so far in this run or plan
 
     # ------------------------------------------------------------------ members
@@ -107,8 +109,8 @@ class StudyRunner:
         if s.report:
             upstream = [x.name for x in st]
             st.append(Stage("report", lambda: {"upstream": [self._done_key(n) for n in upstream]},
-                            self._run_report, lambda: (self.root / "report.html").exists(),
-                            (self.root / "figures",)))
+                            self._run_report, lambda: (self.root / REPORT_HTML).exists(),
+                            (self.root / FIGURES,)))
         return st
 
     def _done_key(self, name: str) -> str | None:
@@ -126,6 +128,9 @@ class StudyRunner:
             if kind == "distill":  # the teacher is another member: its content is an input
                 teacher = str(opts.get("teacher", ""))
                 k["teacher_sha256"] = self._member_hashes([teacher]).get(teacher)
+            alias = self.first_alias(kind, opts)
+            if alias:              # a reused member's checkpoint is an input too
+                k["reuses"] = {alias[0]: self._member_hashes([alias[0]]).get(alias[0])}
             return k
 
         def ok() -> bool:
@@ -139,6 +144,50 @@ class StudyRunner:
         run = lambda mode: self._run_family(kind, opts, out, mode)  # noqa: E731
         return Stage(f"train/{kind}", key, run, ok, (out,), reads_outputs=kind == "distill",
                      independent=kind != "distill", dist_run=run if kind == "seeds" else None)
+
+    # -- members trained once: one recipe, one training
+    def seed_recipes(self) -> dict[str, tuple[str, Path]]:
+        """Recipe hash -> (member name, run directory) of the seeds family's members trained so far."""
+        from training.families import recipe_hash
+
+        opts = self.study.members.get("seeds")
+        if not opts:
+            return {}
+        cfg = self._train_cfg(opts)
+        arch, prefix = str(opts.get("arch", "vgg_tiny")), str(opts.get("prefix", "seed"))
+        out = {}
+        for seed in [int(x) for x in opts.get("seeds", [0, 5])]:
+            run_dir = self.fam_dir / "seeds" / f"{prefix}{seed}"
+            if is_finished(run_dir):
+                out[recipe_hash(arch, self.study.data, replace(cfg, seed=seed))] = (f"{prefix}{seed}", run_dir)
+        return out
+
+    def first_alias(self, kind: str, opts: dict[str, Any]) -> tuple[str, Path] | None:
+        """(member, run dir) of a trained seed whose recipe equals the first generation of a Born-Again
+        (generation 0: cross-entropy, seed ``train.seed``) or Knowledge-Evolution family (generation 1:
+        the same, before any split re-initialisation); None when no seed shares it."""
+        from training.families import recipe_hash
+
+        if kind not in ("born_again", "evolve"):
+            return None
+        cfg = self._train_cfg(opts)
+        recipe = recipe_hash(str(opts.get("arch", "vgg_tiny")), self.study.data, cfg)
+        return self.seed_recipes().get(recipe)
+
+    def record_alias(self, kind: str, first: tuple[str, Path] | None) -> None:
+        """Write ``aliases.json``: member -> the member it is a copy of (one recipe, trained once)."""
+        path = self.root / ALIASES_FILE
+        body = read_json(path) if path.exists() else {"aliases": {}, "note": ""}
+        gen = 0 if kind == "born_again" else 1
+        for m in self.family_members(kind):
+            if m.generation == gen and m.role == "generation":
+                if first:
+                    body["aliases"][m.name] = first[0]
+                else:
+                    body["aliases"].pop(m.name, None)
+        body["note"] = ("member -> member with the same training recipe (architecture, data, every training "
+                        "option and seed, loss, no teacher): trained once, its run directory reused")
+        write_json(path, body)
 
     def _train_cfg(self, opts: dict[str, Any]) -> TrainConfig:
         over = dict(opts.get("train") or {})
@@ -228,7 +277,11 @@ class StudyRunner:
             ban = BANConfig(generations=int(opts.get("generations", 3)), lam=float(opts.get("lambda", 0.5)),
                             temperature=float(opts.get("temperature", 1.0)))
             self.log(f"  born-again: {ban.generations} generations of {arch}, lambda {ban.lam}, T {ban.temperature}")
-            res = born_again(s.data, spec, ban, cfg, out, mode)
+            first = self.first_alias(kind, opts)
+            if first:
+                self.log(f"  {ban.name_prefix}0 has the recipe of {first[0]}: reusing its run, not training it again")
+            res = born_again(s.data, spec, ban, cfg, out, mode, reuse=first[1] if first else None)
+            self.record_alias(kind, first)
             for r in res.generations:
                 self.log(f"  {r['name']}: test top-1 {r['test_top1']:.2f}%, ensemble {r['ensemble_top1']:.2f}%")
         elif kind == "evolve":
@@ -237,7 +290,10 @@ class StudyRunner:
             ke = EvolveConfig(generations=int(opts.get("generations", 3)), split=str(opts.get("split", "kels")).lower(),
                               split_rate=float(opts.get("split_rate", 0.5)))
             self.log(f"  knowledge evolution: {ke.generations} generations of {arch}, {ke.split} split {ke.split_rate}")
-            rows = evolve(s.data, spec, cfg, ke, out, mode, log=lambda m: self.log("  " + m))
+            first = self.first_alias(kind, opts)
+            rows = evolve(s.data, spec, cfg, ke, out, mode, log=lambda m: self.log("  " + m),
+                          reuse=first[1] if first else None)
+            self.record_alias(kind, first)
             for r in rows:
                 slim = f", slim {r['slim_top1']:.2f}%" if r.get("slim_top1") is not None else ""
                 self.log(f"  ke_g{r['generation']}: dense {r['dense_top1']:.2f}%{slim}")
@@ -312,7 +368,7 @@ class StudyRunner:
         return fit_config(self.study)
 
     def _consistency_stage(self, layer: str) -> Stage:
-        out = self.root / "consistency" / layer
+        out = layer_dir(self.root, CONSISTENCY, layer)
 
         def key() -> dict[str, Any]:
             nets, pairs = self.expand_pairs()
@@ -349,7 +405,7 @@ class StudyRunner:
                      dist_run=dist_run)
 
     def _similarity_stage(self, layer: str) -> Stage:
-        out = self.root / "similarity" / layer
+        out = layer_dir(self.root, SIMILARITY, layer)
 
         def key() -> dict[str, Any]:
             return {"extract": self._done_key("extract"), "layer": layer, "metrics": list(self.study.baselines),
@@ -368,7 +424,7 @@ class StudyRunner:
         return Stage(f"similarity/{layer}", key, run, lambda: (out / "similarity.json").exists(), (out,))
 
     def _diagnose_stage(self, layer: str) -> Stage:
-        out = self.root / "diagnosis" / layer
+        out = layer_dir(self.root, DIAGNOSIS, layer)
         a, b = self.study.diagnose  # type: ignore[misc]
 
         def key() -> dict[str, Any]:
@@ -377,7 +433,7 @@ class StudyRunner:
         def run(mode: str) -> None:
             from analysis.diagnose import run_diagnosis
 
-            cons = self.root / "consistency" / layer
+            cons = layer_dir(self.root, CONSISTENCY, layer)
             self.log(f"  blind spots and unreliable features of {a} and {b} at {layer}")
             run_diagnosis(cons, a, b, str(self.features), out, mode)
 
@@ -391,7 +447,7 @@ class StudyRunner:
 
     # ------------------------------------------------------------------ running
     def write_study_json(self) -> None:
-        write_json(self.root / "study.json", {"name": self.study.name, "description": self.study.description,
+        write_json(self.root / STUDY_FILE, {"name": self.study.name, "description": self.study.description,
                                               "study_file": str(self.study_file.resolve()),
                                               "data": asdict(self.study.data), "train": asdict(self.study.train),
                                               "members": self.study.members,
@@ -524,7 +580,7 @@ def run_study(study_file: str | os.PathLike, out_dir: str | os.PathLike, dry_run
             run.finish({"stages": stages, "summary": summary})
     finally:
         ranks.close()
-    report = root / "report.html"
+    report = root / REPORT_HTML
     return {"stages": stages, "summary": summary, "report": str(report) if report.exists() else None}
 
 

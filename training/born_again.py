@@ -19,6 +19,7 @@ from common.files import read_json, write_json
 from common.rundir import RunDir, is_finished
 from training.datasets import DataSpec
 from training.families import (
+    adopt_run,
     check_member_checkpoint,
     data_num_classes,
     load_teacher,
@@ -66,12 +67,14 @@ def _ban_options(ban: BANConfig) -> dict[str, Any]:
 
 
 def born_again(data: DataSpec, model_spec: ModelSpec, ban: BANConfig, cfg: TrainConfig, out_dir: str | Path,
-               mode: str = "new") -> BANResult:
+               mode: str = "new", reuse: str | Path | None = None) -> BANResult:
     """Train G generations of one architecture; generation g+1 learns from generation g.
 
     Generation g trains with seed ``cfg.seed + g`` (its own initialisation and data order). With
     ``mode="resume"`` finished generations are kept as they are, an interrupted one continues from
-    its last checkpoint, and missing ones are trained.
+    its last checkpoint, and missing ones are trained. ``reuse``: a finished run directory with
+    generation 0's recipe (``training.families.recipe_hash``), reused as generation 0 instead of
+    training the same net again.
     """
     if ban.generations < 1:
         raise UserError(f"--generations must be >= 1, got {ban.generations}")
@@ -90,7 +93,10 @@ def born_again(data: DataSpec, model_spec: ModelSpec, ban: BANConfig, cfg: Train
             if g > 0:
                 tpath = member_path(out / f"g{g - 1}", ban.member_checkpoint).resolve()
                 teacher, _, tsha = load_teacher(tpath, data, num_classes, what=f"generation {g - 1} checkpoint")
-            if is_finished(gdir):
+            if g == 0 and reuse is not None and not non_empty(gdir):
+                adopt_run(reuse, gdir)
+                status = "reused"
+            elif is_finished(gdir):
                 _check_same_generation(gdir, ban, tsha)
                 status = "kept"
             else:

@@ -24,6 +24,7 @@ from common.files import atomic_write, read_json, write_json
 from common.provenance import sha256_file
 from common.rundir import RunDir, is_finished
 from training.data import build_dataset, transform_spec
+from training.families import adopt_run
 from training.datasets import DataSpec
 from training.ke import LayerSplit, channel_plan, check_split, count_params, extract_slim, reinit, split_masks
 from training.loop import TrainConfig, evaluate, make_loader
@@ -144,13 +145,15 @@ def _write_family(out: Path, rows: list[dict[str, Any]], model_spec: ModelSpec, 
 
 def evolve(data: DataSpec, model_spec: ModelSpec, cfg: TrainConfig, ke: EvolveConfig, out_dir: str | Path,
            mode: str = "new", preset: str | None = None, preset_keys: list[str] | None = None,
-           log: Callable[[str], None] | None = print) -> list[dict[str, Any]]:
+           log: Callable[[str], None] | None = print, reuse: str | Path | None = None) -> list[dict[str, Any]]:
     """Run (or resume) ``ke.generations`` Knowledge-Evolution generations into ``out_dir``; return
     one row per generation (dense/slim top-1 and top-5, parameters, times, checkpoints).
 
     Generation 1 trains the dense net; before generation g > 1 the fit-hypothesis weights of g-1's
     last epoch are kept, the rest re-drawn (:func:`training.ke.reinit`), and the whole net is trained
-    again with a fresh optimiser and schedule. Finished generations are never retrained.
+    again with a fresh optimiser and schedule. Finished generations are never retrained. ``reuse``: a
+    finished run directory with generation 1's recipe (``training.families.recipe_hash``), reused as
+    generation 1 (its checkpoint gains the split masks) instead of training the same net again.
     """
     log = log or (lambda s: None)
     validate_evolve(ke)
@@ -187,6 +190,15 @@ def evolve(data: DataSpec, model_spec: ModelSpec, cfg: TrainConfig, ke: EvolveCo
                 rows.append(read_json(gdir / "generation.json"))
                 log(f"g{g}: finished earlier (dense {rows[-1]['dense_top1']:.2f}%), skipped")
                 continue
+            if g == 1 and reuse is not None and not is_finished(gdir) and not any(gdir.glob("*.pt")):
+                adopt_run(reuse, gdir)
+                ck = load_checkpoint(gdir / "last.pt")
+                (gdir / "last.pt").unlink()                   # a hard link: write a new file, not through it
+                save_checkpoint(gdir / "last.pt", {**ck, "family": FAMILY, "generation": 1, "split": ke.split,
+                                                   "split_rate": ke.split_rate, "masks": masks,
+                                                   "parent_checkpoint": None, "parent_sha256": None,
+                                                   "reused_from": str(Path(reuse).resolve())})
+                log(f"g1: the recipe of {reuse}: reused, not trained again")
             if not is_finished(gdir):
                 parent = out / f"g{g - 1}" / "last.pt" if g > 1 else None
                 if parent is None:

@@ -40,6 +40,44 @@ def non_empty(path: Path) -> bool:
     return path.is_dir() and any(p.name != ".lock" for p in path.iterdir())
 
 
+def recipe_hash(arch: str, data: DataSpec, cfg: TrainConfig, loss: str = "cross_entropy",
+                teacher_sha256: str | None = None) -> str:
+    """Content hash of a training recipe: architecture, data, every training option (the seed
+    included), loss and teacher. Two runs with one recipe train the same net (same initialisation, data
+    order and updates), so the second may reuse the first's run (:func:`adopt_run`)."""
+    from dataclasses import asdict
+
+    from common.provenance import sha256_json
+
+    return sha256_json({"arch": arch, "data": asdict(data), "train": asdict(cfg), "loss": loss,
+                        "teacher_sha256": teacher_sha256})
+
+
+def adopt_run(source: str | Path, dest: str | Path) -> None:
+    """Make ``dest`` a finished copy of the finished run directory ``source`` (files hard-linked where
+    the file system allows, copied otherwise; the checkpoints are rewritten by the caller when it adds
+    family fields). Refused unless ``source`` is finished and ``dest`` is empty."""
+    import os
+    import shutil
+
+    from common.rundir import is_finished
+
+    src, dst = Path(source), Path(dest)
+    if not is_finished(src):
+        raise UserError(f"cannot reuse {src}: it is not a finished run directory")
+    if non_empty(dst):
+        raise UserError(f"cannot reuse {src} as {dst}: {dst} is not empty")
+    for f in sorted(src.rglob("*")):
+        if f.name == ".lock" or f.is_dir():
+            continue
+        out = dst / f.relative_to(src)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(f, out)
+        except OSError:
+            shutil.copy2(f, out)
+
+
 def data_num_classes(data: DataSpec) -> int:
     return build_dataset(data, "train").num_classes
 

@@ -228,7 +228,7 @@ class Classifier:
         step_model.train()
         loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         seen = 0
-        for x, y, _ in progress(self.train_loader, self.steps, f"{self.desc} {epoch + 1}/{cfg.epochs}"):
+        for x, y, _ in progress(self.train_loader, self.steps, self.desc, epoch=(epoch, cfg.epochs)):
             x = x.to(device, non_blocking=True)
             y = y.to(device, non_blocking=True)
             if self.channels_last:

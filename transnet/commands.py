@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
 from common.errors import UserError
 from common.files import read_json
@@ -19,6 +18,7 @@ from transnet.model import STD_CORRECTIONS
 from transnet.options import FIT_CHOICES, FIT_HELP, FIT_TYPES
 from transnet.original import ImportConfig, import_transnet
 from transnet.refine import REFINE_PRESET, RefineConfig, run_refine
+from transnet.summary import summary_line
 from transnet.variance_file import run_variance
 
 
@@ -27,22 +27,6 @@ from transnet.variance_file import run_variance
 def _add_fit(p: argparse.ArgumentParser) -> None:
     add_dataclass_args(p, FitConfig, help=FIT_HELP, choices=FIT_CHOICES, types=FIT_TYPES)
     add_run_args(p)
-
-
-def summary_line(m: dict[str, Any]) -> str:
-    num = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731  (null after a non-finite value)
-    fr = ", ".join(f"Y{k} {num(v, '.3f')}" for k, v in enumerate(m["fraction_orders"]))
-    gates = ", ".join(f"{g:.3f}" for g in m.get("gates", []))
-    where = "held-out" if m.get("held_out", True) else "in-sample"
-    line = (f"{m['source']} -> {m['target']} at {m['layer']}: {where} R² {num(m['r2'], '.4f')} on {m['split']} "
-            f"(n={m['n_samples']}); variance fractions {fr}, residual {num(m['fraction_residual'], '.3f')}"
-            + (f"; gates (order 1 first) {gates}" if gates else ""))
-    conv = m.get("convergence")
-    if conv:
-        line += (f"\nconvergence: {conv['verdict']} after {conv['epochs_run']} of {conv['epochs_max']} epochs"
-                 + "".join(f"; {r}" for r in conv["reasons"]))
-    warns = m.get("warnings") or ([m["warning"]] if m.get("warning") else [])
-    return line + "".join(f"\nwarning: {w}" for w in warns)
 
 
 def _run_fit(args: argparse.Namespace) -> None:

@@ -258,7 +258,8 @@ def make_optimizer(model: nn.Module, cfg: FitConfig) -> torch.optim.Optimizer:
 
 def train_epoch(model: TransNet, step_model: nn.Module, opt: torch.optim.Optimizer, sched, batches,
                 alphas: list[float], mse_scale: float, device: torch.device, precision: str = "fp32",
-                channels_last: bool = False, total: int | None = None, desc: str = "fit") -> dict[str, Any]:
+                channels_last: bool = False, total: int | None = None, desc: str = "fit",
+                epoch: tuple[int, int] | None = None) -> dict[str, Any]:
     """One pass over ``batches`` of ``(x_A, x_B)`` on ``device``. ``step_model`` is ``model`` or its DDP
     wrapper. Returns device tensors (no sync inside the loop): sums of MSE and loss, and the count."""
     step_model.train()
@@ -267,7 +268,7 @@ def train_epoch(model: TransNet, step_model: nn.Module, opt: torch.optim.Optimiz
     steps = rows = 0
     inv_scale = 1.0 / mse_scale
     alpha_t = torch.tensor(alphas, dtype=torch.float32, device=device)   # (K,) once, not per step
-    for xa, xb in progress(batches, total, desc):
+    for xa, xb in progress(batches, total, desc, epoch=epoch):
         if channels_last:
             xa = xa.contiguous(memory_format=torch.channels_last)
         with precision_autocast(device, precision):
@@ -489,7 +490,7 @@ class FitStage:
         batches = self.train_src.batches(cfg.batch_size, cfg.seed, epoch, w.rank, w.world)
         st = train_epoch(self.model, step_model, self.optimizer, self.scheduler, batches, self.alphas,
                          self.mse_scale, self.device, cfg.precision, self.channels_last, self.steps,
-                         f"fit {epoch + 1}/{cfg.epoch_cap}")
+                         "fit", epoch=(epoch, cfg.epoch_cap))
         gates = self.model.gates().detach()
         steps = max(st["steps"], 1)
         out: dict[str, Any] = {"train_mse": st["mse_sum"] / steps, "train_loss": st["loss_sum"] / steps,

@@ -7,7 +7,10 @@ merged with Chan et al.'s pairwise update (count, mean, M2 per channel, float64)
 equals a two-pass computation over the whole split without holding it.
 
 The components are not orthogonal, so var_orders + var_residual need not equal var_target; every
-report says so in its ``note``.
+report says so in its ``note``. The same pass gives an additive view (``additive_shares``): the
+share of Var(x_B) that order k adds to the orders below it, taken sequentially,
+``(Var(x_B − Σ_{j<k} Y_j) − Var(x_B − Σ_{j≤k} Y_j)) / Var(x_B)`` (so order 0's share is the R² of
+Y_0 alone); the shares telescope to the total R² (the last partial residual is the residual).
 
 The same pass counts the source's spatially constant non-zero (sample, channel) slices
 (``constant_source_slices`` of ``source_slices``): with the instance input norm their std is 0 and
@@ -88,6 +91,7 @@ class VarianceAccumulator:
     residual: ChannelMoments = field(default_factory=ChannelMoments)
     target: ChannelMoments = field(default_factory=ChannelMoments)
     reconstruction: ChannelMoments = field(default_factory=ChannelMoments)
+    partial: list[ChannelMoments] = field(default_factory=list)   # x_B − Σ_{j≤k} Y_j for k < K
     sq_err: float = 0.0
     n_values: int = 0
     n_samples: int = 0
@@ -97,6 +101,8 @@ class VarianceAccumulator:
     def __post_init__(self) -> None:
         if not self.components:
             self.components = [ChannelMoments() for _ in range(self.orders + 1)]
+        if not self.partial:
+            self.partial = [ChannelMoments() for _ in range(self.orders)]
 
     def update(self, components: Sequence[Tensor], yhat: Tensor, target: Tensor) -> None:
         """components: K+1 tensors (N, C, H, W), order 0 first; yhat, target: (N, C, H, W)."""
@@ -108,6 +114,10 @@ class VarianceAccumulator:
             acc.update(c)
         t64 = target.detach().to(torch.float64)
         res = t64 - yhat.detach().to(torch.float64)          # Δ = x_B − ŷ
+        rest = t64
+        for acc, c in zip(self.partial, components):         # x_B − Y_0, x_B − Y_0 − Y_1, ...
+            rest = rest - c.detach().to(torch.float64)
+            acc.update(rest)
         self.residual.update(res)
         self.target.update(t64)
         self.reconstruction.update(yhat)
@@ -135,11 +145,22 @@ class VarianceAccumulator:
             "fraction_orders": [frac(v) for v in var_o],
             "fraction_residual": frac(var_r),
             "r2": 1.0 - frac(var_r),
+            "additive_shares": additive_shares(var_t, [p.variance() for p in self.partial] + [var_r]),
             "mse": self.sq_err / max(self.n_values, 1),
             "constant_source_slices": self.constant_source,
             "source_slices": self.source_slices,
             "note": NOTE,
         }
+
+
+def additive_shares(var_target: float, var_partial: Sequence[float]) -> list[float]:
+    """Sequential shares of Var(x_B): ``var_partial[k]`` = Var(x_B − Σ_{j≤k} Y_j) (the last one the
+    residual's); share k = (var_partial[k-1] − var_partial[k]) / var_target with var_partial[-1] =
+    var_target. They sum to 1 − var_partial[-1] / var_target = R²; NaN when the target has no variance."""
+    if not var_target > 0:
+        return [float("nan")] * len(var_partial)
+    before = [var_target] + list(var_partial[:-1])
+    return [(b - a) / var_target for b, a in zip(before, var_partial)]
 
 
 @torch.no_grad()

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from analysis import plots
+from analysis.plot_layout import accuracy_limits, fitted_limits
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -31,14 +32,17 @@ def _check_written(paths, out_base):
     assert not list(out_base.parent.glob("*.tmp"))
 
 
-def test_fraction_heatmap_has_a_fixed_unit_scale_and_marks_missing_cells(tmp_path, captured):
+def test_fraction_heatmap_fits_its_scale_with_a_colour_bar_and_marks_missing_cells(tmp_path, captured):
     m = [[None, 0.31, 0.12], [0.4, None, 0.2], [0.05, 0.07, None]]
-    paths = plots.matrix_heatmap(m, ["a", "b", "c"], tmp_path / "heat", "residual", "fraction")
+    paths = plots.matrix_heatmap(m, ["a", "b", "c"], tmp_path / "heat", "residual", "fraction",
+                                 marks=[[False, True, False], [False] * 3, [False] * 3])
     _check_written(paths, tmp_path / "heat")
     ax = captured[0].axes[0]
-    assert ax.collections[0].get_clim() == (0.0, 1.0)          # not (0.05, 0.4): comparable across figures
+    assert ax.collections[0].get_clim() == (0.05, 0.4)          # fitted to the values shown
+    assert len(captured[0].axes) == 2                            # the heatmap and its colour bar
+    assert "0.31†" in [t.get_text() for t in ax.texts]          # a fit not converged
     texts = [t.get_text() for t in ax.texts]
-    assert texts.count("n/a") == 3 and "0.31" in texts
+    assert texts.count("n/a") == 3 and "0.12" in texts
     assert "n/a" in paths[1].read_text()                        # SVG keeps text as text
 
 
@@ -55,16 +59,30 @@ def test_heatmap_rejects_a_matrix_that_does_not_match_its_labels(tmp_path):
         plots.matrix_heatmap([[0.1]], ["a"], tmp_path / "x", "t", "v", kind="log")
 
 
-def test_stacked_order_bars_stack_the_fractions_of_each_pair(tmp_path, captured):
-    rows = [{"source": "a", "target": "b", "fraction_order0": 0.6, "fraction_order1": 0.1, "fraction_residual": 0.3},
-            {"source": "b", "target": "a", "fraction_order0": 0.5, "fraction_order1": None, "fraction_residual": 0.45}]
+def test_per_order_bars_are_grouped_not_stacked(tmp_path, captured):
+    rows = [{"source": "a", "target": "b", "fraction_order0": 1.6, "fraction_order1": 0.9, "fraction_residual": 0.3},
+            {"source": "b", "target": "a", "fraction_order0": 0.5, "fraction_order1": None, "fraction_residual": 0.45,
+             "convergence": "not converged"}]
     paths = plots.order_fraction_bars(rows, tmp_path / "bars")
     _check_written(paths, tmp_path / "bars")
+    ax = captured[0].axes[0]
+    bars = ax.patches
+    assert [round(b.get_height(), 6) for b in bars] == [1.6, 0.5, 0.9, 0.0, 0.3, 0.45]
+    assert all(b.get_y() == 0 for b in bars)                    # side by side: every bar starts at 0
+    assert len({round(b.get_x(), 6) for b in bars}) == 6
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["a→b", "b→a †"]
+
+
+def test_additive_share_bars_stack_to_one(tmp_path, captured):
+    rows = [{"source": "a", "target": "b", "additive_shares": [0.6, 0.15, -0.05]},
+            {"source": "b", "target": "a", "additive_shares": [0.3, 0.1, 0.0]}]
+    plots.additive_share_bars(rows, tmp_path / "add")
     bars = captured[0].axes[0].patches
-    heights = [round(b.get_height(), 6) for b in bars]
-    bottoms = [round(b.get_y(), 6) for b in bars]
-    assert heights == [0.6, 0.5, 0.1, 0.0, 0.3, 0.45]           # order 0, order 1, residual; a missing value adds 0
-    assert bottoms == [0.0, 0.0, 0.6, 0.5, 0.7, 0.5]
+    net: dict[float, float] = {}
+    for b in bars:                       # the signed heights of one pair's bars add up to 1
+        net[round(b.get_x(), 6)] = net.get(round(b.get_x(), 6), 0.0) + b.get_height()
+    assert sorted(round(v, 6) for v in net.values()) == [1.0, 1.0]   # shares + unexplained (1 − R²) = 1
+    assert min(round(b.get_y(), 6) for b in bars if b.get_height() < 0) == 0.0  # a negative gain hangs below 0
 
 
 @pytest.mark.slow
@@ -99,13 +117,44 @@ def test_curves_and_scatter_write_png_and_svg(tmp_path, captured):
              "residual_to_first": 0.3},
             {"generation": 2, "test_top1": 66.0, "residual_to_previous": 0.2, "residual_to_first": 0.35}]
     _check_written(plots.generation_curves(gens, tmp_path / "gen"), tmp_path / "gen")
-    assert captured[-1].axes[1].get_ylim() == (0.0, 1.0)         # residual fractions on the fixed scale
+    lo, hi = captured[-1].axes[1].get_ylim()
+    assert 0.0 <= lo < 0.2 and 0.35 < hi < 0.5                   # residual fractions: fitted to the data
     assert len(captured[-1].axes[0].lines) == 2                  # dense and slim accuracy
     hist = {"a": [{"epoch": 1, "train_loss": 2.0, "test_top1": 30.0}, {"epoch": 2, "train_loss": 1.0, "test_top1": 50.0}]}
     _check_written(plots.training_curves(hist, tmp_path / "train"), tmp_path / "train")
     pts = [{"label": "a–b", "x": 0.9, "y": 0.8}, {"label": "a–c", "x": 0.4, "y": -0.02}]
     _check_written(plots.agreement_scatter(pts, tmp_path / "sc", "CKA", "R²", "t"), tmp_path / "sc")
     assert captured[-1].axes[0].get_ylim()[0] < -0.02            # a slightly negative R² stays visible
+
+
+def test_scatter_axes_fit_clustered_points_and_labels_do_not_collide(tmp_path, captured):
+    pts = [{"label": f"net{i}–net{i + 1}", "x": 0.966 + 0.001 * i, "y": 0.80 + 0.002 * i,
+            "x_ci": [0.96 + 0.001 * i, 0.972 + 0.001 * i], "usable": i != 2} for i in range(5)]
+    plots.agreement_scatter(pts, tmp_path / "sc", "CKA", "R²", "t")
+    ax = captured[-1].axes[0]
+    assert ax.get_xlim()[1] - ax.get_xlim()[0] < 0.1 and ax.get_ylim()[1] - ax.get_ylim()[0] < 0.1
+    fig = captured[-1]
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in ax.texts if t.get_text()]
+    assert len(boxes) == 5
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+def test_accuracy_axes_span_at_least_five_points():
+    assert accuracy_limits([95.05, 95.55])[1] - accuracy_limits([95.05, 95.55])[0] >= 5.0
+    lo, hi = accuracy_limits([10.0, 90.0])
+    assert lo < 10 and hi > 90 and hi - lo < 100
+    assert accuracy_limits([99.9])[1] == 100.0 and accuracy_limits([None]) is None
+    assert fitted_limits([0.13, 0.28]) == pytest.approx((0.118, 0.292))
+
+
+def test_mostly_empty_matrices_become_bars_grouped_by_family(tmp_path, captured):
+    rows = [{"source": "a", "target": "b", "fraction_residual": 0.2, "fraction_residual_ci": [0.1, 0.3]},
+            {"source": "c", "target": "d", "fraction_residual": 0.4}]
+    plots.pair_value_bars(rows, "fraction_residual", {"a→b": "seeds", "c→d": "kd"}, tmp_path / "pb", "t", "v")
+    ax = captured[-1].axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["c→d", "a→b"]      # grouped: kd before seeds
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["kd", "seeds"]
 
 
 def test_residual_energy_figure_shows_the_largest_channels_first(tmp_path, captured):

@@ -160,6 +160,13 @@ def test_study_writes_every_stage_and_the_report(done_study):
     html = (out / "report.html").read_text()
     assert "seed0" in html and "kd_student" in html
     assert 1 <= len(res["summary"]) <= 5
+    # one recipe, one training: Born-Again g0 and KE g1 are seed0 again, reused instead of retrained
+    assert read_json(out / "aliases.json")["aliases"] == {"ban_g0": "seed0", "ke_g1": "seed0"}
+    seed0 = out / "families/seeds/seed0"
+    assert (out / "families/born_again/g0/last.pt").stat().st_ino == (seed0 / "last.pt").stat().st_ino
+    ke1 = torch.load(out / "families/evolve/g1/last.pt", weights_only=False)
+    assert torch.equal(ke1["state_dict"]["features.0.weight"], a["features.0.weight"]) and "masks" in ke1
+    assert "Trained once, reused: ban_g0 = seed0, ke_g1 = seed0." in html
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ from common.files import NONFINITE_KEY, jsonable, read_json, write_json
 from tests.fakedata import FAST_FIT, FAST_FIT_ARGS
 from tests.fakedata import FAST_FIT_KWARGS as FAST
 from tests.fakedata import planted_features, write_features_by_split
-from transnet.commands import summary_line
+from transnet.summary import summary_line
 from transnet.variance_file import run_variance
 from transnet.fit import FitConfig, fit_transnet, load_transnet, validate
 from transnet.model import EPS, TransNet, TransNetConfig, constant_slices, instance_std

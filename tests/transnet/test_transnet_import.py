@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from analysis.commands import visualize
+from analysis.visualize import visualize
 from analysis.consistency import ConsistencyConfig, run_consistency
 from analysis.diagnose import DiagnoseConfig, diagnose_pair
 from common.errors import UserError

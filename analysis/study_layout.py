@@ -1,0 +1,49 @@
+"""The study folder's layout: the one place that names its parts, used by its writer
+(``studies/runner.py``) and its reader (``analysis/study_folder.py``).
+
+    STUDY/study.json                         what was compared (written by the study runner: name,
+                                             description, data, members, extract, transnet, pairs,
+                                             baselines, diagnose; any other keys are shown as given)
+    STUDY/state.json                         stage keys, status and times (the runner's cache)
+    STUDY/aliases.json                       member -> member trained with the same recipe (trained
+                                             once, its run directory reused), e.g. ban_g0 -> seed0
+    STUDY/families/<family>/family.json      kc-family manifests (training/manifest.py); each member's
+                                             checkpoint lies in its run directory (config.json,
+                                             metrics.json, log.jsonl, TensorBoard events)
+    STUDY/features.h5                        the kc-features file (every member, every layer)
+    STUDY/consistency/<layer>/               ``python cli.py consistency`` folders: table.json,
+                                             table.csv, matrices.json, config.json, pairs/<A>__<B>/
+    STUDY/similarity/<layer>/similarity.json ``python cli.py similarity`` output
+    STUDY/diagnosis/<layer>/                 ``python cli.py diagnose`` folders (diagnosis.json, figures/),
+                                             one per layer, or several as diagnosis/<layer>/<A>__<B>/
+    STUDY/figures/                           figures made by the report / ``visualize`` (PNG + SVG)
+    STUDY/report.html, STUDY/report.md       the report
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+STUDY_FILE = "study.json"
+STATE_FILE = "state.json"
+ALIASES_FILE = "aliases.json"
+FAMILIES = "families"
+FEATURES = "features.h5"
+CONSISTENCY = "consistency"
+SIMILARITY = "similarity"
+DIAGNOSIS = "diagnosis"
+FIGURES = "figures"
+REPORT_HTML = "report.html"
+REPORT_MD = "report.md"
+# What makes a folder a study folder (any one of them).
+STUDY_PARTS = (STUDY_FILE, STATE_FILE, FAMILIES, FEATURES, CONSISTENCY, SIMILARITY, DIAGNOSIS)
+
+
+def family_dir(root: Path, kind: str) -> Path:
+    return Path(root) / FAMILIES / kind
+
+
+def layer_dir(root: Path, part: str, layer: str) -> Path:
+    """``STUDY/<part>/<layer>`` for part ``consistency``, ``similarity`` or ``diagnosis``."""
+    if part not in (CONSISTENCY, SIMILARITY, DIAGNOSIS):
+        raise ValueError(f"unknown study part {part!r}; valid: {CONSISTENCY}, {SIMILARITY}, {DIAGNOSIS}")
+    return Path(root) / part / layer
