@@ -38,6 +38,7 @@ EXTRACT_HELP = {
                    "signed activations)",
     "queue_batches": "batches in flight between the forward passes and the writer thread",
     "flush_s": "seconds between flushes (rows_done is raised only after the rows it covers are flushed)",
+    "checksum": "HDF5's fletcher32 checksum on every stored row (a flipped bit fails the read, naming the rows)",
 }
 
 # Data options of `train`, but here each one only overrides what the checkpoints record.

@@ -40,6 +40,7 @@ from common.device import autocast, resolve_device
 from common.distributed import ControlGroup, DistInfo, dist_from_env
 from common.errors import UserError
 from common.faults import fault_point
+from common.files import is_disk_error, write_failed
 from common.progress import progress
 from common.registry import unknown_choice_message
 from features import store
@@ -78,6 +79,7 @@ class ExtractConfig:
     compression: str = "none"        # none | lzf | gzip (none: lzf is 16x slower and saves nothing here)
     queue_batches: int = 4           # batches in flight between the compute and the writer thread
     flush_s: float = 1.0             # raise rows_done (after a flush) at most every this many seconds
+    checksum: bool = True            # HDF5's fletcher32 checksum on every row (a flipped bit fails the read)
 
 
 DTYPES = ("float16", "float32")
@@ -234,7 +236,7 @@ def _run(nets, data, splits, out, cfg, mode, command, extractors, points, shapes
             if t.path in todo:
                 lo, hi = bounds[t.split]
                 local_targets.append(Target(t.split, t.net, t.layer, (hi - lo,) + t.shape[1:], t.dtype, t.identity,
-                                            t.provenance, t.compression))
+                                            t.provenance, t.compression, cfg.checksum))
         starts = plan_file(f, local_targets, mode, create=False)   # refuses before the file is changed
         for s in splits:
             lo, hi = bounds[s]
@@ -247,8 +249,12 @@ def _run(nets, data, splits, out, cfg, mode, command, extractors, points, shapes
         error = e
     if group.any_failed(error is not None):
         if f is not None:
-            f.close()
+            with contextlib.suppress(OSError):      # a full disk fails the close too: the first error is the one
+                f.close()
         if error is not None:
+            if is_disk_error(error):
+                raise write_failed(error, target_file, "creating the datasets",
+                                   "nothing was extracted; free space (or fix the disk) and re-run") from error
             raise error
         raise UserError("extraction stopped: another rank failed while checking the output (see its message)")
 
@@ -267,10 +273,11 @@ def _run(nets, data, splits, out, cfg, mode, command, extractors, points, shapes
             f.close()
         with contextlib.suppress(Exception):
             group.any_failed(True)
-        if isinstance(e, OSError) or isinstance(writer.error, OSError):
-            raise UserError(f"writing {target_file} failed ({writer.error or e}); the file stays readable and "
-                            f"marked incomplete: free space / fix the cause and re-run the same command with "
-                            f"--resume") from e
+        if isinstance(writer.error, UserError) and writer.error is not e:
+            raise writer.error from None         # the writer's own failure (a full disk, ...) is the cause
+        if isinstance(e, OSError):
+            raise UserError(f"writing {target_file} failed ({e}); the file stays readable and marked incomplete: "
+                            f"fix the cause and re-run the same command with --resume") from e
         raise
     f.close()
     seconds = time.perf_counter() - t0

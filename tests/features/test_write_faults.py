@@ -1,0 +1,136 @@
+"""Faults of the machine while writing: a full disk during extraction, checkpoints and JSON outputs,
+and bit flips in stored feature rows."""
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from common import faults
+from common.checkpoints import load_checkpoint, save_checkpoint
+from common.files import WriteFailed, write_json
+from features import store
+from tests.fakedata import EXTRACT_BATCH as BS
+from tests.fakedata import EXTRACT_ROWS as N
+from tests.fakedata import tiny_checkpoint
+from tests.processes import exit_status, flat, in_child
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("ck") / "a.pt", seed=0)
+
+
+@pytest.fixture
+def fault(monkeypatch):
+    """Set ``KC_FAULT`` for this test (the counts start from zero)."""
+    def set_fault(spec: str) -> None:
+        monkeypatch.setenv("KC_FAULT", spec)
+        faults.reset()
+
+    yield set_fault
+    faults.reset()
+
+
+def _argv(ckpt: Path, out: Path, *extra) -> list:
+    return ["extract", "--nets", f"a={ckpt}", "--conv_layer", 4, "--split", "test", "--limit", N,
+            "--batch_size", BS, "--dtype", "float32", "--out", out, *extra]
+
+
+def _says(err: str, text: str) -> bool:
+    """``text`` in a CLI error paragraph (wrapped at spaces and at the hyphens of a path)."""
+    return "".join(text.split()) in "".join(err.split())
+
+
+def _state(out: Path) -> tuple[bool, int]:
+    with h5py.File(out, "r") as f:
+        ds = f["test/a/features.4"]
+        return bool(ds.attrs["complete"]), int(ds.attrs["rows_done"])
+
+
+# --------------------------------------------------------------------------- full disk during extract
+
+def test_full_disk_at_the_writer_stops_extract_and_resume_completes(cli, ckpt, tmp_path, fault):
+    out, ref = tmp_path / "f.h5", tmp_path / "ref.h5"
+    fault("h5_write:3:enospc")                     # the third write and every later one fail
+    code, so, err = cli(*_argv(ckpt, out))
+    assert code == 1 and so == ""
+    assert _says(err, f"no space left on device while writing {out} (net 'a', layer 'features.4', split 'test')")
+    assert "--resume" in err and "Traceback" not in err
+    assert _state(out) == (False, 2 * BS)          # the two batches that landed, nothing more
+    with h5py.File(out, "r") as f:                 # readers refuse it
+        with pytest.raises(store.FeatureFileError, match="incomplete"):
+            store.get_features(f, "test", "a", "features.4")
+    fault("")
+    assert cli(*_argv(ckpt, out, "--resume"))[0] == 0
+    assert cli(*_argv(ckpt, ref))[0] == 0
+    with h5py.File(out, "r") as f, h5py.File(ref, "r") as g:
+        assert np.array_equal(f["test/a/features.4"][...], g["test/a/features.4"][...])
+        assert bool(f["test/a/features.4"].attrs["complete"])
+
+
+def test_full_disk_at_the_flush_marks_nothing_complete(cli, ckpt, tmp_path, fault):
+    out = tmp_path / "f.h5"
+    fault("h5_flush:1:eio")                        # every row written, the flush before the marks fails
+    code, _, err = cli(*_argv(ckpt, out))
+    assert code == 1 and "input/output error (EIO) while writing" in flat(err)
+    assert _state(out) == (False, 0)
+
+
+def _extract_with_small_file_limit(argv: list, err_path: Path, limit: int) -> int:
+    """The extraction in this (forked) process with files limited to ``limit`` bytes: the kernel refuses
+    the write beyond it (EFBIG), the way a full disk refuses it (ENOSPC), inside HDF5's own write."""
+    import cli as cli_mod
+
+    fd = os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 2)
+    sys.stderr = os.fdopen(2, "w", buffering=1)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+    return cli_mod.main([str(a) for a in argv])
+
+
+@pytest.mark.xdist_group("subprocess")
+def test_a_real_write_error_inside_hdf5_surfaces_with_exit_code_1(ckpt, tmp_path):
+    out, err = tmp_path / "f.h5", tmp_path / "err.txt"
+    import cli as cli_mod
+
+    cli_mod.build_parser()                         # import the command modules before forking
+    # 20 rows of 32x16x16 float32 are 655 kB: the file may grow to 300 kB only.
+    pid = in_child(lambda: _extract_with_small_file_limit(_argv(ckpt, out), err, 300_000))
+    assert exit_status(pid) == 1
+    text = err.read_text()
+    assert _says(text, f"file too large for this file system while writing {out} (net 'a'")
+    assert "Traceback" not in text and "Exception ignored" not in text
+    try:                                           # HDF5 may have recorded the unwritten chunk's space:
+        with store.open_features(out) as f:        # then the file is refused as truncated
+            assert not bool(f["test/a/features.4"].attrs["complete"])
+    except store.FeatureFileError as e:
+        assert str(out) in str(e)
+
+
+# --------------------------------------------------------------------------- checkpoints and JSON
+
+def test_full_disk_while_saving_a_checkpoint_names_it_and_keeps_the_old_one(ckpt, tmp_path, fault):
+    p = tmp_path / "last.pt"
+    first = load_checkpoint(ckpt)
+    save_checkpoint(p, first)
+    before = p.read_bytes()
+    fault("atomic_write:1:enospc")
+    with pytest.raises(WriteFailed, match=f"no space left on device while writing {p}; it keeps its previous"):
+        save_checkpoint(p, {**first, "epoch": 7})
+    assert p.read_bytes() == before and not list(tmp_path.glob("*.tmp"))
+    assert load_checkpoint(p)["epoch"] == first["epoch"]
+
+
+def test_full_disk_while_writing_json_names_the_file(tmp_path, fault):
+    fault("atomic_write:1:enospc")
+    with pytest.raises(WriteFailed, match=f"no space left on device while writing {tmp_path / 'm.json'}"):
+        write_json(tmp_path / "m.json", {"a": 1})
+    assert not list(tmp_path.iterdir())
