@@ -20,12 +20,68 @@ if TYPE_CHECKING:
     import torch
 
 
+class PathLock:
+    """An exclusive lock on ``lock_path`` (``flock``, released by the kernel when the process dies) that
+    records ``pid N on HOST`` of its holder, so a refused second process can name the one it waits for.
+
+    Whoever changes an output (a run directory, a feature file) takes its lock first, before anything
+    is deleted or written: ``--overwrite`` beside a running job is refused, not half-done.
+    """
+
+    def __init__(self, lock_path: str | os.PathLike, what: str, advice: str = "wait for it to finish"):
+        import fcntl
+
+        self.path = Path(lock_path)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = lock_holder(self.path) or "another process"
+            raise UserError(f"{what} is in use by {holder}; {advice}") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        import fcntl
+
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+
+
+def lock_holder(lock_path: str | os.PathLike) -> str | None:
+    """``"pid N on HOST"`` when a live process holds the lock at ``lock_path``, else None."""
+    import fcntl
+
+    lock_path = Path(lock_path)
+    try:
+        fd = os.open(lock_path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        with contextlib.suppress(OSError):
+            return os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        return "another process"
+    finally:
+        os.close(fd)
+    return None
+
+
 class RunDir:
     """An output directory of one command.
 
     ``mode``: ``new`` refuses a non-empty directory, ``resume`` requires or accepts one,
     ``overwrite`` empties the run's own files first. A lock file refuses a second process
-    writing into the same directory at the same time.
+    writing into the same directory at the same time; it is taken before anything is looked at or
+    deleted, so ``overwrite`` beside a running job is refused with the job's pid.
     """
 
     OWN_FILES = ("config.json", "metrics.json", "log.jsonl")
@@ -35,7 +91,20 @@ class RunDir:
         if mode not in ("new", "resume", "overwrite"):
             raise ValueError(f"mode {mode!r}; valid: new, resume, overwrite")
         self.mode = mode
-        existing = self.path.is_dir() and any(p.name != ".lock" for p in self.path.iterdir())
+        self._lock: PathLock | None = None
+        self._tb = None
+        self.path.mkdir(parents=True, exist_ok=True)
+        if lock:
+            self._lock = PathLock(self.path / ".lock", str(self.path),
+                                  "wait for it to finish or use another --out_dir")
+        try:
+            self._prepare(mode)
+        except BaseException:
+            self.close()
+            raise
+
+    def _prepare(self, mode: str) -> None:
+        existing = any(p.name != ".lock" for p in self.path.iterdir())
         if existing and mode == "new":
             raise UserError(
                 f"output directory {self.path} exists and is not empty; pass --resume to continue the run "
@@ -48,40 +117,14 @@ class RunDir:
                 if p.name == ".lock":
                     continue
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
-        self.path.mkdir(parents=True, exist_ok=True)
-        self._lock_fd: int | None = None
-        if lock:
-            self._acquire_lock()
-        self._tb = None
-
-    # -- lock
-    def _acquire_lock(self) -> None:
-        import fcntl
-
-        lock_path = self.path / ".lock"
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            holder = lock_path.read_text().strip() or "another process"
-            raise UserError(f"{self.path} is in use by {holder}; wait for it to finish or use another --out_dir")
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
-        self._lock_fd = fd
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
-        if self._lock_fd is not None:
-            import fcntl
-
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            os.close(self._lock_fd)
-            self._lock_fd = None
-            with contextlib.suppress(FileNotFoundError):
-                (self.path / ".lock").unlink()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def __enter__(self) -> "RunDir":
         return self

@@ -161,10 +161,14 @@ def extract_features(nets: Sequence[Net], data: FeatureData, layers: Sequence[tu
         extractors[n.name], points[n.name] = ex, pts
 
     group = ControlGroup(info)
+    lock = None
     try:
+        lock = _lock_output(out, info, group)         # before anything is deleted or opened
         res = _run(nets, data, splits, out, cfg, mode, command, extractors, points, shapes, device, info, group,
                    stop_after, hard_kill, on_landed)
     finally:
+        if lock is not None:
+            lock.release()
         group.close()
     if any(n > 0 for n in res.nonfinite.values()):
         warnings.warn(warning_text(res.nonfinite, str(out)), NonFiniteFeaturesWarning, stacklevel=2)
@@ -192,6 +196,22 @@ def _validate(nets: Sequence[Net], layers: Sequence[tuple[str, int | None]], cfg
         raise UserError(f"--limit must be >= 0, got {cfg.limit}")
     if mode not in ("auto", "resume", "overwrite"):
         raise ValueError(f"mode {mode!r}; valid: auto, resume, overwrite")
+
+
+def _lock_output(out: Path, info: DistInfo, group: ControlGroup):
+    """Rank 0 takes the output's lock (``features/store.py``: refused with the holder's pid when another
+    extraction writes it); every rank stops when it fails."""
+    lock, error = None, None
+    if info.rank == 0:
+        try:
+            lock = store.lock_features(out)
+        except UserError as e:
+            error = e
+    if group.any_failed(error is not None):
+        if error is not None:
+            raise error
+        raise UserError(f"extraction stopped: rank 0 could not lock {out} (see its message)")
+    return lock
 
 
 def _device(name: str, info: DistInfo) -> torch.device:

@@ -27,6 +27,7 @@ import numpy as np
 
 from common.errors import UserError
 from common.provenance import code_version, now_utc, sha256_file
+from common.rundir import PathLock
 from common.registry import unknown_choice_message
 
 SCHEMA = "kc-features"
@@ -373,6 +374,19 @@ def check_virtual_sources(ds: h5py.Dataset) -> None:
         raise FeatureFileError(f"{ds.file.filename}: {ds.name} is a virtual dataset over shard files, and "
                                f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing from {base}; "
                                f"keep the shard files beside the feature file (or re-extract)")
+
+
+def lock_path(path: str | os.PathLike) -> Path:
+    """The lock file of a feature file: ``features.h5`` -> ``features.h5.lock`` beside it."""
+    path = Path(path)
+    return path.with_name(path.name + ".lock")
+
+
+def lock_features(path: str | os.PathLike) -> PathLock:
+    """Take the writer's lock of a feature file (before it is deleted, created or changed); a file in use
+    by another process is refused naming its pid. Release with ``.release()``."""
+    return PathLock(lock_path(path), f"feature file {path}",
+                    "wait for that extraction to finish (or stop it) or write to another --out")
 
 
 def open_for_writing(f: h5py.File, path: str) -> h5py.Dataset:

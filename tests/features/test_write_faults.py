@@ -134,3 +134,19 @@ def test_full_disk_while_writing_json_names_the_file(tmp_path, fault):
     with pytest.raises(WriteFailed, match=f"no space left on device while writing {tmp_path / 'm.json'}"):
         write_json(tmp_path / "m.json", {"a": 1})
     assert not list(tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------- a running extraction
+
+def test_overwrite_beside_a_running_extraction_is_refused_with_its_pid(cli, ckpt, tmp_path):
+    from tests.common.test_io_faults import held_by_child
+
+    out = tmp_path / "f.h5"
+    assert cli(*_argv(ckpt, out))[0] == 0
+    before = out.read_bytes()
+    with held_by_child(lambda: store.lock_features(out)) as pid:
+        code, _, err = cli(*_argv(ckpt, out, "--overwrite"))
+        assert code == 1 and _says(err, f"feature file {out} is in use by pid {pid} on")
+        assert out.read_bytes() == before
+    assert cli(*_argv(ckpt, out, "--overwrite"))[0] == 0
+    assert not store.lock_path(out).exists()
