@@ -14,6 +14,7 @@ import pytest
 
 from common import faults
 from common.checkpoints import load_checkpoint, save_checkpoint
+from common.errors import UserError
 from common.files import WriteFailed, write_json
 from features import store
 from tests.fakedata import EXTRACT_BATCH as BS
@@ -150,3 +151,68 @@ def test_overwrite_beside_a_running_extraction_is_refused_with_its_pid(cli, ckpt
         assert out.read_bytes() == before
     assert cli(*_argv(ckpt, out, "--overwrite"))[0] == 0
     assert not store.lock_path(out).exists()
+
+
+# --------------------------------------------------------------------------- bit flips
+
+def _flip_bit(path: Path, offset: int, bit: int) -> None:
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        b = fh.read(1)[0]
+        fh.seek(offset)
+        fh.write(bytes([b ^ (1 << bit)]))
+
+
+def _row_offset(out: Path, row: int) -> int:
+    """File offset of the middle of a stored row's chunk (one sample per chunk)."""
+    with h5py.File(out, "r") as f:
+        info = f["test/a/features.4"].id.get_chunk_info_by_coord((row, 0, 0, 0))
+        return info.byte_offset + info.size // 2
+
+
+def test_a_flipped_bit_in_a_stored_row_fails_the_read_naming_file_dataset_and_row(cli, ckpt, tmp_path):
+    out = tmp_path / "f.h5"
+    assert cli(*_argv(ckpt, out))[0] == 0
+    _flip_bit(out, _row_offset(out, 7), 3)
+    with store.open_features(out) as f:
+        ds = store.get_features(f, "test", "a", "features.4")
+        assert ds.fletcher32
+        for read in (lambda: ds[...], lambda: store.read_rows(ds, 4, 12), lambda: ds[7]):
+            with pytest.raises(store.FeatureFileError) as e:
+                read()
+            assert f"{out}: /test/a/features.4 rows 7 fail their fletcher32 checksum" in str(e.value)
+        assert np.isfinite(ds[8:]).all() and np.isfinite(ds[:7]).all()      # the other rows read
+    code, so, err = cli("inspect", out, "--verify")
+    assert code == 1 and "FAILED   test/a/features.4: stored rows:" in so and "rows 7 fail" in so
+
+
+def test_without_checksums_a_flip_is_caught_by_the_recount_of_inspect_verify(cli, ckpt, tmp_path):
+    out = tmp_path / "f.h5"
+    assert cli(*_argv(ckpt, out, "--no-checksum"))[0] == 0
+    with h5py.File(out, "r") as f:
+        assert not f["test/a/features.4"].fletcher32
+        off = f["test/a/features.4"].id.get_chunk_info_by_coord((7, 0, 0, 0)).byte_offset
+    _flip_bit(out, off + 4 * 10 + 3, 6)            # the top exponent bit of the 11th float32 of row 7
+    code, so, _ = cli("inspect", out)
+    assert code == 0 and "all finite (max |x|" in so and "recorded at write, --verify recounts" in so
+    code, so, err = cli("inspect", out, "--verify")
+    assert code == 1 and "MISMATCH test/a/features.4: stored rows (all 20): 0 non-finite, max |x| " in so
+    assert "the stored values changed after they were written" in so
+
+
+def test_checkpoints_carry_a_sha256_sidecar_checked_on_load(ckpt, cli, tmp_path):
+    from common.checkpoints import sidecar_path
+    from common.provenance import sha256_file
+
+    p = tmp_path / "net.pt"
+    digest = save_checkpoint(p, load_checkpoint(ckpt))
+    assert sidecar_path(p).read_text() == f"{digest}  net.pt\n" and digest == sha256_file(p)
+    _flip_bit(p, p.stat().st_size // 2, 0)
+    with pytest.raises(UserError, match=f"checkpoint {p} does not match its checksum"):
+        load_checkpoint(p)
+    code, _, err = cli(*_argv(p, tmp_path / "f.h5"))
+    assert code == 1 and "does not match its checksum" in flat(err) and not (tmp_path / "f.h5").exists()
+    p2 = tmp_path / "old.pt"
+    save_checkpoint(p2, load_checkpoint(ckpt))
+    sidecar_path(p2).unlink()                      # a checkpoint of an older version: no sidecar
+    assert load_checkpoint(p2)["arch"] == "vgg_tiny"
