@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common.errors import UserError
-from common.files import atomic_write, jsonable, read_json, write_json
+from common.files import DISK_ERRNOS, atomic_write, jsonable, read_json, write_json
 from common.provenance import now_utc, provenance
 
 if TYPE_CHECKING:
@@ -32,7 +32,11 @@ class PathLock:
         import fcntl
 
         self.path = Path(lock_path)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:                    # a read-only file system, no permission, a full disk
+            reason = DISK_ERRNOS.get(e.errno or 0) or e.strerror or str(e)
+            raise UserError(f"cannot write {what}: {reason} (creating its lock file {self.path} failed)") from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -93,7 +97,11 @@ class RunDir:
         self.mode = mode
         self._lock: PathLock | None = None
         self._tb = None
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            reason = DISK_ERRNOS.get(e.errno or 0) or e.strerror or str(e)
+            raise UserError(f"cannot create the output directory {self.path}: {reason}") from e
         if lock:
             self._lock = PathLock(self.path / ".lock", str(self.path),
                                   "wait for it to finish or use another --out_dir")

@@ -32,7 +32,7 @@ from training.datasets import DataSpec
 def describe_file(path: str | os.PathLike) -> dict[str, Any]:
     """What a feature file holds: root provenance, and per split/net/layer shape, dtype, completeness,
     progress, non-finite count and largest magnitude, and provenance attributes (JSON-able)."""
-    with store.open_features(path, "r") as f:
+    with store.open_features(path, "r") as f, store.named_errors(path):
         desc: dict[str, Any] = {"file": str(path), "root": store.attrs_dict(f), "splits": {}}
         for split in store.list_splits(f):
             g = f[split]
@@ -181,7 +181,7 @@ def recount_file(path: str | os.PathLike) -> list[VerifyRow]:
     recorded ``nonfinite`` / ``max_abs`` attributes: ``ok``, ``mismatch`` (the data changed after it was
     counted) or ``failed`` (a row cannot be read: the error names the file, dataset and rows)."""
     out: list[VerifyRow] = []
-    with store.open_features(path, "r") as f:
+    with store.open_features(path, "r") as f, store.named_errors(path):
         for split in store.list_splits(f):
             for net in store.list_nets(f, split):
                 for layer in sorted(f[split][net].keys()):

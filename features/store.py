@@ -17,17 +17,20 @@ place that knows the layout: everything else reads and writes through it.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import functools
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import h5py
 import numpy as np
 
 from common.errors import UserError
 from common.provenance import code_version, now_utc, sha256_file
-from common.rundir import PathLock
+from common.rundir import PathLock, lock_holder
 from common.registry import unknown_choice_message
 
 SCHEMA = "kc-features"
@@ -51,15 +54,63 @@ def open_features(path: str | os.PathLike, mode: str = "r") -> h5py.File:
     try:
         f = h5py.File(path, mode, rdcc_nbytes=CHUNK_CACHE_BYTES, rdcc_nslots=100_003)
     except OSError as e:
-        raise FeatureFileError(f"feature file {path} cannot be opened as HDF5 ({e}); it is corrupt or "
-                               f"truncated: re-extract it (python cli.py extract ... --overwrite)") from e
+        raise open_error(path, mode, e) from e
     if mode != "w" and (mode == "r" or SCHEMA_ATTR in f.attrs):
         try:
-            check_schema(f, path)
+            with named_errors(path):
+                check_schema(f, path)
         except Exception:
             f.close()
             raise
     return f
+
+
+def open_error(path: Path, mode: str, e: OSError) -> FeatureFileError:
+    """Why a feature file did not open, told apart: written by a running extraction (its pid), locked by
+    another program, a read-only file system, no permission, a full disk, or a damaged file. Only the
+    last one suggests ``--overwrite``, and only when no process holds the file."""
+    text, code = str(e), e.errno
+    holder = lock_holder(lock_path(path))
+    if holder is not None:
+        return FeatureFileError(f"feature file {path} is being written by {holder} (a running extraction); wait for "
+                                f"it to finish (or stop it) before reading or changing the file")
+    if code == errno.EAGAIN or "unable to lock file" in text:
+        return FeatureFileError(f"feature file {path} is locked by another process that has it open for writing "
+                                f"(HDF5's file lock); wait for it to close the file. ({text})")
+    if code == errno.EROFS or "Read-only file system" in text:
+        return FeatureFileError(f"feature file {path} is on a read-only file system: it can be read but not "
+                                f"{'created' if mode == 'w' else 'changed'}; write to another --out")
+    if code in (errno.EACCES, errno.EPERM) or "Permission denied" in text:
+        return FeatureFileError(f"no permission to {'read' if mode == 'r' else 'write'} the feature file {path} "
+                                f"({text})")
+    if code in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text:
+        return FeatureFileError(f"no space left on device while opening the feature file {path} for writing; free "
+                                f"space and re-run")
+    return FeatureFileError(f"feature file {path} cannot be opened as HDF5 ({text}); it is corrupt or truncated (a "
+                            f"copy or a write that stopped early, a damaged disk): re-extract it (python cli.py extract "
+                            f"... --overwrite) or restore it from a good copy")
+
+
+@contextlib.contextmanager
+def named_errors(path: str | os.PathLike) -> Iterator[None]:
+    """HDF5 failures of reading a file's structure (damaged metadata: "wrong B-tree signature", ...) as
+    a :class:`FeatureFileError` that names the file."""
+    try:
+        yield
+    except FeatureFileError:
+        raise
+    except (OSError, RuntimeError) as e:
+        raise FeatureFileError(f"feature file {path} is damaged: HDF5 cannot read its structure ({e}); re-extract it "
+                               f"(python cli.py extract ... --overwrite) or restore it from a good copy") from e
+
+
+def _names_file(fn: Callable) -> Callable:
+    """Decorate a reader whose first argument is the open file: its HDF5 failures name the file."""
+    @functools.wraps(fn)
+    def wrapper(f: h5py.File, *args: Any, **kwargs: Any) -> Any:
+        with named_errors(f.filename):
+            return fn(f, *args, **kwargs)
+    return wrapper
 
 
 SCHEMA_ATTR = "schema"
@@ -99,15 +150,18 @@ def attrs_dict(obj: h5py.HLObject) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- listing
 
+@_names_file
 def list_splits(f: h5py.File) -> list[str]:
     return sorted(k for k in f.keys() if isinstance(f[k], h5py.Group))
 
 
+@_names_file
 def list_nets(f: h5py.File, split: str) -> list[str]:
     g = _split_group(f, split)
     return sorted(k for k in g.keys() if isinstance(g[k], h5py.Group))
 
 
+@_names_file
 def list_layers(f: h5py.File, split: str, net: str) -> list[str]:
     g = _net_group(f, split, net)
     return sorted(k for k in g.keys() if k != LOGITS)
@@ -127,6 +181,7 @@ def _net_group(f: h5py.File, split: str, net: str) -> h5py.Group:
     return g[net]
 
 
+@_names_file
 def get_features(f: h5py.File, split: str, net: str, layer: str, require_complete: bool = True) -> h5py.Dataset:
     """The ``(N, C, H, W)`` dataset of one net and layer; incomplete ones are refused by default."""
     g = _net_group(f, split, net)
@@ -144,6 +199,7 @@ def get_features(f: h5py.File, split: str, net: str, layer: str, require_complet
     return ds
 
 
+@_names_file
 def get_logits(f: h5py.File, split: str, net: str) -> h5py.Dataset:
     g = _net_group(f, split, net)
     if LOGITS not in g:
@@ -214,10 +270,12 @@ def _ranges(rows: list[int]) -> str:
     return text + (f" and {len(runs) - 8} more runs" if len(runs) > 8 else "")
 
 
+@_names_file
 def read_index(f: h5py.File, split: str) -> np.ndarray:
     return np.asarray(_split_group(f, split)["index"][...], dtype=np.int64)
 
 
+@_names_file
 def read_labels(f: h5py.File, split: str) -> np.ndarray:
     return np.asarray(_split_group(f, split)["label"][...], dtype=np.int64)
 

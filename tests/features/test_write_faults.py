@@ -216,3 +216,51 @@ def test_checkpoints_carry_a_sha256_sidecar_checked_on_load(ckpt, cli, tmp_path)
     save_checkpoint(p2, load_checkpoint(ckpt))
     sidecar_path(p2).unlink()                      # a checkpoint of an older version: no sidecar
     assert load_checkpoint(p2)["arch"] == "vgg_tiny"
+
+
+# --------------------------------------------------------------------------- why a file does not open
+
+def test_open_failures_say_what_happened(ckpt, cli, tmp_path, monkeypatch):
+    from tests.common.test_io_faults import held_by_child
+
+    out = tmp_path / "f.h5"
+    assert cli(*_argv(ckpt, out))[0] == 0
+
+    def writing():                                 # a running extraction: its lock and the open file
+        return store.lock_features(out), h5py.File(out, "a")
+
+    with held_by_child(writing) as pid:
+        with pytest.raises(store.FeatureFileError, match=f"is being written by pid {pid} on .*running extraction") as e:
+            store.open_features(out)
+        assert "--overwrite" not in str(e.value)
+    with held_by_child(lambda: h5py.File(out, "a")):  # another program, without the workbench's lock
+        with pytest.raises(store.FeatureFileError, match="locked by another process") as e:
+            store.open_features(out)
+        assert "--overwrite" not in str(e.value)
+    for code, text, says in [(30, "Read-only file system", "read-only file system: it can be read but not changed"),
+                             (28, "No space left on device", "no space left on device while opening"),
+                             (13, "Permission denied", "no permission to write")]:
+        def refuse(*a, code=code, text=text, **k):
+            raise OSError(code, f"Unable to synchronously open file (errno = {code}, error message = '{text}')")
+
+        monkeypatch.setattr(store.h5py, "File", refuse)
+        with pytest.raises(store.FeatureFileError, match=says) as e:
+            store.open_features(out, "a")
+        assert "--overwrite" not in str(e.value)
+    monkeypatch.undo()
+    bad = tmp_path / "cut.h5"
+    bad.write_bytes(out.read_bytes()[:2000])       # a copy that stopped early
+    with pytest.raises(store.FeatureFileError, match=f"{bad} cannot be opened as HDF5 .*corrupt or truncated.*--overwrite"):
+        store.open_features(bad)
+
+
+def test_zeroed_metadata_names_the_file(ckpt, cli, tmp_path):
+    out = tmp_path / "f.h5"
+    assert cli(*_argv(ckpt, out))[0] == 0
+    data = bytearray(out.read_bytes())
+    at = data.index(b"TREE")                       # the root group's B-tree node
+    data[at:at + 64] = bytes(64)
+    out.write_bytes(bytes(data))
+    code, _, err = cli("inspect", out)
+    assert code == 1 and _says(err, f"feature file {out} is damaged: HDF5 cannot read its structure")
+    assert "B-tree signature" in err
