@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import sys
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -12,6 +15,7 @@ import pytest
 from common.errors import UserError
 from common.files import write_json
 from common.rundir import PathLock, RunDir
+from tests.processes import exit_status, flat, in_child
 
 
 @contextlib.contextmanager
@@ -70,3 +74,67 @@ def test_path_lock_names_the_live_holder(tmp_path):
         with pytest.raises(UserError, match=f"thing X is in use by pid {pid} on .*; wait for it to finish"):
             PathLock(tmp_path / "x.lock", "thing X")
     PathLock(tmp_path / "x.lock", "thing X").release()
+
+
+# --------------------------------------------------------------------------- SIGTERM
+
+def _start(argv: list, err_path: Path) -> int:
+    """``cli.py ARGV`` in a forked child (torch already imported: no start-up cost), its stderr in
+    ``err_path``; returns the child's pid."""
+    import cli as cli_mod
+
+    cli_mod.build_parser()                      # import every command module once, before forking
+
+    def child() -> int:
+        fd = os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(fd, 2)
+        sys.stderr = os.fdopen(2, "w", buffering=1)
+        return cli_mod.main([str(a) for a in argv])
+
+    return in_child(child, {"KC_FAULT": ""})
+
+
+def _wait_for(cond: Callable[[], bool], pid: int, timeout: float = 300.0) -> None:
+    t0 = time.monotonic()
+    while not cond():
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        assert done == 0, "the command ended before the signal"
+        assert time.monotonic() - t0 < timeout, "the command made no progress"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("subprocess")
+def test_sigterm_during_train_keeps_the_last_checkpoint_and_exits_143(tmp_path):
+    from common.checkpoints import load_checkpoint
+
+    run, err = tmp_path / "run", tmp_path / "err.txt"
+    pid = _start(["train", "--arch", "vgg_tiny", "--image_size", 16, "--batch_size", 64, "--train_images", 256,
+                  "--epochs", 1000, "--eval_every", 1000, "--out_dir", run], err)
+    _wait_for(lambda: (run / "last.pt.sha256").exists(), pid)
+    os.kill(pid, signal.SIGTERM)
+    assert exit_status(pid) == 143
+    text = flat(err.read_text())
+    assert "terminated (SIGTERM)" in text and "--resume" in text and "Traceback" not in text
+    assert load_checkpoint(run / "last.pt")["epoch"] >= 0          # kept, and its checksum matches
+    assert not (run / ".lock").exists()
+
+
+@pytest.mark.xdist_group("subprocess")
+def test_sigterm_during_extract_leaves_a_resumable_file_and_exits_143(tmp_path):
+    from features import store
+    from tests.fakedata import tiny_checkpoint
+
+    ck = tiny_checkpoint(tmp_path / "a.pt")
+    out, err = tmp_path / "f.h5", tmp_path / "err.txt"
+    pid = _start(["extract", "--nets", f"a={ck}", "--conv_layer", 4, "--split", "test", "--limit", 3000,
+                  "--batch_size", 2, "--flush_s", 0.05, "--out", out], err)
+    _wait_for(lambda: store.lock_path(out).exists() and out.exists(), pid)
+    time.sleep(0.5)                                               # a few batches written
+    os.kill(pid, signal.SIGTERM)
+    assert exit_status(pid) == 143
+    text = flat(err.read_text())
+    assert "terminated (SIGTERM)" in text and "--resume" in text and "Traceback" not in text
+    with store.open_features(out) as f:
+        ds = f["test/a/features.4"]
+        assert not ds.attrs["complete"] and 0 < int(ds.attrs["rows_done"]) < 3000
