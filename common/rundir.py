@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import socket
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -166,7 +167,9 @@ class RunDir:
         write_json(self.file("config.json"), cfg)
 
     def log(self, record: dict[str, Any], step: int | None = None) -> None:
-        """Append one JSON line to ``log.jsonl`` and mirror numbers to TensorBoard."""
+        """Append one JSON line to ``log.jsonl`` and mirror numbers to TensorBoard. A torn last line (a
+        kill during the previous append) is dropped first, with a warning, so lines never run together."""
+        drop_torn_line(self.file("log.jsonl"))
         with open(self.file("log.jsonl"), "a") as f:
             f.write(json.dumps(jsonable(record)) + "\n")
         if step is not None:
@@ -181,10 +184,9 @@ class RunDir:
         p = self.file("log.jsonl")
         if not p.exists():
             return
-        lines = [ln for ln in p.read_text().splitlines() if ln.strip()]
-        kept = [ln for ln in lines if json.loads(ln).get("epoch", 0) <= keep_epochs_upto]
+        kept = [r for r in read_log(p) if r.get("epoch", 0) <= keep_epochs_upto]
         with atomic_write(p) as f:
-            f.write("".join(ln + "\n" for ln in kept))
+            f.write("".join(json.dumps(r) + "\n" for r in kept))
 
     def tensorboard(self):
         if self._tb is None:
@@ -192,6 +194,63 @@ class RunDir:
 
             self._tb = SummaryWriter(log_dir=str(self.path / "tb"))
         return self._tb
+
+
+# --------------------------------------------------------------------------- log.jsonl
+
+class TornLogLineWarning(UserWarning):
+    """The last line of a ``log.jsonl`` was cut off (a kill during the append) and is dropped."""
+
+
+def read_log(path: str | os.PathLike) -> list[dict]:
+    """The records of a ``log.jsonl`` (one JSON object per line). A torn last line (cut off by a kill
+    during its append: no newline at its end, or not valid JSON) is dropped with a
+    :class:`TornLogLineWarning`; a damaged line before the last one is a :class:`UserError` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    text = path.read_text(errors="replace")
+    lines = text.split("\n")
+    records: list[dict] = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        last = all(not rest.strip() for rest in lines[i + 1:])
+        try:
+            rec = json.loads(line)
+            if not isinstance(rec, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            if not last:
+                raise UserError(f"{path}: line {i + 1} is not a JSON object ({e}): the log is damaged; repair or "
+                                f"delete that line") from e
+            warnings.warn(f"{path}: its last line is torn (cut off while it was written, e.g. by a kill) and is "
+                          f"dropped: {line[:80]!r}", TornLogLineWarning, stacklevel=2)
+            continue
+        records.append(rec)
+    return records
+
+
+def drop_torn_line(path: str | os.PathLike) -> None:
+    """Cut a ``log.jsonl`` after its last complete line when the last append was torn (the file does not
+    end with a newline), with a :class:`TornLogLineWarning`."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() == 0:
+                return
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) == b"\n":
+                return
+            data = (f.seek(0), f.read())[1]
+    except FileNotFoundError:
+        return
+    keep = data.rfind(b"\n") + 1
+    warnings.warn(f"{path}: its last line is torn (cut off while it was written, e.g. by a kill) and is dropped: "
+                  f"{data[keep:keep + 80]!r}", TornLogLineWarning, stacklevel=2)
+    with open(path, "r+b") as f:
+        f.truncate(keep)
 
 
 def run_mode(resume: bool, overwrite: bool) -> str:

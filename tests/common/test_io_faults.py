@@ -14,7 +14,7 @@ import pytest
 
 from common.errors import UserError
 from common.files import write_json
-from common.rundir import PathLock, RunDir
+from common.rundir import PathLock, RunDir, TornLogLineWarning, read_log
 from tests.processes import exit_status, flat, in_child
 
 
@@ -74,6 +74,39 @@ def test_path_lock_names_the_live_holder(tmp_path):
         with pytest.raises(UserError, match=f"thing X is in use by pid {pid} on .*; wait for it to finish"):
             PathLock(tmp_path / "x.lock", "thing X")
     PathLock(tmp_path / "x.lock", "thing X").release()
+
+
+# --------------------------------------------------------------------------- torn log lines
+
+def test_a_torn_last_log_line_is_dropped_on_resume_with_a_warning(tmp_path):
+    out = tmp_path / "run"
+    with RunDir(out) as r:
+        for e in range(3):
+            r.log({"epoch": e, "loss": 1.0 / (e + 1)})
+    log = out / "log.jsonl"
+    log.write_text(log.read_text() + '{"epoch": 3, "lo')          # a kill during the fourth append
+    with pytest.warns(TornLogLineWarning, match="last line is torn"):
+        assert [x["epoch"] for x in read_log(log)] == [0, 1, 2]
+    with RunDir(out, "resume") as r, pytest.warns(TornLogLineWarning):
+        r.truncate_log(1)                          # the resume of a run whose checkpoint is at epoch 1
+    assert [x["epoch"] for x in read_log(log)] == [0, 1] and log.read_text().endswith("}\n")
+
+
+def test_an_append_after_a_torn_line_starts_on_a_line_of_its_own(tmp_path):
+    out = tmp_path / "run"
+    with RunDir(out) as r:
+        r.log({"epoch": 0})
+    (out / "log.jsonl").write_text('{"epoch": 0}\n{"epo')
+    with RunDir(out, "resume") as r, pytest.warns(TornLogLineWarning):
+        r.log({"epoch": 1})
+    assert (out / "log.jsonl").read_text() == '{"epoch": 0}\n{"epoch": 1}\n'
+
+
+def test_a_damaged_line_before_the_last_is_named(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"epoch": 0}\n{"ep\n{"epoch": 2}\n')
+    with pytest.raises(UserError, match="log.jsonl: line 2 is not a JSON object"):
+        read_log(log)
 
 
 # --------------------------------------------------------------------------- SIGTERM
