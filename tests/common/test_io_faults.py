@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 import pytest
 
 from common.errors import UserError
@@ -107,6 +108,61 @@ def test_a_damaged_line_before_the_last_is_named(tmp_path):
     log.write_text('{"epoch": 0}\n{"ep\n{"epoch": 2}\n')
     with pytest.raises(UserError, match="log.jsonl: line 2 is not a JSON object"):
         read_log(log)
+
+
+# --------------------------------------------------------------------------- untrusted data pickles
+
+class _Payload:
+    """What a hostile data file holds: unpickling it calls os.system."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_cifar_batch_with_a_code_payload_is_refused_and_the_payload_never_runs(tmp_path):
+    import pickle
+
+    from common.safe_pickle import UnsafePickleError
+    from tests import fakedata as fd
+    from training.datasets_disk import read_cifar
+
+    folder = fd.make_cifar_layout(tmp_path, "cifar10", per_file=2)
+    batch = next(folder.rglob("data_batch_1"))
+    marker = tmp_path / "payload-ran"
+    with open(batch, "wb") as fh:
+        pickle.dump({b"data": _Payload(marker), b"labels": [0, 1]}, fh)
+    with pytest.raises(UnsafePickleError, match=f"{batch} is refused: it names posix.system"):
+        read_cifar(folder, "cifar10", "train")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_plain_data_pickles_load_under_every_protocol(tmp_path, protocol):
+    import io
+    import pickle
+
+    import numpy as np
+
+    from common.safe_pickle import load_data_pickle
+
+    obj = {b"data": np.arange(24, dtype=np.uint8).reshape(2, 12), "labels": [1, 2], "f": np.float32(1.5),
+           "names": ("a", b"b"), "nested": {"x": [np.arange(3, dtype=np.int64), 2.5, None, True]}}
+    got = load_data_pickle(io.BytesIO(pickle.dumps(obj, protocol=protocol)), "mem")
+    assert got.keys() == obj.keys() and got["labels"] == [1, 2] and got["names"] == ("a", b"b")
+    np.testing.assert_array_equal(got[b"data"], obj[b"data"])
+    assert got[b"data"].dtype == np.uint8 and got["f"] == np.float32(1.5)
+    np.testing.assert_array_equal(got["nested"]["x"][0], np.arange(3))
+
+
+def test_the_real_animal_mnist_pickles_still_load():
+    from training.data import animal_mnist_arrays
+
+    images, labels = animal_mnist_arrays()
+    assert images.shape == (10000, 28, 28) and images.dtype.name == "uint8"
+    assert labels.shape == (10000,) and set(np.unique(labels)) == set(range(10))
 
 
 # --------------------------------------------------------------------------- SIGTERM
