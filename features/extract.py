@@ -57,7 +57,7 @@ from features.nets import FeatureData, Net, check_net_name, check_nets_fit_data
 from features.nonfinite import NonFiniteFeaturesWarning, stored_counts, value_range, warning_text
 from features.shards import join_shards, shard_files, shard_path, shard_rows
 from features.targets import Target, build_targets, create_targets, open_output, plan_file, plan_joined
-from features.writer import FeatureWriter, WriteBatch
+from features.writer import FeatureWriter, HostBuffers, WriteBatch
 from training.loop import make_loader
 
 KILL_EXIT_CODE = 75            # exit status of the simulated kill (--max_batches)
@@ -104,10 +104,12 @@ class ExtractResult:
     nonfinite: dict[str, int] = field(default_factory=dict)   # NaN/inf values stored per dataset path (rank 0)
 
 
-def _to_host(t: torch.Tensor, cuda: bool) -> torch.Tensor:
-    if not cuda:
+def _to_host(t: torch.Tensor, buffers: HostBuffers | None) -> torch.Tensor:
+    """A host copy of ``t``: on CUDA an asynchronous copy into a reused pinned buffer (the writer waits
+    for the batch's event before reading it and gives the buffer back after writing it)."""
+    if buffers is None:
         return t.contiguous()
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host = buffers.take(tuple(t.shape), t.dtype)
     host.copy_(t, non_blocking=True)
     return host
 
@@ -281,7 +283,8 @@ def _run(nets, data, splits, out, cfg, mode, command, extractors, points, shapes
     # 3. the pass
     t0 = time.perf_counter()
     counts = {p: stored_counts(f[p], s0) for p, s0 in starts.items() if 0 < s0 < f[p].shape[0]}   # resume
-    writer = FeatureWriter(f, starts, cfg.queue_batches, cfg.flush_s, on_landed, counts)
+    buffers = HostBuffers(pin=True) if device.type == "cuda" else None
+    writer = FeatureWriter(f, starts, cfg.queue_batches, cfg.flush_s, on_landed, counts, buffers)
     try:
         rows_done = _pass(data, splits, bounds, local_targets, starts, extractors, cfg, device, writer,
                           stop_after, hard_kill, info)
@@ -364,8 +367,8 @@ def _pass(data: FeatureData, splits, bounds, targets: Sequence[Target], starts: 
                             raw = outs[t.layer].detach()                    # (b, C, H, W) on the device
                             # [min, max] of the rows still to write (a resume may start inside a batch)
                             ranges.append(value_range(raw[max(0, starts[t.path] - row):]))
-                            arrays[t.path] = _to_host(raw.to(torch_dtype[t.dtype]), cuda)
-            ranges_host = _to_host(torch.stack(ranges), cuda)             # (len(arrays), 2)
+                            arrays[t.path] = _to_host(raw.to(torch_dtype[t.dtype]), writer.buffers)
+            ranges_host = _to_host(torch.stack(ranges), None if not cuda else HostBuffers(pin=True))  # (n, 2)
             event = None
             if cuda:
                 event = torch.cuda.Event()

@@ -50,11 +50,38 @@ class WriteBatch:
     event: Any = None                            # CUDA event to wait for before reading the host tensors
 
 
+class HostBuffers:
+    """Reusable host buffers (pinned when ``pin``: the device-to-host copies of a batch are then
+    asynchronous, ``non_blocking`` and ordered by the batch's CUDA event). The forward side takes a
+    buffer per array; the writer gives it back once its rows are written, so the pinned memory in use
+    is bounded by the batches in flight and none is allocated per batch after the first few."""
+
+    def __init__(self, pin: bool):
+        self.pin = pin
+        self._free: dict[tuple, list[torch.Tensor]] = {}
+        self._lock = threading.Lock()
+        self.allocated = 0
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        key = (tuple(shape), dtype)
+        with self._lock:
+            free = self._free.get(key)
+            if free:
+                return free.pop()
+            self.allocated += 1
+        return torch.empty(key[0], dtype=dtype, pin_memory=self.pin)
+
+    def give(self, t: torch.Tensor) -> None:
+        with self._lock:
+            self._free.setdefault((tuple(t.shape), t.dtype), []).append(t)
+
+
 class FeatureWriter:
     """Writes batches from a bounded queue in a thread; raises ``rows_done`` only after a flush."""
 
     def __init__(self, f: h5py.File, starts: dict[str, int], max_batches: int, flush_s: float,
-                 on_landed: Callable[[int], None] | None = None, counts: dict[str, ValueCounts] | None = None):
+                 on_landed: Callable[[int], None] | None = None, counts: dict[str, ValueCounts] | None = None,
+                 buffers: HostBuffers | None = None):
         self.f = f
         store.hold_metadata(f)
         self.ds = {p: store.open_for_writing(f, p) for p in starts}     # no chunk cache: errors raise at once
@@ -69,6 +96,7 @@ class FeatureWriter:
         self.batches = 0
         self.bytes = 0
         self.on_landed = on_landed
+        self.buffers = buffers                   # the arrays of a written batch go back there
         self._last_flush = time.monotonic()
         self.thread = threading.Thread(target=self._run, name="kc-h5-writer", daemon=True)
         self.thread.start()
@@ -112,6 +140,9 @@ class FeatureWriter:
             except BaseException as e:  # noqa: BLE001 - handed to the main thread
                 self.error = e
             finally:
+                if self.buffers is not None:     # written (or abandoned): the buffers can take the next batch
+                    for t in item.arrays.values():
+                        self.buffers.give(t)
                 item.arrays = {}                 # release the host memory of the batch at once
 
     def _write(self, b: WriteBatch) -> None:

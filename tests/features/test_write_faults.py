@@ -264,3 +264,26 @@ def test_zeroed_metadata_names_the_file(ckpt, cli, tmp_path):
     code, _, err = cli("inspect", out)
     assert code == 1 and _says(err, f"feature file {out} is damaged: HDF5 cannot read its structure")
     assert "B-tree signature" in err
+
+
+# --------------------------------------------------------------------------- the writer's host buffers
+
+def test_host_buffers_are_reused_after_their_rows_are_written_and_the_rows_stay_intact(tmp_path):
+    import torch
+
+    from features.writer import FeatureWriter, HostBuffers, WriteBatch
+
+    n, b, queued = 64, 4, 2
+    want = torch.randn(n, 3, 5, 5, generator=torch.Generator().manual_seed(0))
+    buffers = HostBuffers(pin=False)               # pinned on CUDA; the reuse is the same
+    with store.open_features(tmp_path / "w.h5", "w") as f:
+        store.create_features(f, "test", "a", "l", (n, 3, 5, 5), "float32", {}, preallocate=True, checksum=True)
+        w = FeatureWriter(f, {"test/a/l": 0}, queued, 0.0, buffers=buffers)
+        for s in range(0, n, b):
+            host = buffers.take((b, 3, 5, 5), torch.float32)
+            host.copy_(want[s:s + b])              # as the device-to-host copy fills it
+            w.put(WriteBatch("test", s, s + b, {"test/a/l": host}, torch.tensor([[-9.0, 9.0]])))
+        w.close()
+        assert np.array_equal(store.get_features(f, "test", "a", "l")[...], want.numpy())
+    # the batches in the queue, the one being written and the one being filled: never one per batch
+    assert buffers.allocated <= queued + 2 < n // b
