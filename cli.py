@@ -119,10 +119,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     from common.errors import UserError
+    from common.signals import TERMINATED_EXIT_CODE, Terminated, sigterm_as_interrupt
 
     try:
         args = _apply_config(subs[argv[0]], argv[1:])
-        return int(args._run(args) or 0)
+        with sigterm_as_interrupt():            # SIGTERM stops like Ctrl-C (common/signals.py)
+            return int(args._run(args) or 0)
+    except Terminated:
+        return _fail("terminated (SIGTERM): what was saved is kept; re-run the same command with --resume to "
+                     "continue", TERMINATED_EXIT_CODE)
     except KeyboardInterrupt:
         return _fail("interrupted; re-run the same command with --resume to continue", 130)
     except UserError as e:

@@ -3,7 +3,10 @@
 (a) forward: the nets' extractors up to the layer on one device-resident batch, repeated (no data
     loading, no copies back, no writes);
 (b) disk: the same bytes (same datasets, dtype, one sample per chunk, pre-allocated) written with h5py
-    from host memory into the same folder, timed until the file is closed;
+    from host memory into the same folder, timed until the file is closed and synced (``fsync``, as the
+    extraction syncs before it marks a dataset complete); (b') the same with HDF5's fletcher32 checksum
+    on every row (chunks allocated as written), as ``extract`` writes by default: the checksum's cost is
+    reported as (b') / (b);
 (c) extraction: ``features.extract.extract_features`` over a synthetic data set of ``--n`` images
     (loading, host<->device copies, the non-finite checks, the writer thread, flushes and the progress
     bookkeeping);
@@ -84,7 +87,8 @@ def make_data(args, n: int) -> FeatureData:
 
 def config(args) -> ExtractConfig:
     return ExtractConfig(split="test", dtype=args.dtype, batch_size=args.batch_size, device=args.device,
-                         num_workers=args.num_workers, precision=args.precision, channels_last=args.channels_last)
+                         num_workers=args.num_workers, precision=args.precision, channels_last=args.channels_last,
+                         checksum=args.checksum)
 
 
 def sync(device: torch.device) -> None:
@@ -132,8 +136,9 @@ def forward_ceiling(args, nets: list[Net], device: torch.device, images: int) ->
     return forward, steps * args.batch_size / (time.perf_counter() - t0)
 
 
-def write_ceiling(args, nets: list[Net], workdir: Path, n: int) -> tuple[float, int]:
-    """(b) images/s writing the same bytes as the extraction, one batch of host memory per write."""
+def write_ceiling(args, nets: list[Net], workdir: Path, n: int, checksum: bool = False) -> tuple[float, int]:
+    """(b) images/s writing the same bytes as the extraction, one batch of host memory per write
+    (``checksum``: with the fletcher32 filter, (b'))."""
     shape = output_shapes(build_extractor(nets[0].model, [resolve_layer(nets[0].model, args.layer)]),
                           (3, args.image_size, args.image_size))[args.layer]
     rng = np.random.default_rng(0)
@@ -141,12 +146,14 @@ def write_ceiling(args, nets: list[Net], workdir: Path, n: int) -> tuple[float, 
     path = workdir / "write_ceiling.h5"
     t0 = time.perf_counter()
     with store.open_features(path, "w") as f:
-        dss = [store.create_features(f, "test", n_.name, args.layer, (n,) + shape, args.dtype, {}, preallocate=True)
-               for n_ in nets]
+        dss = [store.create_features(f, "test", n_.name, args.layer, (n,) + shape, args.dtype, {}, preallocate=True,
+                                     checksum=checksum) for n_ in nets]
         for s in range(0, n, args.batch_size):
             e = min(n, s + args.batch_size)
             for ds in dss:
                 ds.write_direct(batch[: e - s], dest_sel=np.s_[s:e])
+        f.flush()
+        os.fsync(f.id.get_vfd_handle())
     seconds = time.perf_counter() - t0
     nbytes = n * len(nets) * int(np.prod(shape)) * np.dtype(args.dtype).itemsize
     path.unlink()
@@ -170,6 +177,7 @@ def child_rss(args, n: int, workdir: Path) -> dict:
     for k in ("arch", "layer", "nets", "image_size", "batch_size", "dtype", "device", "num_workers", "classes",
               "precision"):
         cmd += [f"--{k}", str(getattr(args, k))]
+    cmd += [] if args.checksum else ["--no-checksum"]
     cmd += ["--channels_last"] if args.channels_last else []
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -197,6 +205,8 @@ def parse_args(argv=None):
     p.add_argument("--amp", action="store_const", dest="precision", const="bf16", help="alias of --precision bf16")
     p.add_argument("--channels_last", action="store_true", help="channels_last (CUDA)")
     p.add_argument("--num_workers", type=int, default=0)
+    p.add_argument("--checksum", action=argparse.BooleanOptionalAction, default=True,
+                   help="the extraction (c) writes fletcher32 checksums (extract's default)")
     p.add_argument("--workdir", default=None, help="folder on the disk to measure (default: bench/results/scratch)")
     p.add_argument("--repeats", type=int, default=2, help="interleaved repetitions of (a), (b), (c); best of each")
     p.add_argument("--no_rss", action="store_true", help="skip the N / 4N peak-RSS runs")
@@ -216,7 +226,7 @@ def main(argv=None) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     nets = make_nets(args)
-    fwds, disks, exts, checks = [], [], [], []
+    fwds, disks, sums, exts, checks = [], [], [], [], []
     try:
         for _ in range(args.repeats):  # interleaved, best of each: a shared machine's load varies over a run
             fwd, check = forward_ceiling(args, nets, device, args.n)
@@ -224,25 +234,30 @@ def main(argv=None) -> None:
             checks.append(check)
             disk, nbytes = write_ceiling(args, nets, workdir, args.n)
             disks.append(disk)
+            sums.append(write_ceiling(args, nets, workdir, args.n, checksum=True)[0])
             exts.append(run_extraction(args, args.n, workdir, nets))
-        fwd, disk, check = max(fwds), max(disks), max(checks)
+        fwd, disk, check, summed = max(fwds), max(disks), max(checks), max(sums)
         ext = max(exts, key=lambda e: e["images_per_s"])
         rss = [] if args.no_rss else [child_rss(args, args.n, workdir), child_rss(args, 4 * args.n, workdir)]
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
-    ratio = ext["images_per_s"] / min(fwd, disk)
+    ceiling = min(fwd, summed if args.checksum else disk)    # the disk ceiling of what (c) writes
+    ratio = ext["images_per_s"] / ceiling
     result = {
         "setting": {k: getattr(args, k) for k in ("arch", "layer", "nets", "image_size", "n", "batch_size", "dtype",
-                                                  "precision", "channels_last", "num_workers")},
+                                                  "precision", "channels_last", "num_workers", "checksum")},
         "device": str(device), "cpu_threads": torch.get_num_threads(), "provenance": provenance(device),
         "forward_images_per_s": fwd, "write_images_per_s": disk, "write_gb_per_s": nbytes / 1e9 * disk / args.n,
         "bytes_per_image": nbytes / args.n, "extract_images_per_s": ext["images_per_s"],
-        "extract_seconds": ext["seconds"], "bound": "forward" if fwd < disk else "disk",
-        "ratio_to_ceiling": ratio, "check_images_per_s": check, "check_time_over_forward": fwd / check,
+        "extract_seconds": ext["seconds"], "bound": "forward" if fwd < (summed if args.checksum else disk) else "disk",
+        "ratio_to_ceiling": ratio, "ratio_to_min_forward_plain_write": ext["images_per_s"] / min(fwd, disk),
+        "write_checksum_images_per_s": summed, "checksum_write_cost": summed / disk, "check_images_per_s": check,
+        "check_time_over_forward": fwd / check,
         # peak GPU memory of (a), (b), (c) in this process, MiB (None on the CPU)
         "peak_gpu_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
-        "rss": rss, "repeats": {"forward": fwds, "write": disks, "extract": [e["images_per_s"] for e in exts],
+        "rss": rss, "repeats": {"forward": fwds, "write": disks, "write_checksum": sums,
+                                "extract": [e["images_per_s"] for e in exts],
                                 "check": checks},
     }
     if rss:
@@ -251,15 +266,18 @@ def main(argv=None) -> None:
     body = read_json(out) if out.exists() else {}
     body.setdefault("runs", {})[device.type] = result
     body["note"] = ("images/s; for two nets one image = one net pair. ratio_to_ceiling = extraction / min(forward, "
-                    "write), all measured in the same run on the same device and disk.")
+                    "write of what the extraction writes: with fletcher32 checksums unless --no-checksum), all "
+                    "measured in the same run on the same device and disk; writes timed until synced.")
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, body)
     print(f"{args.arch} {args.layer} x{args.nets} nets, {args.image_size} px, {args.n} images, {args.dtype}, {device}:")
     print(f"  (a) forward   {fwd:9.1f} images/s")
     print(f"  (b) write     {disk:9.1f} images/s ({result['write_gb_per_s']:.2f} GB/s, "
           f"{result['bytes_per_image'] / 1e6:.3f} MB/image)")
-    print(f"  (c) extract   {ext['images_per_s']:9.1f} images/s")
-    print(f"  extraction / min(a, b) = {ratio:.2f} ({result['bound']}-bound)")
+    print(f"  (b') write with fletcher32 {summed:9.1f} images/s: (b')/(b) = {summed / disk:.3f}")
+    print(f"  (c) extract   {ext['images_per_s']:9.1f} images/s ({'with' if args.checksum else 'without'} checksums)")
+    print(f"  extraction / min(a, {'b' + chr(39) if args.checksum else 'b'}) = {ratio:.2f} ({result['bound']}-bound); "
+          f"/ min(a, b) = {result['ratio_to_min_forward_plain_write']:.2f}")
     print(f"  (d) non-finite check {check:9.1f} images/s: {fwd / check:.4f} of the forward time")
     if result["peak_gpu_memory_mb"] is not None:
         print(f"  peak GPU memory {result['peak_gpu_memory_mb']:.0f} MiB")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -18,6 +19,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from common.errors import UserError
+from common.faults import fault_point
 
 
 NONFINITE_KEY = "nonfinite_values"
@@ -55,17 +57,48 @@ def jsonable(obj: Any, nonfinite: dict[str, str] | None = None, path: str = "") 
     return obj
 
 
+# --------------------------------------------------------------------------- write failures
+
+DISK_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+               errno.EIO: "input/output error (EIO)", errno.EROFS: "read-only file system",
+               errno.EFBIG: "file too large for this file system"}
+
+
+class WriteFailed(UserError):
+    """Writing a file failed for a reason of the machine (disk full, I/O error, read-only file system)."""
+
+
+def is_disk_error(e: BaseException) -> bool:
+    """An ``OSError`` of the disk (:data:`DISK_ERRNOS`), not of the program."""
+    return isinstance(e, OSError) and e.errno in DISK_ERRNOS
+
+
+def write_failed(e: OSError, path: str | os.PathLike, context: str = "", advice: str = "") -> WriteFailed:
+    """``"no space left on device while writing PATH (context); advice"`` for a disk's ``OSError``."""
+    what = DISK_ERRNOS.get(e.errno or 0) or f"{type(e).__name__}: {e.strerror or e}"
+    where = f" ({context})" if context else ""
+    return WriteFailed(f"{what} while writing {path}{where}" + (f"; {advice}" if advice else ""))
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
-    """Open ``path.tmp`` for writing and move it over ``path`` only when the block succeeds."""
+    """Open ``path.tmp`` for writing and move it over ``path`` only when the block succeeds (data
+    flushed and fsync'ed first). A full disk (or another disk error, :data:`DISK_ERRNOS`) raises
+    :class:`WriteFailed` naming ``path``; the previous ``path`` is left as it was."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, mode) as f:
             yield f
             f.flush()
+            fault_point("atomic_write", tmp)             # the reliability tests fill the disk here
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if not is_disk_error(e):
+            raise
+        kept = "it keeps its previous content" if path.exists() else "nothing was written"
+        raise write_failed(e, path, advice=f"{kept}; free space (or fix the disk) and re-run") from e
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -17,7 +17,7 @@ from common.ranges import csv_nonempty, nonneg_int, positive_int
 from common.rundir import run_mode
 from common.device import PRECISIONS
 from features.extract import COMPRESSIONS, DTYPES, ExtractConfig, extract_features
-from features.inspection import describe_file, verify_file
+from features.inspection import describe_file, recount_file, verify_file
 from features.layers import format_layers, list_layers
 from features.nets import BareBuild, Net, build_feature_data, data_spec_for, load_net
 from features.nonfinite import NonFiniteFeaturesWarning
@@ -48,6 +48,7 @@ EXTRACT_HELP = {
     "flush_s": "seconds between flushes (rows_done is raised only after the rows it covers are flushed)",
     "keep_prefix": "transformer layers (tokens -> grid): also store the class/distillation/register tokens as "
                    "<layer>.prefix, (N, C, P, 1)",
+    "checksum": "HDF5's fletcher32 checksum on every stored row (a flipped bit fails the read, naming the rows)",
 }
 
 # Data options of `train`, but here each one only overrides what the checkpoints record.
@@ -191,7 +192,9 @@ def _add_inspect(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", help="a kc-features file")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--verify", action="store_true",
-                   help="re-compute a few random rows of every dataset from its checkpoint and compare")
+                   help="read every stored row (checksums) and recount the non-finite values and largest magnitude "
+                        "against the recorded ones; re-compute a few random rows of every dataset from its "
+                        "checkpoint and compare")
     p.add_argument("--verify_rows", type=positive_int(), default=4, help="rows per split and net to re-compute")
     p.add_argument("--seed", type=nonneg_int(), default=0, help="seed of the rows chosen by --verify")
     p.add_argument("--device", default="cpu", help="device for --verify")
@@ -216,7 +219,8 @@ def format_description(desc: dict) -> str:
                 state = "complete" if e["complete"] else f"INCOMPLETE ({e['rows_done']} of {e['shape'][0]} rows)"
                 if e.get("nonfinite") is not None and (e["complete"] or e["rows_done"]):
                     state += (f", {e['nonfinite']} NON-FINITE values" if e["nonfinite"] else ", all finite")
-                    state += f" (max |x| {e['max_abs']:.4g})" if e.get("max_abs") is not None else ""
+                    big = f"max |x| {e['max_abs']:.4g}; " if e.get("max_abs") is not None else ""
+                    state += f" ({big}recorded at write, --verify recounts)"
                 where = a.get("node", layer)
                 extra = f"node {where}, point {a.get('point', '?')}" + (
                     f", conv_layer {a['conv_layer']}" if a.get("conv_layer") not in (None, "") else "")
@@ -234,21 +238,27 @@ def format_description(desc: dict) -> str:
 
 def _run_inspect(args: argparse.Namespace) -> int:
     desc = describe_file(args.file)
+    counts = recount_file(args.file) if args.verify else None
     rows = verify_file(args.file, args.verify_rows, args.seed, args.device) if args.verify else None
     if args.json:
         if rows is not None:
+            desc["recount"] = [jsonable(r.__dict__) for r in counts]
             desc["verify"] = [jsonable(r.__dict__) for r in rows]
         print(json.dumps(desc, indent=2))
     else:
         print(format_description(desc))
         if rows is not None:
+            print("recount (every stored row read, checksums checked, vs the counts recorded at write):")
+            for r in counts:
+                print(f"  {r.status.upper():<8} {r.split}/{r.net}/{r.layer}: {r.reason}")
             print("verify (re-computed rows vs stored):")
             for r in rows:
                 detail = (f"rows {r.rows}, max |diff| {r.max_abs_diff:.3g}, relative {r.rel_diff:.3g} (tol {r.tolerance:g})"
                           if r.max_abs_diff is not None else r.reason)
                 print(f"  {r.status.upper():<8} {r.split}/{r.net}/{r.layer}: {detail}")
-    if rows is not None and any(r.status in ("mismatch", "failed") for r in rows):
-        bad = [f"{r.split}/{r.net}/{r.layer}" for r in rows if r.status in ("mismatch", "failed")]
+    if rows is not None and any(r.status in ("mismatch", "failed") for r in counts + rows):
+        bad = list(dict.fromkeys(f"{r.split}/{r.net}/{r.layer}" for r in counts + rows
+                                 if r.status in ("mismatch", "failed")))
         print(f"verify failed for {', '.join(bad)}", file=sys.stderr)
         return 1
     return 0

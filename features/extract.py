@@ -45,6 +45,7 @@ from common.device import PRECISIONS, float32_math, precision_autocast, use_devi
 from common.distributed import ControlGroup, DistInfo, dist_from_env
 from common.errors import UserError
 from common.faults import fault_point
+from common.files import is_disk_error, write_failed
 from common.progress import progress
 from common.registry import unknown_choice_message
 from features import store
@@ -61,7 +62,7 @@ from features.nonfinite import NonFiniteFeaturesWarning, stored_counts, value_ra
 from features.shards import join_shards, shard_files, shard_path, shard_rows
 from features.targets import Target, build_targets, create_targets, open_output, plan_file, plan_joined
 from features.tokens import map_tokens
-from features.writer import FeatureWriter, WriteBatch
+from features.writer import FeatureWriter, HostBuffers, WriteBatch
 from training.loop import make_loader
 
 KILL_EXIT_CODE = 75            # exit status of the simulated kill (--max_batches)
@@ -84,6 +85,7 @@ class ExtractConfig:
     queue_batches: int = 4           # batches in flight between the compute and the writer thread
     flush_s: float = 1.0             # raise rows_done (after a flush) at most every this many seconds
     keep_prefix: bool = False        # token layers: also store the class/distillation/register tokens as <layer>.prefix
+    checksum: bool = True            # HDF5's fletcher32 checksum on every row (a flipped bit fails the read)
 
 
 DTYPES = ("float16", "float32")
@@ -108,10 +110,12 @@ class ExtractResult:
     nonfinite: dict[str, int] = field(default_factory=dict)   # NaN/inf values stored per dataset path (rank 0)
 
 
-def _to_host(t: torch.Tensor, cuda: bool) -> torch.Tensor:
-    if not cuda:
+def _to_host(t: torch.Tensor, buffers: HostBuffers | None) -> torch.Tensor:
+    """A host copy of ``t``: on CUDA an asynchronous copy into a reused pinned buffer (the writer waits
+    for the batch's event before reading it and gives the buffer back after writing it)."""
+    if buffers is None:
         return t.contiguous()
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host = buffers.take(tuple(t.shape), t.dtype)
     host.copy_(t, non_blocking=True)
     return host
 
@@ -168,10 +172,14 @@ def extract_features(nets: Sequence[Net], data: FeatureData, layers: Sequence[tu
         extractors[n.name], points[n.name] = ex, pts
 
     group = ControlGroup(info)
+    lock = None
     try:
+        lock = _lock_output(out, info, group)         # before anything is deleted or opened
         res = _run(nets, data, splits, out, cfg, mode, command, extractors, points, shapes, device, info, group,
                    stop_after, hard_kill, on_landed, extra)
     finally:
+        if lock is not None:
+            lock.release()
         group.close()
     if any(n > 0 for n in res.nonfinite.values()):
         warnings.warn(warning_text(res.nonfinite, str(out)), NonFiniteFeaturesWarning, stacklevel=2)
@@ -201,6 +209,22 @@ def _validate(nets: Sequence[Net], layers: Sequence[tuple[str, int | None]], cfg
         raise UserError(f"--limit must be >= 0, got {cfg.limit}")
     if mode not in ("auto", "resume", "overwrite"):
         raise ValueError(f"mode {mode!r}; valid: auto, resume, overwrite")
+
+
+def _lock_output(out: Path, info: DistInfo, group: ControlGroup):
+    """Rank 0 takes the output's lock (``features/store.py``: refused with the holder's pid when another
+    extraction writes it); every rank stops when it fails."""
+    lock, error = None, None
+    if info.rank == 0:
+        try:
+            lock = store.lock_features(out)
+        except UserError as e:
+            error = e
+    if group.any_failed(error is not None):
+        if error is not None:
+            raise error
+        raise UserError(f"extraction stopped: rank 0 could not lock {out} (see its message)")
+    return lock
 
 
 def _device(name: str) -> torch.device:
@@ -240,7 +264,7 @@ def _run(nets, data, splits, out, cfg, mode, command, extractors, points, shapes
             if t.path in todo:
                 lo, hi = bounds[t.split]
                 local_targets.append(Target(t.split, t.net, t.layer, (hi - lo,) + t.shape[1:], t.dtype, t.identity,
-                                            t.provenance, t.compression))
+                                            t.provenance, t.compression, cfg.checksum))
         starts = plan_file(f, local_targets, mode, create=False)   # refuses before the file is changed
         for s in splits:
             lo, hi = bounds[s]
@@ -253,15 +277,20 @@ def _run(nets, data, splits, out, cfg, mode, command, extractors, points, shapes
         error = e
     if group.any_failed(error is not None):
         if f is not None:
-            f.close()
+            with contextlib.suppress(OSError):      # a full disk fails the close too: the first error is the one
+                f.close()
         if error is not None:
+            if is_disk_error(error):
+                raise write_failed(error, target_file, "creating the datasets",
+                                   "nothing was extracted; free space (or fix the disk) and re-run") from error
             raise error
         raise UserError("extraction stopped: another rank failed while checking the output (see its message)")
 
     # 3. the pass
     t0 = time.perf_counter()
     counts = {p: stored_counts(f[p], s0) for p, s0 in starts.items() if 0 < s0 < f[p].shape[0]}   # resume
-    writer = FeatureWriter(f, starts, cfg.queue_batches, cfg.flush_s, on_landed, counts)
+    buffers = HostBuffers(pin=True) if device.type == "cuda" else None
+    writer = FeatureWriter(f, starts, cfg.queue_batches, cfg.flush_s, on_landed, counts, buffers)
     try:
         with float32_math(device, cfg.precision):            # fp32: TF32 off; tf32/bf16: on (CUDA only)
             rows_done = _pass(data, splits, bounds, local_targets, starts, extractors, cfg, device, writer,
@@ -274,10 +303,11 @@ def _run(nets, data, splits, out, cfg, mode, command, extractors, points, shapes
             f.close()
         with contextlib.suppress(Exception):
             group.any_failed(True)
-        if isinstance(e, OSError) or isinstance(writer.error, OSError):
-            raise UserError(f"writing {target_file} failed ({writer.error or e}); the file stays readable and "
-                            f"marked incomplete: free space / fix the cause and re-run the same command with "
-                            f"--resume") from e
+        if isinstance(writer.error, UserError) and writer.error is not e:
+            raise writer.error from None         # the writer's own failure (a full disk, ...) is the cause
+        if isinstance(e, OSError):
+            raise UserError(f"writing {target_file} failed ({e}); the file stays readable and marked incomplete: "
+                            f"fix the cause and re-run the same command with --resume") from e
         raise
     f.close()
     seconds = time.perf_counter() - t0
@@ -344,8 +374,8 @@ def _pass(data: FeatureData, splits, bounds, targets: Sequence[Target], starts: 
                             raw = outs[t.layer].detach()                    # (b, C, H, W) on the device
                             # [min, max] of the rows still to write (a resume may start inside a batch)
                             ranges.append(value_range(raw[max(0, starts[t.path] - row):]))
-                            arrays[t.path] = _to_host(raw.to(torch_dtype[t.dtype]), cuda)
-            ranges_host = _to_host(torch.stack(ranges), cuda)             # (len(arrays), 2)
+                            arrays[t.path] = _to_host(raw.to(torch_dtype[t.dtype]), writer.buffers)
+            ranges_host = _to_host(torch.stack(ranges), None if not cuda else HostBuffers(pin=True))  # (n, 2)
             event = None
             if cuda:
                 event = torch.cuda.Event()

@@ -1,6 +1,11 @@
 """Inspection of a feature file: :func:`describe_file` (what it holds: root provenance and, per
 split/net/layer, shape, dtype, completeness, progress, non-finite values, provenance) and :func:`verify_file` (re-compute a
 few random stored rows from the recorded checkpoints and compare within a tolerance per storage dtype).
+
+The ``nonfinite`` / ``max_abs`` attributes are what the writer counted; a later change of the stored
+bytes (a bit flip) does not update them, so :func:`describe_file` reports them as recorded at write,
+and :func:`recount_file` (``inspect --verify``) reads every stored row (which also checks each row's
+fletcher32 checksum) and compares the counts of the data with the recorded ones.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from common.files import jsonable
 from features import store
 from features.layers import build_extractor, resolve_layer
 from features.nets import DATA_FIELDS, BareBuild, Net, load_net
+from features.nonfinite import BLOCK_ROWS, ValueCounts, count_array
 from features.targets import stored_precision
 from features.tokens import map_tokens
 from training.data import build_dataset
@@ -28,7 +34,7 @@ from training.datasets import DataSpec
 def describe_file(path: str | os.PathLike) -> dict[str, Any]:
     """What a feature file holds: root provenance, and per split/net/layer shape, dtype, completeness,
     progress, non-finite count and largest magnitude, and provenance attributes (JSON-able)."""
-    with store.open_features(path, "r") as f:
+    with store.open_features(path, "r") as f, store.named_errors(path):
         desc: dict[str, Any] = {"file": str(path), "root": store.attrs_dict(f), "splits": {}}
         for split in store.list_splits(f):
             g = f[split]
@@ -44,7 +50,7 @@ def describe_file(path: str | os.PathLike) -> dict[str, Any]:
                              "chunks": list(ds.chunks) if ds.chunks else None, "compression": ds.compression,
                              # NaN/inf values and largest finite magnitude of the rows done (None: not recorded)
                              "nonfinite": a.pop("nonfinite", None), "max_abs": a.pop("max_abs", None),
-                             "attrs": a}
+                             "counts_source": "recorded at write", "checksum": bool(ds.fletcher32), "attrs": a}
                     if ds.is_virtual:
                         try:
                             store.check_virtual_sources(ds)
@@ -198,3 +204,38 @@ def _bare_build(a: dict[str, Any], f: h5py.File) -> BareBuild | None:
     size = a.get("build_input_size") or None
     return BareBuild(str(a.get("arch")), a.get("arch_kwargs") or {}, a.get("build_num_classes") or None,
                      int(tf.get("channels", 3)) if isinstance(tf, dict) else 3, size)
+def recount_file(path: str | os.PathLike) -> list[VerifyRow]:
+    """Read every stored row of every dataset (contiguous blocks; each row's fletcher32 checksum is
+    checked by the read) and compare the data's non-finite count and largest finite magnitude with the
+    recorded ``nonfinite`` / ``max_abs`` attributes: ``ok``, ``mismatch`` (the data changed after it was
+    counted) or ``failed`` (a row cannot be read: the error names the file, dataset and rows)."""
+    out: list[VerifyRow] = []
+    with store.open_features(path, "r") as f, store.named_errors(path):
+        for split in store.list_splits(f):
+            for net in store.list_nets(f, split):
+                for layer in sorted(f[split][net].keys()):
+                    out.append(_recount(f, split, net, layer))
+    return out
+
+
+def _recount(f: h5py.File, split: str, net: str, layer: str) -> VerifyRow:
+    ds = store.CheckedDataset(f[split][net][layer].id)
+    a = store.attrs_dict(ds)
+    n = ds.shape[0] if a.get("complete") else int(a.get("rows_done", 0))
+    have = ValueCounts()
+    try:
+        for s in range(0, n, BLOCK_ROWS):
+            have = have.add(count_array(store.read_rows(ds, s, min(n, s + BLOCK_ROWS), ds.dtype)))
+    except store.FeatureFileError as e:
+        return VerifyRow(split, net, layer, "failed", reason=f"stored rows: {e}")
+    what = f"stored rows (all {n}): {have.nonfinite} non-finite, max |x| {have.max_abs:.6g}"
+    if "nonfinite" not in a or "max_abs" not in a:
+        return VerifyRow(split, net, layer, "ok", reason=f"{what} (no counts recorded)")
+    want = ValueCounts(int(a["nonfinite"]), float(a["max_abs"]))
+    # the writer counts the computed values (float32): compare in the storage dtype
+    same = want.nonfinite == have.nonfinite and ds.dtype.type(want.max_abs) == ds.dtype.type(have.max_abs)
+    if same:
+        return VerifyRow(split, net, layer, "ok", reason=f"{what}, as recorded")
+    return VerifyRow(split, net, layer, "mismatch",
+                     reason=f"{what}, but recorded at write: {want.nonfinite} non-finite, max |x| {want.max_abs:.6g}; "
+                            f"the stored values changed after they were written")

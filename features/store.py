@@ -19,6 +19,9 @@ schema check dispatches on the version through :data:`READERS`; an unknown versi
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import functools
 import json
 import os
 import warnings
@@ -31,6 +34,7 @@ import numpy as np
 
 from common.errors import UserError
 from common.provenance import code_version, now_utc, sha256_file
+from common.rundir import PathLock, lock_holder
 from common.registry import unknown_choice_message
 
 SCHEMA = "kc-features"
@@ -65,15 +69,63 @@ def open_features(path: str | os.PathLike, mode: str = "r") -> h5py.File:
     try:
         f = h5py.File(path, mode, rdcc_nbytes=CHUNK_CACHE_BYTES, rdcc_nslots=100_003)
     except OSError as e:
-        raise FeatureFileError(f"feature file {path} cannot be opened as HDF5 ({e}); it is corrupt or "
-                               f"truncated: re-extract it (python cli.py extract ... --overwrite)") from e
+        raise open_error(path, mode, e) from e
     if mode != "w" and (mode == "r" or SCHEMA_ATTR in f.attrs):
         try:
-            check_schema(f, path, structure=mode == "r")
+            with named_errors(path):
+                check_schema(f, path, structure=mode == "r")
         except Exception:
             f.close()
             raise
     return f
+
+
+def open_error(path: Path, mode: str, e: OSError) -> FeatureFileError:
+    """Why a feature file did not open, told apart: written by a running extraction (its pid), locked by
+    another program, a read-only file system, no permission, a full disk, or a damaged file. Only the
+    last one suggests ``--overwrite``, and only when no process holds the file."""
+    text, code = str(e), e.errno
+    holder = lock_holder(lock_path(path))
+    if holder is not None:
+        return FeatureFileError(f"feature file {path} is being written by {holder} (a running extraction); wait for "
+                                f"it to finish (or stop it) before reading or changing the file")
+    if code == errno.EAGAIN or "unable to lock file" in text:
+        return FeatureFileError(f"feature file {path} is locked by another process that has it open for writing "
+                                f"(HDF5's file lock); wait for it to close the file. ({text})")
+    if code == errno.EROFS or "Read-only file system" in text:
+        return FeatureFileError(f"feature file {path} is on a read-only file system: it can be read but not "
+                                f"{'created' if mode == 'w' else 'changed'}; write to another --out")
+    if code in (errno.EACCES, errno.EPERM) or "Permission denied" in text:
+        return FeatureFileError(f"no permission to {'read' if mode == 'r' else 'write'} the feature file {path} "
+                                f"({text})")
+    if code in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text:
+        return FeatureFileError(f"no space left on device while opening the feature file {path} for writing; free "
+                                f"space and re-run")
+    return FeatureFileError(f"feature file {path} cannot be opened as HDF5 ({text}); it is corrupt or truncated (a "
+                            f"copy or a write that stopped early, a damaged disk): re-extract it (python cli.py extract "
+                            f"... --overwrite) or restore it from a good copy")
+
+
+@contextlib.contextmanager
+def named_errors(path: str | os.PathLike) -> Iterator[None]:
+    """HDF5 failures of reading a file's structure (damaged metadata: "wrong B-tree signature", ...) as
+    a :class:`FeatureFileError` that names the file."""
+    try:
+        yield
+    except FeatureFileError:
+        raise
+    except (OSError, RuntimeError) as e:
+        raise FeatureFileError(f"feature file {path} is damaged: HDF5 cannot read its structure ({e}); re-extract it "
+                               f"(python cli.py extract ... --overwrite) or restore it from a good copy") from e
+
+
+def _names_file(fn: Callable) -> Callable:
+    """Decorate a reader whose first argument is the open file: its HDF5 failures name the file."""
+    @functools.wraps(fn)
+    def wrapper(f: h5py.File, *args: Any, **kwargs: Any) -> Any:
+        with named_errors(f.filename):
+            return fn(f, *args, **kwargs)
+    return wrapper
 
 
 SCHEMA_ATTR = "schema"
@@ -140,15 +192,18 @@ def attrs_dict(obj: h5py.HLObject) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- listing
 
+@_names_file
 def list_splits(f: h5py.File) -> list[str]:
     return sorted(k for k in f.keys() if isinstance(f[k], h5py.Group))
 
 
+@_names_file
 def list_nets(f: h5py.File, split: str) -> list[str]:
     g = _split_group(f, split)
     return sorted(k for k in g.keys() if isinstance(g[k], h5py.Group))
 
 
+@_names_file
 def list_layers(f: h5py.File, split: str, net: str) -> list[str]:
     g = _net_group(f, split, net)
     return sorted(k for k in g.keys() if k != LOGITS)
@@ -188,6 +243,7 @@ def dataset_progress(ds: h5py.Dataset) -> Progress:
     return Progress(complete, rows if complete else int(ds.attrs.get("rows_done", 0)), rows)
 
 
+@_names_file
 def get_features(f: h5py.File, split: str, net: str, layer: str, require_complete: bool = True) -> h5py.Dataset:
     """The ``(N, C, H, W)`` dataset of one net and layer; incomplete ones are refused by default."""
     g = _net_group(f, split, net)
@@ -195,7 +251,7 @@ def get_features(f: h5py.File, split: str, net: str, layer: str, require_complet
         raise FeatureFileError(f"{unknown_choice_message('layer', layer, list_layers(f, split, net))} "
                                f"(net {net!r}, split {split!r} of {f.filename}; python cli.py inspect "
                                f"{f.filename} lists what the file holds)")
-    ds = g[layer]
+    ds = CheckedDataset(g[layer].id)
     check_virtual_sources(ds)
     progress = dataset_progress(ds)
     if require_complete and not progress.complete:
@@ -205,17 +261,83 @@ def get_features(f: h5py.File, split: str, net: str, layer: str, require_complet
     return ds
 
 
+@_names_file
 def get_logits(f: h5py.File, split: str, net: str) -> h5py.Dataset:
     g = _net_group(f, split, net)
     if LOGITS not in g:
         raise FeatureFileError(f"{f.filename}: net {net!r} has no logits in split {split!r}; extract with --logits")
-    return g[LOGITS]
+    return CheckedDataset(g[LOGITS].id)
 
 
+class CheckedDataset(h5py.Dataset):
+    """An h5py dataset whose failed reads name the file, the dataset and the rows: a row whose fletcher32
+    checksum fails (its bytes changed after writing: a bit flip on the disk or in a copy), or an I/O
+    error. Every reader of :func:`get_features` / :func:`get_logits` gets one (it is an h5py.Dataset)."""
+
+    def __getitem__(self, args, new_dtype=None):
+        try:
+            return super().__getitem__(args, new_dtype)
+        except OSError as e:
+            raise self.read_error(e, args) from e
+
+    def read_direct(self, dest, source_sel=None, dest_sel=None):
+        try:
+            return super().read_direct(dest, source_sel, dest_sel)
+        except OSError as e:
+            raise self.read_error(e, source_sel) from e
+
+    def read_error(self, e: OSError, sel: Any) -> FeatureFileError:
+        """The rows of ``sel`` (first axis) that fail on their own, found one row at a time."""
+        rows = _selected_rows(sel, self.shape[0])
+        bad = []
+        for r in rows:
+            try:
+                h5py.Dataset.__getitem__(self, np.s_[r:r + 1])
+            except OSError:
+                bad.append(r)
+        where = f"rows {_ranges(bad)}" if bad else f"rows {_ranges(rows)}"
+        if self.fletcher32 and "filter" in str(e):
+            return FeatureFileError(
+                f"{self.file.filename}: {self.name} {where} fail their fletcher32 checksum: the stored bytes changed "
+                f"after they were written (a bit flip on the disk or in a copy). Re-extract the file "
+                f"(python cli.py extract ... --overwrite) or restore it from a good copy ({e})")
+        return FeatureFileError(f"{self.file.filename}: {self.name} {where} cannot be read ({e}); the file is damaged "
+                                f"or its disk failed: re-extract it or restore it from a good copy")
+
+
+def _selected_rows(sel: Any, n: int) -> list[int]:
+    """The rows (first axis) a selection reads: a slice, an index, a list, or everything."""
+    first = sel[0] if isinstance(sel, tuple) and sel else sel
+    if first is None or first is Ellipsis:
+        return list(range(n))
+    if isinstance(first, slice):
+        return list(range(n))[first]
+    if isinstance(first, (int, np.integer)):
+        return [int(first) % n]
+    try:
+        return sorted({int(r) for r in np.asarray(first).ravel()})
+    except (TypeError, ValueError):
+        return list(range(n))
+
+
+def _ranges(rows: list[int]) -> str:
+    """[1, 2, 3, 7] -> "1-3, 7" (at most 8 runs shown)."""
+    runs: list[list[int]] = []
+    for r in rows:
+        if runs and r == runs[-1][1] + 1:
+            runs[-1][1] = r
+        else:
+            runs.append([r, r])
+    text = ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs[:8])
+    return text + (f" and {len(runs) - 8} more runs" if len(runs) > 8 else "")
+
+
+@_names_file
 def read_index(f: h5py.File, split: str) -> np.ndarray:
     return np.asarray(_split_group(f, split)[INDEX][...], dtype=np.int64)
 
 
+@_names_file
 def read_labels(f: h5py.File, split: str) -> np.ndarray:
     return np.asarray(_split_group(f, split)[LABEL][...], dtype=np.int64)
 
@@ -223,6 +345,7 @@ def read_labels(f: h5py.File, split: str) -> np.ndarray:
 def read_rows(ds: h5py.Dataset, start: int, stop: int, dtype: Any = np.float32) -> np.ndarray:
     """Rows ``start:stop`` as one contiguous read (never per-sample fancy indexing)."""
     out = np.empty((stop - start,) + ds.shape[1:], dtype=ds.dtype)
+    ds = ds if isinstance(ds, CheckedDataset) else CheckedDataset(ds.id)
     ds.read_direct(out, np.s_[start:stop])
     return out.astype(dtype, copy=False)
 
@@ -298,12 +421,19 @@ def init_split(f: h5py.File, split: str, index: np.ndarray, labels: np.ndarray) 
 
 
 def create_features(f: h5py.File, split: str, net: str, layer: str, shape: tuple[int, ...], dtype: str,
-                    attrs: dict[str, Any], compression: str | None = None, preallocate: bool = False) -> h5py.Dataset:
+                    attrs: dict[str, Any], compression: str | None = None, preallocate: bool = False,
+                    checksum: bool = False) -> h5py.Dataset:
     """Pre-size ``/<split>/<net>/<layer>`` with one sample per chunk, marked incomplete.
 
     ``preallocate``: allocate every chunk now without writing fill values (sparse on disk), so that
     filling the rows later never changes the file's structure: a process killed mid-way leaves a
     file whose metadata is the one flushed at creation plus the attributes (``rows_done``).
+    ``checksum``: HDF5's fletcher32 filter (4 bytes per chunk, i.e. per row): a chunk whose bytes
+    changed after writing fails its read (see :class:`CheckedDataset`). Any HDF5 reader checks it.
+    HDF5 fills every chunk of a filtered dataset when it allocates them early (the whole dataset
+    written twice), so a checksummed dataset allocates each chunk when its row is written instead;
+    the writer then keeps the chunk index in memory between flushes (:func:`hold_metadata`), so a
+    killed process leaves the index of the flushed rows intact.
     """
     if dtype not in ("float16", "float32"):
         raise UserError(f"unknown --dtype {dtype!r}; valid: float16, float32")
@@ -311,12 +441,12 @@ def create_features(f: h5py.File, split: str, net: str, layer: str, shape: tuple
     extra: dict[str, Any] = {}
     if shape[0] == 0:  # an empty shard: a chunk may not exceed the (zero) extent unless it can grow
         extra = {"maxshape": (None,) + tuple(shape[1:])}
-    elif preallocate and compression is None:
+    elif preallocate and compression is None and not checksum:
         dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
         dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
         extra = {"dcpl": dcpl, "fill_time": "never"}
     ds = g.create_dataset(layer, shape=shape, dtype=dtype, chunks=(1,) + tuple(shape[1:]), compression=compression,
-                          **extra)
+                          fletcher32=bool(checksum), **extra)
     _set_attrs(ds, attrs)
     mark_incomplete(ds)
     return ds
@@ -373,6 +503,37 @@ def check_virtual_sources(ds: h5py.Dataset) -> None:
 def mark_incomplete(ds: h5py.Dataset) -> None:
     ds.attrs["complete"] = False
     ds.attrs["rows_done"] = 0
+def lock_path(path: str | os.PathLike) -> Path:
+    """The lock file of a feature file: ``features.h5`` -> ``features.h5.lock`` beside it."""
+    path = Path(path)
+    return path.with_name(path.name + ".lock")
+
+
+def lock_features(path: str | os.PathLike) -> PathLock:
+    """Take the writer's lock of a feature file (before it is deleted, created or changed); a file in use
+    by another process is refused naming its pid. Release with ``.release()``."""
+    return PathLock(lock_path(path), f"feature file {path}",
+                    "wait for that extraction to finish (or stop it) or write to another --out")
+
+
+def open_for_writing(f: h5py.File, path: str) -> h5py.Dataset:
+    """A handle on ``path`` with no chunk cache: each write goes to the file in the write call itself, so
+    a disk error raises there (a cached chunk is written when the handle closes, where h5py can only
+    print the error) and nothing is left to flush after a failure."""
+    dapl = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
+    dapl.set_chunk_cache(0, 0, 1.0)
+    return h5py.Dataset(h5py.h5d.open(f.id, path.encode(), dapl))
+
+
+def hold_metadata(f: h5py.File) -> None:
+    """Keep HDF5's metadata (the chunk index that grows as rows are written) in memory until the next
+    flush: no eviction writes a half-updated index node to the file between two flushes, so a process
+    killed there leaves the file as the last flush wrote it. Costs the index's size in memory (about
+    50 bytes per row)."""
+    cfg = f.id.get_mdc_config()
+    cfg.evictions_enabled = False
+    cfg.incr_mode, cfg.decr_mode, cfg.flash_incr_mode = 0, 0, 0     # required with evictions off
+    f.id.set_mdc_config(cfg)
 
 
 def mark_rows_done(ds: h5py.Dataset, rows_done: int) -> None:

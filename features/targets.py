@@ -48,6 +48,7 @@ class Target:
     identity: dict[str, Any]
     provenance: dict[str, Any]
     compression: str | None = None
+    checksum: bool = True           # HDF5's fletcher32 filter on every chunk (row)
 
     @property
     def path(self) -> str:
@@ -161,7 +162,7 @@ def create_targets(f: h5py.File, targets: Sequence[Target]) -> None:
     for t in targets:
         if t.path not in f:
             ds = store.create_features(f, t.split, t.net, t.layer, t.shape, t.dtype, {**t.identity, **t.provenance},
-                                       compression=t.compression, preallocate=True)
+                                       compression=t.compression, preallocate=True, checksum=t.checksum)
             write_counts(ds, ValueCounts())      # no rows yet: nothing non-finite
             if t.shape[0] == 0:        # an empty shard: nothing to write
                 store.mark_complete(ds)

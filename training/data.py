@@ -11,7 +11,6 @@ disk read from ``--data_root``; nothing is ever downloaded.
 from __future__ import annotations
 
 import gzip
-import pickle
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,6 +22,7 @@ from torch.utils.data import Dataset
 import training.datasets_disk  # noqa: F401  (the on-disk layouts register themselves in DATASETS)
 from common.errors import UserError
 from common.registry import UnknownNameError, unknown_choice_message
+from common.safe_pickle import load_data_pickle
 from training.datasets import DATASETS, ArrayDataset, DataSpec, IndexedDataset, need_file
 from training.transforms import (
     ANIMAL_MEAN,
@@ -221,10 +221,11 @@ def animal_mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
         raise UserError("the embedded data set needs the animal-mnist package: "
                         "pip install --no-deps animal-mnist==0.4")
     folder = Path(list(spec.submodule_search_locations)[0]) / "data" / "Animal_MNIST"
-    with gzip.open(need_file(folder / "animal_data_version_3.gz", "the animal-mnist 0.4 package"), "rb") as f:
-        images = np.asarray(pickle.load(f), dtype=np.uint8)
-    with gzip.open(need_file(folder / "animal_label_version_3.gz", "the animal-mnist 0.4 package"), "rb") as f:
-        labels = np.asarray(pickle.load(f), dtype=np.int64)
+    data, label = folder / "animal_data_version_3.gz", folder / "animal_label_version_3.gz"
+    with gzip.open(need_file(data, "the animal-mnist 0.4 package"), "rb") as f:
+        images = np.asarray(load_data_pickle(f, data), dtype=np.uint8)       # plain data only: no code runs
+    with gzip.open(need_file(label, "the animal-mnist 0.4 package"), "rb") as f:
+        labels = np.asarray(load_data_pickle(f, label), dtype=np.int64)
     return images, labels
 
 

@@ -13,7 +13,6 @@ optional crop boxes ``(x0, y0, x1, y1)`` in PIL's half-open pixel convention); t
 from __future__ import annotations
 
 import csv
-import pickle
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from common.errors import UserError
+from common.safe_pickle import UnsafePickleError, load_data_pickle
 from training.datasets import DATASETS, ArrayDataset, DataSpec, FileListDataset, IndexedDataset, need_file, need_root
 
 Box = tuple[float, float, float, float]  # (x0, y0, x1, y1), PIL crop convention
@@ -353,7 +353,9 @@ def _cifar_layout(name: str) -> str:
 def _unpickle(path: Path, layout: str) -> dict:
     with open(need_file(path, layout), "rb") as f:
         try:
-            return pickle.load(f, encoding="bytes")
+            return load_data_pickle(f, path, encoding="bytes")       # plain data only: no code runs
+        except UnsafePickleError:
+            raise
         except Exception as e:  # a damaged pickle raises many kinds
             raise UserError(f"cannot read {path} as a CIFAR python pickle ({e})") from e
 

@@ -298,6 +298,7 @@ def test_inspect_prints_contents_and_verify_detects_tampering(cli, ckpts, tmp_pa
     desc = json.loads(so)
     assert desc["splits"]["test"]["nets"]["a"]["logits"]["dtype"] == "float32"
     assert {r["status"] for r in desc["verify"]} == {"ok"} and len(desc["verify"]) == 2
+    assert {r["status"] for r in desc["recount"]} == {"ok"} and len(desc["recount"]) == 2
     with h5py.File(out, "a") as f:
         f["test/a/features.4"][:] = f["test/a/features.4"][...] * 1.1
     code, so, err = cli("inspect", out, "--verify")

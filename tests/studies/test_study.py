@@ -209,6 +209,17 @@ def test_a_second_run_into_the_same_folder_is_refused_while_one_runs(done_study,
             run_study(sf, out, log=lambda m: None)
 
 
+def test_overwrite_while_a_study_runs_is_refused_and_deletes_nothing(done_study, tmp_path):
+    from common.rundir import RunDir
+
+    sf, out = copy_study(done_study, tmp_path)
+    with RunDir(out, "resume"):                     # the running study's lock (this process's pid)
+        before = sorted(p.relative_to(out) for p in out.rglob("*"))
+        with pytest.raises(UserError, match=f"in use by pid {os.getpid()} on"):
+            run_study(sf, out, overwrite=True, log=lambda m: None)
+        assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+
 # --------------------------------------------------------------------------- kill and resume
 
 def _run_cli(sf: Path, out: Path, fault: str | None) -> subprocess.CompletedProcess:
