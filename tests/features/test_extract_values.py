@@ -111,8 +111,24 @@ def _tolerance(*paths: Path) -> float:
 
 
 def _same_counts(a: dict[str, tuple[int, float]], b: dict[str, tuple[int, float]], tol: float) -> bool:
-    """Equal non-finite counts and largest magnitudes (within ``tol`` where CUDA computed them)."""
-    return a.keys() == b.keys() and all(a[k][0] == b[k][0] and values_close(a[k][1], b[k][1], tol) for k in a)
+    """Equal non-finite counts and largest magnitudes; where CUDA computed them (``tol`` > 0): the same
+    datasets hold non-finite values, and finite ones agree in their largest magnitude within ``tol``.
+    (cuDNN may pick Winograd or FFT kernels, which spread an inf over a tile of outputs, and picks per
+    batch shape and process: where an inf lands is device- and kernel-dependent, that it lands is not.)"""
+    if tol == 0.0:
+        return a == b
+    return a.keys() == b.keys() and all((a[k][0] > 0) == (b[k][0] > 0) and
+                                        (a[k][0] > 0 or values_close(a[k][1], b[k][1], tol)) for k in a)
+
+
+def _counts_describe_the_stored_rows(path: Path) -> None:
+    """Every dataset's ``nonfinite`` / ``max_abs`` attributes count exactly its stored rows (any device)."""
+    with h5py.File(path, "r") as f:
+        for k, (n, m) in _counts(path).items():
+            ds = f[k]
+            a = ds[:ds.shape[0] if bool(ds.attrs["complete"]) else int(ds.attrs["rows_done"])]
+            fin = a[np.isfinite(a)]
+            assert n == _count(a) and m == (float(np.abs(fin).max()) if fin.size else 0.0), k
 
 
 def _killed_extraction(ckpts, out: Path) -> None:
@@ -134,9 +150,12 @@ def test_float16_overflow_is_refused_naming_net_layer_split_count_and_float32(cl
     msg = flat(err)
     assert code == 1 and "Traceback" not in err
     assert "net 'big', layer 'features.1', split 'test'" in msg and f"rows 0-{BS - 1}" in msg
-    assert f"{n_over} values exceed the float16 range" in msg and "--dtype float32" in msg
+    assert "--dtype float32" in msg
     with store.open_features(out) as f:
         tol = feature_tolerance(f["test/big/features.1"])
+    over = int(re.search(r"(\d+) values exceed the float16 range", msg).group(1))
+    # on CUDA a value within 1e-5 of the float16 limit may round to either side of it
+    assert over == n_over if tol == 0.0 else abs(over - n_over) <= max(1, n_over // 100)
     largest = float(re.search(r"largest magnitude (\S+) > 65504", msg).group(1))
     if tol == 0.0:                                          # the CPU's numbers: the same to the digit
         assert f"largest magnitude {float(np.abs(ref).max()):.6g} > 65504" in msg
@@ -191,13 +210,14 @@ def test_float32_nonfinite_is_counted_per_dataset_warned_and_shown_by_inspect(cl
             ref = reference["wild", split, layer]
             with store.open_features(out) as f:
                 stored = f[f"{split}/wild/{layer}"][...]
-            assert_features_close(stored, ref, tol, f"{split}/wild/{layer}")
+            assert_features_close(stored, ref, tol, f"{split}/wild/{layer}", nonfinite_may_spread=True)
             want = _count(ref)
             assert want > 0 and _same_counts({0: counts[f"{split}/wild/{layer}"]},
                                              {0: (want, float(np.abs(ref[np.isfinite(ref)]).max()))}, tol)
             assert _same_counts({0: counts[f"{split}/a/{layer}"]},
                                 {0: (0, float(np.abs(reference["a", split, layer]).max()))}, tol)
-    n1 = _count(reference["wild", "test", "features.1"])
+    _counts_describe_the_stored_rows(out)
+    n1 = counts["test/wild/features.1"][0]                  # = the reference's count on the CPU (bitwise above)
     msg = flat(err)
     assert msg.startswith("warning:") and f"net 'wild', layer 'features.1', split 'test': {n1} non-finite" in msg
     assert "net 'a'" not in msg
@@ -215,7 +235,10 @@ def test_float32_nonfinite_is_counted_per_dataset_warned_and_shown_by_inspect(cl
 def test_api_warns_and_returns_the_counts(ckpts, reference, tmp_path):
     with pytest.warns(NonFiniteFeaturesWarning, match="net 'wild', layer 'features.4'"):
         res = _run(ckpts, ["a", "wild"], tmp_path / "f.h5")
-    assert res.nonfinite["test/wild/features.4"] == _count(reference["wild", "test", "features.4"])
+    stored = _counts(tmp_path / "f.h5")
+    assert res.nonfinite["test/wild/features.4"] == stored["test/wild/features.4"][0] > 0
+    if _tolerance(tmp_path / "f.h5") == 0.0:                 # the CPU: the reference's count (see _same_counts)
+        assert stored["test/wild/features.4"][0] == _count(reference["wild", "test", "features.4"])
     assert res.nonfinite["test/a/features.1"] == 0
 
 
@@ -233,6 +256,7 @@ def test_counts_survive_a_kill_and_a_resume_with_another_batch_size(ckpts, tmp_p
             assert done == 2 * BS and n == _count(f[path][:done])
     with pytest.warns(NonFiniteFeaturesWarning):             # resume inside a batch: rows 8.. with batches of 3
         _run(ckpts, ["a", "wild"], part, mode="resume", batch_size=3)
+    _counts_describe_the_stored_rows(part)
     assert _same_counts(_counts(part), _counts(full), _tolerance(part, full))
 
 
@@ -248,6 +272,7 @@ def test_counts_of_a_killed_process_match_its_rows_and_resume_completes_them(ckp
             assert n == _count(f[path][:int(f[path].attrs["rows_done"])])
     with pytest.warns(NonFiniteFeaturesWarning):
         _run(ckpts, ["wild"], part, mode="resume")
+    _counts_describe_the_stored_rows(part)
     assert _same_counts(_counts(part), _counts(full), _tolerance(part, full))
 
 
@@ -262,6 +287,7 @@ def test_resume_of_a_file_written_before_the_counts_recounts_its_rows(ckpts, tmp
             del f[f"test/wild/{layer}"].attrs["nonfinite"], f[f"test/wild/{layer}"].attrs["max_abs"]
     with pytest.warns(NonFiniteFeaturesWarning):
         _run(ckpts, ["wild"], part, mode="resume")
+    _counts_describe_the_stored_rows(part)
     assert _same_counts(_counts(part), _counts(full), _tolerance(part, full))
 
 
