@@ -39,7 +39,15 @@ from analysis.uncertainty import add_study_intervals
 from common.files import atomic_write
 from common.provenance import now_utc, provenance
 
-SIMILARITY_KIND = {"procrustes": "distance"}          # every other metric is a similarity in [0, 1]
+SIMILARITY_KIND = {"procrustes": "distance", "shape": "distance"}   # files without a direction: the rest are similarities
+
+
+def similarity_kind(metric: str, body: Mapping[str, Any]) -> str:
+    """``distance`` or ``fraction`` (a similarity in [0, 1]): the entry's own ``direction`` when it records
+    one, else the metric's known direction."""
+    if body.get("direction") in ("distance", "similarity"):
+        return "distance" if body["direction"] == "distance" else "fraction"
+    return SIMILARITY_KIND.get(metric, "fraction")
 CONSISTENCY_NOTE = ("Fractions are of the target's variance Var(x_B) on held-out features (per-channel "
                     "centred). The paper's per-order variances Var(Y_k) overlap (the components are not "
                     "orthogonal), so they and the residual need not add up to 1; the additive shares do: order "
@@ -79,7 +87,7 @@ def study_figures(st: StudyFolder, out_dir: str | os.PathLike | None = None) -> 
     for layer, s in st.similarity.items():
         tag = _slug(layer)
         for metric, body in s.get("metrics", {}).items():
-            kind = SIMILARITY_KIND.get(metric, "fraction")
+            kind = similarity_kind(metric, body)
             figs[f"similarity_{metric}_{tag}"] = plots.matrix_heatmap(
                 body["matrix"], s["nets"], out / f"similarity_{metric}_{tag}", f"{metric} at {layer}",
                 metric + (" distance (0 = alike)" if kind == "distance" else " similarity (1 = alike)"), kind=kind,
@@ -320,7 +328,15 @@ def similarity_section(st: StudyFolder, layer: str, s: Mapping[str, Any], figs: 
                               "are symmetric; Trans-Net consistency is directional.")]
     for metric, body in s.get("metrics", {}).items():
         doc.append(("h", 3, metric))
+        if body.get("convention"):
+            doc.append(("p", f"Convention: {body['convention']}."))
         doc.append(("table", *matrix_table(body["matrix"], s["nets"], metric, body.get("ci"))))
+        refused = body.get("refused") or []
+        if refused:
+            doc.append(("p", "Blank cells were refused before computing: " + "; ".join(
+                f"{' / '.join(map(str, r.get('nets') or r.get('pair') or ['?']))}: {r.get('reason', '')}"
+                if isinstance(r, Mapping) else str(r) for r in refused[:12])
+                + (f"; and {len(refused) - 12} more" if len(refused) > 12 else "") + "."))
         if body.get("null_mean") is not None:
             doc.append(("p", f"Permutation null (shuffled pairing of samples): mean {_fmt_null(body['null_mean'])}."))
         doc += [("p", f"Warning: {w}") for w in body.get("warnings", []) or []]

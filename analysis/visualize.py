@@ -14,7 +14,7 @@ from analysis.consistency import generation_rows, held_out_label, natural_key, n
 from analysis.convergence import loss_series, verdict_of
 from analysis.diagnose import panel_for_rows
 from analysis.readings import family_generations
-from analysis.report import SIMILARITY_KIND, study_figures
+from analysis.report import similarity_kind, study_figures
 from analysis.study_folder import StudyFolder, fit_details, read_family, read_study_folder
 from common.errors import UserError
 from common.files import read_json
@@ -103,7 +103,7 @@ def visualize(path: str | None, what: str = "auto", out_dir: str | None = None, 
             raise UserError(f"{src} is not a similarity.json (needs 'nets' and 'metrics')")
         paths: list[Path] = []
         for metric, m in body["metrics"].items():
-            kind = SIMILARITY_KIND.get(metric, "fraction")
+            kind = similarity_kind(metric, m)
             paths += plots.matrix_heatmap(m["matrix"], body["nets"], out / f"similarity_{metric}",
                                           f"{metric} at {body.get('layer')}", metric, kind=kind,
                                           row_title="net", col_title="net")

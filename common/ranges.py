@@ -225,7 +225,7 @@ OPTION_TYPES: dict[str, OptionType] = {
     # features
     "limit": nonneg_int(), "queue_batches": positive_int(), "flush_s": nonneg_float(), "conv_layer": nonneg_int(),
     "max_batches": nonneg_int(), "verify_rows": positive_int(), "num_classes": positive_int(),
-    "in_channels": positive_int(), "input_size": positive_int(),
+    "in_channels": positive_int(), "input_size": positive_int(), "prefix_tokens": nonneg_int(),
     # Trans-Nets
     "train_rows": nonneg_int(), "orders": nonneg_int(), "kernel": Number(int, 1, odd=True),
     "std_correction": int_range(0, 1), "std_floor": probability(),

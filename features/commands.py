@@ -9,18 +9,19 @@ import warnings
 from pathlib import Path
 
 from common.checkpoints import load_checkpoint
+from common.device import PRECISIONS
 from common.distributed import dist_from_env
 from common.errors import UserError
 from common.files import jsonable
 from common.options import Command, add_dataclass_args, dataclass_from_args, parse_kv_list
 from common.ranges import csv_nonempty, nonneg_int, positive_int
 from common.rundir import run_mode
-from common.device import PRECISIONS
 from features.extract import COMPRESSIONS, DTYPES, ExtractConfig, extract_features
 from features.inspection import describe_file, recount_file, verify_file
 from features.layers import format_layers, list_layers
 from features.nets import BareBuild, Net, build_feature_data, data_spec_for, load_net
 from features.nonfinite import NonFiniteFeaturesWarning
+from features.recorded import DATA_DESTS, command_line
 from training.data import SPLITS
 from training.manifest import read_manifest
 from training.models import arch_names, build_model, default_input_size, model_from_checkpoint, parse_model_kwargs
@@ -51,12 +52,6 @@ EXTRACT_HELP = {
     "checksum": "HDF5's fletcher32 checksum on every stored row (a flipped bit fails the read, naming the rows)",
 }
 
-# Data options of `train`, but here each one only overrides what the checkpoints record.
-DATA_DESTS = {"dataset": "name", "data_root": "data_root", "transform": "transform", "image_size": "image_size",
-              "channels": "channels", "subset": "subset", "subset_kind": "subset_kind", "split_seed": "split_seed",
-              "bbox_crop": "bbox_crop", "train_images": "train_images", "mean": "mean", "std": "std"}
-
-
 def _add_extract(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("what to extract")
     g.add_argument("--nets", nargs="+", default=None, metavar="NAME=CKPT",
@@ -74,7 +69,7 @@ def _add_extract(p: argparse.ArgumentParser) -> None:
     which.add_argument("--model", default=None, metavar="PACKAGE.MODULE:CALLABLE",
                        help="build such nets with your own callable")
     b.add_argument("--model_kwargs", default=None, metavar="JSON", help="kwargs of the builder (a JSON object)")
-    b.add_argument("--num_classes", type=int, default=None,
+    b.add_argument("--num_classes", type=positive_int(), default=None,
                    help="their class count (default: the builder's own; timm: its pretrained_cfg's)")
     m = p.add_mutually_exclusive_group()
     m.add_argument("--resume", action="store_true",
@@ -118,26 +113,6 @@ def bare_build(args: argparse.Namespace) -> BareBuild | None:
         return None
     size = getattr(args, "image_size", None) or default_input_size(arch)
     return BareBuild(arch, parse_model_kwargs(args.model_kwargs), args.num_classes, args.channels or 3, size)
-
-
-def command_line(args: argparse.Namespace, name: str) -> str:
-    """The resolved command (every option as finally used, config-file values included) for provenance."""
-    import shlex
-
-    parts = ["cli.py", name]
-    for k, v in sorted(vars(args).items()):
-        if k.startswith("_") or k in ("config", "debug", "max_batches") or v is None:
-            continue
-        if v is True:
-            parts.append(f"--{k}")
-        elif v is False:
-            if k in DATA_DESTS:                  # an explicit override of the checkpoints' value
-                parts.append(f"--no-{k}")
-        elif isinstance(v, list):
-            parts += [f"--{k}", *map(str, v)] if k == "nets" else [x for item in v for x in (f"--{k}", str(item))]
-        else:
-            parts += [f"--{k}", str(v)]
-    return shlex.join(parts)
 
 
 def precision_from_args(args: argparse.Namespace) -> str:

@@ -8,8 +8,8 @@ import numpy as np
 
 from common.errors import UserError
 from common.options import Command, add_dataclass_args, dataclass_from_args
-from features.commands import command_line
 from features.importer import DTYPES, TOKEN_MODES, ImportConfig, import_features, parse_source, read_arrays
+from features.recorded import command_line
 
 IMPORT_HELP = {
     "split": "the split these rows are (train, test, val)",

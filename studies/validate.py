@@ -21,12 +21,13 @@ from common.ranges import OPTION_TYPES, field_problems, name_problem
 
 # The options of each member family in a study file (studies/runner.py reads them).
 MEMBER_KEYS = {
-    "seeds": ("arch", "seeds", "train", "prefix"),
+    "seeds": ("arch", "seeds", "train", "prefix", "model", "model_kwargs"),
     "distill": ("arch", "teacher", "alpha", "temperature", "train", "name"),
     "born_again": ("arch", "generations", "lambda", "temperature", "train"),
     "evolve": ("arch", "generations", "split", "split_rate", "train"),
 }
 DEFAULT_ARCH = "vgg_tiny"
+EXTERNAL_PREFIXES = ("timm:", "model:")       # built by timm or the user's entry point, checked when built
 SET_BY_STUDY = ("features", "source", "target", "layer")     # Trans-Net options the study fills in itself
 
 
@@ -135,52 +136,55 @@ def _member_names(p: Problems, members: dict[str, Any]) -> dict[str, tuple[str, 
             names[name] = (kind, arch)
 
     for kind in MEMBER_KEYS:
-        opts = members.get(kind)
-        if opts is None:
+        given = members.get(kind)
+        if given is None:
             continue
-        where = f"members.{kind}"
-        if not p.keys(where, opts, MEMBER_KEYS[kind]):
-            continue
-        arch = str(opts.get("arch", DEFAULT_ARCH))
-        if arch not in ARCHS.names():
-            p.append(f"{where}.arch {arch!r} is not a registered architecture; valid: {', '.join(ARCHS.names())}")
-        if "train" in opts:
-            _check_train(p, f"{where}.train", opts["train"])
-        if kind == "seeds":
-            seeds = opts.get("seeds", [0, 5])
-            seeds = seeds if isinstance(seeds, list) else [seeds]
-            ok = [s for s in seeds if p.value(f"{where}.seeds", "seed", s) is not None]
-            if not seeds or len(set(map(str, ok))) != len(ok):
-                p.append(f"{where}.seeds must list distinct seeds (integers >= 0), got {seeds!r}")
-            prefix = opts.get("prefix", "seed")
-            if name_problem(prefix) is None:
-                for s in ok:
-                    add(f"{prefix}{int(s)}", kind, arch)
+        # members.seeds may list several entries (architectures), each with its own prefix
+        entries = given if kind == "seeds" and isinstance(given, list) and given else [given]
+        for n_entry, opts in enumerate(entries):
+            where = f"members.{kind}" + (f"[{n_entry}]" if len(entries) > 1 else "")
+            if not p.keys(where, opts, MEMBER_KEYS[kind]):
+                continue
+            arch = f"model:{opts['model']}" if opts.get("model") else str(opts.get("arch", DEFAULT_ARCH))
+            if arch not in ARCHS.names() and not arch.startswith(EXTERNAL_PREFIXES):
+                p.append(f"{where}.arch {arch!r} is not a registered architecture; valid: {', '.join(ARCHS.names())}")
+            if "train" in opts:
+                _check_train(p, f"{where}.train", opts["train"])
+            if kind == "seeds":
+                seeds = opts.get("seeds", [0, 5])
+                seeds = seeds if isinstance(seeds, list) else [seeds]
+                ok = [s for s in seeds if p.value(f"{where}.seeds", "seed", s) is not None]
+                if not seeds or len(set(map(str, ok))) != len(ok):
+                    p.append(f"{where}.seeds must list distinct seeds (integers >= 0), got {seeds!r}")
+                prefix = opts.get("prefix", "seed")
+                if name_problem(prefix) is None:
+                    for s in ok:
+                        add(f"{prefix}{int(s)}", kind, arch)
+                else:
+                    p.append(f"{where}.prefix {prefix!r} {name_problem(prefix)}")
+            elif kind == "distill":
+                teacher = opts.get("teacher")
+                if teacher not in names:
+                    p.append(f"{where}.teacher {teacher!r} is not a member trained before the student; "
+                             f"members trained before it: {', '.join(names) or 'none'}")
+                p.value(f"{where}.alpha", "alpha", opts.get("alpha", 0.9))
+                p.value(f"{where}.temperature", "temperature", opts.get("temperature", 4.0))
+                add(str(opts.get("name", "kd_student")), kind, arch)
+            elif kind == "born_again":
+                g = p.value(f"{where}.generations", "generations", opts.get("generations", 3))
+                p.value(f"{where}.lambda", "lam", opts.get("lambda", 0.5))
+                p.value(f"{where}.temperature", "temperature", opts.get("temperature", 1.0))
+                for i in range(g or 0):
+                    add(f"ban_g{i}", kind, arch)
             else:
-                p.append(f"{where}.prefix {prefix!r} {name_problem(prefix)}")
-        elif kind == "distill":
-            teacher = opts.get("teacher")
-            if teacher not in names:
-                p.append(f"{where}.teacher {teacher!r} is not a member trained before the student; "
-                         f"members trained before it: {', '.join(names) or 'none'}")
-            p.value(f"{where}.alpha", "alpha", opts.get("alpha", 0.9))
-            p.value(f"{where}.temperature", "temperature", opts.get("temperature", 4.0))
-            add(str(opts.get("name", "kd_student")), kind, arch)
-        elif kind == "born_again":
-            g = p.value(f"{where}.generations", "generations", opts.get("generations", 3))
-            p.value(f"{where}.lambda", "lam", opts.get("lambda", 0.5))
-            p.value(f"{where}.temperature", "temperature", opts.get("temperature", 1.0))
-            for i in range(g or 0):
-                add(f"ban_g{i}", kind, arch)
-        else:
-            g = p.value(f"{where}.generations", "generations", opts.get("generations", 3))
-            split = str(opts.get("split", "kels")).lower()
-            _choice(p, f"{where}.split", split, SPLIT_MODES)
-            p.value(f"{where}.split_rate", "split_rate", opts.get("split_rate", 0.5))
-            for i in range(1, (g or 0) + 1):
-                add(f"ke_g{i}", kind, arch)
-                if split == "kels":
-                    add(f"ke_g{i}_slim", kind, arch)
+                g = p.value(f"{where}.generations", "generations", opts.get("generations", 3))
+                split = str(opts.get("split", "kels")).lower()
+                _choice(p, f"{where}.split", split, SPLIT_MODES)
+                p.value(f"{where}.split_rate", "split_rate", opts.get("split_rate", 0.5))
+                for i in range(1, (g or 0) + 1):
+                    add(f"ke_g{i}", kind, arch)
+                    if split == "kels":
+                        add(f"ke_g{i}_slim", kind, arch)
     return names
 
 

@@ -31,9 +31,9 @@ def run_variance(transnet_dir: str | Path, features: str | None = None, split: s
                  allow_unfinished: bool = False) -> dict[str, Any]:
     """Variance report of a fitted Trans-Net on one split (one streaming float64 pass); written to
     ``variance.json`` in the Trans-Net run directory, or in ``out_dir`` (a run directory of its own)."""
+    dev = use_device(device)
     require_finished_result(transnet_dir, "variance", allow_unfinished)
     model, info = load_transnet(transnet_dir)
-    dev = use_device(device)
     feats = features or info["features"]
     tfeats = target_features or (info["target_features"] if not features and info["target_features"] != info["features"]
                                  else None)

@@ -167,27 +167,28 @@ def test_the_real_animal_mnist_pickles_still_load():
 
 # --------------------------------------------------------------------------- SIGTERM
 
-def _start(argv: list, err_path: Path) -> int:
-    """``cli.py ARGV`` in a forked child (torch already imported: no start-up cost), its stderr in
-    ``err_path``; returns the child's pid."""
+def _cli_child(argv: list[str], err_path: str) -> int:
+    fd = os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 2)
+    sys.stderr = os.fdopen(2, "w", buffering=1)
+    import cli as cli_mod
+
+    return cli_mod.main(argv)
+
+
+def _start(argv: list, err_path: Path):
+    """``cli.py ARGV`` in a child process (forked while CUDA is untouched: torch already imported), its
+    stderr in ``err_path``; returns the child process."""
     import cli as cli_mod
 
     cli_mod.build_parser()                      # import every command module once, before forking
-
-    def child() -> int:
-        fd = os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        os.dup2(fd, 2)
-        sys.stderr = os.fdopen(2, "w", buffering=1)
-        return cli_mod.main([str(a) for a in argv])
-
-    return in_child(child, {"KC_FAULT": ""})
+    return in_child(_cli_child, [str(a) for a in argv], str(err_path), env={"KC_FAULT": ""})
 
 
-def _wait_for(cond: Callable[[], bool], pid: int, timeout: float = 300.0) -> None:
+def _wait_for(cond: Callable[[], bool], proc, timeout: float = 300.0) -> None:
     t0 = time.monotonic()
     while not cond():
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        assert done == 0, "the command ended before the signal"
+        assert proc.is_alive(), "the command ended before the signal"
         assert time.monotonic() - t0 < timeout, "the command made no progress"
         time.sleep(0.05)
 
@@ -201,7 +202,7 @@ def test_sigterm_during_train_keeps_the_last_checkpoint_and_exits_143(tmp_path):
     pid = _start(["train", "--arch", "vgg_tiny", "--image_size", 16, "--batch_size", 64, "--train_images", 256,
                   "--epochs", 1000, "--eval_every", 1000, "--out_dir", run], err)
     _wait_for(lambda: (run / "last.pt.sha256").exists(), pid)
-    os.kill(pid, signal.SIGTERM)
+    os.kill(pid.pid, signal.SIGTERM)
     assert exit_status(pid) == 143
     text = flat(err.read_text())
     assert "terminated (SIGTERM)" in text and "--resume" in text and "Traceback" not in text
@@ -220,7 +221,7 @@ def test_sigterm_during_extract_leaves_a_resumable_file_and_exits_143(tmp_path):
                   "--batch_size", 2, "--flush_s", 0.05, "--out", out], err)
     _wait_for(lambda: store.lock_path(out).exists() and out.exists(), pid)
     time.sleep(0.5)                                               # a few batches written
-    os.kill(pid, signal.SIGTERM)
+    os.kill(pid.pid, signal.SIGTERM)
     assert exit_status(pid) == 143
     text = flat(err.read_text())
     assert "terminated (SIGTERM)" in text and "--resume" in text and "Traceback" not in text

@@ -104,7 +104,7 @@ def test_a_real_write_error_inside_hdf5_surfaces_with_exit_code_1(ckpt, tmp_path
 
     cli_mod.build_parser()                         # import the command modules before forking
     # 20 rows of 32x16x16 float32 are 655 kB: the file may grow to 300 kB only.
-    pid = in_child(lambda: _extract_with_small_file_limit(_argv(ckpt, out), err, 300_000))
+    pid = in_child(_extract_with_small_file_limit, _argv(ckpt, out), err, 300_000)
     assert exit_status(pid) == 1
     text = err.read_text()
     assert _says(text, f"file too large for this file system while writing {out} (net 'a'")

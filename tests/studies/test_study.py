@@ -91,7 +91,7 @@ def copy_study(done_study, tmp_path) -> tuple[Path, Path]:
     ({"diagnose": ["seed0"]}, "diagnose must be a pair"),
     ({"pairs": []}, "pairs is empty"),
     ({"train": {"epochs": 2, "learning_rate": 0.1}}, "learning_rate"),
-    ({"extract": {"layers": ["features.8"], "precision": "fp16"}}, "extract.precision 'fp16' is unknown; valid: fp32, "
+    ({"extract": {"layers": ["features.8"], "precision": "fp16"}}, "extract.precision 'fp16' is not one of fp32, "
                                                                    "tf32, bf16"),
 ])
 def test_bad_study_files_name_the_bad_key_and_the_choices(tmp_path, data_root, change, needle):

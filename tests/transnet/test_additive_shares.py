@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from transnet.model import TransNet
+from transnet.model import TransNet, TransNetConfig
 from transnet.variance import accumulate, additive_shares
 
 
@@ -16,7 +16,7 @@ def _np_var(x: np.ndarray) -> float:
 
 def test_additive_shares_are_sequential_r2_gains_that_sum_to_r2():
     torch.manual_seed(0)
-    model = TransNet(3, 2, 3, "instance", out_channels=4)
+    model = TransNet(TransNetConfig(3, 2, 3, "instance", out_channels=4))
     with torch.no_grad():                          # gates away from 0 so every order contributes
         model.gate_logits.fill_(0.5)
     xa = torch.randn(24, 3, 5, 5)
