@@ -8,6 +8,7 @@ import numpy as np
 
 from common.errors import UserError
 from common.options import Command, add_dataclass_args, dataclass_from_args
+from common.ranges import nonneg_int
 from features.importer import DTYPES, TOKEN_MODES, ImportConfig, import_features, parse_source, read_arrays
 from features.recorded import command_line
 
@@ -33,7 +34,8 @@ def _add_import(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="the kc-features file to write")
     p.add_argument("--overwrite", action="store_true", help="replace --out")
     add_dataclass_args(p.add_argument_group("import"), ImportConfig, help=IMPORT_HELP,
-                       choices={"tokens": list(TOKEN_MODES), "dtype": list(DTYPES)})
+                       choices={"tokens": list(TOKEN_MODES), "dtype": list(DTYPES)},
+                       types={"image_size": nonneg_int()})           # 0: the input size is unknown
 
 
 def _one_array(path: str | None, what: str) -> np.ndarray | None:

@@ -207,6 +207,8 @@ def _check_layers(p: Problems, layers: tuple[str, ...], archs: list[str], data) 
         if model is None:
             continue
         for layer in layers:
+            if "=" in str(layer):               # a per-net request (NAME=NET:PATH,...): resolved per net at extraction
+                continue
             p.check(f"extract.layers {layer!r} on {arch}", lambda: resolve_layer(model, str(layer), arch=arch))
 
 

@@ -146,10 +146,10 @@ def test_study_writes_every_stage_and_the_report(done_study):
     with h5py.File(out / "features.h5") as f:
         for split in ("train", "test"):
             for net in names:
-                a = f[split][net]["features.8"].attrs
-                assert bool(a["complete"])
+                att = f[split][net]["features.8"].attrs
+                assert bool(att["complete"])
                 # the study's extract.precision reaches the extraction (the CPU computes it in fp32)
-                assert (a["precision"], a["precision_effective"]) == ("tf32", "fp32")
+                assert (att["precision"], att["precision_effective"]) == ("tf32", "fp32")
     table = read_json(out / "consistency/features.8/table.json")
     pairs = {(r["source"], r["target"]) for r in (table["rows"] if isinstance(table, dict) else table)}
     assert {("seed0", "seed1"), ("seed1", "seed0"), ("seed0", "kd_student"), ("ban_g0", "ban_g1"),
