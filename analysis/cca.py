@@ -118,7 +118,7 @@ class CCAView:
 
     @classmethod
     def of(cls, samples: np.ndarray, rounding_norm: float = 0.0, eps: float = 0.0,
-           rank_tol: float = 0.0) -> "CCAView":
+           rank_tol: float = 0.0) -> CCAView:
         mean = samples.mean(0)
         u, s, vt = np.linalg.svd(samples - mean, full_matrices=False)
         tol = rank_tolerance(s, samples.shape, rounding_norm, eps, rank_tol)

@@ -249,15 +249,15 @@ class GramStats:
     trace: float
 
     @classmethod
-    def of(cls, k: np.ndarray) -> "GramStats":
+    def of(cls, k: np.ndarray) -> GramStats:
         rows = k.sum(1)
         diag = np.diagonal(k).copy()
         return cls(rows, diag, float(rows.sum()), float(diag.sum()))
 
-    def permuted(self, perm: np.ndarray) -> "GramStats":
+    def permuted(self, perm: np.ndarray) -> GramStats:
         return GramStats(self.rows[perm], self.diag[perm], self.total, self.trace)
 
-    def moments_with(self, other: "GramStats", kl: float, nuclear: float | None = None) -> Moments:
+    def moments_with(self, other: GramStats, kl: float, nuclear: float | None = None) -> Moments:
         """Moments of the pair (this Gram K, ``other``'s L) from ``kl = <K, L>``; the same values as
         :func:`gram_moments` up to float rounding."""
         n = len(self.rows)

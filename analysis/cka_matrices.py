@@ -17,8 +17,9 @@ blocks); the interpreter and its libraries come on top (about 0.4 GiB).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -11,7 +11,8 @@ the column net's Gram (the pairing of images), keeping its bandwidth.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

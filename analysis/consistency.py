@@ -38,9 +38,10 @@ import io
 import math
 import os
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from common.device import use_device
 from common.errors import UserError

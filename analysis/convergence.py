@@ -17,8 +17,9 @@ target's mean explains nothing); :func:`refusal` says why a pair is not usable.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 VERDICTS = ("converged", "not converged", "unknown")
 NO_BLOCK = "the fit recorded no convergence verdict (a run written before convergence was judged)"

@@ -7,8 +7,8 @@ are blank with a footnote, undefined values grey and marked n/a, never drawn as 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

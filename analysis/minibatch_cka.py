@@ -5,17 +5,19 @@ pairing within each (random) batch, keeping the one pass.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from scipy.linalg import blas
 
 from analysis.cka import hsic_unbiased, symmetrise_upper
 from analysis.similarity_results import MatrixResult
-from analysis.sources import BLOCK_BYTES, Source, SimilarityError, as_source, check_same_rows, rows_at
+from analysis.sources import BLOCK_BYTES, SimilarityError, Source, as_source, check_same_rows, rows_at
 from common.errors import UserError
 from common.progress import progress
+
 
 def minibatch_indices(n: int, batch_size: int, seed: int = 0) -> list[np.ndarray]:
     """Seeded random batches of rows (each sorted for reading): ``n // batch_size`` full batches; the

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -314,7 +315,7 @@ def glance_readings(st: StudyFolder) -> list[str]:
     for layer, c in st.consistency.items():
         out += consistency_readings(c["rows"], layer)[:3]
     for fam, layers in study_generations(st).items():
-        for layer, rows in layers.items():
+        for rows in layers.values():
             out += [f"{fam}: {t}" for t in generation_readings(rows)[:2]]
     for layer, s in st.similarity.items():
         if layer in st.consistency and "cka" in s.get("metrics", {}):

@@ -11,8 +11,9 @@ Procrustes of one pair), :mod:`analysis.cka_matrices` (every pair of K nets, Gra
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import h5py
 import numpy as np
@@ -21,11 +22,12 @@ from analysis.cca import pwcca_similarity, r2cca_similarity, svcca_similarity
 from analysis.cka import linear_cka_similarity, procrustes_distance, unbiased_cka_similarity
 from analysis.cka_rbf import rbf_cka_similarity, rbf_unbiased_cka_similarity
 from analysis.minibatch_cka import minibatch_cka_similarity
-from analysis.similarity_shape import shape_distance
 from analysis.similarity_results import NullSummary, null_summary, permutation_indices
+from analysis.similarity_shape import shape_distance
 from analysis.sources import as_source, check_same_rows
 from common.errors import UserError
 from common.registry import Registry
+
 
 @dataclass(frozen=True)
 class Metric:

@@ -4,13 +4,15 @@ computed once and reused for every pair and every permutation of the null.
 Refusals are per metric and per pair. Before any SVD, a pair is refused when the dimensions CCA would
 see at full rank (``min(rows - 1, dims)``, or SVCCA's integer count) leave no more rows than
 dimensions, and (``svcca-code``) when the row net is wider than the column net; a net is decomposed
-only if some pair needs it (``nets`` in each metric's entry lists the nets it decomposed). SVCCA with a fraction learns its k from the SVD, so its pairs are checked
-after it. Refused pairs are blank (NaN) with their reason in ``refused``; the other pairs still run.
+only if some pair needs it (``nets`` in each metric's entry lists the nets it decomposed). SVCCA with a
+fraction learns its k from the SVD, so its pairs are checked after it. Refused pairs are blank (NaN)
+with their reason in ``refused``; the other pairs still run.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

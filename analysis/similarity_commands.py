@@ -11,8 +11,8 @@ for notebooks) and :mod:`analysis.similarity_layers`.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from analysis.cca import CCA_FEATURES, PWCCA_VARIANTS, SVCCA_RULES
 from analysis.cka import FORMS

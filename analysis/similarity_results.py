@@ -7,10 +7,12 @@ seeded permutations for every pair), the metric recomputed, and the p-value is
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
+
 
 def permutation_indices(n: int, permutations: int, seed: int = 0) -> Iterator[np.ndarray]:
     """The seeded sequence of row permutations every null of this module uses."""

@@ -11,9 +11,10 @@ Layer x layer runs (``--layers``) write a ``layers`` key instead (:mod:`analysis
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import h5py
 import numpy as np

@@ -14,7 +14,8 @@ so each pair needs only ``diag(g_x) U_x^T U_y diag(g_y)``.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

@@ -8,7 +8,8 @@ result is held in the net's storage dtype (its rounding stays what the rank tole
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

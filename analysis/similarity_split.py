@@ -17,8 +17,9 @@ The null shuffles the pairing of the score split's images.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

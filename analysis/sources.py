@@ -8,7 +8,8 @@ fails with the net, layer, split and first row named, never as a NaN similarity 
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import h5py
 import numpy as np

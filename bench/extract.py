@@ -45,8 +45,8 @@ from common.provenance import provenance  # noqa: E402
 from features import store  # noqa: E402
 from features.extract import ExtractConfig, extract_features  # noqa: E402
 from features.layers import build_extractor, output_shapes, resolve_layer  # noqa: E402
-from features.nonfinite import value_range  # noqa: E402
 from features.nets import FeatureData, Net  # noqa: E402
+from features.nonfinite import value_range  # noqa: E402
 from training.models import build_model  # noqa: E402
 
 

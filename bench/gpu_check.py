@@ -41,9 +41,9 @@ import tarfile
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 R2_SPREAD = 0.02          # the three precisions' held-out R² must agree within this (max - min)

@@ -533,7 +533,7 @@ def main() -> None:
                     + f" > {args.tol:g}")
         results[label] = res
     proj = results["project"].get("wall_s")
-    for label, res in results.items():
+    for res in results.values():
         if proj and res.get("wall_s"):
             res["ratio_to_project"] = res["wall_s"] / proj
     peer_times = {k: v["wall_s"] for k, v in results.items() if k in PEERS and v.get("wall_s")}
@@ -554,8 +554,9 @@ def main() -> None:
             continue
         dif = res.get("max_abs_diff", {})
         best_run = min((r for r in res["runs"] if r["returncode"] == 0), key=lambda r: r["wall_s"])
-        fmt = (lambda m: f"{'-':>13}" if m not in dif else f"{'undefined':>13}" if dif[m] is None
-               else f"{dif[m]:13.1e}")
+        def fmt(m: str, dif: dict = dif) -> str:
+            return f"{'-':>13}" if m not in dif else f"{'undefined':>13}" if dif[m] is None else f"{dif[m]:13.1e}"
+
         print(f"{label:<32}{res['wall_s']:9.2f}{res.get('ratio_to_project', float('nan')):8.2f}"
               f"{fmt('cka')}{fmt('cka_unbiased')}{res['fraction_of_gemm']:9.3f}"
               f"{best_run['cpu_s']:8.1f}{best_run['loadavg_before_after'][0][0]:6.1f}"

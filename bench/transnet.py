@@ -28,8 +28,8 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
         tr = Trainer(args, device, steps)
         result["n_parameters"] = n_parameters(tr.model)
 
-        def pure(_e):
+        def pure(_e, xa=xa, xb=xb):
             gb = min(b, n)
             return ((xa[i * gb:(i + 1) * gb], xb[i * gb:(i + 1) * gb]) for i in range(steps))
 

@@ -22,8 +22,8 @@ On the CPU every choice computes in float32 (autocast and TF32 are CUDA features
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.nn as nn

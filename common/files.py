@@ -13,14 +13,14 @@ import json
 import math
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from common.errors import UserError
 from common.faults import fault_point
-
 
 NONFINITE_KEY = "nonfinite_values"
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from common.errors import UserError
 from common.ranges import OptionType, base_kind, type_for

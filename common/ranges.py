@@ -16,7 +16,8 @@ import dataclasses
 import math
 import types
 import typing
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 
 class OptionType:

@@ -7,7 +7,8 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 TERMINATED_EXIT_CODE = 128 + signal.SIGTERM          # 143, the shell's code of a process ended by SIGTERM
 

@@ -10,7 +10,8 @@ from another tool) falls back to comparing names. ``refine``, ``variance``, ``di
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from common.errors import UserError
 from features.store import get_features, open_features, provenance_of

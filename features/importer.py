@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -191,7 +192,7 @@ def check_aligned(nets: dict[str, NetArrays]) -> tuple[np.ndarray, np.ndarray]:
                 raise UserError(f"net {n.name!r} is misaligned with net {first.name!r}: row {i} holds {what[:-1]} "
                                 f"{mine[i]} where {first.name!r} holds {ref[i]} ({len(bad)} rows differ); reorder "
                                 f"its rows to the same sample order")
-        for layer, (arr, path, key) in n.layers.items():
+        for layer, (arr, path, _key) in n.layers.items():
             if arr.shape[0] != len(ids):
                 raise UserError(f"net {n.name!r} layer {layer!r} ({path}) has {arr.shape[0]} rows, its sample ids "
                                 f"{len(ids)}")

@@ -9,9 +9,10 @@ size or channel count than the data set gives.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch.nn as nn
@@ -25,7 +26,6 @@ from features.store import SPLIT_KEYS
 from training.data import build_dataset, transform_spec
 from training.datasets import DataSpec
 from training.models import build_model, model_from_checkpoint
-
 
 
 @dataclass

@@ -27,8 +27,8 @@ torchrun join sums (``nonfinite``) or maxes (``max_abs``) the shards' values.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import h5py
 import numpy as np

@@ -25,17 +25,18 @@ import functools
 import json
 import os
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import h5py
 import numpy as np
 
 from common.errors import UserError
 from common.provenance import code_version, now_utc, sha256_file
-from common.rundir import PathLock, lock_holder
 from common.registry import unknown_choice_message
+from common.rundir import PathLock, lock_holder
 
 SCHEMA = "kc-features"
 SCHEMA_VERSION = 1

@@ -19,9 +19,10 @@ A file holds one set of images: its root attributes (transform, data set spec) m
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import h5py
 import torch

@@ -3,9 +3,10 @@ records key, status and times; :func:`stage_mode` decides skip / resume / redo."
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from analysis.study_layout import STATE_FILE  # noqa: F401  (re-exported: the layout has one owner)
 from common.files import read_json, write_json

@@ -23,9 +23,10 @@ import datetime
 import fcntl
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from analysis.study_layout import (
     ALIASES_FILE,

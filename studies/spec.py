@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from common.device import PRECISIONS
 from common.errors import UserError
 from common.files import load_config_file
 from features.extract import ExtractConfig
-from training.datasets import DataSpec
 from studies.validate import study_problems
+from training.datasets import DataSpec
 from training.loop import TrainConfig
 
 FAMILY_KINDS = ("seeds", "distill", "born_again", "evolve")

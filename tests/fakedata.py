@@ -18,8 +18,8 @@ from __future__ import annotations
 import colorsys
 import csv
 import pickle
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import h5py
 import numpy as np
@@ -325,9 +325,10 @@ EXTRACT_BATCH = 4        # their batch size: 5 batches per split
 
 
 def tiny_checkpoint(path: Path, arch: str = "vgg_tiny", seed: int = 0, num_classes: int = 10,
-                    data: DataSpec = DataSpec()) -> Path:
+                    data: DataSpec | None = None) -> Path:
     """An untrained ``arch`` checkpoint (seeded) with BN statistics that make the BN output non-trivial,
-    in the workbench's checkpoint layout. Returns ``path``."""
+    in the workbench's checkpoint layout (``data``: the default DataSpec when None). Returns ``path``."""
+    data = DataSpec() if data is None else data
     torch.manual_seed(seed)
     m = build_model(arch, num_classes, 1, data.image_size or 32)
     for mod in m.modules():                       # BN statistics that make the BN output non-trivial

@@ -13,7 +13,8 @@ import multiprocessing
 import os
 import pickle
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def start_method() -> str:

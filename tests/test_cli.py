@@ -19,9 +19,9 @@ import torch
 import cli as cli_mod
 from common.checkpoints import load_checkpoint, save_checkpoint
 from common.errors import UserError
+from common.files import read_json
 from common.options import is_flag
 from common.ranges import CsvList, Name, Number, OptionType
-from common.files import read_json
 from features.extract import ExtractConfig, extract_features
 from features.nets import build_feature_data, data_spec_for, load_net
 from tests.fakedata import tiny_checkpoint, write_features_one_split
@@ -96,7 +96,7 @@ BAD_CALLS = {
     "study": lambda g: [g["missing"].replace(".h5", ".yaml"), "--out_dir", g["out"]],
 }
 # the required options alone (for the config-file test: the broken config fails before they matter)
-REQUIRED = {name: (lambda f: (lambda tmp_path: f(_g(tmp_path))))(f) for name, f in BAD_CALLS.items()}
+REQUIRED = {name: (lambda f: (lambda tmp_path, f=f: f(_g(tmp_path))))(f) for name, f in BAD_CALLS.items()}
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -247,8 +247,9 @@ def test_config_file_values_in_range_are_converted_like_the_command_line(tmp_pat
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    with pytest.raises(Exception):
+    with pytest.raises(Exception) as e:       # noqa: B017 - --debug re-raises whatever the command raised
         cli_mod.main(["inspect", str(tmp_path / "missing.h5"), "--debug"])
+    assert "missing.h5" in str(e.value)
 
 
 # --------------------------------------------------------------------------- damaged feature files

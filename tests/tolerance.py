@@ -10,7 +10,8 @@ differ from float32 arithmetic in the 3rd significant digit (:data:`CUDA_REDUCED
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 

@@ -11,8 +11,9 @@ disk read from ``--data_root``; nothing is ever downloaded.
 from __future__ import annotations
 
 import gzip
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,7 +64,7 @@ class CachedDataset(Dataset):
 AUGMENTING_PRESETS = ("ke", "small")
 
 
-def maybe_cache(ds: IndexedDataset, spec: "DataSpec", train: bool, num_workers: int,
+def maybe_cache(ds: IndexedDataset, spec: DataSpec, train: bool, num_workers: int,
                 max_bytes: int = 2 << 30) -> Dataset:
     """Wrap ``ds`` in :class:`CachedDataset` when its transform is deterministic and it fits ``max_bytes``."""
     if num_workers > 0 or (train and spec.transform in AUGMENTING_PRESETS) or len(ds) == 0:

@@ -6,9 +6,10 @@ Every data set yields ``(image, label, index)``: ``index`` is the sample's posit
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image

@@ -11,9 +11,10 @@ interrupted generation.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -24,8 +25,8 @@ from common.files import atomic_write, read_json, write_json
 from common.provenance import sha256_file
 from common.rundir import RunDir, is_finished
 from training.data import build_dataset, transform_spec
-from training.families import adopt_run
 from training.datasets import DataSpec
+from training.families import adopt_run
 from training.ke import LayerSplit, channel_plan, check_split, count_params, extract_slim, reinit, split_masks
 from training.loop import TrainConfig, evaluate, make_loader
 from training.loop import validate as validate_train

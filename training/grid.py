@@ -10,8 +10,9 @@ import io
 import itertools
 import json
 import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from common.errors import UserError
 from common.files import read_json

@@ -8,9 +8,10 @@ from ``(seed, epoch)``, so a run resumed from an epoch checkpoint continues bit-
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch

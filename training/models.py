@@ -10,7 +10,8 @@ for ResNets) because feature files store them.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -270,7 +271,8 @@ def slim_arch_kwargs(arch: str, arch_kwargs: dict[str, Any] | None, rate: float)
 
 def default_input_size(arch: str) -> int | None:
     """The input size an arch was designed for: the registry's, timm's ``pretrained_cfg``, or None (own model)."""
-    from training.timm_models import default_input_size as timm_size, is_timm
+    from training.timm_models import default_input_size as timm_size
+    from training.timm_models import is_timm
 
     if is_timm(arch):
         return timm_size(arch)

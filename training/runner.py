@@ -2,9 +2,10 @@
 builder (KD, Born-Again, Knowledge Evolution) call."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch.nn as nn
 

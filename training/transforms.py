@@ -2,8 +2,9 @@
 files) resolved to a torchvision transform. ``train=False`` never augments."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from PIL import Image
 from torchvision import transforms as T
@@ -31,7 +32,7 @@ class TransformSpec:
                 "mean": list(self.mean), "std": list(self.std)}
 
     @staticmethod
-    def from_dict(d: dict[str, Any]) -> "TransformSpec":
+    def from_dict(d: dict[str, Any]) -> TransformSpec:
         return TransformSpec(d["preset"], int(d["image_size"]), int(d.get("channels", 3)),
                              tuple(d.get("mean", IMAGENET_MEAN)), tuple(d.get("std", IMAGENET_STD)))
 

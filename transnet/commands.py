@@ -21,7 +21,6 @@ from transnet.refine import REFINE_PRESET, RefineConfig, run_refine
 from transnet.summary import summary_line
 from transnet.variance_file import run_variance
 
-
 # --------------------------------------------------------------------------- fit-transnet
 
 def _add_fit(p: argparse.ArgumentParser) -> None:

@@ -9,7 +9,8 @@ one row, and at least one row left to train on), sorted. The fit trains on the o
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import h5py
 import numpy as np
@@ -333,7 +334,7 @@ class BlockPairs:
         return t if self.keep is None else t[torch.from_numpy(self.keep[s:e])]
 
     def _reader(self, windows: list[list[tuple[int, int]]], g: torch.Generator | None, b: int, steps: int,
-                out: "queue.Queue", stop: threading.Event) -> None:
+                out: queue.Queue, stop: threading.Event) -> None:
         def put(item: Any) -> bool:
             while not stop.is_set():
                 try:

@@ -9,7 +9,7 @@ holds pair g's channels. Instance stds are per sample and channel, so they never
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn

@@ -14,8 +14,9 @@ of the method are described in ``docs/internals.md`` (section "The Trans-Net").
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn

@@ -186,7 +186,7 @@ class SplitClassifier(nn.Module):
         self.register_buffer("order_mask", mask if mask is not None else torch.ones(1))  # (K+1,) m_k
         self.train()
 
-    def train(self, mode: bool = True) -> "SplitClassifier":
+    def train(self, mode: bool = True) -> SplitClassifier:
         super().train(mode)
         self.lower.eval()
         if self.transnet is not None:

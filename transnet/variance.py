@@ -21,8 +21,9 @@ whatever ``--precision`` a fit trained in, so that a reported number does not de
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor

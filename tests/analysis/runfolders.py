@@ -4,8 +4,9 @@ fitting anything."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from analysis.consistency import build_matrices, pair_dirname, pair_row, write_tables
 from common.files import write_json

@@ -37,6 +37,7 @@ from tests.fakedata import PLANTED_C as C
 from tests.fakedata import PLANTED_HW as HW
 from tests.fakedata import PLANTED_N_TEST as N_TEST
 
+
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory) -> Path:
     return planted_features(tmp_path_factory.mktemp("planted") / "features.h5")

@@ -14,8 +14,7 @@ import torch
 from common.device import resolve_device, start_workers, use_device
 from common.distributed import local_only
 from common.errors import UserError
-from tests.fakedata import (FAST_FIT_ARGS, make_imagefolder, planted_features, tiny_checkpoint,
-                            write_features_by_split)
+from tests.fakedata import FAST_FIT_ARGS, make_imagefolder, planted_features, tiny_checkpoint, write_features_by_split
 
 
 class Stopped(BaseException):
@@ -132,7 +131,8 @@ def _commands(i: dict, out: Path) -> dict[str, list]:
     }
 
 
-COMMANDS = ("train", "born-again", "distill", "evolve", "compress", "extract", "fit-transnet", "variance", "consistency", "diagnose", "refine")
+COMMANDS = ("train", "born-again", "distill", "evolve", "compress", "extract", "fit-transnet", "variance",
+            "consistency", "diagnose", "refine")
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -104,8 +104,9 @@ def _tolerance(*paths: Path) -> float:
     tol = 0.0
     for p in paths:
         with h5py.File(p, "r") as f:
-            found = []
-            f.visititems(lambda k, v: found.append(feature_tolerance(v)) if isinstance(v, h5py.Dataset) else None)
+            found: list[float] = []
+            f.visititems(lambda k, v, found=found: found.append(feature_tolerance(v))
+                         if isinstance(v, h5py.Dataset) else None)
             tol = max([tol, *found])
     return tol
 
@@ -251,7 +252,7 @@ def test_counts_survive_a_kill_and_a_resume_with_another_batch_size(ckpts, tmp_p
     with pytest.raises(SimulatedKill):
         _run(ckpts, ["a", "wild"], part, stop_after=2)
     with h5py.File(part, "r") as f:                          # the counts cover exactly the rows done
-        for path, (n, m) in _counts(part).items():
+        for path, (n, _m) in _counts(part).items():
             done = int(f[path].attrs["rows_done"])
             assert done == 2 * BS and n == _count(f[path][:done])
     with pytest.warns(NonFiniteFeaturesWarning):             # resume inside a batch: rows 8.. with batches of 3
@@ -318,7 +319,7 @@ def test_sharded_counts_are_the_sum_over_the_shards(ckpts, tmp_path):
 
 def test_value_range_and_counts_agree_with_numpy_on_planted_values():
     rng = np.random.default_rng(0)
-    for trial in range(20):
+    for _trial in range(20):
         a = rng.normal(scale=10.0 ** rng.integers(0, 6), size=(4, 3, 5, 5)).astype(np.float32)
         k = int(rng.integers(0, 4))
         for v in rng.choice([np.nan, np.inf, -np.inf], size=k):

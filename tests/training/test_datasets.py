@@ -122,7 +122,7 @@ def test_dogs_missing_annotation_and_lists(tmp_path):
 def test_flower_ke_lists_map_labels_to_0_k(tmp_path, first_label):
     root = fd.make_flower_layout(tmp_path, n_classes=4, per_class=3, size=SIZE, first_label=first_label)
     parts = {s: build_dataset(spec("flower102", root), s) for s in ("train", "val", "test")}
-    for s, ds in parts.items():
+    for _s, ds in parts.items():
         assert len(ds) == 4 and ds.num_classes == 4 and list(ds.labels) == [0, 1, 2, 3]
         assert_indexed(ds)
         for i in range(len(ds)):
@@ -268,7 +268,7 @@ def test_sample_halves_are_disjoint_per_class_and_cover_train(cub):
               for h in "AB"}
     a, b = (set(halves[h].rows.tolist()) for h in "AB")
     assert a.isdisjoint(b) and a | b == set(range(len(full)))
-    for h, ds in halves.items():
+    for _h, ds in halves.items():
         assert ds.num_classes == full.num_classes
         assert np.bincount(ds.labels, minlength=3).tolist() == [1, 1, 1]  # half of each class's 2
         assert_indexed(ds)

@@ -12,8 +12,7 @@ import pytest
 from common.errors import UserError
 from common.files import read_json
 from tests.fakedata import FIT_LAYER, write_features_by_split
-from transnet.convergence import (MAX_REL_DROP, RULE, plateau_stop, val_loss_rel_drop, validation_rows,
-                                  verdict)
+from transnet.convergence import MAX_REL_DROP, RULE, plateau_stop, val_loss_rel_drop, validation_rows, verdict
 from transnet.fit import FitConfig, fit_transnet, validate
 from transnet.variance_file import run_variance
 

@@ -18,13 +18,12 @@ from analysis.readings import consistency_readings, pair_reading
 from common.device import autocast, cuda_float32_flags, float32_math, precision_autocast, tf32_mode
 from common.errors import UserError
 from common.files import NONFINITE_KEY, jsonable, read_json, write_json
-from tests.fakedata import FAST_FIT, FAST_FIT_ARGS
+from tests.fakedata import FAST_FIT, FAST_FIT_ARGS, planted_features, write_features_by_split
 from tests.fakedata import FAST_FIT_KWARGS as FAST
-from tests.fakedata import planted_features, write_features_by_split
-from transnet.summary import summary_line
-from transnet.variance_file import run_variance
 from transnet.fit import FitConfig, fit_transnet, load_transnet, validate
 from transnet.model import EPS, TransNet, TransNetConfig, constant_slices, instance_std
+from transnet.summary import summary_line
+from transnet.variance_file import run_variance
 
 # The paper's preset (instance input norm, 3x3 kernels, 2 orders) with a fast schedule.
 FAITHFUL_FAST = {k: v for k, v in FAST.items() if k not in ("input_norm", "kernel")}

@@ -13,19 +13,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from analysis.visualize import visualize
 from analysis.consistency import ConsistencyConfig, run_consistency
 from analysis.diagnose import DiagnoseConfig, diagnose_pair
+from analysis.visualize import visualize
 from common.errors import UserError
 from common.files import read_json
-from tests.fakedata import FAST_FIT
+from tests.fakedata import FAST_FIT, write_features_by_split
 from tests.fakedata import FAST_FIT_KWARGS as FAST
 from tests.fakedata import FIT_LAYER as LAYER
-from tests.fakedata import write_features_by_split
-from transnet.variance_file import run_variance
 from transnet.fit import FitConfig, fit_transnet, load_transnet
 from transnet.model import TransNet, TransNetConfig
 from transnet.original import ImportConfig, import_transnet, map_original, transnet_from_original
+from transnet.variance_file import run_variance
 
 C, S = 4, 6
 
