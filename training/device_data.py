@@ -96,7 +96,7 @@ def decode_all(ds: IndexedDataset, steps: list) -> torch.Tensor:
         a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)             # (C, H, W)
         if out is None:
             out = torch.empty((len(ds), *a.shape), dtype=torch.uint8)
-        out[i] = torch.from_numpy(np.ascontiguousarray(a))
+        out[i].copy_(torch.from_numpy(np.array(a)))                        # a writable copy of the PIL buffer
     if out is None:
         raise UserError(f"data set {ds.name!r} split {ds.split!r} is empty")
     return out
@@ -213,6 +213,7 @@ class DeviceLoader:
         self.aug, self.tspec, self.batch_size, self.device = aug, tspec, batch_size, device
         self.shuffle, self.drop_last, self.seed, self.rank, self.world = shuffle, drop_last, seed, rank, world
         self.epoch = 0
+        self.dataset = self.labels            # what a DataLoader calls its dataset: len() = the rows of the split
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -245,6 +246,39 @@ class DeviceLoader:
             flip = torch.rand(len(x), generator=gen, device=x.device) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         return normalise(x, self.tspec.mean, self.tspec.std)
+
+
+DATA_ON = ("auto", "loader", "device")
+
+
+def choose_data_on(choice: str, images_bytes: int, device: torch.device) -> str:
+    """``loader`` (the CPU DataLoader path) or ``device`` (the cached images held on ``device``, augmented
+    there). ``auto``: ``device`` on CUDA when the uint8 images take at most a quarter of the free memory."""
+    if choice not in DATA_ON:
+        raise UserError(f"unknown --data_on {choice!r}; valid: {', '.join(DATA_ON)}")
+    if choice == "auto":
+        return "device" if fits_on_device(images_bytes, device) else "loader"
+    return choice
+
+
+def estimated_bytes(n_images: int, tspec: TransformSpec) -> int:
+    """The uint8 cache's size before decoding: the largest stored side is round(size·256/224) (``ke``)."""
+    side = int(round(tspec.image_size * 256 / 224)) if tspec.preset == "ke" else tspec.image_size
+    return n_images * tspec.channels * side * side
+
+
+def device_loaders(train_set: IndexedDataset, test_set: IndexedDataset, spec: DataSpec, tspec: TransformSpec,
+                   batch_size: int, device: torch.device, seed: int, rank: int = 0, world: int = 1,
+                   cache_dir: Path | None = None) -> tuple[DeviceLoader, DeviceLoader]:
+    """The training loader (shuffled, augmented, a rank's share under DDP) and the test loader, both
+    from the cached uint8 images held on ``device``."""
+    tr, tr_aug = cached_images(train_set, spec, tspec, True, cache_dir)
+    te, te_aug = cached_images(test_set, spec, tspec, False, cache_dir)
+    per_rank = len(train_set) // world
+    train = DeviceLoader(tr, train_set.labels, tr_aug, tspec, batch_size, device, shuffle=True,
+                         drop_last=per_rank > batch_size, seed=seed, rank=rank, world=world)
+    test = DeviceLoader(te, test_set.labels, te_aug, tspec, max(batch_size, 256), device)
+    return train, test
 
 
 def fits_on_device(images_bytes: int, device: torch.device, fraction: float = 0.25) -> bool:

@@ -24,6 +24,7 @@ from common.errors import UserError
 from common.faults import fault_point
 from common.progress import progress
 from common.rundir import RunDir
+from training.device_data import DATA_ON, DeviceLoader
 from training.harness import Harness, Plan, epoch_seed, seed_everything  # noqa: F401 (seed_everything: re-exported)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -57,6 +58,7 @@ class TrainConfig:
     device: str = "auto"                # auto | cpu | cuda | cuda:N
     grad_clip: float = 0.0              # 0: off
     save_every: int = 1                 # write last.pt every N epochs (resume granularity)
+    data_on: str = "auto"               # loader (CPU DataLoader) | device (cached uint8 images on the device) | auto
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -70,6 +72,8 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"--batch_size must be >= 1, got {cfg.batch_size}")
     if cfg.lr <= 0:
         raise UserError(f"--lr must be > 0, got {cfg.lr}")
+    if cfg.data_on not in DATA_ON:
+        raise UserError(f"unknown --data_on {cfg.data_on!r}; valid: {', '.join(DATA_ON)}")
     if not 0 <= cfg.label_smoothing < 1:
         raise UserError(f"--label_smoothing must be in [0, 1), got {cfg.label_smoothing}")
 
@@ -222,8 +226,8 @@ class Classifier:
 
     def train_epoch(self, epoch: int, step_model: nn.Module) -> dict[str, Any]:
         cfg, device = self.cfg, self.device
-        if self.sampler is not None:
-            self.sampler.set_epoch(epoch)
+        if self.sampler is not None or isinstance(self.train_loader, DeviceLoader):
+            (self.sampler or self.train_loader).set_epoch(epoch)
         else:
             self.train_loader.generator.manual_seed(epoch_seed(cfg.seed, epoch))
         step_model.train()
@@ -274,7 +278,10 @@ class Classifier:
 
 
 def _loaders(train_set: Dataset, test_set: Dataset, cfg: TrainConfig, workers: Workers):
-    """(train loader, its DistributedSampler or None, test loader)."""
+    """(train loader, its DistributedSampler or None, test loader). Loaders of images held on the
+    device (``training/device_data.py``) are used as they are."""
+    if isinstance(train_set, DeviceLoader):
+        return train_set, None, test_set
     pin = workers.device.type == "cuda"
     sampler = None
     if workers.world > 1:

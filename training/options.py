@@ -9,6 +9,7 @@ from common.options import add_dataclass_args, add_run_args, dataclass_from_args
 from common.rundir import run_mode
 from training.data import dataset_names
 from training.datasets import DataSpec
+from training.device_data import DATA_ON
 from training.loop import OPTIMIZERS, SCHEDULES, TrainConfig, TrainResult
 from training.models import arch_names, parse_model_kwargs
 from training.runner import ModelSpec, run_training
@@ -43,6 +44,9 @@ TRAIN_HELP = {
     "num_workers": "data-loader worker processes", "eval_every": "evaluate every N epochs",
     "device": "auto, cpu, cuda or cuda:N", "grad_clip": "clip gradient norm (0: off)",
     "save_every": "write the resumable last.pt every N epochs",
+    "data_on": "where the training images live: loader (a CPU DataLoader decoding every epoch), device (each "
+               "image decoded once to uint8, cached on disk, held on the device and augmented there per batch) "
+               "or auto (device on CUDA when the images take at most a quarter of the free memory)",
 }
 
 
@@ -61,7 +65,7 @@ def data_from_args(args: argparse.Namespace) -> DataSpec:
 def add_train_args(p: argparse.ArgumentParser, **defaults) -> None:
     g = p.add_argument_group("training")
     add_dataclass_args(g, TrainConfig, help=TRAIN_HELP,
-                       choices={"optimizer": list(OPTIMIZERS), "schedule": list(SCHEDULES)})
+                       choices={"optimizer": list(OPTIMIZERS), "schedule": list(SCHEDULES), "data_on": list(DATA_ON)})
     if defaults:
         p.set_defaults(**defaults)
 

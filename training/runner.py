@@ -74,6 +74,27 @@ def build_for_data(model_spec: ModelSpec, data: DataSpec, num_classes: int) -> n
     return model
 
 
+def _data_on(train_set, test_set, data: DataSpec, cfg: TrainConfig, device) -> str:
+    """``loader`` or ``device``: where the training images are held (see ``training/device_data.py``)."""
+    from training.device_data import choose_data_on, estimated_bytes
+
+    return choose_data_on(cfg.data_on, estimated_bytes(len(train_set) + len(test_set), transform_spec(data)), device)
+
+
+def _data_for_training(train_set, test_set, data: DataSpec, cfg: TrainConfig, device, where: str):
+    """The data as the loop reads it: the CPU DataLoader path (datasets, cached when deterministic), or
+    (``where`` = device) loaders of uint8 images held on the device and augmented there."""
+    from common.distributed import dist_from_env, is_local_only
+    from training.device_data import device_loaders
+
+    tspec = transform_spec(data)
+    if where == "loader":
+        return maybe_cache(train_set, data, True, cfg.num_workers), maybe_cache(test_set, data, False, cfg.num_workers)
+    info = dist_from_env()
+    rank, world = (0, 1) if is_local_only() or not info.active else (info.rank, info.world)
+    return device_loaders(train_set, test_set, data, tspec, cfg.batch_size, device, cfg.seed, rank, world)
+
+
 def run_training(data: DataSpec, model_spec: ModelSpec, cfg: TrainConfig, out_dir: str | Path, mode: str = "new",
                  loss_fn: LossFn | None = None, teacher: nn.Module | None = None, model: nn.Module | None = None,
                  family: dict[str, Any] | None = None, extra_config: dict[str, Any] | None = None,
@@ -97,9 +118,9 @@ def run_training(data: DataSpec, model_spec: ModelSpec, cfg: TrainConfig, out_di
     if loss_fn is not None and hasattr(loss_fn, "convention"):
         config["loss"] = loss_fn.convention
     with RunDir(out_dir, mode) as run:
-        run.write_config(config, device=device, n_train=len(train_set), n_test=len(test_set))
+        where = _data_on(train_set, test_set, data, cfg, device)
+        run.write_config(config, device=device, n_train=len(train_set), n_test=len(test_set), data_on=where)
         fields = checkpoint_fields(model_spec, data, train_set.num_classes, config, **(family or {}))
-        train_set = maybe_cache(train_set, data, True, cfg.num_workers)
-        test_set = maybe_cache(test_set, data, False, cfg.num_workers)
+        train_set, test_set = _data_for_training(train_set, test_set, data, cfg, device, where)
         return train(model, train_set, test_set, cfg, run, fields, loss_fn=loss_fn, teacher=teacher,
                      desc=desc, on_epoch_end=on_epoch_end, on_step_end=on_step_end)

@@ -144,3 +144,31 @@ def test_every_row_once_per_epoch_and_ranks_disjoint():
     parts = [set(torch.cat([i for _, _, i in ld]).tolist()) for ld in ranks]
     assert len(parts[0]) == len(parts[1]) == 5 and not parts[0] & parts[1]
     assert len(DeviceLoader(images, range(10), aug, tspec, 3, CPU, drop_last=True)) == 3
+
+
+def test_auto_holds_images_on_cuda_only_when_they_fit(monkeypatch):
+    from training.device_data import choose_data_on
+
+    assert choose_data_on("auto", 10, CPU) == "loader" and choose_data_on("device", 10, CPU) == "device"
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4_000, 8_000))
+    cuda = torch.device("cuda", 0)
+    assert choose_data_on("auto", 1_000, cuda) == "device"          # a quarter of the free memory at most
+    assert choose_data_on("auto", 1_001, cuda) == "loader"
+    with pytest.raises(Exception, match="unknown --data_on 'gpu'; valid: auto, loader, device"):
+        choose_data_on("gpu", 1, CPU)
+
+
+def test_training_reads_the_images_held_on_the_device(tmp_path, monkeypatch):
+    from common.files import read_json
+    from training.loop import TrainConfig
+    from training.runner import ModelSpec, run_training
+
+    monkeypatch.setenv("KC_DATA_CACHE", str(tmp_path / "cache"))
+    data = DataSpec(image_size=16, train_images=96, transform="small")
+    cfg = TrainConfig(epochs=2, batch_size=32, device="cpu", data_on="device", lr=0.02)
+    res = run_training(data, ModelSpec("vgg_tiny"), cfg, tmp_path / "run")
+    assert read_json(tmp_path / "run" / "config.json")["data_on"] == "device"
+    assert res.metrics["epoch"] == 2 and 0 <= res.metrics["test_top1"] <= 100
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 2                    # train and test, decoded once
+    run_training(data, ModelSpec("vgg_tiny"), cfg, tmp_path / "again")          # the cache is read, not rebuilt
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 2
