@@ -16,6 +16,7 @@ from common.options import Command, add_dataclass_args, add_run_args, dataclass_
 from common.ranges import nonneg_int
 from common.rundir import run_mode
 from transnet.fit import FitConfig
+from transnet.group_fit import GROUPED
 from transnet.options import FIT_CHOICES, FIT_HELP, FIT_TYPES
 
 CONSISTENCY_HELP = {
@@ -29,13 +30,16 @@ CONSISTENCY_HELP = {
     "split": "held-out split the variances are reported on (a split other than --train_split; --split equal to "
              "--train_split gives in-sample reports, labelled held_out false with a warning in the table)",
     "allow_other_checkpoints": "with --family: use feature-file nets whose checkpoint sha256 is not the member's",
+    "grouped": "fit pairs of one build (channels, options, training rows) together as one grouped model, each "
+               "pair equal to its separate fit: auto (on CUDA, in one process, when a source row has at most "
+               "65,536 values: small layers, where separate fits are launch-bound), on (also on the CPU), off",
 }
 
 
 # --------------------------------------------------------------------------- consistency
 
 def _add_consistency(p: argparse.ArgumentParser) -> None:
-    add_dataclass_args(p, ConsistencyConfig, help=CONSISTENCY_HELP)
+    add_dataclass_args(p, ConsistencyConfig, help=CONSISTENCY_HELP, choices={"grouped": list(GROUPED)})
     g = p.add_argument_group("Trans-Net fitting (as fit-transnet; applied to every pair)")
     add_dataclass_args(g, FitConfig, skip=("features", "source", "target", "layer", "eval_split"), help=FIT_HELP,
                        choices=FIT_CHOICES, types=FIT_TYPES)

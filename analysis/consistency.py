@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from common.device import use_device
+from common.distributed import dist_from_env
 from common.errors import UserError
 from common.files import atomic_write, read_json, write_json
 from common.options import parse_csv
@@ -53,6 +54,7 @@ from features.identity import check_family_features
 from features.store import get_features, list_layers, list_nets, list_splits, open_features
 from training.manifest import read_manifest
 from transnet.fit import RESUME_FREE, FitConfig, fit_transnet
+from transnet.group_fit import FitJob, check_grouped, fit_group, plan_groups
 from transnet.original import IMPORT_KIND
 from transnet.variance_file import variance_filename
 
@@ -75,6 +77,7 @@ class ConsistencyConfig:
     family: str = ""            # a family.json (or its folder): its members are the nets, in generation order
     split: str = "test"         # held-out split of the variance report (fits use --train_split)
     allow_other_checkpoints: bool = False   # --family: accept feature-file nets whose checkpoint is not the member's
+    grouped: str = "auto"       # auto | on | off: fit pairs of one build together (transnet/group_fit.py)
 
 
 # --------------------------------------------------------------------------- pair plans (pure)
@@ -373,9 +376,26 @@ def fit_or_reuse(fit: FitConfig, pair_dir: Path, split: str) -> tuple[dict[str, 
             raise UserError(f"{pair_dir} was fitted with other options ({'; '.join(diffs)}); use the same options, "
                             f"another --out_dir, or --overwrite to refit every pair")
         return pair_report(pair_dir, split), True
-    mode = "resume" if pair_dir.is_dir() and any(pair_dir.iterdir()) else "new"
-    fit_transnet(fit, pair_dir, mode)
+    fit_transnet(fit, pair_dir, fit_mode(pair_dir))
     return pair_report(pair_dir, split), False
+
+
+def fit_mode(pair_dir: Path) -> str:
+    """How an unfinished pair folder is fitted: resumed when something is in it, else new."""
+    return "resume" if pair_dir.is_dir() and any(pair_dir.iterdir()) else "new"
+
+
+def fit_together(jobs: Sequence[FitJob], choice: str, device: Any, log: Any = print) -> set[Path]:
+    """Fit the unfinished pairs that train well together as groups (``transnet/group_fit.py``, ``--grouped``);
+    return their folders. The others are left to :func:`fit_or_reuse`, one by one."""
+    done: set[Path] = set()
+    for group in plan_groups(jobs, choice, device, dist_from_env().world):
+        if len(group) > 1:
+            log(f"fitting {len(group)} Trans-Nets together (--grouped {choice}): "
+                f"{', '.join(f'{j.cfg.source}>{j.cfg.target}' for j in group)}")
+            fit_group(group)
+            done.update(j.out_dir for j in group)
+    return done
 
 
 def run_consistency(cfg: ConsistencyConfig, fit: FitConfig, out_dir: str | os.PathLike, mode: str = "new",
@@ -386,6 +406,7 @@ def run_consistency(cfg: ConsistencyConfig, fit: FitConfig, out_dir: str | os.Pa
     ``fit`` carries the Trans-Net options; its features/source/target/layer/eval_split are set per pair."""
     if not cfg.features or not cfg.layer:
         raise UserError("--features and --layer are required")
+    check_grouped(cfg.grouped)
     nets = resolve_nets(cfg.features, cfg.layer, cfg.split, fit.train_split, config_nets(cfg))
     if cfg.family:                              # the file's nets must be the members (by checkpoint sha256)
         check_family_features(read_manifest(cfg.family), cfg.features, cfg.split, cfg.layer,
@@ -401,10 +422,13 @@ def run_consistency(cfg: ConsistencyConfig, fit: FitConfig, out_dir: str | os.Pa
     with RunDir(out, mode) as run:
         run.write_config({"consistency": asdict(cfg), "fit": asdict(fit)}, device=device, nets=nets,
                          pairs=[list(p) for p in pairs])
-        for i, (a, b) in enumerate(pairs, 1):
-            pair_dir = out / "pairs" / pair_dirname(a, b)
-            pair_fit = replace(fit, features=cfg.features, source=a, target=b, layer=cfg.layer, eval_split=cfg.split)
+        fits = [(replace(fit, features=cfg.features, source=a, target=b, layer=cfg.layer, eval_split=cfg.split),
+                 out / "pairs" / pair_dirname(a, b)) for a, b in pairs]
+        together = fit_together([FitJob(f, d, fit_mode(d)) for f, d in fits if not is_finished(d)], cfg.grouped,
+                                device, log)
+        for i, ((a, b), (pair_fit, pair_dir)) in enumerate(zip(pairs, fits), 1):
             report, was_reused = fit_or_reuse(pair_fit, pair_dir, cfg.split)
+            was_reused = was_reused and pair_dir not in together
             reused += was_reused
             row = pair_row(report, os.path.relpath(pair_dir, out))
             rows.append(row)

@@ -64,7 +64,9 @@ class Stage(Protocol):
     def train_epoch(self, epoch: int, step_model: nn.Module) -> dict[str, Any]:
         """Train one epoch (0-based) through ``step_model`` (the model or its DDP wrapper). Values may
         be device tensors (brought to the host together at the epoch's end); ``rows`` is the number of
-        rows this rank trained on; a key starting with ``_`` is a check that must be 0 and is not logged."""
+        rows this rank trained on; a key starting with ``_`` is a check that must be 0 and is not logged;
+        ``epoch_time_s``, when given, replaces the measured time (a stage trained together with others
+        states its share of their common epoch)."""
 
     def evaluate(self, epoch: int) -> dict[str, Any]:
         """The evaluation fields of the epoch's record."""
@@ -169,17 +171,18 @@ class Harness:
         """Every remaining epoch, then the summary; returns the metrics (``{}`` on ranks that do not
         summarise)."""
         for epoch in range(self.start_epoch, self.plan.epochs):
-            if self._epoch(epoch):
+            if self.run_epoch(epoch):
                 break
         return self.finish()
 
-    def _epoch(self, epoch: int) -> bool:
+    def run_epoch(self, epoch: int) -> bool:
         """Train, check, evaluate, log and save one epoch; True when the stage asks to stop."""
         plan, stage, w = self.plan, self.stage, self.workers
         seed_everything(epoch_seed(plan.seed, epoch, plan.seed_stream))
         t0 = time.perf_counter()
         fields, finite = to_host(stage.train_epoch(epoch, self.step_model))   # the epoch's one sync
         dt = time.perf_counter() - t0
+        dt = fields.pop("epoch_time_s", dt)     # a stage trained with others states its share of their time
         rows = fields.pop("rows", 0)
         record = {"epoch": epoch + 1, **fields, "lr": stage.optimizer.param_groups[0]["lr"], "epoch_time_s": dt,
                   plan.rate_key: rows * w.world / max(dt, 1e-9)}

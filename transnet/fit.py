@@ -367,21 +367,27 @@ def fit_transnet(cfg: FitConfig, out_dir: str | os.PathLike, mode: str = "new",
 def _fit_body(cfg: FitConfig, alphas: list[float], out_dir: Path, mode: str, workers: Workers,
               on_epoch_end) -> dict[str, Any]:
     """Open the splits, build the stage and run it through the epoch harness."""
-    infos = open_splits(cfg)
     run = RunDir(out_dir, mode) if workers.main else None
     try:
-        stage = FitStage(cfg, alphas, infos, workers, out_dir)
-        plan = Plan(cfg.epoch_cap, cfg.eval_every, cfg.save_every, cfg.seed, TRANSNET_STREAM, "samples_per_s",
-                    every_rank=False, stop=plateau_stop(cfg.patience) if cfg.auto else None,
-                    on_epoch_end=on_epoch_end, last_name=LAST_CKPT)
-        harness = Harness(stage, plan, workers, run, out_dir)
-        harness.resume(mode == "resume")
-        if run is not None:
-            run.write_config(cfg, **stage.config_fields())
-        return harness.run_epochs()
+        return start_fit(cfg, alphas, out_dir, mode, workers, run, on_epoch_end).run_epochs()
     finally:
         if run is not None:
             run.close()
+
+
+def start_fit(cfg: FitConfig, alphas: list[float], out_dir: Path, mode: str, workers: Workers,
+              run: RunDir | None, on_epoch_end=None, **config_extra: Any) -> Harness:
+    """The harness of one fit, resumed from ``last.pt`` when ``mode`` is resume, its ``config.json``
+    written (with ``config_extra``); ``run_epochs()`` then fits."""
+    stage = FitStage(cfg, alphas, open_splits(cfg), workers, out_dir)
+    plan = Plan(cfg.epoch_cap, cfg.eval_every, cfg.save_every, cfg.seed, TRANSNET_STREAM, "samples_per_s",
+                every_rank=False, stop=plateau_stop(cfg.patience) if cfg.auto else None,
+                on_epoch_end=on_epoch_end, last_name=LAST_CKPT)
+    harness = Harness(stage, plan, workers, run, out_dir)
+    harness.resume(mode == "resume")
+    if run is not None:
+        run.write_config(cfg, **stage.config_fields(), **config_extra)
+    return harness
 
 
 def open_splits(cfg: FitConfig) -> dict[str, PairInfo]:
@@ -420,6 +426,7 @@ class FitStage:
         self.scheduler = make_scheduler(self.optimizer, lr_config(cfg), self.steps)
         self._warnings()
         self.last_rep: dict[str, Any] | None = None
+        self.group = None       # a transnet.group_fit.FitGroup when this pair trains with others
 
     # ---- data
     def _data(self) -> None:
@@ -488,10 +495,17 @@ class FitStage:
     # ---- one epoch
     def train_epoch(self, epoch: int, step_model: nn.Module) -> dict[str, Any]:
         cfg, w = self.cfg, self.workers
+        if self.group is not None:                 # trained together with other pairs (transnet/group_fit.py)
+            return self.epoch_fields(self.group.pair_stats(self))
         batches = self.train_src.batches(cfg.batch_size, cfg.seed, epoch, w.rank, w.world)
         st = train_epoch(self.model, step_model, self.optimizer, self.scheduler, batches, self.alphas,
                          self.mse_scale, self.device, cfg.precision, self.channels_last, self.steps,
                          "fit", epoch=(epoch, cfg.epoch_cap))
+        return self.epoch_fields(st)
+
+    def epoch_fields(self, st: dict[str, Any]) -> dict[str, Any]:
+        """The epoch's record fields from its training sums ``st`` (``train_epoch``'s dict): train MSE
+        and loss, gates, the non-finite check of disk reads, the validation loss."""
         gates = self.model.gates().detach()
         steps = max(st["steps"], 1)
         out: dict[str, Any] = {"train_mse": st["mse_sum"] / steps, "train_loss": st["loss_sum"] / steps,
@@ -501,6 +515,8 @@ class FitStage:
             out["_nonfinite_features"] = self.train_src.nonfinite
         if self.val_src is not None:
             out["val_loss"], out["val_mse"] = self._validation_loss()
+        if "epoch_time_s" in st:                   # a pair's share of its group's epoch
+            out["epoch_time_s"] = st["epoch_time_s"]
         return out
 
     @torch.no_grad()

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from transnet.model import TransNet
+from transnet.model import TransNet, instance_std
 
 
 def _same_build(nets: Sequence[TransNet]) -> None:
@@ -36,9 +36,9 @@ class GroupedTransNet(nn.Module):
             raise ValueError("a grouped fit needs at least one Trans-Net")
         _same_build(nets)
         ref = nets[0]
-        self.k, self.ref = len(nets), ref
+        self.k, self.cfg = len(nets), ref.cfg          # the build (not the module: its weights are not ours)
         self.channels, self.out_channels, self.orders = ref.channels, ref.out_channels, ref.orders
-        k, pad = ref.cfg.kernel, ref.cfg.kernel // 2
+        k, pad = self.cfg.kernel, self.cfg.kernel // 2
         self.convs = nn.ModuleList()
         for j, conv in enumerate(ref.convs):
             c_out = conv.out_channels
@@ -52,13 +52,13 @@ class GroupedTransNet(nn.Module):
         self.register_buffer("input_scale", torch.cat([n.input_scale for n in nets]).clone())
 
     def _std(self, x: Tensor) -> Tensor:
-        return self.ref.std(x)
+        return instance_std(x, self.cfg.eps, self.cfg.std_correction, self.cfg.std_floor)
 
     def _normalise(self, x: Tensor) -> Tensor:
-        if self.ref.cfg.input_norm == "instance":
+        if self.cfg.input_norm == "instance":
             return x / self._std(x)
-        if self.ref.cfg.input_norm == "global":
-            return x / (self.input_scale.to(x.dtype) + self.ref.eps)[None, :, None, None]
+        if self.cfg.input_norm == "global":
+            return x / (self.input_scale.to(x.dtype) + self.cfg.eps)[None, :, None, None]
         return x
 
     def _gate(self, j: int, x: Tensor) -> Tensor:
@@ -76,24 +76,33 @@ class GroupedTransNet(nn.Module):
             h = self.convs[j](xh + self._gate(j - 1, h) * F.relu(h / self._std(h)))
         return h
 
-    def alpha_penalty(self, alphas: Sequence[float] | Tensor) -> Tensor:
-        """Σ over pairs of Σ_k α_k p_k² (α per order, order 1 first)."""
+    def pair_penalties(self, alphas: Sequence[float] | Tensor) -> Tensor:
+        """(K,): Σ_k α_k p_k² of each pair (α per order, order 1 first)."""
         if self.orders == 0:
-            return self.gate_logits.sum() * 0.0
+            return self.gate_logits.sum(1) * 0.0
         a = torch.as_tensor(alphas, dtype=torch.float32, device=self.gate_logits.device)
         p = torch.sigmoid(self.gate_logits).flip(1).float()                       # (K, orders), order 1 first
-        return (a[None, :] * p.pow(2)).sum()
+        return (a[None, :] * p.pow(2)).sum(1)
+
+    def alpha_penalty(self, alphas: Sequence[float] | Tensor) -> Tensor:
+        """Σ over pairs of Σ_k α_k p_k²."""
+        return self.pair_penalties(alphas).sum()
+
+    def pair_mse(self, yhat: Tensor, y: Tensor) -> Tensor:
+        """(K,): each pair's MSE, the mean over its own elements (``F.mse_loss`` of its separate fit)."""
+        n, _, h, w = y.shape
+        return (yhat.float() - y.float()).pow(2).view(n, self.k, -1).mean((0, 2))
 
     def loss(self, x: Tensor, y: Tensor, alphas: Sequence[float] | Tensor) -> Tensor:
-        """Σ_g [MSE(ŷ_g, y_g) + Σ_k α_k p_{g,k}²]: every pair's own loss, summed. The pairs have equal
-        sizes, so Σ_g MSE_g = K · MSE over all elements."""
-        return F.mse_loss(self(x).float(), y.float()) * self.k + self.alpha_penalty(alphas)
+        """Σ_g [MSE(ŷ_g, y_g) + Σ_k α_k p_{g,k}²]: every pair's own loss, summed, so each pair's gradient
+        is its separate fit's."""
+        return (self.pair_mse(self(x), y) + self.pair_penalties(alphas)).sum()
 
     def split(self) -> list[TransNet]:
         """The K Trans-Nets, each with its pair's current weights, gates and input scale."""
         out = []
         for g in range(self.k):
-            net = TransNet(self.ref.cfg)
+            net = TransNet(self.cfg)
             with torch.no_grad():
                 for j, conv in enumerate(self.convs):
                     c_out = net.convs[j].out_channels

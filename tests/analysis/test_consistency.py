@@ -194,6 +194,25 @@ def test_consistency_command_recovers_planted_structure_and_reuses_fits(planted,
                         replace(FAST_FIT, epochs=61), out, "resume", log=lambda m: None)
 
 
+def test_consistency_fits_pairs_together_with_their_separate_results(planted, tmp_path):
+    cfg = ConsistencyConfig(str(planted), "conv", "star:a", "a,b,c", grouped="on")
+    logs: list[str] = []
+    together = run_consistency(cfg, FAST_FIT, tmp_path / "on", log=logs.append)
+    alone = run_consistency(replace(cfg, grouped="off"), FAST_FIT, tmp_path / "off", log=lambda m: None)
+    assert any(m.startswith("fitting 4 Trans-Nets together (--grouped on): a>b, b>a, a>c, c>a") for m in logs)
+    assert together["reused"] == 0
+    for r_on, r_off in zip(together["rows"], alone["rows"]):
+        assert (r_on["source"], r_on["target"]) == (r_off["source"], r_off["target"])
+        for key in ("r2", "fraction_residual", "fraction_order0"):
+            assert r_on[key] == pytest.approx(r_off[key], rel=1e-4, abs=1e-6), key
+    config = json.loads((tmp_path / "on" / "pairs" / "a__b" / "config.json").read_text())
+    assert config["fit_group"]["size"] == 4
+    again = run_consistency(cfg, FAST_FIT, tmp_path / "on", "resume", log=lambda m: None)
+    assert again["reused"] == 4
+    with pytest.raises(UserError, match="unknown --grouped 'yes'; valid: auto, on, off"):
+        run_consistency(replace(cfg, grouped="yes"), FAST_FIT, tmp_path / "x")
+
+
 def test_missing_layer_and_mismatched_maps_are_clear_errors(planted, tmp_path):
     with pytest.raises(UserError, match="unknown layer 'conv9'.*Valid layer names: conv"):
         run_consistency(ConsistencyConfig(str(planted), "conv9", "all"), FAST_FIT, tmp_path / "x")

@@ -72,7 +72,7 @@ def test_small_crop_and_flip_equal_the_cpu_ops_given_the_same_draws():
     steps, aug = split_preset(tspec, True)
     assert aug.kind == "crop_flip" and aug.pad == 1
     pics = [T.Compose(steps)(ds.load_image(i)) for i in range(6)]
-    x = torch.stack([torch.from_numpy(np.asarray(p)).permute(2, 0, 1) for p in pics])
+    x = torch.stack([torch.from_numpy(np.array(p)).permute(2, 0, 1) for p in pics])
     top, left, flip = torch.tensor([0, 2, 1, 0, 2, 1]), torch.tensor([2, 0, 1, 1, 0, 2]), \
         torch.tensor([True, False, True, False, True, False])
     got = normalise(crop_flip(x, aug.pad, top, left, flip), tspec.mean, tspec.std)
