@@ -170,3 +170,21 @@ def test_resized_sources_rebuild_the_target_and_record_the_convention(planted, t
     rep = run_variance(pair, split="test", device="cpu")
     assert rep["spatial"] == spatial and rep["target_layer"] == layer
     assert rep["r2"] == pytest.approx(row["r2"], abs=1e-4)
+
+
+def test_disk_and_memory_sources_serve_the_same_resized_source(planted):
+    import torch
+
+    from transnet.data import make_source, open_pair
+    from transnet.spatial import resize_maps
+
+    info = open_pair(planted, "a", "a", "early", "test", target_layer="small", spatial="pool")
+    assert (info.shape_a, info.held_shape_a, info.shape_b) == ((C_IN, HW, HW), (C_IN, 2, 2), (C_OUT, 2, 2))
+    cpu = torch.device("cpu")
+    with h5py.File(planted) as f:
+        want = resize_maps(torch.from_numpy(f["test/a/early"][...]), (2, 2), "pool")
+    for placement in ("ram", "disk"):
+        src = make_source(info, cpu, placement, block_rows=7)
+        xa = torch.cat([a for a, _ in src.sequential(10)])
+        torch.testing.assert_close(xa, want)
+        torch.testing.assert_close(torch.cat(list(src.source_blocks(5))), want)
