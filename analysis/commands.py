@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from analysis.bootstrap import REPLICATES
-from analysis.consistency import PAIR_PLANS, ConsistencyConfig, run_consistency
+from analysis.consistency import PAIR_PLANS, PER_PAIR, ConsistencyConfig, run_consistency
 from analysis.diagnose import DiagnoseConfig, diagnose_pair
 from analysis.readings import diagnosis_readings
 from analysis.report import make_report
@@ -18,10 +18,12 @@ from common.rundir import run_mode
 from transnet.fit import FitConfig
 from transnet.group_fit import GROUPED
 from transnet.options import FIT_CHOICES, FIT_HELP, FIT_TYPES
+from transnet.spatial import SPATIAL
 
 CONSISTENCY_HELP = {
     "features": "kc-features file holding every net at --layer (train and test splits)",
-    "layer": "layer (module path) to compare at, e.g. features.30",
+    "layer": "layer (module path) to compare at, e.g. features.30: the sources' layer, and the targets' unless "
+             "--target_layer",
     "pairs": "pair plan: all (every ordered pair), chain (consecutive nets of --nets, both directions), "
              "star:NAME (NAME to every other net and back), or explicit ordered pairs A>B,C>D",
     "nets": "comma list of nets in family order (chain order, matrix order); default: every net in the file",
@@ -33,29 +35,38 @@ CONSISTENCY_HELP = {
     "grouped": "fit pairs of one build (channels, options, training rows) together as one grouped model, each "
                "pair equal to its separate fit: auto (on CUDA, in one process, when a source row has at most "
                "65,536 values: small layers, where separate fits are launch-bound), on (also on the CPU), off",
+    "target_layer": "cross-layer pairs: the targets' layer (module path), another than --layer, e.g. --layer "
+                    "features.20 --target_layer features.30 fits A at features.20 -> B at features.30; a net may "
+                    "then map onto itself (A>A; the plan all includes it); pair folders are pairs/<A>@<L>__<B>@<L2>. "
+                    "Empty: --layer",
+    "spatial": "pairs whose source and target maps differ in H x W: pool = adaptive average pooling of the source "
+               "down to the target's size (needs a source at least as large), interpolate = bilinear resampling "
+               "(align_corners=False) of the source to the target's size; the target is never resized, and rows "
+               "record the convention. Empty (default): such pairs are refused before anything is fitted",
 }
 
 
 # --------------------------------------------------------------------------- consistency
 
 def _add_consistency(p: argparse.ArgumentParser) -> None:
-    add_dataclass_args(p, ConsistencyConfig, help=CONSISTENCY_HELP, choices={"grouped": list(GROUPED)})
+    add_dataclass_args(p, ConsistencyConfig, help=CONSISTENCY_HELP,
+                       choices={"grouped": list(GROUPED), "spatial": list(SPATIAL)})
     g = p.add_argument_group("Trans-Net fitting (as fit-transnet; applied to every pair)")
-    add_dataclass_args(g, FitConfig, skip=("features", "source", "target", "layer", "eval_split"), help=FIT_HELP,
-                       choices=FIT_CHOICES, types=FIT_TYPES)
+    add_dataclass_args(g, FitConfig, skip=PER_PAIR, help=FIT_HELP, choices=FIT_CHOICES, types=FIT_TYPES)
     p.add_argument("--no_figures", action="store_true", help="skip the heatmap and stacked-bar figures")
     add_run_args(p)
 
 
 def _run_consistency(args: argparse.Namespace) -> None:
     cfg = dataclass_from_args(ConsistencyConfig, args)
-    fit = dataclass_from_args(FitConfig, args, features=cfg.features, layer=cfg.layer, eval_split=cfg.split)
+    fit = dataclass_from_args(FitConfig, args, features=cfg.features, layer=cfg.layer, eval_split=cfg.split,
+                              target_layer="", spatial="")          # set per pair by run_consistency
     res = run_consistency(cfg, fit, args.out_dir, run_mode(args.resume, args.overwrite))
     out = Path(args.out_dir)
     print(f"{len(res['pairs'])} pair(s) ({res['reused']} reused); table: {out / 'table.csv'}, "
           f"matrices: {out / 'matrices.json'}")
     if not args.no_figures:
-        paths = consistency_figures(out, res["rows"], res["nets"], cfg.layer)
+        paths = consistency_figures(out, res["rows"], res["nets"], cfg.label)
         print(f"figures: {', '.join(str(p) for p in paths if p.suffix == '.png')}")
 
 
@@ -152,6 +163,8 @@ COMMANDS = [
             "Fit (or reuse) one Trans-Net per ordered pair of the plan at one layer and write table.csv/table.json "
             "(source, target, every variance and fraction, R², gates, held-out MSE), matrices.json (net x net and "
             "pairs x fractions) and figures into --out_dir; pairs/<A>__<B> are fit-transnet run directories. "
+            "With --target_layer the pairs go from --layer to that layer (cross-layer; --spatial for maps of "
+            "different sizes). "
             f"Pair plans: {', '.join(PAIR_PLANS)}."),
     Command("visualize", "draw the figures of a study, consistency folder, similarity.json, family or Trans-Net",
             _add_visualize, _run_visualize,

@@ -1,8 +1,16 @@
-"""Consistency across a family: fit (or reuse) Trans-Nets for many pairs of nets at one layer and
-collect their held-out variance reports into one tidy table and matrices.
+"""Consistency across a family: fit (or reuse) Trans-Nets for many pairs of nets at one layer (or from
+one layer to another) and collect their held-out variance reports into one tidy table and matrices.
 
     python cli.py consistency --features F --layer L --pairs all|chain|star:NAME|A>B,C>D [--nets a,b,c]
+                              [--target_layer L2 [--spatial pool|interpolate]]
                               --out_dir D [--resume] [fit-transnet options: --epochs, --lr, --orders, ...]
+
+Cross-layer pairs (``--target_layer L2``): A at L (``--layer``) -> B at L2, A = B allowed (the plan
+``all`` then includes every net to itself, and ``A>A`` is a valid explicit pair). Maps of different
+sizes need ``--spatial`` (``transnet/spatial.py``: the source is pooled or interpolated to the
+target's H x W); without it they are refused before anything is fitted. Pair folders are named
+``<A>@<L>__<B>@<L2>`` (never a same-layer folder's name), rows and ``metrics.json`` add
+``source_layer``, ``target_layer`` and ``spatial`` (null where the sizes agreed).
 
 The consistency folder ``D`` (one layer):
 
@@ -56,14 +64,16 @@ from training.manifest import read_manifest
 from transnet.fit import RESUME_FREE, FitConfig, fit_transnet
 from transnet.group_fit import FitJob, check_grouped, fit_group, plan_groups
 from transnet.original import IMPORT_KIND
+from transnet.spatial import SPATIAL, check_spatial_name, spatial_plan
 from transnet.variance_file import variance_filename
 
 PAIR_PLANS = ("all", "chain", "star:NAME", "A>B,C>D")
 PAIR_SEP = "__"
 # Fit options the consistency folder owns per pair (the rest come from the user's fit options).
-PER_PAIR = ("features", "source", "target", "layer", "eval_split")
+PER_PAIR = ("features", "source", "target", "layer", "target_layer", "spatial", "eval_split")
 BASE_COLUMNS = ("source", "target", "layer", "split", "held_out", "n_samples", "var_target")
 TAIL_COLUMNS = ("var_residual", "fraction_residual", "r2", "mse")
+CROSS_COLUMNS = ("source_layer", "target_layer", "spatial")   # after "layer", in tables with a cross-layer row
 
 
 @dataclass(frozen=True)
@@ -78,6 +88,22 @@ class ConsistencyConfig:
     split: str = "test"         # held-out split of the variance report (fits use --train_split)
     allow_other_checkpoints: bool = False   # --family: accept feature-file nets whose checkpoint is not the member's
     grouped: str = "auto"       # auto | on | off: fit pairs of one build together (transnet/group_fit.py)
+    target_layer: str = ""      # the targets' layer when it is another (cross-layer pairs); "" = layer
+    spatial: str = ""           # pool | interpolate: resize sources of another H x W; "": refuse them
+
+    @property
+    def cross(self) -> bool:
+        """Source and target at different layers."""
+        return bool(self.target_layer) and self.target_layer != self.layer
+
+    @property
+    def layer_b(self) -> str:
+        return self.target_layer if self.cross else self.layer
+
+    @property
+    def label(self) -> str:
+        """The layer, or ``L -> L2`` of a cross-layer study (titles, log lines)."""
+        return f"{self.layer} -> {self.layer_b}" if self.cross else self.layer
 
 
 # --------------------------------------------------------------------------- pair plans (pure)
@@ -87,12 +113,13 @@ def natural_key(name: str) -> list[Any]:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
-def plan_pairs(nets: Sequence[str], plan: str) -> list[tuple[str, str]]:
+def plan_pairs(nets: Sequence[str], plan: str, cross: bool = False) -> list[tuple[str, str]]:
     """Ordered (source, target) pairs of a plan over ``nets`` (kept in the given order).
 
     ``all``: every ordered pair; ``chain``: consecutive nets, both directions (g0→g1, g1→g0, g1→g2, ...);
     ``star:NAME``: NAME→every other and every other→NAME (teacher→student and student→teacher);
-    ``A>B,C>D``: exactly these ordered pairs."""
+    ``A>B,C>D``: exactly these ordered pairs. ``cross`` (source and target at different layers): a net
+    may map onto itself, ``all`` includes each net to itself (first among its pairs) and one net suffices."""
     nets = list(nets)
     if len(set(nets)) != len(nets):
         raise UserError(f"--nets lists a net twice: {', '.join(nets)}")
@@ -107,16 +134,17 @@ def plan_pairs(nets: Sequence[str], plan: str) -> list[tuple[str, str]]:
             for n in (a, b):
                 if n not in nets:
                     raise UserError(unknown_choice_message("net", n, nets))
-            if a == b:
-                raise UserError(f"--pairs item {item!r} maps a net onto itself")
+            if a == b and not cross:
+                raise UserError(f"--pairs item {item!r} maps a net onto itself (allowed only with a --target_layer "
+                                f"other than --layer)")
             if (a, b) in pairs:
                 raise UserError(f"--pairs lists {a}>{b} twice")
             pairs.append((a, b))
         return pairs
-    if len(nets) < 2:
+    if len(nets) < (1 if cross and plan == "all" else 2):
         raise UserError(f"a consistency study needs at least two nets, got {nets or 'none'}")
     if plan == "all":
-        return [(a, b) for a in nets for b in nets if a != b]
+        return [(a, b) for a in nets for b in ([a] if cross else []) + [n for n in nets if n != a]]
     if plan == "chain":
         return [p for a, b in zip(nets, nets[1:]) for p in ((a, b), (b, a))]
     if plan.startswith("star:"):
@@ -127,7 +155,11 @@ def plan_pairs(nets: Sequence[str], plan: str) -> list[tuple[str, str]]:
     raise UserError(unknown_choice_message("pair plan", plan, list(PAIR_PLANS)))
 
 
-def pair_dirname(source: str, target: str) -> str:
+def pair_dirname(source: str, target: str, source_layer: str = "", target_layer: str = "") -> str:
+    """``A__B`` (same layer), or ``A@L1__B@L2`` for a cross-layer pair (``target_layer`` given and
+    other than ``source_layer``), so the two kinds of fits never share a folder."""
+    if target_layer and target_layer != source_layer:
+        return f"{source}@{source_layer}{PAIR_SEP}{target}@{target_layer}"
     return f"{source}{PAIR_SEP}{target}"
 
 
@@ -191,6 +223,8 @@ def pair_row(report: Mapping[str, Any], transnet_dir: str | None = None) -> dict
     if report.get("held_out") is False and not any("in-sample" in w for w in fit_warnings):
         fit_warnings.insert(0, "in-sample report (no held-out split)")
     warnings += fit_warnings
+    if report.get("target_layer"):                      # a cross-layer (or resized) fit
+        row.update({k: report.get(k) for k in CROSS_COLUMNS + ("source_size", "target_size")})
     row["constant_source_slices"] = report.get("constant_source_slices")
     row["imported"] = bool(report.get("imported"))
     row["orders"] = len(report["var_orders"]) - 1
@@ -203,6 +237,9 @@ def table_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     """Column order of the tidy table: identifiers, variances, fractions, R², gates, MSE, notes."""
     k_max = max((r.get("orders", 0) for r in rows), default=0)
     cols = list(BASE_COLUMNS)
+    if any(r.get("target_layer") for r in rows):
+        at = cols.index("layer") + 1
+        cols[at:at] = CROSS_COLUMNS
     cols += [f"var_order{k}" for k in range(k_max + 1)] + ["var_residual"]
     cols += [f"fraction_order{k}" for k in range(k_max + 1)] + ["fraction_residual", "r2"]
     cols += [f"gate{k}" for k in range(1, k_max + 1)] + ["mse", "constant_source_slices", "orders", "imported",
@@ -245,12 +282,20 @@ def pair_fraction_matrix(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             "values": [[r.get(c) for c in cols] for r in rows]}
 
 
-def build_matrices(rows: Sequence[Mapping[str, Any]], nets: Sequence[str], layer: str, split: str) -> dict[str, Any]:
-    """The ``matrices.json`` body."""
-    return {"layer": layer, "split": split, "nets": list(nets), "rows": "source (A)", "columns": "target (B)",
+def build_matrices(rows: Sequence[Mapping[str, Any]], nets: Sequence[str], layer: str, split: str,
+                   target_layer: str = "") -> dict[str, Any]:
+    """The ``matrices.json`` body (``target_layer``: the columns' layer of a cross-layer study)."""
+    cross = bool(target_layer) and target_layer != layer
+    body = {"layer": layer, "split": split, "nets": list(nets), "rows": "source (A)", "columns": "target (B)",
             "note": "entry [i][j] describes nets[i] -> nets[j]; null: diagonal or pair not fitted",
             "matrices": {k: net_matrix(rows, nets, k) for k in matrix_keys(rows)},
             "pair_fractions": pair_fraction_matrix(rows)}
+    if cross:
+        body.update({"rows": f"source (A) at {layer}", "columns": f"target (B) at {target_layer}",
+                     "target_layer": target_layer,
+                     "note": f"entry [i][j] describes nets[i] at {layer} -> nets[j] at {target_layer}; the diagonal "
+                             f"is a net to itself; null: pair not fitted"})
+    return body
 
 
 def asymmetry(rows: Sequence[Mapping[str, Any]], key: str = "fraction_residual") -> list[dict[str, Any]]:
@@ -289,9 +334,22 @@ def generation_rows(order: Sequence[str], rows: Sequence[Mapping[str, Any]],
 
 # --------------------------------------------------------------------------- I/O edge
 
-def resolve_nets(features: str, layer: str, split: str, train_split: str, nets: Sequence[str]) -> list[str]:
-    """The nets to compare (given order, else every net of the file holding the layer, natural order),
-    checked: the layer exists and is complete in both splits, and all maps share one spatial size."""
+Sizes = dict[str, tuple[int, int]]
+
+
+def resolve_nets(features: str, layer: str, split: str, train_split: str, nets: Sequence[str],
+                 target_layer: str = "", spatial: str = "") -> list[str]:
+    """The nets to compare (given order, else every net of the file holding the layer(s), natural order),
+    checked: the layers exist and are complete in both splits, and (without ``spatial``) all maps share
+    one spatial size."""
+    return _resolve(features, layer, split, train_split, nets, target_layer, spatial)[0]
+
+
+def _resolve(features: str, layer: str, split: str, train_split: str, nets: Sequence[str],
+             target_layer: str = "", spatial: str = "") -> tuple[list[str], Sizes, Sizes]:
+    """``resolve_nets`` plus each net's (H, W) at the sources' layer and at the targets' layer."""
+    layer_b = target_layer or layer
+    wanted = list(dict.fromkeys((layer, layer_b)))
     with open_features(features) as f:
         splits = list_splits(f)
         for s in (split, train_split):
@@ -299,25 +357,41 @@ def resolve_nets(features: str, layer: str, split: str, train_split: str, nets: 
                 raise UserError(f"{features}: " + unknown_choice_message("split", s, splits))
         available = list_nets(f, split)
         if not nets:
-            nets = sorted((n for n in available if layer in f[split][n]), key=natural_key)
+            nets = sorted((n for n in available if all(lay in f[split][n] for lay in wanted)), key=natural_key)
             if not nets:
-                layers = sorted({l for n in available for l in list_layers(f, split, n)}, key=natural_key)
-                raise UserError(f"{features}: {unknown_choice_message('layer', layer, layers)} (split {split!r})")
-            if len(nets) < 2:
+                layers = sorted({lay for n in available for lay in list_layers(f, split, n)}, key=natural_key)
+                missing = next((lay for lay in wanted if lay not in layers), None)
+                if missing is not None:
+                    raise UserError(f"{features}: {unknown_choice_message('layer', missing, layers)} (split {split!r})")
+                raise UserError(f"{features}: no net holds both layers {layer!r} and {layer_b!r} in split {split!r}")
+            if len(nets) < 2 and layer_b == layer:
                 raise UserError(f"{features} holds layer {layer!r} for {len(nets)} net(s) in split {split!r} "
                                 f"(nets: {', '.join(available) or 'none'}); a consistency study needs two or more")
-        sizes = {}
+        sizes: dict[str, Sizes] = {lay: {} for lay in wanted}
         for n in nets:
             for s in dict.fromkeys((split, train_split)):
-                ds = get_features(f, s, n, layer)
-                if ds.ndim != 4:
-                    raise UserError(f"/{s}/{n}/{layer} has shape {ds.shape}; Trans-Nets need (N, C, H, W) maps")
-                sizes[n] = tuple(ds.shape[2:])
-        if len(set(sizes.values())) > 1:
-            raise UserError(f"the nets' maps at layer {layer!r} differ in spatial size "
-                            f"({', '.join(f'{n}: {h}x{w}' for n, (h, w) in sizes.items())}); a Trans-Net keeps the "
-                            f"spatial size, so compare nets with maps of one size")
-    return list(nets)
+                for lay in wanted:
+                    ds = get_features(f, s, n, lay)
+                    if ds.ndim != 4:
+                        raise UserError(f"/{s}/{n}/{lay} has shape {ds.shape}; Trans-Nets need (N, C, H, W) maps")
+                    sizes[lay][n] = tuple(ds.shape[2:])
+    all_sizes = {size for by_net in sizes.values() for size in by_net.values()}
+    if len(all_sizes) > 1 and not spatial:
+        listed = "; ".join(f"at {lay}: " + ", ".join(f"{n}: {h}x{w}" for n, (h, w) in by.items())
+                           for lay, by in sizes.items())
+        where = f"layer {layer!r}" if layer_b == layer else f"layers {layer!r} and {layer_b!r}"
+        raise UserError(f"the nets' maps at {where} differ in spatial size ({listed}); a Trans-Net keeps the "
+                        f"spatial size, so compare nets with maps of one size, or give --spatial "
+                        f"{'|'.join(SPATIAL)} to resize each source to its target's size")
+    return list(nets), sizes[layer], sizes[layer_b]
+
+
+def pair_spatial(pairs: Sequence[tuple[str, str]], size_a: Sizes, size_b: Sizes, spatial: str) -> dict[tuple[str, str], str]:
+    """Per pair, the convention its fit gets: ``spatial`` where the source's (H, W) is not the target's,
+    "" where they agree (so those fits, and their folders' options, are those of an unresized pair).
+    Refuses, before anything is fitted, a mismatch without ``spatial`` and ``pool`` asked to enlarge."""
+    return {(a, b): spatial if spatial_plan(size_a[a], size_b[b], spatial, f"pair {a}>{b}") else ""
+            for a, b in pairs}
 
 
 def family_nets(path: str | os.PathLike) -> list[str]:
@@ -407,11 +481,15 @@ def run_consistency(cfg: ConsistencyConfig, fit: FitConfig, out_dir: str | os.Pa
     if not cfg.features or not cfg.layer:
         raise UserError("--features and --layer are required")
     check_grouped(cfg.grouped)
-    nets = resolve_nets(cfg.features, cfg.layer, cfg.split, fit.train_split, config_nets(cfg))
+    check_spatial_name(cfg.spatial)
+    nets, size_a, size_b = _resolve(cfg.features, cfg.layer, cfg.split, fit.train_split, config_nets(cfg),
+                                    cfg.layer_b, cfg.spatial)
     if cfg.family:                              # the file's nets must be the members (by checkpoint sha256)
-        check_family_features(read_manifest(cfg.family), cfg.features, cfg.split, cfg.layer,
-                              cfg.allow_other_checkpoints, cfg.family)
-    pairs = plan_pairs(nets, cfg.pairs)
+        for lay in dict.fromkeys((cfg.layer, cfg.layer_b)):
+            check_family_features(read_manifest(cfg.family), cfg.features, cfg.split, lay,
+                                  cfg.allow_other_checkpoints, cfg.family)
+    pairs = plan_pairs(nets, cfg.pairs, cfg.cross)
+    spatial = pair_spatial(pairs, size_a, size_b, cfg.spatial)
     device = use_device(fit.device)
     if cfg.split == fit.train_split:
         log(f"warning: --split {cfg.split} is the fits' --train_split: every report is in-sample, not held-out "
@@ -422,8 +500,9 @@ def run_consistency(cfg: ConsistencyConfig, fit: FitConfig, out_dir: str | os.Pa
     with RunDir(out, mode) as run:
         run.write_config({"consistency": asdict(cfg), "fit": asdict(fit)}, device=device, nets=nets,
                          pairs=[list(p) for p in pairs])
-        fits = [(replace(fit, features=cfg.features, source=a, target=b, layer=cfg.layer, eval_split=cfg.split),
-                 out / "pairs" / pair_dirname(a, b)) for a, b in pairs]
+        fits = [(replace(fit, features=cfg.features, source=a, target=b, layer=cfg.layer,
+                         target_layer=cfg.layer_b if cfg.cross else "", spatial=spatial[(a, b)], eval_split=cfg.split),
+                 out / "pairs" / pair_dirname(a, b, cfg.layer, cfg.layer_b)) for a, b in pairs]
         together = fit_together([FitJob(f, d, fit_mode(d)) for f, d in fits if not is_finished(d)], cfg.grouped,
                                 device, log)
         for i, ((a, b), (pair_fit, pair_dir)) in enumerate(zip(pairs, fits), 1):
@@ -434,10 +513,13 @@ def run_consistency(cfg: ConsistencyConfig, fit: FitConfig, out_dir: str | os.Pa
             rows.append(row)
             log(f"[{i}/{len(pairs)}] {a} -> {b}: R2 {_fmt(row['r2'])}, residual {_fmt(row['fraction_residual'])}"
                 f"{' (reused)' if was_reused else ''}")
-        matrices = build_matrices(rows, nets, cfg.layer, cfg.split)
+        matrices = build_matrices(rows, nets, cfg.layer, cfg.split, cfg.layer_b)
         write_tables(out, rows, matrices)
         res = [r["fraction_residual"] for r in rows if r["fraction_residual"] is not None]
-        run.finish({"layer": cfg.layer, "split": cfg.split, "nets": nets, "n_pairs": len(pairs), "reused": reused,
+        cross = ({"source_layer": cfg.layer, "target_layer": cfg.layer_b, "spatial": cfg.spatial or None,
+                  "resized_pairs": [f"{a}>{b}" for (a, b), m in spatial.items() if m]}
+                 if cfg.cross or any(spatial.values()) else {})
+        run.finish({"layer": cfg.layer, **cross, "split": cfg.split, "nets": nets, "n_pairs": len(pairs), "reused": reused,
                     "fitted": len(pairs) - reused,
                     "mean_fraction_residual": sum(res) / len(res) if res else None,
                     "pairs_with_warnings": [f"{r['source']}>{r['target']}" for r in rows if r["warnings"]],

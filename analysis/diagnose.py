@@ -42,6 +42,7 @@ from common.rundir import RunDir
 from features.identity import check_transnet_features
 from features.store import get_features, iter_blocks, open_features, read_index, read_labels, read_rows
 from transnet.fit import in_sample_warning, load_transnet
+from transnet.spatial import require_same_layer
 
 DIRECTIONS = ("blind_spots", "unreliable")
 
@@ -245,6 +246,7 @@ def resolve_transnets(cfg: DiagnoseConfig) -> tuple[Path, Path]:
 
 def _load_checked(path: Path, source: str, target: str, layer: str) -> tuple[torch.nn.Module, dict[str, Any]]:
     model, info = load_transnet(path)
+    require_same_layer(info, "diagnose")
     got = (info.get("source"), info.get("target"), info.get("layer"))
     if got != (source, target, layer):
         raise UserError(f"Trans-Net {path} maps {got[0]} -> {got[1]} at layer {got[2]}, but "

@@ -45,7 +45,8 @@ def transnet_row_moments(transnet_dir: str | os.PathLike, split: str = "test",
     partial residuals x_B − Σ_{j≤k} Y_j (k < K), computed on the CPU in the model's float32 forward."""
     model, info = load_transnet(transnet_dir)
     tfeats = info["target_features"] if info.get("target_features") not in (None, info["features"]) else None
-    pair = open_pair(info["features"], info["source"], info["target"], info["layer"], split, tfeats)
+    pair = open_pair(info["features"], info["source"], info["target"], info["layer"], split, tfeats,
+                     target_layer=info.get("target_layer") or "", spatial=info.get("spatial") or "")
     cpu = torch.device("cpu")
     src = make_source(pair, cpu, choose_placement(pair.nbytes, cpu, "auto"))
     model.eval()

@@ -23,6 +23,7 @@ from common.options import parse_csv
 from common.registry import unknown_choice_message
 from features.identity import check_transnet_features
 from transnet.fit import load_transnet
+from transnet.spatial import require_same_layer
 
 VISUALS = ("auto", "study", "consistency", "similarity", "family", "panel")
 
@@ -132,6 +133,7 @@ def _panel(out_dir: str | None, transnet: str | None = None, features: str | Non
     if not transnet:
         raise UserError("--what panel needs --transnet DIR (a fit-transnet run directory)")
     model, info = load_transnet(transnet)
+    require_same_layer(info, "--what panel")
     feats = features or info["features"]
     check_transnet_features(info, feats, split, allow=allow_other_checkpoints)
     try:

@@ -70,8 +70,9 @@ def check_transnet_features(info: Mapping[str, Any], features: str | os.PathLike
     rec = fitted_nets(info)
     src, tgt = source or info["source"], target or info["target"]
     problems = []
+    layers = {"source": info["layer"], "target": info.get("target_layer") or info["layer"]}   # cross-layer fits
     for which, name, path in (("source", src, features), ("target", tgt, target_features or features)):
-        have = dataset_provenance(path, split, name, info["layer"])
+        have = dataset_provenance(path, split, name, layers[which])
         why = mismatch(f"the {which} features in {path}", rec.get(which, {}), have, info[which], name)
         if why:
             problems.append(why)

@@ -2,7 +2,10 @@
 
 ``open_pair`` checks a (source, target, layer, split) request against one or two ``kc-features``
 files through ``features.store``: the datasets exist and are complete (else the error says how to
-resume the extraction), both have the same rows (index arrays equal) and the same spatial size.
+resume the extraction), both have the same rows (index arrays equal) and the same spatial size. A
+cross-layer request (``target_layer``: the target's layer, another than the source's) may pair maps
+of different sizes under a ``spatial`` convention (``transnet/spatial.py``): every source block is
+then resized to the target's H x W as it is read, so every source below serves resized x_A.
 
 Batch sources yield ``(x_A, x_B)`` float32 batches on the compute device:
 
@@ -45,6 +48,7 @@ from features.store import (
 )
 from training.harness import TRANSNET_STREAM, epoch_seed
 from transnet.model import constant_slices
+from transnet.spatial import resize_maps, spatial_plan
 from transnet.variance import ChannelMoments
 
 DATA_ON = ("auto", "device", "ram", "disk")
@@ -74,38 +78,66 @@ class PairInfo:
     dtype_b: str
     provenance_a: dict[str, Any] = field(default_factory=dict, compare=False)
     provenance_b: dict[str, Any] = field(default_factory=dict, compare=False)
+    target_layer: str = ""          # the target's layer when it is not ``layer`` (a cross-layer pair)
+    spatial: str = ""               # pool | interpolate: how the source is resized; "" when the sizes agree
+
+    @property
+    def layer_b(self) -> str:
+        return self.target_layer or self.layer
+
+    @property
+    def held_shape_a(self) -> tuple[int, int, int]:
+        """(C_A, H, W) of the source as the Trans-Net sees it (at the target's H x W once resized)."""
+        return (self.shape_a[0],) + tuple(self.shape_b[1:]) if self.spatial else self.shape_a
 
     @property
     def nbytes(self) -> int:
         item_a, item_b = np.dtype(self.dtype_a).itemsize, np.dtype(self.dtype_b).itemsize
-        return self.n * (int(np.prod(self.shape_a)) * item_a + int(np.prod(self.shape_b)) * item_b)
+        return self.n * (int(np.prod(self.held_shape_a)) * item_a + int(np.prod(self.shape_b)) * item_b)
 
     def dataset_path(self, which: str) -> str:
-        net = self.source if which == "a" else self.target
-        return f"/{self.split}/{net}/{self.layer}"
+        net, layer = (self.source, self.layer) if which == "a" else (self.target, self.layer_b)
+        return f"/{self.split}/{net}/{layer}"
+
+    def resize_a(self, x: Tensor) -> Tensor:
+        """A block of stored source rows (b, C_A, H_A, W_A) as the Trans-Net sees it."""
+        return resize_maps(x, self.shape_b[1:], self.spatial) if self.spatial else x
+
+    def layer_record(self) -> dict[str, Any]:
+        """What a report records of a cross-layer or resized pair: ``source_layer``, ``target_layer`` and,
+        when the source was resized, ``spatial``, ``source_size``, ``target_size``, ``spatial_rule``;
+        empty for a same-layer pair of one size (its reports stay as they were)."""
+        if not self.target_layer and not self.spatial:
+            return {}
+        plan = spatial_plan(self.shape_a[1:], self.shape_b[1:], self.spatial) if self.spatial else None
+        return {"source_layer": self.layer, "target_layer": self.layer_b, **(plan or {})}
 
 
 def open_pair(features: str | Path, source: str, target: str, layer: str, split: str,
-              target_features: str | Path | None = None, allow_changed_checkpoints: bool = False) -> PairInfo:
+              target_features: str | Path | None = None, allow_changed_checkpoints: bool = False,
+              target_layer: str = "", spatial: str = "") -> PairInfo:
     """Check the request and return its shapes, dtypes and provenance (files are closed again). Features
-    whose checkpoint changed since extraction are refused unless ``allow_changed_checkpoints``."""
+    whose checkpoint changed since extraction are refused unless ``allow_changed_checkpoints``. The
+    target is read at ``target_layer`` when given (else at ``layer``); maps of different sizes need a
+    ``spatial`` convention (pool | interpolate, ``transnet/spatial.py``)."""
     fa = str(features)
     fb = str(target_features) if target_features else fa
+    layer_b = target_layer if target_layer and target_layer != layer else ""
 
-    def side(f: h5py.File, net: str) -> tuple[tuple[int, ...], np.dtype, dict[str, Any], np.ndarray]:
-        ds = get_features(f, split, net, layer)
+    def side(f: h5py.File, net: str, at: str) -> tuple[tuple[int, ...], np.dtype, dict[str, Any], np.ndarray]:
+        ds = get_features(f, split, net, at)
         check_checkpoint_unchanged(ds, allow_changed_checkpoints)
         idx = read_index(f, split)
         _check_rows(ds, idx)
         return ds.shape, ds.dtype, provenance_of(ds), idx
 
     with open_features(fa) as f:
-        shape_a, dtype_a, prov_a, idx_a = side(f, source)
+        shape_a, dtype_a, prov_a, idx_a = side(f, source, layer)
         if fb == fa:
-            shape_b, dtype_b, prov_b, idx_b = side(f, target)
+            shape_b, dtype_b, prov_b, idx_b = side(f, target, layer_b or layer)
     if fb != fa:
         with open_features(fb) as f:
-            shape_b, dtype_b, prov_b, idx_b = side(f, target)
+            shape_b, dtype_b, prov_b, idx_b = side(f, target, layer_b or layer)
         if len(idx_a) != len(idx_b) or not np.array_equal(idx_a, idx_b):
             where = ("different row counts" if len(idx_a) != len(idx_b) else
                      f"first difference at row {int(np.flatnonzero(idx_a != idx_b)[0])}")
@@ -113,17 +145,20 @@ def open_pair(features: str | Path, source: str, target: str, layer: str, split:
                 f"source {source!r} ({fa}) and target {target!r} ({fb}) hold different samples or sample "
                 f"orders in split {split!r} (their index arrays differ: {len(idx_a)} vs {len(idx_b)} rows, "
                 f"{where}); extract both nets from the same data set and split, ideally into one file")
-    for name, shape in (("source", shape_a), ("target", shape_b)):
+    for name, shape, net, at in (("source", shape_a, source, layer), ("target", shape_b, target, layer_b or layer)):
         if len(shape) != 4:
-            raise FeatureFileError(f"{name} features /{split}/{source if name == 'source' else target}/{layer} "
-                                   f"have shape {tuple(shape)}; a Trans-Net needs (N, C, H, W) conv features")
-    if tuple(shape_a[2:]) != tuple(shape_b[2:]):
+            raise FeatureFileError(f"{name} features /{split}/{net}/{at} have shape {tuple(shape)}; a Trans-Net "
+                                   f"needs (N, C, H, W) conv features")
+    if tuple(shape_a[2:]) != tuple(shape_b[2:]) and not spatial:
+        where = f"layer {layer!r}" if not layer_b else f"layers {layer!r} -> {layer_b!r}"
+        hint = "; give --spatial pool|interpolate to resize the source" if layer_b else ", so both must match"
         raise FeatureFileError(f"source {source!r} maps are {shape_a[2]}x{shape_a[3]} but target {target!r} maps "
-                               f"are {shape_b[2]}x{shape_b[3]} at layer {layer!r}; a Trans-Net keeps the spatial "
-                               f"size, so both must match")
+                               f"are {shape_b[2]}x{shape_b[3]} at {where}; a Trans-Net keeps the spatial "
+                               f"size{hint}")
+    plan = spatial_plan(shape_a[2:], shape_b[2:], spatial, f"{source} at {layer} -> {target} at {layer_b or layer}")
     return PairInfo(fa, fb, split, source, target, layer, int(shape_a[0]), tuple(int(v) for v in shape_a[1:]),
                     tuple(int(v) for v in shape_b[1:]), str(np.dtype(dtype_a)), str(np.dtype(dtype_b)),
-                    prov_a, prov_b)
+                    prov_a, prov_b, layer_b, spatial if plan else "")
 
 
 def _check_rows(ds: h5py.Dataset, index: np.ndarray) -> None:
@@ -138,7 +173,7 @@ def _open_both(info: PairInfo) -> tuple[list[h5py.File], h5py.Dataset, h5py.Data
     fa = open_features(info.features)
     fb = fa if info.target_features == info.features else open_features(info.target_features)
     ds_a = get_features(fa, info.split, info.source, info.layer)
-    ds_b = get_features(fb, info.split, info.target, info.layer)
+    ds_b = get_features(fb, info.split, info.target, info.layer_b)
     files = [fa] if fb is fa else [fa, fb]
     return files, ds_a, ds_b
 
@@ -193,7 +228,15 @@ def load_arrays(info: PairInfo, device: torch.device | None = None, pin: bool = 
         for which, ds in (("a", ds_a), ("b", ds_b)):
             dt = _TORCH_DTYPES[np.dtype(ds.dtype)]
             on_dev = device is not None and device.type != "cpu"
-            if on_dev:
+            if which == "a" and info.spatial:            # resized block by block to the target's H x W
+                dst = torch.empty((info.n,) + info.held_shape_a, dtype=dt, device=device if on_dev else None,
+                                  pin_memory=pin and not on_dev)
+                for s in range(0, info.n, block_rows):
+                    e = min(info.n, s + block_rows)
+                    blk = torch.empty((e - s,) + ds.shape[1:], dtype=dt)
+                    _read_into(ds, blk, s, e)
+                    dst[s:e].copy_(info.resize_a(blk))
+            elif on_dev:
                 dst = torch.empty((info.n,) + ds.shape[1:], dtype=dt, device=device)
                 stage = torch.empty((min(block_rows, info.n),) + ds.shape[1:], dtype=dt, pin_memory=True)
                 for s in range(0, info.n, block_rows):
@@ -362,6 +405,7 @@ class BlockPairs:
                     else:                                   # the same reads, the rows of other sources dropped
                         ta = torch.cat([self._read(ds_a, s, e) for s, e in win])
                         tb = torch.cat([self._read(ds_b, s, e) for s, e in win])
+                    ta = self.info.resize_a(ta)              # (rows, C_A, H_B, W_B) when resized
                     if g is not None:                       # shuffle rows within the window
                         p = torch.randperm(rows, generator=g)
                         ta, tb = ta[p], tb[p]
@@ -423,7 +467,7 @@ class BlockPairs:
         files, ds_a, _ = _open_both(self.info)
         try:
             for s in range(0, self.info.n, rows):
-                yield self._read(ds_a, s, min(self.info.n, s + rows))
+                yield self.info.resize_a(self._read(ds_a, s, min(self.info.n, s + rows)))
         finally:
             for f in files:
                 f.close()

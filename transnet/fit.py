@@ -24,6 +24,11 @@ the paper-faithful choice, with TF32 off; ``tf32`` and ``bf16`` (autocast) are f
 every choice computes in float32; ``metrics.json`` records ``precision`` and
 ``precision_effective``.
 
+Cross-layer fits (``transnet/spatial.py``): ``--target_layer L2`` reads the target at another layer
+than ``--layer`` (the source's); maps of different sizes need ``--spatial pool|interpolate``, which
+resizes the source to the target's H x W. Reports then carry ``source_layer``, ``target_layer`` and
+the convention; same-layer fits write what they always wrote.
+
 Validation rows and convergence (``transnet/convergence.py``): ``--val_fraction`` of the training
 rows (seeded) are held out of the fit; ``val_loss`` is logged every epoch and ``metrics.json`` gets a
 ``convergence`` verdict. ``--epochs auto`` stops on a plateau of ``val_loss`` (``--patience``, at most
@@ -83,6 +88,7 @@ from transnet.data import (
     target_variance,
 )
 from transnet.model import INPUT_NORMS, STD_CORRECTIONS, TransNet, TransNetConfig, n_parameters
+from transnet.spatial import check_spatial_name
 from transnet.variance import constant_warning, variance_report
 
 FIT_SCHEDULES = ("geometric", "cosine", "constant")
@@ -100,7 +106,10 @@ class FitConfig:
     features: str = ""                  # kc-features file with the source (and target) features
     source: str = ""                    # net A (input)
     target: str = ""                    # net B (reconstructed)
-    layer: str = ""                     # module path, e.g. features.30
+    layer: str = ""                     # module path, e.g. features.30 (the source's; the target's too by default)
+    target_layer: str = ""              # the target's layer when it is another (a cross-layer fit); "" = layer
+    spatial: str = ""                   # pool | interpolate: resize the source to the target's H x W; "": refuse
+                                        # maps of different sizes (transnet/spatial.py)
     target_features: str | None = None  # a second file for the target (must hold the same rows)
     train_split: str = "train"
     train_rows: int = 0                 # fit on the first N rows of the training split (0: all of them)
@@ -135,7 +144,10 @@ class FitConfig:
     allow_changed_checkpoints: bool = False   # use features whose checkpoint changed since extraction
 
     def __post_init__(self) -> None:
-        """``epochs`` from the command line or a study file ("25", 25 or "auto") as an int or "auto"."""
+        """``epochs`` from the command line or a study file ("25", 25 or "auto") as an int or "auto";
+        ``target_layer`` equal to ``layer`` as "" (one spelling of a same-layer fit)."""
+        if self.target_layer == self.layer:          # the same layer: a same-layer fit, recorded as one
+            object.__setattr__(self, "target_layer", "")
         e = self.epochs
         if isinstance(e, str) and e != AUTO:
             try:
@@ -196,6 +208,7 @@ def validate(cfg: FitConfig) -> list[float]:
     for name, valid in checks:
         if getattr(cfg, name) not in valid:
             raise UserError(f"unknown --{name} {getattr(cfg, name)!r}; valid: {', '.join(valid)}")
+    check_spatial_name(cfg.spatial)
     if cfg.orders < 0:
         raise UserError(f"--orders must be >= 0, got {cfg.orders}")
     if cfg.kernel < 1 or cfg.kernel % 2 == 0:
@@ -312,6 +325,7 @@ def _report(model: TransNet, src, info: PairInfo, batch_size: int, device: torch
             warning: str | None) -> dict[str, Any]:
     rep = variance_report(model, src.sequential(batch_size), device=device, split=info.split,
                           source=info.source, target=info.target, layer=info.layer)
+    rep.update(info.layer_record())
     rep["held_out"] = held_out
     return add_warning(rep, warning, first=True)
 
@@ -325,6 +339,8 @@ def _checkpoint(model: TransNet, cfg: FitConfig, alphas: list[float], infos: dic
         "dataset": root.get("dataset"), "transform": root.get("transform"), "epoch": epoch, "metrics": metrics,
         "config": asdict(cfg), "model_args": model_args(model), "alphas": alphas,
         "source": train.source, "target": train.target, "layer": train.layer,
+        **({"target_layer": train.target_layer, "spatial": train.spatial} if train.target_layer or train.spatial
+           else {}),
         "features": str(Path(train.features).resolve()),
         "target_features": str(Path(train.target_features).resolve()),
         "feature_provenance": {split: {"source": i.provenance_a, "target": i.provenance_b}
@@ -394,13 +410,13 @@ def open_splits(cfg: FitConfig) -> dict[str, PairInfo]:
     """The checked training split (its first ``train_rows`` rows when given) and, unless ``eval_split``
     is ``none``, the split of the report, as ``{"train": ..., "eval": ...}``."""
     train_info = open_pair(cfg.features, cfg.source, cfg.target, cfg.layer, cfg.train_split, cfg.target_features,
-                           cfg.allow_changed_checkpoints)
+                           cfg.allow_changed_checkpoints, cfg.target_layer, cfg.spatial)
     if 0 < cfg.train_rows < train_info.n:     # the first rows: a fixed, reproducible subset
         train_info = replace(train_info, n=cfg.train_rows)
     infos = {"train": train_info}
     if cfg.eval_split != NO_EVAL:
         eval_info = open_pair(cfg.features, cfg.source, cfg.target, cfg.layer, cfg.eval_split, cfg.target_features,
-                              cfg.allow_changed_checkpoints)
+                              cfg.allow_changed_checkpoints, cfg.target_layer, cfg.spatial)
         if (eval_info.shape_a, eval_info.shape_b) != (train_info.shape_a, train_info.shape_b):
             raise UserError(f"split {cfg.eval_split!r} has feature shapes {eval_info.shape_a} -> {eval_info.shape_b} "
                             f"but split {cfg.train_split!r} has {train_info.shape_a} -> {train_info.shape_b}")
@@ -603,7 +619,8 @@ def checkpoint_path(run_dir_or_ckpt: str | os.PathLike) -> Path:
 def load_transnet(run_dir_or_ckpt: str | os.PathLike, map_location: str | torch.device = "cpu"
                   ) -> tuple[TransNet, dict[str, Any]]:
     """A fitted Trans-Net (eval mode, CPU unless ``map_location``) and its info: source, target, layer,
-    features, target_features, config, epoch, metrics, norm_stats, feature_provenance, alphas, path."""
+    target_layer and spatial (None unless a cross-layer or resized fit), features, target_features,
+    config, epoch, metrics, norm_stats, feature_provenance, alphas, path."""
     path = checkpoint_path(run_dir_or_ckpt)
     ck = load_checkpoint(path, map_location=map_location)
     if ck.get("kind") != "transnet" or "model_args" not in ck:
@@ -614,7 +631,8 @@ def load_transnet(run_dir_or_ckpt: str | os.PathLike, map_location: str | torch.
         raise UserError(f"{path}: {e}") from None
     model.load_state_dict(ck["state_dict"])
     model.to(map_location).eval()
-    info = {k: ck.get(k) for k in ("source", "target", "layer", "features", "target_features", "config", "epoch",
+    info = {k: ck.get(k) for k in ("source", "target", "layer", "target_layer", "spatial", "features",
+                                   "target_features", "config", "epoch",
                                    "metrics", "norm_stats", "feature_provenance", "alphas", "dataset", "transform",
                                    "imported")}
     info["path"] = str(path)

@@ -7,12 +7,20 @@ from common.ranges import positive_int_or
 from transnet.data import DATA_ON
 from transnet.fit import FIT_SCHEDULES, LOSS_SCALES
 from transnet.model import INPUT_NORMS, STD_CORRECTIONS
+from transnet.spatial import SPATIAL
 
 FIT_HELP = {
     "features": "kc-features file with the source (and target) features",
     "source": "net A: the input of the Trans-Net (a net name in the file)",
     "target": "net B: the features to reconstruct",
-    "layer": "layer (module path) in the file, e.g. features.30",
+    "layer": "layer (module path) in the file, e.g. features.30: the source's, and the target's unless "
+             "--target_layer",
+    "target_layer": "the target's layer when it is another than --layer (a cross-layer Trans-Net, e.g. "
+                    "features.20 -> features.30; source and target may be one net); empty: --layer",
+    "spatial": "source and target maps of different H x W (cross-layer pairs): pool = adaptive average pooling "
+               "of the source down to the target's size (needs a source at least as large), interpolate = "
+               "bilinear resampling (align_corners=False) of the source to the target's size; the target is "
+               "never resized. Empty (default): such pairs are refused. Unused when the sizes agree",
     "target_features": "a second kc-features file for the target (same rows required)",
     "allow_changed_checkpoints": "use stored features even when their checkpoint file changed since extraction "
                                  "(refused by default: the sha256 recorded in the feature file must match)",
@@ -59,7 +67,8 @@ FIT_HELP = {
 
 # Choices of the fit options (fit-transnet and consistency).
 FIT_CHOICES = {"input_norm": list(INPUT_NORMS), "schedule": list(FIT_SCHEDULES), "loss_scale": list(LOSS_SCALES),
-               "data_on": list(DATA_ON), "precision": list(PRECISIONS), "std_correction": list(STD_CORRECTIONS)}
+               "data_on": list(DATA_ON), "precision": list(PRECISIONS), "std_correction": list(STD_CORRECTIONS),
+               "spatial": list(SPATIAL)}
 
 # Types of the fit options whose range is not the one their name has in common.ranges.OPTION_TYPES.
 FIT_TYPES = {"epochs": positive_int_or("auto")}

@@ -40,7 +40,8 @@ def run_variance(transnet_dir: str | Path, features: str | None = None, split: s
     src_name, tgt_name = source or info["source"], target or info["target"]
     check_transnet_features(info, feats, split, source=src_name, target=tgt_name, target_features=tfeats,
                             allow=allow_other_checkpoints)
-    pair = open_pair(feats, src_name, tgt_name, info["layer"], split, tfeats)
+    pair = open_pair(feats, src_name, tgt_name, info["layer"], split, tfeats,
+                     target_layer=info.get("target_layer") or "", spatial=info.get("spatial") or "")
     if (pair.shape_a[0], pair.shape_b[0]) != (model.channels, model.out_channels):
         raise UserError(f"{pair.dataset_path('a')} -> {pair.dataset_path('b')} has {pair.shape_a[0]} -> "
                         f"{pair.shape_b[0]} channels; the Trans-Net maps {model.channels} -> {model.out_channels}")
@@ -50,6 +51,7 @@ def run_variance(transnet_dir: str | Path, features: str | None = None, split: s
     model = model.to(dev)
     rep = variance_report(model, src.sequential(batch_size), device=dev, split=split, source=pair.source,
                           target=pair.target, layer=pair.layer)
+    rep.update(pair.layer_record())
     train_split = (info.get("config") or {}).get("train_split", "train")
     rep["held_out"] = split != train_split
     if not rep["held_out"]:
