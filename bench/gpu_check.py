@@ -17,6 +17,7 @@ Steps, in order (later steps are reported as skipped when the budget is spent):
    1 / (1 + 0.09) = 0.92). ``fits-agree`` then requires the three held-out R² within :data:`R2_SPREAD`.
 3. ``demo-study``: ``cli.py study studies/demo.yaml`` (``--tiny``: a shrunken copy of it), alone.
 4. ``bench-transnet`` (CUB size of vgg16_bn ``features.30``: 5,994 x 512x28x28, bf16),
+   ``bench-group-fit`` (the demo's 12 Trans-Nets of 64 x 4x4, 25 epochs: separate vs together),
    ``bench-extract`` (a vgg16_bn pair to ``features.30`` at 224 px, bf16, channels_last, float16 file),
    ``bench-train`` (resnet18 at 224 px, Animal-MNIST resized, batch 128): their JSON files.
 
@@ -115,10 +116,10 @@ def write_planted(path: Path, n_train: int, n_test: int, channels: int, hw: int,
 
     sys.path.insert(0, str(ROOT))
     from features.store import create_features, init_root, init_split, mark_complete
-    from transnet.model import TransNet
+    from transnet.model import TransNet, TransNetConfig
 
     torch.manual_seed(seed)
-    teacher = TransNet(channels, 2, 3, "instance").eval()
+    teacher = TransNet(TransNetConfig(channels, 2, 3, "instance")).eval()
     teacher.set_gates([0.8, 0.8])
     g = torch.Generator().manual_seed(seed + 1)
     scale = 0.5 + 1.5 * torch.rand(1, channels, 1, 1, generator=g)
@@ -195,6 +196,17 @@ def transnet_key(js: Path) -> Callable[[str], str]:
     return key
 
 
+def group_fit_key(js: Path) -> Callable[[str], str]:
+    def key(_log: str) -> str:
+        r = _json(js)
+        if not r:
+            return "no group_fit.json"
+        return (f"{r['pairs']} fits of {r['channels']}x{r['size']}x{r['size']}, {r['epochs']} epochs: together "
+                f"{r['together_s']:.1f} s vs separate {r['separate_s']:.1f} s (x{r['speedup']:.1f}), grouped step "
+                f"alone {r['ceiling_s']:.1f} s, peak GPU {_mib(r.get('peak_gpu_memory_mb'))}")
+    return key
+
+
 def extract_key(js: Path) -> Callable[[str], str]:
     def key(_log: str) -> str:
         runs = _json(js).get("runs", {})
@@ -213,8 +225,8 @@ def train_key(js: Path) -> Callable[[str], str]:
         r = _json(js)
         if not r:
             return "no train_throughput.json"
-        return (f"loop/pure {r['ratio']:.2f}: {r['loop_images_per_s']:.0f} vs {r['pure_images_per_s']:.0f} img/s, "
-                f"peak GPU {_mib(r.get('peak_gpu_memory_mb'))}")
+        return (f"loop/pure {r['ratio']:.2f} (data on {r.get('data_on')}): {r['loop_images_per_s']:.0f} vs "
+                f"{r['pure_images_per_s']:.0f} img/s, peak GPU {_mib(r.get('peak_gpu_memory_mb'))}")
     return key
 
 
@@ -264,6 +276,9 @@ def build_steps(args, folder: Path, scratch: Path) -> list[Step]:
                         "--workers", "8"])
     steps.append(Step("bench-transnet", [py, "bench/transnet.py", "--device", dev, *tn, "--out",
                                          str(folder / "transnet.json")], 150, transnet_key(folder / "transnet.json")))
+    gf = ["--pairs", "2", "--epochs", "1", "--n", "128", "--n_test", "32"] if tiny else []
+    steps.append(Step("bench-group-fit", [py, "bench/group_fit.py", "--device", dev, *gf, "--out",
+                                          str(folder / "group_fit.json")], 120, group_fit_key(folder / "group_fit.json")))
     ex = (["--arch", "vgg_tiny", "--layer", "features.8", "--image_size", "32", "--n", "64", "--batch_size", "32",
            "--repeats", "1"] if tiny else
           ["--image_size", "224", "--n", "4096", "--batch_size", "256", "--repeats", "2", "--channels_last",

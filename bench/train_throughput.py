@@ -3,7 +3,10 @@
 (a) pure compute: forward + backward + optimiser step of the model on one device-resident batch,
     repeated (no data loading, no logging);
 (b) the loop: ``training.loop.train`` for one epoch over the real data set (loading, transforms,
-    host->device copies, loss bookkeeping, progress, checkpoint), timed by the loop itself.
+    host->device copies, loss bookkeeping, progress, checkpoint), timed by the loop itself, with the
+    images where ``--data_on`` says: ``loader`` (a DataLoader decoding on the CPU), ``device`` (the
+    uint8 cache of ``training/device_data.py`` held on the device and augmented there) or ``auto``
+    (the training command's rule).
 Prints (b) / (a) and writes ``bench/results/train_throughput.json``.
 
     python bench/train_throughput.py                          # CPU default: vgg_small, animal-mnist, 32 px
@@ -27,8 +30,9 @@ from torch.utils.data import Subset  # noqa: E402
 from common.device import autocast, use_device  # noqa: E402
 from common.provenance import provenance  # noqa: E402
 from common.rundir import RunDir  # noqa: E402
-from training.data import build_dataset, maybe_cache  # noqa: E402
+from training.data import build_dataset, maybe_cache, transform_spec  # noqa: E402
 from training.datasets import DataSpec  # noqa: E402
+from training.device_data import DATA_ON, DeviceLoader, cached_images, choose_data_on, estimated_bytes  # noqa: E402
 from training.loop import TrainConfig, train  # noqa: E402
 from training.models import build_model  # noqa: E402
 
@@ -72,6 +76,8 @@ def main() -> None:
     p.add_argument("--n", type=int, default=4096, help="training images in the timed epoch")
     p.add_argument("--num_workers", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--data_on", default="auto", choices=DATA_ON,
+                   help="the images: loader (CPU DataLoader), device (uint8 cache on the device), auto")
     p.add_argument("--warm_cache", action=argparse.BooleanOptionalAction, default=True,
                    help="time a steady-state epoch (deterministic transforms are cached after epoch 1)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_throughput.json"))
@@ -81,22 +87,32 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     spec = DataSpec(args.dataset, args.data_root, args.transform, args.image_size)
-    train_set = maybe_cache(build_dataset(spec, "train"), spec, True, args.num_workers)
-    train_set = Subset(train_set, range(min(args.n, len(train_set))))
-    test_set = Subset(build_dataset(spec, "test"), range(256))
-    classes = build_dataset(spec, "test").num_classes
-    x0 = train_set[0][0]
+    tspec = transform_spec(spec)
+    raw_train, raw_test = build_dataset(spec, "train"), build_dataset(spec, "test")
+    n = min(args.n, len(raw_train))
+    where = choose_data_on(args.data_on, estimated_bytes(n + 256, tspec), device)
+    classes = raw_test.num_classes
+    if where == "device":
+        (tr, tr_aug), (te, te_aug) = (cached_images(d, spec, tspec, t) for d, t in ((raw_train, True), (raw_test, False)))
+        train_set = DeviceLoader(tr[:n], raw_train.labels[:n], tr_aug, tspec, args.batch_size, device, shuffle=True,
+                                 drop_last=n > args.batch_size)
+        test_set = DeviceLoader(te[:256], raw_test.labels[:256], te_aug, tspec, 256, device)
+        x0 = next(iter(test_set))[0][0]
+    else:
+        train_set = Subset(maybe_cache(raw_train, spec, True, args.num_workers), range(n))
+        test_set = Subset(raw_test, range(256))
+        x0 = train_set[0][0]
     cfg = TrainConfig(epochs=1, batch_size=args.batch_size, lr=0.01, device=str(device),
                       num_workers=args.num_workers, schedule="constant")
 
     torch.manual_seed(0)
     model = build_model(args.arch, classes, x0.shape[0], args.image_size).to(device)
-    steps = max(5, min(50, len(train_set) // args.batch_size))
+    steps = max(5, min(50, n // args.batch_size))
     pure = pure_compute(model, torch.empty(args.batch_size, *x0.shape), classes, device, cfg, steps)
 
     torch.manual_seed(0)
     model = build_model(args.arch, classes, x0.shape[0], args.image_size)
-    if args.warm_cache:  # what every epoch after the first sees with a deterministic transform
+    if args.warm_cache and where == "loader":  # what every epoch after the first sees with a deterministic transform
         for i in range(len(train_set)):
             train_set[i]
     with tempfile.TemporaryDirectory() as tmp, RunDir(Path(tmp) / "run") as run:
@@ -104,7 +120,7 @@ def main() -> None:
                     "dataset": {}, "transform": {}, "config": {}})
     loop = res.history[-1]["train_images_per_s"]
     out = {"bench": "train_throughput", "arch": args.arch, "dataset": args.dataset, "image_size": args.image_size,
-           "batch_size": args.batch_size, "n_images": len(train_set), "warm_cache": args.warm_cache, "num_workers": args.num_workers,
+           "batch_size": args.batch_size, "n_images": n, "data_on": where, "warm_cache": args.warm_cache, "num_workers": args.num_workers,
            "pure_images_per_s": pure, "loop_images_per_s": loop, "ratio": loop / pure,
            "overhead_percent": 100 * (pure / loop - 1), "threads": torch.get_num_threads(),
            # peak GPU memory of both measurements, MiB (None on the CPU)
@@ -112,7 +128,7 @@ def main() -> None:
            "provenance": provenance(device)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
-    print(f"{args.arch} @ {args.image_size}px on {device}: pure compute {pure:.0f} img/s, loop {loop:.0f} img/s, "
+    print(f"{args.arch} @ {args.image_size}px on {device} (data on {where}): pure compute {pure:.0f} img/s, loop {loop:.0f} img/s, "
           f"ratio {loop / pure:.3f} (overhead {out['overhead_percent']:.1f}%)"
           + (f", peak GPU memory {out['peak_gpu_memory_mb']:.0f} MiB" if out["peak_gpu_memory_mb"] is not None else "")
           + f" -> {args.out}")
