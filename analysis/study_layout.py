@@ -3,7 +3,8 @@
 
     STUDY/study.json                         what was compared (written by the study runner: name,
                                              description, data, members, extract, transnet, pairs,
-                                             baselines, diagnose; any other keys are shown as given)
+                                             pair_layers, baselines, layer_matrix, diagnose; any other
+                                             keys are shown as given)
     STUDY/state.json                         stage keys, status and times (the runner's cache)
     STUDY/aliases.json                       member -> member trained with the same recipe (trained
                                              once, its run directory reused), e.g. ban_g0 -> seed0
