@@ -345,11 +345,16 @@ def _check_layer_matrix(p: Problems, raw: Any, split: Any, splits: tuple[str, ..
         p.append(f"{where}.nets must list entries of one member (its layers with each other) or two (A's layers "
                  f"against B's), e.g. [[seed0, seed5], [seed0]]; got {nets!r}")
         nets = []
+    seen: set[tuple[str, str]] = set()
     for i, entry in enumerate(nets):
         entry = [entry] if isinstance(entry, str) else entry
         if not isinstance(entry, list) or not 1 <= len(entry) <= 2:
             p.append(f"{where}.nets[{i}] must be one member name or a list of one or two, got {entry!r}")
             continue
+        pair = (str(entry[0]), str(entry[-1]))        # [A] and [A, A] are one matrix: A's layers with each other
+        if pair in seen:
+            p.append(f"{where}.nets[{i}] {entry!r} repeats an earlier entry (each matrix once)")
+        seen.add(pair)
         unknown = [n for n in entry if n not in names]
         if unknown:
             p.append(f"{where}.nets[{i}] names unknown member(s) {', '.join(map(repr, unknown))}; members: "

@@ -70,6 +70,8 @@ BAD = [
      "baselines.layer_matrix.nets[0] names unknown member(s) 'seed9'; members: seed0, seed1"),
     ("layer_matrix", "nets", ["seed0", ["seed0", "seed1", "seed1"]],
      "baselines.layer_matrix.nets[1] must be one member name or a list of one or two"),
+    ("layer_matrix", "nets", [["seed0"], ["seed1", "seed0"], ["seed0", "seed0"]],
+     "baselines.layer_matrix.nets[2] ['seed0', 'seed0'] repeats an earlier entry"),
     ("layer_matrix", "nets", [], "baselines.layer_matrix.nets must list entries of one member"),
     ("layer_matrix", "colour", "red",
      "baselines.layer_matrix: unknown key(s) 'colour'; valid: layers, nets, metrics, split, permutations"),
