@@ -26,6 +26,7 @@ from analysis.bootstrap import REPLICATES
 from analysis.consistency import natural_key, net_matrix
 from analysis.convergence import loss_series, verdict_of
 from analysis.document import Block, render_html, render_markdown
+from analysis.layer_plots import layer_heatmap
 from analysis.readings import (
     agreement_points,
     agreement_readings,
@@ -99,6 +100,14 @@ def study_figures(st: StudyFolder, out_dir: str | os.PathLike | None = None) -> 
                 figs[f"agreement_cka_{tag}"] = plots.agreement_scatter(
                     pts, out / f"agreement_cka_{tag}", "linear CKA", "Trans-Net R² (mean of both directions)",
                     f"CKA vs knowledge consistency at {layer}")
+    for lm in st.layer_matrices:
+        lay = lm["layers"]
+        for metric, body in lay.get("metrics", {}).items():
+            key = layer_figure_key(metric, lay)
+            direction = "distance" if similarity_kind(metric, body) == "distance" else "similarity"
+            figs[key] = layer_heatmap(body["matrix"], lay["names"], out / key, metric=metric, direction=direction,
+                                      row_net=lay["row_net"], column_net=lay["column_net"],
+                                      refused=body.get("refused") or [])
     for fam, layers in study_generations(st).items():
         for layer, rows in layers.items():
             tag = _slug(f"{fam}_{layer}" if layer else fam)
@@ -110,6 +119,11 @@ def study_figures(st: StudyFolder, out_dir: str | os.PathLike | None = None) -> 
             figs[f"training_{_slug(fam['name'])}"] = plots.training_curves(hist, out / f"training_{_slug(fam['name'])}",
                                                                             f"Training curves: {fam['name']}")
     return figs
+
+
+def layer_figure_key(metric: str, lay: Mapping[str, Any]) -> str:
+    """The figure key (and file stem) of one metric's layer x layer heatmap: ``layers_<metric>_<A>__<B>``."""
+    return f"layers_{_slug(metric)}_{_slug(lay['row_net'])}__{_slug(lay['column_net'])}"
 
 
 def mostly_empty(rows: Sequence[Mapping[str, Any]], nets: Sequence[str]) -> bool:
@@ -212,6 +226,7 @@ def build_document(st: StudyFolder, figs: Mapping[str, list[Path]]) -> list[Bloc
     doc += generations_section(st, figs)
     for layer, s in st.similarity.items():
         doc += similarity_section(st, layer, s, figs)
+    doc += layer_matrix_section(st, figs)
     for layer, diags in st.diagnosis.items():
         doc += diagnosis_section(layer, diags)
     doc += training_section(figs)
@@ -343,15 +358,45 @@ def similarity_section(st: StudyFolder, layer: str, s: Mapping[str, Any], figs: 
         doc += [("p", f"Warning: {w}") for w in body.get("warnings", []) or []]
         if f"similarity_{metric}_{tag}" in figs:
             doc.append(("fig", figs[f"similarity_{metric}_{tag}"][0], f"{metric} matrix."))
-    for png in sorted(Path(s["dir"]).glob("**/layers*.png")) if s.get("dir") else []:
-        doc.append(("fig", png, f"Layer x layer similarity ({png.stem}): every layer of one net against every "
-                                f"layer of the other (or of the same net)."))
     if layer in st.consistency and "cka" in s.get("metrics", {}):
         pts = agreement_points(st.consistency[layer]["rows"], s, "cka")
         doc.append(("ul", agreement_readings(pts, "cka")))
         if f"agreement_cka_{tag}" in figs:
             doc.append(("fig", figs[f"agreement_cka_{tag}"][0], "One point per pair of nets: CKA against the "
                                                                   "mean held-out R² of the two Trans-Nets."))
+    return doc
+
+
+def layer_matrix_section(st: StudyFolder, figs: Mapping[str, list[Path]]) -> list[Block]:
+    """Every layer x layer run (``similarity --layers``): per metric its heatmap, captioned with the metric,
+    split, nets and convention, and its values as a table."""
+    if not st.layer_matrices:
+        return []
+    doc: list[Block] = [("h", 2, "Layer x layer similarity"),
+                        ("p", "Each matrix compares every listed layer of the row net with every listed layer of the "
+                              "column net (or of the same net) on the same images: rows are the row net's layers, "
+                              "columns the column net's; in the heatmaps the first layer is at the bottom left and the "
+                              "colour scale spans the computed cells (its bar gives the range).")]
+    for lm in st.layer_matrices:
+        lay = lm["layers"]
+        a, b = lay["row_net"], lay["column_net"]
+        doc.append(("h", 3, f"{a} against itself" if a == b else f"{a} (rows) against {b} (columns)"))
+        for metric, body in lay.get("metrics", {}).items():
+            kind = "distance (0 = alike)" if similarity_kind(metric, body) == "distance" else "similarity (1 = alike)"
+            cap = (f"{metric}, layer x layer: {a}'s layers (rows) against {b}'s (columns) on the {lm.get('split')} "
+                   f"split ({lm.get('n_samples')} images); a {kind}"
+                   + (f"; convention: {body['convention']}" if body.get("convention") else "") + ".")
+            if body.get("null_mean") is not None:
+                cap += f" Permutation null (shuffled pairing of samples): mean {_fmt_null(body['null_mean'])}."
+            key = layer_figure_key(metric, lay)
+            if key in figs:
+                doc.append(("fig", figs[key][0], cap))
+            else:
+                doc.append(("p", cap))
+            doc.append(("table", *matrix_table(body["matrix"], lay["names"], f"{a} \\ {b}")))
+            if body.get("refused"):
+                doc.append(("p", "Blank cells were refused before computing: " + "; ".join(
+                    sorted({str(r.get("reason", "")) for r in body["refused"] if isinstance(r, Mapping)})) + "."))
     return doc
 
 
@@ -430,6 +475,11 @@ def provenance_items(st: StudyFolder) -> list[str]:
     for layer, s in st.similarity.items():
         items.append(f"similarity at {layer}: {Path(s['dir']).relative_to(st.root) if s.get('dir') else ''} "
                      f"(split {s.get('split')})")
+    for lm in st.layer_matrices:
+        where = Path(lm["dir"])
+        where = where.relative_to(st.root) if where.is_relative_to(st.root) else where
+        items.append(f"layer x layer {lm['layers']['row_net']} / {lm['layers']['column_net']}: {where} "
+                     f"(split {lm.get('split')})")
     for fam in st.families:
         items.append(f"family {fam['name']}: {fam['family']}, {len(fam['members'])} member(s), manifest "
                      f"{Path(fam['dir']).relative_to(st.root) / 'family.json'}")

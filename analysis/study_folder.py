@@ -1,6 +1,6 @@
 """Reading a study folder: whatever parts of it exist (study.json, family manifests and their run
-directories, features.h5, consistency, similarity and diagnosis results), with missing or broken
-parts listed rather than fatal.
+directories, features.h5, consistency, similarity, layer x layer and diagnosis results), with missing
+or broken parts listed rather than fatal.
 
 The layout of a study folder is in ``analysis/study_layout.py`` (its one owner, shared with the
 writer, ``studies/runner.py``).
@@ -20,6 +20,7 @@ from analysis.study_layout import (
     DIAGNOSIS,
     FAMILIES,
     FEATURES,
+    LAYER_MATRIX,
     SIMILARITY,
     STUDY_FILE,
     STUDY_PARTS,
@@ -38,6 +39,7 @@ class StudyFolder:
     features: dict[str, Any] | None = None
     consistency: dict[str, dict[str, Any]] = field(default_factory=dict)
     similarity: dict[str, dict[str, Any]] = field(default_factory=dict)
+    layer_matrices: list[dict[str, Any]] = field(default_factory=list)   # similarity.json bodies with "layers"
     diagnosis: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -157,8 +159,9 @@ def read_study_folder(root: str | os.PathLike) -> StudyFolder:
     for d in sorted((root / CONSISTENCY).glob("*")) if (root / CONSISTENCY).is_dir() else []:
         if d.is_dir():
             add_consistency(st, d)
-    for p in sorted((root / SIMILARITY).glob("*/similarity.json")) if (root / SIMILARITY).is_dir() else []:
-        add_similarity(st, p)
+    for part in (SIMILARITY, LAYER_MATRIX):
+        for p in sorted((root / part).glob("*/similarity.json")) if (root / part).is_dir() else []:
+            add_similarity(st, p)
     diag_root = root / DIAGNOSIS
     found = sorted(diag_root.glob("*/diagnosis.json")) + sorted(diag_root.glob("*/*/diagnosis.json"))
     for p in found if diag_root.is_dir() else []:
@@ -194,12 +197,17 @@ def add_consistency(st: StudyFolder, d: Path) -> None:
 
 
 def add_similarity(st: StudyFolder, p: Path) -> None:
+    """A ``similarity.json``: one layer's net x net matrices into ``st.similarity``, a layer x layer run
+    (``similarity --layers``: a ``layers`` key) into ``st.layer_matrices``."""
     try:
         body = read_json(p)
     except UserError as e:
         st.warnings.append(str(e))
         return
-    st.similarity[body.get("layer") or p.parent.name] = {**body, "dir": str(p.parent)}
+    if isinstance(body.get("layers"), dict):
+        st.layer_matrices.append({**body, "dir": str(p.parent)})
+    else:
+        st.similarity[body.get("layer") or p.parent.name] = {**body, "dir": str(p.parent)}
 
 
 def add_diagnosis(st: StudyFolder, p: Path, fallback_layer: str) -> None:
@@ -242,7 +250,7 @@ def read_results_folder(root: Path) -> StudyFolder:
         nets = sorted({r["source"] for r in rows} | {r["target"] for r in rows}, key=natural_key)
         st.consistency.setdefault(layer, {"dir": str(root), "rows": rows, "matrices": None, "nets": nets,
                                           "config": {}, "histories": fit_details(root, rows, st.warnings)})
-    if not (st.consistency or st.similarity or st.diagnosis or st.families):
+    if not (st.consistency or st.similarity or st.layer_matrices or st.diagnosis or st.families):
         raise UserError(f"{root} holds no results: no study folder parts ({', '.join(STUDY_PARTS)}; layout in "
                         f"analysis/study_layout.py) and, anywhere below it, no consistency folder (table.json), "
                         f"similarity.json, diagnosis.json, family.json or fit-transnet run (transnet.pt + "

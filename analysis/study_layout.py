@@ -3,7 +3,8 @@
 
     STUDY/study.json                         what was compared (written by the study runner: name,
                                              description, data, members, extract, transnet, pairs,
-                                             baselines, diagnose; any other keys are shown as given)
+                                             pair_layers, baselines, layer_matrix, diagnose; any other
+                                             keys are shown as given)
     STUDY/state.json                         stage keys, status and times (the runner's cache)
     STUDY/aliases.json                       member -> member trained with the same recipe (trained
                                              once, its run directory reused), e.g. ban_g0 -> seed0
@@ -14,6 +15,10 @@
     STUDY/consistency/<layer>/               ``python cli.py consistency`` folders: table.json,
                                              table.csv, matrices.json, config.json, pairs/<A>__<B>/
     STUDY/similarity/<layer>/similarity.json ``python cli.py similarity`` output
+    STUDY/layer_matrix/<A>__<B>/             ``python cli.py similarity --layers ... --nets A,B`` output
+                                             (similarity.json with a ``layers`` key, layers_<metric>.png/.svg,
+                                             config.json), one folder per entry of baselines.layer_matrix.nets;
+                                             one net against itself is <A>__<A>
     STUDY/diagnosis/<layer>/                 ``python cli.py diagnose`` folders (diagnosis.json, figures/),
                                              one per layer, or several as diagnosis/<layer>/<A>__<B>/
     STUDY/figures/                           figures made by the report / ``visualize`` (PNG + SVG)
@@ -31,11 +36,12 @@ FEATURES = "features.h5"
 CONSISTENCY = "consistency"
 SIMILARITY = "similarity"
 DIAGNOSIS = "diagnosis"
+LAYER_MATRIX = "layer_matrix"
 FIGURES = "figures"
 REPORT_HTML = "report.html"
 REPORT_MD = "report.md"
 # What makes a folder a study folder (any one of them).
-STUDY_PARTS = (STUDY_FILE, STATE_FILE, FAMILIES, FEATURES, CONSISTENCY, SIMILARITY, DIAGNOSIS)
+STUDY_PARTS = (STUDY_FILE, STATE_FILE, FAMILIES, FEATURES, CONSISTENCY, SIMILARITY, DIAGNOSIS, LAYER_MATRIX)
 
 
 def family_dir(root: Path, kind: str) -> Path:
@@ -47,3 +53,10 @@ def layer_dir(root: Path, part: str, layer: str) -> Path:
     if part not in (CONSISTENCY, SIMILARITY, DIAGNOSIS):
         raise ValueError(f"unknown study part {part!r}; valid: {CONSISTENCY}, {SIMILARITY}, {DIAGNOSIS}")
     return Path(root) / part / layer
+
+
+def layer_matrix_dir(root: Path, nets: tuple[str, ...] | list[str]) -> Path:
+    """``STUDY/layer_matrix/<A>__<B>``: the layer x layer run of nets A and B (one net: ``<A>__<A>``)."""
+    if not 1 <= len(nets) <= 2:
+        raise ValueError(f"a layer matrix compares one or two nets, got {list(nets)}")
+    return Path(root) / LAYER_MATRIX / f"{nets[0]}__{nets[-1]}"

@@ -35,10 +35,12 @@ from analysis.study_layout import (
     FAMILIES,
     FEATURES,
     FIGURES,
+    LAYER_MATRIX,
     REPORT_HTML,
     SIMILARITY,
     STUDY_FILE,
     layer_dir,
+    layer_matrix_dir,
 )
 from common.distributed import ControlGroup, DistInfo, local_only
 from common.errors import UserError
@@ -91,8 +93,6 @@ class StudyRunner:
 
     # ------------------------------------------------------------------ stages
     def stages(self) -> list[Stage]:
-        from features.layers import layer_name
-
         s = self.study
         st: list[Stage] = []
         base_key = {"data": asdict(s.data), "train": asdict(s.train)}
@@ -101,12 +101,14 @@ class StudyRunner:
                 st.append(self._family_stage(kind, s.members[kind], base_key))
         st.append(Stage("extract", self._extract_key, self._run_extract, self._extract_ok, (self.features,),
                         reads_outputs=True, dist_run=self._run_extract))
-        for layer in map(layer_name, s.extract.layers):        # NAME of a per-net request NAME=NET:PATH,...
+        for layer in s.pair_layers:           # extracted layers by stored name (NAME of NAME=NET:PATH,...)
             st.append(self._consistency_stage(layer))
             if s.baselines:
                 st.append(self._similarity_stage(layer))
             if s.diagnose:
                 st.append(self._diagnose_stage(layer))
+        for nets in s.layer_matrix.nets if s.layer_matrix else ():
+            st.append(self._layer_matrix_stage(nets))
         if s.report:
             upstream = [x.name for x in st]
             st.append(Stage("report", lambda: {"upstream": [self._done_key(n) for n in upstream]},
@@ -424,6 +426,22 @@ class StudyRunner:
 
         return Stage(f"similarity/{layer}", key, run, lambda: (out / "similarity.json").exists(), (out,))
 
+    def _layer_matrix_stage(self, nets: tuple[str, ...]) -> Stage:
+        """``similarity --layers`` for one entry of ``baselines.layer_matrix.nets`` (one net or A, B)."""
+        lm, out = self.study.layer_matrix, layer_matrix_dir(self.root, nets)
+        key = lambda: {"extract": self._done_key("extract"), **asdict(lm), "nets": list(nets)}  # noqa: E731
+
+        def run(mode: str) -> None:
+            from analysis.similarity_layers import write_layer_similarity
+            from analysis.similarity_run import SimilarityConfig
+
+            cfg = SimilarityConfig(layers=",".join(lm.layers), nets=",".join(nets), split=lm.split,
+                                   metric=",".join(lm.metrics), permutations=lm.permutations)
+            self.log(f"  {', '.join(lm.metrics)} between the layers {', '.join(lm.layers)} of {' and '.join(nets)}")
+            write_layer_similarity(self.features, cfg, out, "resume" if mode == "resume" else "new")
+
+        return Stage(f"{LAYER_MATRIX}/{out.name}", key, run, lambda: (out / "similarity.json").exists(), (out,))
+
     def _diagnose_stage(self, layer: str) -> Stage:
         out = layer_dir(self.root, DIAGNOSIS, layer)
         a, b = self.study.diagnose  # type: ignore[misc]
@@ -455,7 +473,10 @@ class StudyRunner:
                                               "extract": asdict(self.study.extract),
                                               "transnet": self.study.transnet,
                                               "pairs": [asdict(p) for p in self.study.pairs],
+                                              "pair_layers": list(self.study.pair_layers),
                                               "baselines": list(self.study.baselines),
+                                              **({"layer_matrix": asdict(self.study.layer_matrix)}
+                                                 if self.study.layer_matrix else {}),
                                               "diagnose": list(self.study.diagnose or []),
                                               "updated_utc": now_utc()})
 

@@ -13,13 +13,13 @@ from common.device import PRECISIONS
 from common.errors import UserError
 from common.files import load_config_file
 from features.extract import ExtractConfig
-from studies.validate import study_problems
+from studies.validate import BASELINE_KEYS, LAYER_MATRIX_KEYS, study_problems
 from training.datasets import DataSpec
 from training.loop import TrainConfig
 
 FAMILY_KINDS = ("seeds", "distill", "born_again", "evolve")
-TOP_KEYS = ("name", "description", "data", "train", "members", "extract", "transnet", "pairs", "baselines",
-            "diagnose", "report", "device")
+TOP_KEYS = ("name", "description", "data", "train", "members", "extract", "pair_layers", "transnet", "pairs",
+            "baselines", "diagnose", "report", "device")
 STUDIES_DIR = Path(__file__).resolve().parent
 
 
@@ -56,6 +56,31 @@ class PairGroup:
 
 
 @dataclass(frozen=True)
+class LayerMatrixSpec:
+    """``baselines.layer_matrix``: every metric between every pair of ``layers`` (extracted layers) for
+    each entry of ``nets``: one net (its layers against each other) or two, A and B (A's layers as rows,
+    B's as columns), as ``python cli.py similarity --layers L1,L2 --nets A,B`` computes it. No
+    permutation null unless asked: a layer matrix is read for its pattern, and each permutation is
+    another pass over every pair of layers."""
+
+    layers: tuple[str, ...]
+    nets: tuple[tuple[str, ...], ...]
+    metrics: tuple[str, ...] = ("cka",)
+    split: str = "test"
+    permutations: int = 0
+
+    @classmethod
+    def from_raw(cls, raw: dict[str, Any], split: str) -> LayerMatrixSpec:
+        """The section as the (validated) study file gives it; ``split``: the baselines' split, the default."""
+        check_keys("baselines.layer_matrix", raw, LAYER_MATRIX_KEYS)
+        as_tuple = lambda v: tuple([v] if isinstance(v, str) else v or ())  # noqa: E731
+        return cls(layers=tuple(map(str, as_tuple(raw.get("layers")))),
+                   nets=tuple(tuple(map(str, as_tuple(n))) for n in raw.get("nets") or ()),
+                   metrics=tuple(map(str, as_tuple(raw.get("metrics", cls.metrics)))),
+                   split=str(raw.get("split", split)), permutations=int(raw.get("permutations", cls.permutations)))
+
+
+@dataclass(frozen=True)
 class Study:
     name: str
     data: DataSpec
@@ -70,6 +95,8 @@ class Study:
     description: str = ""
     similarity_split: str = "test"
     permutations: int = 20
+    pair_layers: tuple[str, ...] = ()             # where pairs are compared (load_study: default every extracted layer)
+    layer_matrix: LayerMatrixSpec | None = None   # baselines.layer_matrix
 
 
 # A study's Trans-Nets stop on a plateau of their validation loss unless the study file fixes ``epochs``.
@@ -102,6 +129,16 @@ def section_dataclass(cls: type, section: str, values: dict[str, Any] | None, **
         return cls(**{**values, **fixed})
     except TypeError as e:
         raise UserError(f"study file: {section}: {e}") from None
+
+
+def resolve_pair_layers(raw: Any, extract: ExtractSpec) -> tuple[str, ...]:
+    """The layers at which the pairs are compared (Trans-Nets, similarity baselines, diagnosis): the
+    study file's ``pair_layers``, else every extracted layer (by the name it is stored under)."""
+    from features.layers import layer_name
+
+    if raw is None:
+        return tuple(map(layer_name, extract.layers))
+    return tuple(map(str, [raw] if isinstance(raw, str) else raw))
 
 
 def load_study(path: str | os.PathLike) -> Study:
@@ -148,10 +185,12 @@ def load_study(path: str | os.PathLike) -> Study:
     if not groups:
         raise UserError("study file: pairs is empty; give e.g. [{family: seeds, plan: all}] or ['seed0>seed5']")
     base = raw.get("baselines") or ()
-    sim_split, perms = "test", 20
-    if isinstance(base, dict):  # {metrics: [...], split: test, permutations: 20}
-        check_keys("baselines", base, ("metrics", "split", "permutations"))
+    sim_split, perms, layer_matrix = "test", 20, None
+    if isinstance(base, dict):  # {metrics: [...], split: test, permutations: 20, layer_matrix: {...}}
+        check_keys("baselines", base, BASELINE_KEYS)
         sim_split, perms = str(base.get("split", sim_split)), int(base.get("permutations", perms))
+        if base.get("layer_matrix") is not None:
+            layer_matrix = LayerMatrixSpec.from_raw(base["layer_matrix"], sim_split)
         base = base.get("metrics") or ()
     base = tuple([base] if isinstance(base, str) else base)
     if base:
@@ -166,6 +205,7 @@ def load_study(path: str | os.PathLike) -> Study:
     study = Study(name=str(raw.get("name") or Path(path).stem), data=data_spec, train=train, members=members,
                   extract=extract, transnet=dict(raw.get("transnet") or {}), pairs=tuple(groups),
                   baselines=base, diagnose=diag, report=bool(raw.get("report", True)),
-                  description=str(raw.get("description") or ""), similarity_split=sim_split, permutations=perms)
+                  description=str(raw.get("description") or ""), similarity_split=sim_split, permutations=perms,
+                  pair_layers=resolve_pair_layers(raw.get("pair_layers"), extract), layer_matrix=layer_matrix)
     fit_config(study)           # the Trans-Net settings are checked now (epochs: a number or auto)
     return study

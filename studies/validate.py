@@ -4,8 +4,10 @@
 line: unknown keys, values outside their option's range (``common.ranges``), unknown data sets,
 transforms, architectures, optimizers and schedules, layers that do not exist on the members'
 architectures (each architecture is built on the ``meta`` device, so nothing is allocated), storage
-dtypes, splits, pair plans and the member names they use, the Trans-Net settings and the
-baselines. ``load_study`` raises them all at once, so ``study --dry-run`` shows every problem.
+dtypes, splits, pair plans and the member names they use, the layers pairs are compared at, the
+Trans-Net settings and the baselines (the layer x layer matrix's layers among the extracted ones, its
+nets among the members). ``load_study`` raises them all at once, so ``study --dry-run`` shows every
+problem.
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ MEMBER_KEYS = {
 DEFAULT_ARCH = "vgg_tiny"
 EXTERNAL_PREFIXES = ("timm:", "model:")       # built by timm or the user's entry point, checked when built
 SET_BY_STUDY = ("features", "source", "target", "layer")     # Trans-Net options the study fills in itself
+BASELINE_KEYS = ("metrics", "split", "permutations", "layer_matrix")
+LAYER_MATRIX_KEYS = ("layers", "nets", "metrics", "split", "permutations")   # studies.spec.LayerMatrixSpec
 
 
 class Problems(list):
@@ -299,20 +303,95 @@ def _check_pairs(p: Problems, raw: Any, names: dict[str, tuple[str, str]], kinds
     return pairs
 
 
-def _check_baselines(p: Problems, raw: Any, splits: tuple[str, ...]) -> None:
+def _check_baselines(p: Problems, raw: Any, splits: tuple[str, ...], layers: list[str] | None,
+                     names: dict[str, tuple[str, str]]) -> None:
     from analysis.similarity_run import parse_metrics
 
     if isinstance(raw, dict):
-        if not p.keys("baselines", raw, ("metrics", "split", "permutations")):
+        if not p.keys("baselines", raw, BASELINE_KEYS):
             return
         split = raw.get("split", "test")
         if split not in splits:
             p.append(f"baselines.split {split!r} is not an extracted split; extracted: {', '.join(splits)}")
         p.value("baselines.permutations", "permutations", raw.get("permutations", 20))
+        if raw.get("layer_matrix") is not None:
+            _check_layer_matrix(p, raw["layer_matrix"], split, splits, layers, names)
         raw = raw.get("metrics") or ()
     metrics = [raw] if isinstance(raw, str) else list(raw or ())
     for m in metrics:
         p.check("baselines", lambda: parse_metrics(str(m)))
+
+
+def _check_layer_matrix(p: Problems, raw: Any, split: Any, splits: tuple[str, ...], layers: list[str] | None,
+                        names: dict[str, tuple[str, str]]) -> None:
+    """``baselines.layer_matrix``: two or more distinct extracted layers, entries of one or two members,
+    known metrics, an extracted split, a permutation count."""
+    from analysis.similarity_run import parse_metrics
+
+    where = "baselines.layer_matrix"
+    if not p.keys(where, raw, LAYER_MATRIX_KEYS):
+        return
+    want = raw.get("layers")
+    want = [want] if isinstance(want, str) else want
+    if not isinstance(want, list) or len(want) < 2 or len(set(map(str, want))) != len(want):
+        p.append(f"{where}.layers must list two or more distinct extracted layers, got {want!r}")
+    elif layers is not None:
+        for layer in want:
+            if str(layer) not in layers:
+                p.append(f"{where}.layers {layer!r} is not an extracted layer; extracted: {', '.join(layers)} "
+                         f"(add it to extract.layers)")
+    nets = raw.get("nets")
+    if not isinstance(nets, list) or not nets:
+        p.append(f"{where}.nets must list entries of one member (its layers with each other) or two (A's layers "
+                 f"against B's), e.g. [[seed0, seed5], [seed0]]; got {nets!r}")
+        nets = []
+    seen: set[tuple[str, str]] = set()
+    for i, entry in enumerate(nets):
+        entry = [entry] if isinstance(entry, str) else entry
+        if not isinstance(entry, list) or not 1 <= len(entry) <= 2:
+            p.append(f"{where}.nets[{i}] must be one member name or a list of one or two, got {entry!r}")
+            continue
+        pair = (str(entry[0]), str(entry[-1]))        # [A] and [A, A] are one matrix: A's layers with each other
+        if pair in seen:
+            p.append(f"{where}.nets[{i}] {entry!r} repeats an earlier entry (each matrix once)")
+        seen.add(pair)
+        unknown = [n for n in entry if n not in names]
+        if unknown:
+            p.append(f"{where}.nets[{i}] names unknown member(s) {', '.join(map(repr, unknown))}; members: "
+                     f"{', '.join(names)}")
+    for m in [raw["metrics"]] if isinstance(raw.get("metrics"), str) else list(raw.get("metrics") or ["cka"]):
+        p.check(f"{where}.metrics", lambda: parse_metrics(str(m)))
+    own = raw.get("split", split)
+    if own not in splits:
+        p.append(f"{where}.split {own!r} is not an extracted split; extracted: {', '.join(splits)}")
+    p.value(f"{where}.permutations", "permutations", raw.get("permutations", 0))
+
+
+def _check_pair_layers(p: Problems, raw: Any, layers: list[str]) -> None:
+    """``pair_layers``: the extracted layers at which pairs are compared (default: every one)."""
+    if raw is None:
+        return
+    given = [raw] if isinstance(raw, str) else raw
+    if not isinstance(given, list) or not given or len(set(map(str, given))) != len(given):
+        p.append(f"pair_layers must list distinct extracted layers, got {raw!r}; extracted: {', '.join(layers)}")
+        return
+    for layer in given:
+        if str(layer) not in layers:
+            p.append(f"pair_layers {layer!r} is not an extracted layer; extracted: {', '.join(layers)} "
+                     f"(add it to extract.layers)")
+
+
+def _layer_names(requests: tuple[str, ...]) -> list[str]:
+    """The names the extracted layers are stored under (NAME of a per-net request NAME=NET:PATH,...)."""
+    from features.layers import layer_name
+
+    out = []
+    for r in requests:
+        try:
+            out.append(layer_name(str(r)))
+        except UserError:            # a malformed request: reported by the extract checks
+            pass
+    return out
 
 
 def study_problems(raw: dict[str, Any], top_keys: tuple[str, ...], extract_spec: type) -> list[str]:
@@ -338,7 +417,11 @@ def study_problems(raw: dict[str, Any], top_keys: tuple[str, ...], extract_spec:
     before = len(p)
     pairs = _check_pairs(p, raw.get("pairs"), names, [k for k in MEMBER_KEYS if k in members])
     pairs_ok = len(p) == before
-    _check_baselines(p, raw.get("baselines"), tuple(ex.splits) if ex is not None else ("train", "test"))
+    extracted = _layer_names(ex.layers) if ex is not None else None      # None: the extract section is broken
+    if extracted is not None:
+        _check_pair_layers(p, raw.get("pair_layers"), extracted)
+    _check_baselines(p, raw.get("baselines"), tuple(ex.splits) if ex is not None else ("train", "test"), extracted,
+                     names)
     diag = raw.get("diagnose")
     if diag is not None:
         if not (isinstance(diag, list) and len(diag) == 2 and diag[0] != diag[1]):
