@@ -15,6 +15,8 @@
     STUDY/consistency/<layer>/               ``python cli.py consistency`` folders: table.json,
                                              table.csv, matrices.json, config.json, pairs/<A>__<B>/
     STUDY/similarity/<layer>/similarity.json ``python cli.py similarity`` output
+    STUDY/layer_matrix/features.h5           a kc-features file of the layer matrices' own: only their
+                                             nets, split and layers
     STUDY/layer_matrix/<A>__<B>/             ``python cli.py similarity --layers ... --nets A,B`` output
                                              (similarity.json with a ``layers`` key, layers_<metric>.png/.svg,
                                              config.json), one folder per entry of baselines.layer_matrix.nets;
@@ -53,6 +55,11 @@ def layer_dir(root: Path, part: str, layer: str) -> Path:
     if part not in (CONSISTENCY, SIMILARITY, DIAGNOSIS):
         raise ValueError(f"unknown study part {part!r}; valid: {CONSISTENCY}, {SIMILARITY}, {DIAGNOSIS}")
     return Path(root) / part / layer
+
+
+def layer_matrix_features(root: Path) -> Path:
+    """``STUDY/layer_matrix/features.h5``: the features the layer matrices read."""
+    return Path(root) / LAYER_MATRIX / FEATURES
 
 
 def layer_matrix_dir(root: Path, nets: tuple[str, ...] | list[str]) -> Path:

@@ -35,12 +35,10 @@ from analysis.study_layout import (
     FAMILIES,
     FEATURES,
     FIGURES,
-    LAYER_MATRIX,
     REPORT_HTML,
     SIMILARITY,
     STUDY_FILE,
     layer_dir,
-    layer_matrix_dir,
 )
 from common.distributed import ControlGroup, DistInfo, local_only
 from common.errors import UserError
@@ -49,6 +47,7 @@ from common.provenance import now_utc, sha256_file, sha256_json
 from common.registry import unknown_choice_message
 from common.rundir import RunDir, is_finished
 from studies.cache import STATE_FILE, Stage, StudyState, outputs_exist, remove_outputs, stage_mode
+from studies.layer_matrix import layer_matrix_stages
 from studies.spec import FAMILY_KINDS, Study, check_keys, fit_config, load_study
 from training.loop import TrainConfig
 from training.manifest import Member, read_manifest, write_manifest
@@ -107,8 +106,7 @@ class StudyRunner:
                 st.append(self._similarity_stage(layer))
             if s.diagnose:
                 st.append(self._diagnose_stage(layer))
-        for nets in s.layer_matrix.nets if s.layer_matrix else ():
-            st.append(self._layer_matrix_stage(nets))
+        st += layer_matrix_stages(self)
         if s.report:
             upstream = [x.name for x in st]
             st.append(Stage("report", lambda: {"upstream": [self._done_key(n) for n in upstream]},
@@ -307,36 +305,47 @@ class StudyRunner:
                 "members": self._member_hashes()}
 
     def _extract_ok(self) -> bool:
+        e = self.study.extract
+        return self.extracted(self.features, list(self.all_members()), e.layers, e.splits)
+
+    def extracted(self, path: Path, names: Sequence[str], layers: Sequence[str], splits: Sequence[str]) -> bool:
+        """Whether ``path`` holds every layer of every named member in every split, complete."""
         from features.layers import layer_name
         from features.store import FeatureFileError, get_features, list_nets, open_features
 
         try:
-            with open_features(self.features) as f:
-                names = self.all_members()
-                for split in self.study.extract.splits:
+            with open_features(path) as f:
+                for split in splits:
                     have = list_nets(f, split)
                     for net in names:
                         if net not in have:
                             return False
-                        for layer in map(layer_name, self.study.extract.layers):
+                        for layer in map(layer_name, layers):
                             get_features(f, split, net, layer)
         except (FeatureFileError, UserError, OSError, KeyError):
             return False
         return True
 
     def _run_extract(self, mode: str) -> None:
+        e = self.study.extract
+        self.extract_into(self.features, list(self.all_members()), e.layers, e.splits, mode)
+
+    def extract_into(self, path: Path, names: Sequence[str], layers: Sequence[str], splits: Sequence[str],
+                     mode: str, logits: bool | None = None) -> None:
+        """``layers`` of the named members for ``splits`` into ``path``, with the study's extract options
+        (``logits``: whether to store the logits too; None: as the extract section says)."""
         from features.extract import extract_features
         from features.nets import build_feature_data, data_spec_for, load_net
 
         members = self.all_members()
         e = self.study.extract
-        nets = [load_net(n, m.checkpoint, m.sha256) for n, m in members.items()]
-        spec = data_spec_for(nets, {})
-        data = build_feature_data(spec, e.splits, e.limit)
-        cfg = e.config(self.study.train.device)
-        self.log(f"  extracting {', '.join(e.layers)} of {len(members)} nets ({', '.join(members)}) "
-                 f"for splits {', '.join(e.splits)}")
-        res = extract_features(nets, data, [(layer, None) for layer in e.layers], self.features, cfg,
+        nets = [load_net(n, members[n].checkpoint, members[n].sha256) for n in names]
+        data = build_feature_data(data_spec_for(nets, {}), tuple(splits), e.limit)
+        self.log(f"  extracting {', '.join(layers)} of {len(nets)} nets ({', '.join(names)}) "
+                 f"for splits {', '.join(splits)}")
+        cfg = replace(e.config(self.study.train.device), split=",".join(splits))
+        cfg = cfg if logits is None else replace(cfg, logits=logits)
+        res = extract_features(nets, data, [(layer, None) for layer in layers], path, cfg,
                                "resume" if mode == "resume" else "auto",
                                command=f"cli.py study {self.study_file} --out_dir {self.root}")
         self.log(f"  {res.images} images in {res.seconds:.1f}s ({res.images_per_s:.0f} images/s)")
@@ -425,22 +434,6 @@ class StudyRunner:
             write_similarity(self.features, cfg, out, "resume" if mode == "resume" else "new")
 
         return Stage(f"similarity/{layer}", key, run, lambda: (out / "similarity.json").exists(), (out,))
-
-    def _layer_matrix_stage(self, nets: tuple[str, ...]) -> Stage:
-        """``similarity --layers`` for one entry of ``baselines.layer_matrix.nets`` (one net or A, B)."""
-        lm, out = self.study.layer_matrix, layer_matrix_dir(self.root, nets)
-        key = lambda: {"extract": self._done_key("extract"), **asdict(lm), "nets": list(nets)}  # noqa: E731
-
-        def run(mode: str) -> None:
-            from analysis.similarity_layers import write_layer_similarity
-            from analysis.similarity_run import SimilarityConfig
-
-            cfg = SimilarityConfig(layers=",".join(lm.layers), nets=",".join(nets), split=lm.split,
-                                   metric=",".join(lm.metrics), permutations=lm.permutations)
-            self.log(f"  {', '.join(lm.metrics)} between the layers {', '.join(lm.layers)} of {' and '.join(nets)}")
-            write_layer_similarity(self.features, cfg, out, "resume" if mode == "resume" else "new")
-
-        return Stage(f"{LAYER_MATRIX}/{out.name}", key, run, lambda: (out / "similarity.json").exists(), (out,))
 
     def _diagnose_stage(self, layer: str) -> Stage:
         out = layer_dir(self.root, DIAGNOSIS, layer)

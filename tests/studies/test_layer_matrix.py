@@ -1,8 +1,9 @@
 """A study's layer x layer section (``baselines.layer_matrix``) and ``pair_layers``: checked before
 anything runs, run as cached stages into ``STUDY/layer_matrix/<A>__<B>/``, drawn in the report.
 
-One tiny study (two seeds of vgg_tiny on 3 classes of generated 16 px images, 2 epochs, three conv
-layers extracted, pairs at the last one only) is run once per module."""
+One tiny study (two seeds of vgg_tiny on 3 classes of generated 16 px images, 2 epochs, two conv
+layers extracted, pairs at the last one only, a layer matrix over all three convs, extracted into its
+own file) is run once per module."""
 from __future__ import annotations
 
 import re
@@ -22,13 +23,14 @@ from tests.fakedata import make_imagefolder
 from tests.studies.test_study import study_dict, write_study
 
 LAYERS = ["features.0", "features.4", "features.8"]
+EXTRACTED = ["features.4", "features.8"]
 
 
 def layer_study(data_root, **over) -> dict:
     d = study_dict(data_root, diagnose=None)
     d["members"] = {"seeds": d["members"]["seeds"]}
     d["pairs"] = [{"family": "seeds", "plan": "all"}]
-    d["extract"]["layers"] = list(LAYERS)
+    d["extract"]["layers"] = list(EXTRACTED)
     d["pair_layers"] = ["features.8"]
     d["baselines"] = {"metrics": ["cka"], "permutations": 3,
                       "layer_matrix": {"layers": list(LAYERS), "nets": [["seed0", "seed1"], ["seed0"]],
@@ -62,9 +64,8 @@ def _with(d: dict, section: str, key: str, value) -> dict:
 
 
 BAD = [
-    ("layer_matrix", "layers", ["features.0", "features.3"],
-     "baselines.layer_matrix.layers 'features.3' is not an extracted layer; extracted: features.0, features.4, "
-     "features.8"),
+    ("layer_matrix", "layers", ["features.0", "features.0"], "baselines.layer_matrix.layers must list two or more "
+                                                             "distinct layers"),
     ("layer_matrix", "layers", ["features.8"], "baselines.layer_matrix.layers must list two or more distinct"),
     ("layer_matrix", "nets", [["seed0", "seed9"]],
      "baselines.layer_matrix.nets[0] names unknown member(s) 'seed9'; members: seed0, seed1"),
@@ -82,7 +83,7 @@ BAD = [
     ("baselines", "layer_matrices", {}, "baselines: unknown key(s) 'layer_matrices'; valid: metrics, split, "
                                         "permutations, layer_matrix"),
     ("top", "pair_layers", ["features.2"],
-     "pair_layers 'features.2' is not an extracted layer; extracted: features.0, features.4, features.8"),
+     "pair_layers 'features.2' is not an extracted layer; extracted: features.4, features.8"),
 ]
 
 
@@ -107,12 +108,12 @@ def test_the_section_is_read_with_its_defaults_and_pairs_stay_at_their_layer(tmp
     assert study.pair_layers == ("features.8",)
     plan = [n for n, _ in run_study(tmp_path / "ok.yaml", tmp_path / "out", dry_run=True, log=lambda m: None)["plan"]]
     assert plan == ["train/seeds", "extract", "consistency/features.8", "similarity/features.8",
-                    "layer_matrix/seed1__seed1", "layer_matrix/seed0__seed1", "report"]
+                    "layer_matrix/extract", "layer_matrix/seed1__seed1", "layer_matrix/seed0__seed1", "report"]
     del d["pair_layers"], d["baselines"]["layer_matrix"]              # without them: pairs at every extracted layer
     study = load_study(write_study(tmp_path / "old.yaml", d))
-    assert study.pair_layers == tuple(LAYERS) and study.layer_matrix is None
+    assert study.pair_layers == tuple(EXTRACTED) and study.layer_matrix is None
     plan = [n for n, _ in run_study(tmp_path / "old.yaml", tmp_path / "out", dry_run=True, log=lambda m: None)["plan"]]
-    assert [n for n in plan if n.startswith("consistency/")] == [f"consistency/{x}" for x in LAYERS]
+    assert [n for n in plan if n.startswith("consistency/")] == [f"consistency/{x}" for x in EXTRACTED]
     assert not any(n.startswith("layer_matrix/") for n in plan)
 
 
@@ -122,14 +123,19 @@ def test_the_section_is_read_with_its_defaults_and_pairs_stay_at_their_layer(tmp
 def test_the_study_writes_the_layer_matrices_and_only_the_pair_layer_fits(layer_run):
     _, out, res = layer_run
     assert [s["stage"] for s in res["stages"]] == ["train/seeds", "extract", "consistency/features.8",
-                                                   "similarity/features.8", "layer_matrix/seed0__seed1",
-                                                   "layer_matrix/seed0__seed0", "report"]
+                                                   "similarity/features.8", "layer_matrix/extract",
+                                                   "layer_matrix/seed0__seed1", "layer_matrix/seed0__seed0", "report"]
     assert sorted(p.name for p in (out / "consistency").iterdir()) == ["features.8"]
     cross = read_json(out / "layer_matrix/seed0__seed1/similarity.json")
     own = read_json(out / "layer_matrix/seed0__seed0/similarity.json")
     assert cross["split"] == "test" and cross["nets"] == ["seed0", "seed1"] and own["nets"] == ["seed0"]
     assert cross["layers"]["names"] == LAYERS and cross["layers"]["column_net"] == "seed1"
-    with h5py.File(out / "features.h5") as f:
+    with h5py.File(out / "features.h5") as f:                  # the study's file: the extracted layers only
+        assert sorted(f["train"]["seed0"]) == [*EXTRACTED, "logits"]
+    with h5py.File(out / "layer_matrix" / "features.h5") as f:  # the matrices' own: their nets, split, layers
+        assert sorted(k for k in f if isinstance(f[k], h5py.Group)) == ["test"]
+        assert sorted(k for k in f["test"] if isinstance(f["test"][k], h5py.Group)) == ["seed0", "seed1"]
+        assert sorted(f["test"]["seed0"]) == LAYERS
         x = {(n, layer): f["test"][n][layer][:] for n in ("seed0", "seed1") for layer in LAYERS}
     m = np.array(cross["layers"]["metrics"]["cka"]["matrix"], dtype=float)
     for i, li in enumerate(LAYERS):                         # rows: seed0's layers, columns: seed1's
