@@ -15,6 +15,7 @@ LOSS_SCALES = ("none", "target_var")
 DATA_ON = ("auto", "device", "ram", "disk")      # where the features live while fitting (transnet/data.py)
 SPATIAL = ("pool", "interpolate")                # cross-layer maps of other sizes: how the source is resized
                                                  # (transnet/spatial.py); "" refuses them
+GROUPED = ("auto", "on", "off")                  # consistency: fit the pairs of one build together (group_fit.py)
 AUTO = "auto"                                    # --epochs auto: stop on a plateau of the validation loss
 
 # The paper's refinement preset (transClassifier.py / its README); weight decay is ours.
