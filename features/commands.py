@@ -253,7 +253,8 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
 def _add_list_layers(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--arch", default=None, help="architecture: " + ", ".join(arch_names()))
+    src.add_argument("--arch", default=None, help="architecture: " + ", ".join(arch_names()) +
+                     " (a timm NAME is checked when the command runs)")
     src.add_argument("--model", default=None, metavar="PACKAGE.MODULE:CALLABLE",
                      help="your own model: the nn.Module this callable returns")
     src.add_argument("--checkpoint", default=None, help="a workbench checkpoint (arch, classes, input size from it)")

@@ -74,7 +74,8 @@ def add_train_args(p: argparse.ArgumentParser, **defaults) -> None:
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     which = g.add_mutually_exclusive_group()
-    which.add_argument("--arch", default=ModelSpec.arch, help="architecture: " + ", ".join(arch_names()))
+    which.add_argument("--arch", default=ModelSpec.arch, help="architecture: " + ", ".join(arch_names()) +
+                       " (a timm NAME is checked when the command runs)")
     which.add_argument("--model", default=None, metavar="PACKAGE.MODULE:CALLABLE",
                        help="your own model: the nn.Module this callable returns (instead of --arch)")
     g.add_argument("--model_kwargs", default=None, metavar="JSON",
