@@ -18,7 +18,8 @@ import warnings
 
 # The modules that contribute subcommands, in the order of the data flow, with the commands each
 # defines (tests/test_layout.py checks this index against every module's COMMANDS). Running one command
-# imports its module only; ``--help`` and an unknown name import them all.
+# imports its module only; ``--help`` and an unknown name import them all. Building a parser imports no
+# torch (docs/internals.md, "Arguments before torch"): a bad option is refused before torch loads.
 COMMAND_MODULES = {
     "training.commands": ("train",),
     "training.family_commands": ("distill", "born-again", "search", "summarize", "compress"),

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from analysis.config import CCA_FEATURES, PWCCA_VARIANTS, SVCCA_RULES  # re-exported: their old home
 from analysis.sources import (
     BLOCK_BYTES,
     SimilarityError,
@@ -41,10 +42,7 @@ from analysis.sources import (
 from common.errors import UserError
 from common.registry import unknown_choice_message
 
-CCA_FEATURES = ("pooled", "flat", "positions")
 CCA_FAMILY = ("svcca", "pwcca", "r2cca")
-SVCCA_RULES = ("variance", "singular")
-PWCCA_VARIANTS = ("paper", "svcca-code")
 
 
 def cca_data(x: Any, mode: str = "flat", block_bytes: int = BLOCK_BYTES) -> tuple[np.ndarray, float]:

@@ -31,6 +31,7 @@ import h5py
 import numpy as np
 from scipy.linalg import blas
 
+from analysis.config import FORMS  # re-exported: its old home
 from analysis.sources import (
     BLOCK_BYTES,
     SimilarityError,
@@ -47,7 +48,6 @@ from analysis.sources import (
 from common.errors import UserError
 from common.registry import unknown_choice_message
 
-FORMS = ("auto", "features", "gram")
 DIRECTIONS = {"cka": "similarity", "cka_unbiased": "similarity", "procrustes": "distance"}
 
 def fro2(a: np.ndarray) -> float:

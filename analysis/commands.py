@@ -1,24 +1,21 @@
 """Subcommands ``consistency``, ``visualize``, ``diagnose`` and ``report``: thin wrappers that parse,
-call the ``analysis`` package and print where the results went."""
+call the ``analysis`` package and print where the results went. The parsers need only torch-free
+modules (analysis/config.py, transnet/config.py) and each run imports what it calls, except that
+``consistency`` still imports analysis/consistency.py (torch) for :class:`ConsistencyConfig` while
+its options are built (docs/internals.md, "Arguments before torch")."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
 from analysis.bootstrap import REPLICATES
-from analysis.consistency import PAIR_PLANS, PER_PAIR, ConsistencyConfig, run_consistency
-from analysis.diagnose import DiagnoseConfig, diagnose_pair
-from analysis.readings import diagnosis_readings
-from analysis.report import make_report
-from analysis.visualize import VISUALS, consistency_figures, visualize
+from analysis.config import VISUALS, DiagnoseConfig
 from common.finished import require_finished
 from common.options import Command, add_dataclass_args, add_run_args, dataclass_from_args
 from common.ranges import nonneg_int
 from common.rundir import run_mode
-from transnet.fit import FitConfig
-from transnet.group_fit import GROUPED
+from transnet.config import GROUPED, SPATIAL, FitConfig
 from transnet.options import FIT_CHOICES, FIT_HELP, FIT_TYPES
-from transnet.spatial import SPATIAL
 
 CONSISTENCY_HELP = {
     "features": "kc-features file holding every net at --layer (train and test splits)",
@@ -49,6 +46,8 @@ CONSISTENCY_HELP = {
 # --------------------------------------------------------------------------- consistency
 
 def _add_consistency(p: argparse.ArgumentParser) -> None:
+    from analysis.consistency import PER_PAIR, ConsistencyConfig
+
     add_dataclass_args(p, ConsistencyConfig, help=CONSISTENCY_HELP,
                        choices={"grouped": list(GROUPED), "spatial": list(SPATIAL)})
     g = p.add_argument_group("Trans-Net fitting (as fit-transnet; applied to every pair)")
@@ -58,6 +57,9 @@ def _add_consistency(p: argparse.ArgumentParser) -> None:
 
 
 def _run_consistency(args: argparse.Namespace) -> None:
+    from analysis.consistency import ConsistencyConfig, run_consistency
+    from analysis.visualize import consistency_figures
+
     cfg = dataclass_from_args(ConsistencyConfig, args)
     fit = dataclass_from_args(FitConfig, args, features=cfg.features, layer=cfg.layer, eval_split=cfg.split,
                               target_layer="", spatial="")          # set per pair by run_consistency
@@ -91,6 +93,8 @@ def _add_visualize(p: argparse.ArgumentParser) -> None:
 
 
 def _run_visualize(args: argparse.Namespace) -> None:
+    from analysis.visualize import visualize
+
     paths = visualize(args.path, args.what, args.out_dir, args.allow_unfinished, transnet=args.transnet,
                       features=args.features,
                       split=args.split, rows=args.rows, channels=args.channels,
@@ -123,6 +127,9 @@ def _add_diagnose(p: argparse.ArgumentParser) -> None:
 
 
 def _run_diagnose(args: argparse.Namespace) -> None:
+    from analysis.diagnose import diagnose_pair
+    from analysis.readings import diagnosis_readings
+
     cfg = dataclass_from_args(DiagnoseConfig, args)
     d = diagnose_pair(cfg, args.out_dir, run_mode(args.resume, args.overwrite))
     for line in diagnosis_readings(d):
@@ -147,6 +154,8 @@ def _add_report(p: argparse.ArgumentParser) -> None:
 
 
 def _run_report(args: argparse.Namespace) -> None:
+    from analysis.report import make_report
+
     if Path(args.study_dir, "config.json").exists():      # a study folder written by `study`
         require_finished(args.study_dir, "report", args.allow_unfinished)
     res = make_report(args.study_dir, args.out_dir, args.bootstrap, args.seed)
@@ -165,7 +174,7 @@ COMMANDS = [
             "pairs x fractions) and figures into --out_dir; pairs/<A>__<B> are fit-transnet run directories. "
             "With --target_layer the pairs go from --layer to that layer (cross-layer; --spatial for maps of "
             "different sizes). "
-            f"Pair plans: {', '.join(PAIR_PLANS)}."),
+            "Pair plans: see --pairs."),
     Command("visualize", "draw the figures of a study, consistency folder, similarity.json, family or Trans-Net",
             _add_visualize, _run_visualize,
             "PNG + SVG figures in one style: heatmaps (fractions on a fixed [0, 1] scale), stacked order fractions, "

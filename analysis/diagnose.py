@@ -23,7 +23,6 @@ import csv
 import io
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ import torch
 from torch import Tensor
 
 from analysis import plots
+from analysis.config import DiagnoseConfig  # re-exported: its old home
 from analysis.consistency import pair_dirname
 from common.device import use_device
 from common.errors import UserError
@@ -45,25 +45,6 @@ from transnet.fit import in_sample_warning, load_transnet
 from transnet.spatial import require_same_layer
 
 DIRECTIONS = ("blind_spots", "unreliable")
-
-
-@dataclass(frozen=True)
-class DiagnoseConfig:
-    features: str = ""              # kc-features file
-    layer: str = ""                 # module path
-    a: str = ""                     # the net diagnosed
-    b: str = ""                     # the net it is compared with
-    consistency: str = ""           # consistency folder with pairs/A__B and pairs/B__A (or give both below)
-    transnet_ab: str = ""           # Trans-Net run A -> B (overrides --consistency)
-    transnet_ba: str = ""           # Trans-Net run B -> A (overrides --consistency)
-    split: str = "test"             # held-out split to diagnose
-    top: int = 10                   # ranked images / channels / (image, channel) pairs to list
-    panels: int = 2                 # Fig. 1 panels per direction (top images, their top channels)
-    panel_channels: int = 3         # channels per panel image
-    block_rows: int = 256           # rows per contiguous HDF5 read
-    device: str = "cpu"
-    allow_other_checkpoints: bool = False   # apply the Trans-Nets to features of other checkpoints
-    allow_unfinished: bool = False          # read Trans-Nets whose fit did not finish
 
 
 # --------------------------------------------------------------------------- pure math

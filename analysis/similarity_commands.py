@@ -6,7 +6,8 @@
 
 writes ``D/similarity.json`` and ``D/config.json`` (and ``layers_<metric>.png`` for ``--layers``); the
 computation lives in :mod:`analysis.similarity_run` (:func:`~analysis.similarity_run.similarity_matrix`
-for notebooks) and :mod:`analysis.similarity_layers`.
+for notebooks) and :mod:`analysis.similarity_layers`, imported when the command runs (the parser needs
+only the torch- and h5py-free :mod:`analysis.config`).
 """
 from __future__ import annotations
 
@@ -14,11 +15,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from analysis.cca import CCA_FEATURES, PWCCA_VARIANTS, SVCCA_RULES
-from analysis.cka import FORMS
-from analysis.similarity import METRICS
-from analysis.similarity_layers import write_layer_similarity
-from analysis.similarity_run import SimilarityConfig, write_similarity
+from analysis.config import CCA_FEATURES, FORMS, METRICS, PWCCA_VARIANTS, SVCCA_RULES, SimilarityConfig
 from common.options import Command, add_dataclass_args, add_run_args, dataclass_from_args
 from common.rundir import run_mode
 
@@ -47,7 +44,7 @@ HELP = {
               "written as the layers matrix of similarity.json and drawn as layers_<metric>.png",
     "split": "split of the feature file (test, train, val)",
     "nets": "comma list of nets; empty: every net of the split",
-    "metric": "comma list of metrics: " + ", ".join(METRICS.names()),
+    "metric": "comma list of metrics: " + ", ".join(METRICS),
     "permutations": "shuffles of the sample pairing for the chance level and p-values (0: none)",
     "seed": "seed of the permutations and of the minibatches",
     "cka_form": "auto, features (memory independent of N) or gram (memory independent of C*H*W); both exact",
@@ -99,6 +96,9 @@ def _print_layers(body: dict) -> None:
 
 
 def _run_similarity(args: argparse.Namespace) -> None:
+    from analysis.similarity_layers import write_layer_similarity
+    from analysis.similarity_run import write_similarity
+
     cfg = dataclass_from_args(SimilarityConfig, args)
     if cfg.layers:
         _print_layers(write_layer_similarity(args.features, cfg, args.out_dir, run_mode(args.resume, args.overwrite)))

@@ -12,7 +12,6 @@ Layer x layer runs (``--layers``) write a ``layers`` key instead (:mod:`analysis
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from analysis.cca import CCA_FAMILY
 from analysis.cka import FORMS
 from analysis.cka_matrices import CKA_FAMILY, cka_family_matrices
 from analysis.cka_rbf import RBF_FAMILY, check_sigma, rbf_cka_matrices
+from analysis.config import SimilarityConfig  # re-exported: its old home
 from analysis.minibatch_cka import minibatch_cka_matrix
 from analysis.similarity import METRICS, get_metric
 from analysis.similarity_cca import CCAOptions, cca_matrices
@@ -61,33 +61,6 @@ CCA_FLATTENING = {
     "flat": "flat: per-sample C*H*W features (N x C*H*W)",
     "positions": "positions: every position of every image a sample (N*H*W x C); the null shuffles images",
 }
-
-
-@dataclass(frozen=True)
-class SimilarityConfig:
-    """Options of one ``similarity`` run."""
-
-    layer: str = ""                  # module path of the layer, as in the feature file
-    layers: str = ""                 # comma list: layer x layer matrices of one or two --nets instead of --layer
-    split: str = "test"
-    nets: str = ""                   # comma list; empty: every net of the split
-    metric: str = "cka"              # comma list of metric names
-    permutations: int = 100          # shuffles of the sample pairing for the null (0: no null)
-    seed: int = 0                    # seed of the permutations and of the minibatches
-    cka_form: str = "auto"           # auto | features (memory independent of N) | gram (independent of C*H*W)
-    cca_features: str = "pooled"     # pooled | flat | positions: samples x dims given to SVCCA/PWCCA
-    svcca_keep: float = 0.99         # SVCCA: fraction 0 < f <= 1 (see svcca_rule) or an integer count of directions
-    svcca_rule: str = "variance"     # SVCCA's fraction of: variance (sum s^2) | singular (sum s, google's tutorial)
-    pwcca_variant: str = "paper"     # paper (Morcos et al. 2018) | svcca-code (google/svcca compute_pwcca's numbers)
-    rank_tol: float = 0.0            # CCA rank: 0 = from the storage dtype's rounding; else relative to s_max
-    rbf_sigma: float = 0.8           # RBF CKA bandwidth as a fraction of the median distance (Kornblith et al.)
-    shape_alpha: float = 1.0         # shape metric's partial whitening: 1 none (angular Procrustes), 0 full
-    fit_split: str = ""              # alignment metrics: fit on this split's rows ("": in-sample on --split)
-    score_split: str = ""            # ... and score on this split's rows ("": --split)
-    spatial: str = ""                # positions mode, nets of different H x W: pool | interpolate to the smallest
-    batch_size: int = 256            # cka_minibatch: samples per minibatch
-    memory_gb: float = 4.0           # what the computation may hold in memory at once
-    allow_changed_checkpoints: bool = False   # use features whose checkpoint changed since extraction
 
 
 def parse_metrics(metric: str | Sequence[str]) -> list[str]:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from analysis import plots
+from analysis.config import VISUALS  # re-exported: its old home
 from analysis.consistency import generation_rows, held_out_label, natural_key, net_matrix, read_table
 from analysis.convergence import loss_series, verdict_of
 from analysis.diagnose import panel_for_rows
@@ -24,8 +25,6 @@ from common.registry import unknown_choice_message
 from features.identity import check_transnet_features
 from transnet.fit import load_transnet
 from transnet.spatial import require_same_layer
-
-VISUALS = ("auto", "study", "consistency", "similarity", "family", "panel")
 
 
 def consistency_figures(folder: Path, rows: list[dict[str, Any]], nets: list[str], layer: str,

@@ -30,8 +30,7 @@ import torch.nn as nn
 
 from common.distributed import dist_from_env, init_group, is_local_only
 from common.errors import UserError
-
-PRECISIONS = ("fp32", "tf32", "bf16")
+from common.precision import PRECISIONS
 
 
 def resolve_device(name: str) -> torch.device:

@@ -1,4 +1,5 @@
-"""Subcommands of the feature stage: ``extract``, ``inspect`` and ``list-layers``."""
+"""Subcommands of the feature stage: ``extract``, ``inspect`` and ``list-layers``. The parsers need only
+torch-free modules; each run imports the extraction, inspection or model code it calls."""
 from __future__ import annotations
 
 import argparse
@@ -7,27 +8,22 @@ import sys
 import textwrap
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from common.checkpoints import load_checkpoint
-from common.device import PRECISIONS
-from common.distributed import dist_from_env
 from common.errors import UserError
 from common.files import jsonable
 from common.options import Command, add_dataclass_args, dataclass_from_args, parse_kv_list
+from common.precision import PRECISIONS
 from common.ranges import csv_nonempty, nonneg_int, positive_int
 from common.rundir import run_mode
-from features.extract import COMPRESSIONS, DTYPES, ExtractConfig, extract_features
-from features.inspection import describe_file, recount_file, verify_file
-from features.layers import format_layers, list_layers
-from features.nets import BareBuild, Net, build_feature_data, data_spec_for, load_net
-from features.nonfinite import NonFiniteFeaturesWarning
+from features.config import COMPRESSIONS, DTYPES, ExtractConfig
 from features.recorded import DATA_DESTS, command_line
-from training.data import SPLITS
-from training.manifest import read_manifest
-from training.models import arch_names, build_model, default_input_size, model_from_checkpoint, parse_model_kwargs
+from training.config import SPLITS, ModelSpec
+from training.names import MODEL_PREFIX, arch_names
 from training.options import add_data_args
-from training.runner import ModelSpec, resolve_data
-from training.user_models import MODEL_PREFIX
+
+if TYPE_CHECKING:
+    from features.nets import BareBuild, Net
 
 # --------------------------------------------------------------------------- extract
 
@@ -91,6 +87,9 @@ def _add_extract(p: argparse.ArgumentParser) -> None:
 
 
 def nets_from_args(args: argparse.Namespace) -> list[Net]:
+    from features.nets import load_net
+    from training.manifest import read_manifest
+
     entries: list[tuple[str, str, str | None]] = []
     if args.family:
         for m in read_manifest(args.family):
@@ -108,6 +107,9 @@ def nets_from_args(args: argparse.Namespace) -> list[Net]:
 
 def bare_build(args: argparse.Namespace) -> BareBuild | None:
     """``--arch`` / ``--model`` of ``extract``: how to build nets whose file records no arch."""
+    from features.nets import BareBuild
+    from training.models import default_input_size, parse_model_kwargs
+
     arch = f"{MODEL_PREFIX}{args.model}" if getattr(args, "model", None) else getattr(args, "arch", None)
     if not arch:
         return None
@@ -126,6 +128,12 @@ def precision_from_args(args: argparse.Namespace) -> str:
 
 
 def _run_extract(args: argparse.Namespace) -> int:
+    from common.distributed import dist_from_env
+    from features.extract import extract_features
+    from features.nets import build_feature_data, data_spec_for
+    from features.nonfinite import NonFiniteFeaturesWarning
+    from training.runner import resolve_data
+
     args.precision, args.amp = precision_from_args(args), False     # the command line records --precision
     cfg = dataclass_from_args(ExtractConfig, args)
     layers = [(name, None) for name in (args.layer or [])] + [(f"features.{n}", n) for n in (args.conv_layer or [])]
@@ -212,6 +220,8 @@ def format_description(desc: dict) -> str:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
+    from features.inspection import describe_file, recount_file, verify_file
+
     desc = describe_file(args.file)
     counts = recount_file(args.file) if args.verify else None
     rows = verify_file(args.file, args.verify_rows, args.seed, args.device) if args.verify else None
@@ -243,7 +253,8 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
 def _add_list_layers(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--arch", default=None, help="architecture: " + ", ".join(arch_names()))
+    src.add_argument("--arch", default=None, help="architecture: " + ", ".join(arch_names()) +
+                     " (a timm NAME is checked when the command runs)")
     src.add_argument("--model", default=None, metavar="PACKAGE.MODULE:CALLABLE",
                      help="your own model: the nn.Module this callable returns")
     src.add_argument("--checkpoint", default=None, help="a workbench checkpoint (arch, classes, input size from it)")
@@ -257,6 +268,10 @@ def _add_list_layers(p: argparse.ArgumentParser) -> None:
 
 
 def _run_list_layers(args: argparse.Namespace) -> int:
+    from common.checkpoints import load_checkpoint
+    from features.layers import format_layers, list_layers
+    from training.models import build_model, default_input_size, model_from_checkpoint, parse_model_kwargs
+
     if args.checkpoint:
         ck = load_checkpoint(args.checkpoint)
         model = model_from_checkpoint(ck, source=args.checkpoint)

@@ -49,6 +49,7 @@ from common.files import is_disk_error, write_failed
 from common.progress import progress
 from common.registry import unknown_choice_message
 from features import store
+from features.config import COMPRESSIONS, DTYPES, ExtractConfig  # re-exported: their old home
 from features.layers import (
     FeatureExtractor,
     LayerPoint,
@@ -66,30 +67,6 @@ from features.writer import FeatureWriter, HostBuffers, WriteBatch
 from training.loop import make_loader
 
 KILL_EXIT_CODE = 75            # exit status of the simulated kill (--max_batches)
-
-
-@dataclass(frozen=True)
-class ExtractConfig:
-    """Options of one extraction (the CLI's defaults)."""
-
-    split: str = "train,test"        # comma-separated splits
-    dtype: str = "float16"           # float16 | float32 storage of the layer features (logits: float32)
-    batch_size: int = 64
-    device: str = "auto"             # auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)
-    num_workers: int = 0             # data-loader worker processes
-    precision: str = "fp32"          # CUDA arithmetic: fp32 (TF32 off, faithful) | tf32 | bf16; CPU: always fp32
-    channels_last: bool = False      # channels_last memory format on CUDA
-    logits: bool = False             # also store /<split>/<net>/logits
-    limit: int = 0                   # extract only the first N rows of every split (0: all)
-    compression: str = "none"        # none | lzf | gzip (none: lzf is 16x slower and saves nothing here)
-    queue_batches: int = 4           # batches in flight between the compute and the writer thread
-    flush_s: float = 1.0             # raise rows_done (after a flush) at most every this many seconds
-    keep_prefix: bool = False        # token layers: also store the class/distillation/register tokens as <layer>.prefix
-    checksum: bool = True            # HDF5's fletcher32 checksum on every row (a flipped bit fails the read)
-
-
-DTYPES = ("float16", "float32")
-COMPRESSIONS = ("none", "lzf", "gzip")
 
 
 class SimulatedKill(RuntimeError):

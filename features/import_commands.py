@@ -9,7 +9,7 @@ import numpy as np
 from common.errors import UserError
 from common.options import Command, add_dataclass_args, dataclass_from_args
 from common.ranges import nonneg_int
-from features.importer import DTYPES, TOKEN_MODES, ImportConfig, import_features, parse_source, read_arrays
+from features.config import DTYPES, TOKEN_MODES, ImportConfig
 from features.recorded import command_line
 
 IMPORT_HELP = {
@@ -44,6 +44,8 @@ def _one_array(path: str | None, what: str) -> np.ndarray | None:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"--{what} {p} does not exist")
+    from features.importer import read_arrays
+
     arrays = read_arrays(p)
     if len(arrays) != 1:
         raise UserError(f"--{what} {p} holds {len(arrays)} arrays; give a file of one 1-D array")
@@ -51,6 +53,8 @@ def _one_array(path: str | None, what: str) -> np.ndarray | None:
 
 
 def _run_import(args: argparse.Namespace) -> int:
+    from features.importer import import_features, parse_source
+
     cfg = dataclass_from_args(ImportConfig, args)
     res = import_features([parse_source(s) for s in args.net], args.out, cfg, _one_array(args.ids, "ids"),
                           _one_array(args.labels, "labels"), args.overwrite, command_line(args, "import-features"))

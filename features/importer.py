@@ -35,29 +35,12 @@ import torch
 from common.errors import UserError
 from common.provenance import code_version, now_utc, sha256_file
 from features import store
+from features.config import DTYPES, TOKEN_MODES, ImportConfig  # re-exported: their old home
 from features.nets import check_net_name
 from features.nonfinite import check_storable, count_array, write_counts
 from features.tokens import PREFIX_SUFFIX, TokenMap
 
-TOKEN_MODES = ("none", "grid", "grid+prefix", "sequence")
-DTYPES = ("float32", "float16")
 SUFFIXES = (".npy", ".npz", ".pt", ".pth", ".safetensors")
-
-
-@dataclass(frozen=True)
-class ImportConfig:
-    """Options of one import (the CLI's defaults)."""
-
-    split: str = "test"
-    dtype: str = "float32"           # float32 | float16 storage of the layers (logits: float32)
-    tokens: str = "none"             # (N, T, C) arrays: none (refused) | grid | grid+prefix | sequence
-    prefix_tokens: int = 0           # leading class/distillation/register tokens of a token sequence
-    grid: str = ""                   # "HxW" of the patch grid (default: a square of T - prefix_tokens)
-    ids_key: str = "index"           # key of the sample ids in a dict file
-    labels_key: str = "label"        # key of the labels in a dict file
-    dataset: str = "imported"        # root attribute: the data set the features were computed on
-    image_size: int = 0              # root attribute: the input size (0: unknown)
-    block_rows: int = 256            # rows per write
 
 
 @dataclass(frozen=True)

@@ -190,3 +190,63 @@ def test_the_readme_command_table_names_every_command_and_its_module():
                 table[name] = m.group(2).replace("/", ".")
     want = {name: mod for mod, names in cli.COMMAND_MODULES.items() for name in names}
     assert table == want
+
+
+# --------------------------------------------------------------------------- parsers before torch
+
+# Libraries a command needs only to run: its parser (options, choices, help) must not import them, so
+# that --help and a mistyped option answer at once (docs/internals.md, "Arguments before torch").
+HEAVY_LIBS = ("torch", "torchvision", "timm", "h5py", "matplotlib", "scipy", "safetensors", "sklearn", "PIL")
+
+
+def _module_level_imports(source: str) -> set[str]:
+    """What a module imports when it is imported: its top-level import statements (also inside a
+    top-level ``try``), not those in functions or under ``if TYPE_CHECKING``."""
+    names: set[str] = set()
+    stack = list(ast.parse(source).body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Try):
+            stack += node.body + node.orelse + node.finalbody + [n for h in node.handlers for n in h.body]
+        elif isinstance(node, ast.If) and "TYPE_CHECKING" not in ast.unparse(node.test):
+            stack += node.body + node.orelse
+    return names
+
+
+def heavy_import_chain(start: str, imports: dict[str, set[str]]) -> list[str] | None:
+    """The first chain of module-level imports from ``start`` to a heavy library (the library last),
+    or None; ``imports`` maps each module to what it imports at module level."""
+    seen, queue = {start}, [[start]]
+    while queue:
+        path = queue.pop(0)
+        for name in sorted(imports.get(path[-1], ())):
+            if name.split(".")[0] in HEAVY_LIBS:
+                return path + [name.split(".")[0]]
+            owner = next((m for m in (name, name.rpartition(".")[0]) if m in imports), None)
+            for m in [owner.split(".")[0]] + [owner] if owner else []:   # a package's __init__ runs first
+                if m in imports and m not in seen:
+                    seen.add(m)
+                    queue.append(path + [m])
+    return None
+
+
+def test_heavy_import_chain_finder_finds_a_planted_chain():
+    imports = {"a.commands": {"a.options", "argparse"}, "a.options": {"a.config", "a.loop.train"},
+               "a.config": {"dataclasses"}, "a.loop": {"torch.nn"}, "a": set()}
+    assert heavy_import_chain("a.commands", imports) == ["a.commands", "a.options", "a.loop", "torch"]
+    assert heavy_import_chain("a.config", imports) is None
+
+
+def test_command_parsers_import_no_heavy_library_at_module_level():
+    """Every command module, and all it imports at module level, is free of the heavy libraries; the
+    command's run function imports them (tests/test_cli_imports.py checks the same by running)."""
+    import cli
+
+    imports = {m: _module_level_imports(p.read_text()) for m, p in MODULES.items()}
+    chains = [heavy_import_chain(m, imports) for m in cli.COMMAND_MODULES]
+    bad = [" -> ".join(c) for c in chains if c]
+    assert not bad, "move what these import into torch-free modules or into the run functions: " + "; ".join(bad)

@@ -29,20 +29,12 @@ from training.families import (
     seeded_model,
     test_logits,
 )
+from training.family_config import BANConfig  # re-exported: its old home
 from training.kd import ban_loss_fn
 from training.loop import TrainConfig, cross_entropy_loss
 from training.manifest import Member, write_manifest
 from training.models import model_from_checkpoint
 from training.runner import ModelSpec, resolve_data, run_training
-
-
-@dataclass(frozen=True)
-class BANConfig:
-    generations: int = 3                # generations trained: g0 (CE only), g1 .. g{G-1} (from the previous one)
-    lam: float = 0.5                    # weight λ of the soft term: CE + λ·T²·H(softmax(t/T), softmax(s/T))
-    temperature: float = 1.0            # T, applied to teacher and student logits (KC's script never applied it)
-    member_checkpoint: str = "last"     # each generation's checkpoint used as teacher and in family.json
-    name_prefix: str = "ban_g"          # member names: ban_g0, ban_g1, ...
 
 
 @dataclass

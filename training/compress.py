@@ -20,23 +20,12 @@ from training.families import (
     non_empty,
     test_logits,
 )
+from training.family_config import CompressConfig  # re-exported: its old home
 from training.loop import TrainConfig
 from training.manifest import Member, write_manifest
 from training.models import model_from_checkpoint
 from training.pruning import compression_stats, move_codes, project_, prune_magnitude, quantize_shared, storage_bits
 from training.runner import ModelSpec, checkpoint_fields, run_training
-
-
-@dataclass(frozen=True)
-class CompressConfig:
-    checkpoint: str | None = None       # the network to compress (a workbench checkpoint)
-    prune: float = 0.8                  # fraction of conv/linear weights set to zero (by magnitude)
-    prune_scope: str = "layer"          # layer: that fraction in every layer | global: one threshold
-    quantize_bits: int = 5              # 2**bits shared weight values per layer (k-means); 0: no sharing
-    finetune_epochs: int = 2            # fine-tuning epochs with masks and sharing kept (0: none)
-    data_root: str | None = None        # override the data root recorded in the checkpoint
-    original_name: str = "original"     # member names in family.json
-    compressed_name: str = "compressed"
 
 
 @dataclass

@@ -24,7 +24,9 @@ import training.datasets_disk  # noqa: F401  (the on-disk layouts register thems
 from common.errors import UserError
 from common.registry import UnknownNameError, unknown_choice_message
 from common.safe_pickle import load_data_pickle
+from training.config import SPLITS  # re-exported: its old home
 from training.datasets import DATASETS, ArrayDataset, DataSpec, IndexedDataset, need_file
+from training.names import dataset_names
 from training.transforms import (
     ANIMAL_MEAN,
     ANIMAL_STD,
@@ -35,8 +37,6 @@ from training.transforms import (
     TransformSpec,
     build_transform,
 )
-
-SPLITS = ("train", "val", "test")
 
 # --------------------------------------------------------------------------- cache
 
@@ -76,10 +76,6 @@ def maybe_cache(ds: IndexedDataset, spec: DataSpec, train: bool, num_workers: in
 
 
 # --------------------------------------------------------------------------- names and specs
-
-def dataset_names() -> list[str]:
-    return [n for n in DATASETS.names() if n != "imagefolder"] + ["imagefolder:DIR"]
-
 
 def _resolve_name(name: str) -> tuple[str, str | None]:
     if name.startswith("imagefolder:"):

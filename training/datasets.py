@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -17,6 +15,7 @@ from torch.utils.data import Dataset
 
 from common.errors import UserError
 from common.registry import Registry
+from training.config import DataSpec  # re-exported: its old home
 
 
 class IndexedDataset(Dataset):
@@ -77,25 +76,6 @@ class FileListDataset(IndexedDataset):
         if self.boxes is not None:
             img = img.crop(tuple(int(round(v)) for v in self.boxes[i]))
         return img
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    """How to build one data set; recorded in configs."""
-
-    name: str = "animal-mnist"
-    data_root: str | None = None
-    transform: str = "plain"
-    image_size: int | None = None          # None: the preset's default
-    channels: int | None = None            # None: the data set's natural count (1 for animal-mnist)
-    subset: str | None = None              # None | "A" | "B": the paper's two halves
-    subset_kind: str = "class"             # "class": disjoint classes, "sample": disjoint samples
-    split_seed: int = 0                    # seed of data sets without an official split
-    bbox_crop: bool = True                 # CUB-200 / Dogs: crop to the bounding box (paper)
-    train_images: int = 0                  # > 0: train on a seeded random subset of this many training images
-    mean: str | None = None                # normalisation mean per channel, "0.5,0.5,0.5" (None: the data set's own;
-    std: str | None = None                 # for a timm arch its pretrained_cfg's)
-    options: dict[str, Any] = field(default_factory=dict)
 
 
 DATASETS: Registry[Callable[..., IndexedDataset]] = Registry("data set")

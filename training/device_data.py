@@ -35,7 +35,8 @@ from PIL import Image
 from torchvision import transforms as T
 
 from common.errors import UserError
-from training.datasets import DataSpec, IndexedDataset
+from training.config import DATA_ON, DataSpec
+from training.datasets import IndexedDataset
 from training.transforms import TransformSpec
 
 CACHE_VERSION = 1
@@ -246,9 +247,6 @@ class DeviceLoader:
             flip = torch.rand(len(x), generator=gen, device=x.device) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         return normalise(x, self.tspec.mean, self.tspec.std)
-
-
-DATA_ON = ("auto", "loader", "device")
 
 
 def choose_data_on(choice: str, images_bytes: int, device: torch.device) -> str:

@@ -21,20 +21,11 @@ from training.families import (
     seeded_model,
     test_logits,
 )
+from training.family_config import KDConfig  # re-exported: its old home
 from training.kd import kd_loss_fn
 from training.loop import TrainConfig, TrainResult
 from training.manifest import Member, write_manifest
 from training.runner import ModelSpec, resolve_data, run_training
-
-
-@dataclass(frozen=True)
-class KDConfig:
-    teacher: str | None = None          # teacher checkpoint (a workbench checkpoint of the same classes)
-    alpha: float = 0.9                  # weight of the soft teacher term; 1 - alpha weights the label CE
-    temperature: float = 4.0            # softmax temperature T of the soft term (scaled by T^2)
-    teacher_name: str = "teacher"       # member names in family.json (the <net> names of feature files)
-    student_name: str = "student"
-    member_checkpoint: str = "last"     # student checkpoint family.json lists: last (final epoch) | best
 
 
 @dataclass

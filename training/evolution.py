@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from common.rundir import RunDir, is_finished
 from training.data import build_dataset, transform_spec
 from training.datasets import DataSpec
 from training.families import adopt_run
+from training.family_config import EvolveConfig  # re-exported: its old home
 from training.ke import LayerSplit, channel_plan, check_split, count_params, extract_slim, reinit, split_masks
 from training.loop import TrainConfig, evaluate, make_loader
 from training.loop import validate as validate_train
@@ -35,13 +36,6 @@ from training.models import model_from_checkpoint, slim_arch_kwargs
 from training.runner import ModelSpec, build_for_data, resolve_data, run_training
 
 FAMILY = "knowledge-evolution"
-
-
-@dataclass(frozen=True)
-class EvolveConfig:
-    generations: int = 3        # KE generations; the first trains the dense net from scratch
-    split: str = "kels"         # kels (kernel level, gives a slim net) | wels (weight level)
-    split_rate: float = 0.5     # k: fraction of each layer in the fit hypothesis, in (0, 1)
 
 
 # Options that may change on --resume (they do not change what a generation computes).

@@ -19,12 +19,11 @@ from common.errors import UserError
 from common.provenance import sha256_file
 from training.data import build_dataset, transform_spec
 from training.datasets import DataSpec
+from training.family_config import MEMBER_CHECKPOINTS  # re-exported: its old home
 from training.harness import seed_everything
 from training.loop import TrainConfig, evaluate, make_loader
 from training.models import model_from_checkpoint
 from training.runner import ModelSpec, build_for_data
-
-MEMBER_CHECKPOINTS = ("last", "best")
 
 
 def check_member_checkpoint(which: str) -> None:

@@ -1,6 +1,7 @@
 """Family subcommands: ``distill``, ``born-again``, ``search``, ``summarize``, ``compress``.
 
-Thin: parse, call :mod:`training.families`, print where the results went.
+Thin: parse, call :mod:`training.families`, print where the results went. The parsers need only the
+torch-free configs (training/config.py, training/family_config.py); each run imports its builder.
 
     python cli.py distill --teacher runs/t/last.pt --arch vgg_tiny --alpha 0.9 --temperature 4 --out_dir runs/kd
     python cli.py born-again --arch vgg_tiny --generations 3 --lambda 0.5 --temperature 2 --out_dir runs/ban
@@ -28,12 +29,8 @@ from common.options import (
 from common.ranges import OPTION_TYPES
 from common.registry import unknown_choice_message
 from common.rundir import run_mode
-from training.born_again import BANConfig, born_again
-from training.compress import CompressConfig, compress
-from training.distill import KDConfig, distill
-from training.families import MEMBER_CHECKPOINTS
-from training.grid import run_grid, write_summary
-from training.loop import OPTIMIZERS, SCHEDULES, TrainConfig
+from training.config import OPTIMIZERS, SCHEDULES, TrainConfig
+from training.family_config import MEMBER_CHECKPOINTS, PRUNE_SCOPES, BANConfig, CompressConfig, KDConfig
 from training.options import (
     TRAIN_HELP,
     add_data_args,
@@ -45,7 +42,6 @@ from training.options import (
     train_from_args,
     training_summary,
 )
-from training.pruning import PRUNE_SCOPES
 
 KD_HELP = {
     "teacher": "teacher checkpoint (written by `train`; same classes, channels and input size as the data)",
@@ -88,6 +84,8 @@ def _add_distill(p: argparse.ArgumentParser) -> None:
 
 
 def _run_distill(args: argparse.Namespace) -> None:
+    from training.distill import distill
+
     res = distill(data_from_args(args), model_spec_from_args(args), dataclass_from_args(KDConfig, args),
                   dataclass_from_args(TrainConfig, args), args.out_dir, run_mode(args.resume, args.overwrite))
     _print_metrics(res.train.metrics, "student")
@@ -110,6 +108,8 @@ def _add_born_again(p: argparse.ArgumentParser) -> None:
 
 
 def _run_born_again(args: argparse.Namespace) -> None:
+    from training.born_again import born_again
+
     res = born_again(data_from_args(args), model_spec_from_args(args), dataclass_from_args(BANConfig, args),
                      dataclass_from_args(TrainConfig, args), args.out_dir, run_mode(args.resume, args.overwrite))
     print(res.table, end="")
@@ -137,6 +137,8 @@ def _add_search(p: argparse.ArgumentParser) -> None:
 
 
 def _run_search(args: argparse.Namespace) -> None:
+    from training.grid import run_grid
+
     base = load_config_file(args.base)
     command = args.command or base.get("command") or "distill"
     base.pop("command", None)
@@ -178,6 +180,8 @@ def _run_search(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------- summarize
 
 def _print_summary(root: str, out_dir: str | None) -> None:
+    from training.grid import write_summary
+
     md, csv_path, text = write_summary(root, out_dir)
     print(text, end="")
     print(f"written: {md}, {csv_path}")
@@ -205,6 +209,8 @@ def _add_compress(p: argparse.ArgumentParser) -> None:
 
 
 def _run_compress(args: argparse.Namespace) -> None:
+    from training.compress import compress
+
     res = compress(dataclass_from_args(CompressConfig, args), dataclass_from_args(TrainConfig, args), args.out_dir,
                    run_mode(args.resume, args.overwrite))
     m = res.metrics

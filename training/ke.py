@@ -39,8 +39,8 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from common.errors import UserError
 from common.registry import unknown_choice_message
+from training.family_config import SPLIT_MODES  # re-exported: its old home
 
-SPLIT_MODES = ("kels", "wels")
 SPLIT_TYPES = (nn.Conv2d, nn.Linear)          # layers with a fit/reset split
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)    # kept whole between generations; sliced for the slim net
 

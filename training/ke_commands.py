@@ -24,11 +24,8 @@ from common.errors import UserError
 from common.options import Command, add_dataclass_args, add_run_args, dataclass_from_args
 from common.registry import unknown_choice_message
 from common.rundir import run_mode
-from training.evolution import EvolveConfig, evolve
-from training.ke import (
-    SPLIT_MODES,
-)
-from training.loop import TrainConfig
+from training.config import TrainConfig
+from training.family_config import SPLIT_MODES, EvolveConfig
 from training.options import add_data_args, add_model_args, add_train_args, data_from_args, model_spec_from_args
 
 KE_HELP = {
@@ -114,6 +111,8 @@ def _add_evolve(p: argparse.ArgumentParser) -> None:
 
 
 def _run_evolve(args: argparse.Namespace) -> None:
+    from training.evolution import evolve
+
     a, from_preset = resolve_options(args)
     data = data_from_args(a)
     cfg = dataclass_from_args(TrainConfig, a)

@@ -24,41 +24,11 @@ from common.errors import UserError
 from common.faults import fault_point
 from common.progress import progress
 from common.rundir import RunDir
-from training.device_data import DATA_ON, DeviceLoader
+from training.config import DATA_ON, OPTIMIZERS, SCHEDULES, TrainConfig  # re-exported: their old home
+from training.device_data import DeviceLoader
 from training.harness import Harness, Plan, epoch_seed, seed_everything  # noqa: F401 (seed_everything: re-exported)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
-
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("cosine", "step", "constant", "geometric")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Options of one training run (units in comments)."""
-
-    epochs: int = 10
-    batch_size: int = 128
-    optimizer: str = "sgd"              # sgd | adam | adamw
-    lr: float = 0.05                    # peak learning rate
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    nesterov: bool = False
-    schedule: str = "cosine"            # cosine | step | constant | geometric
-    warmup_epochs: float = 0.0          # linear warm-up from 0 (fractional epochs allowed)
-    step_size: int = 30                 # step schedule: epochs between decays
-    gamma: float = 0.1                  # step schedule: decay factor
-    final_lr: float = 0.0               # cosine floor; geometric schedule: lr at the last epoch
-    label_smoothing: float = 0.0
-    amp: bool = True                    # bf16 autocast on CUDA (ignored on CPU)
-    channels_last: bool = True          # on CUDA only
-    seed: int = 0
-    num_workers: int = 0
-    eval_every: int = 1                 # evaluate on the test split every N epochs (and at the end)
-    device: str = "auto"                # auto | cpu | cuda | cuda:N
-    grad_clip: float = 0.0              # 0: off
-    save_every: int = 1                 # write last.pt every N epochs (resume granularity)
-    data_on: str = "auto"               # loader (CPU DataLoader) | device (cached uint8 images on the device) | auto
 
 
 def validate(cfg: TrainConfig) -> None:

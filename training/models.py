@@ -19,6 +19,7 @@ import torchvision.models as tvm
 
 from common.errors import UserError
 from common.registry import Registry, UnknownNameError
+from training.names import EXTERNAL_ARCHS, arch_names  # noqa: F401 (re-exported: their old home)
 
 ARCHS: Registry[Callable[..., nn.Module]] = Registry("arch")
 
@@ -242,14 +243,6 @@ register_arch("wrn16_2", family="wrn", default_size=32, min_size=8)(
 
 
 # --------------------------------------------------------------------------- building and loading
-
-EXTERNAL_ARCHS = ("timm:NAME", "model:package.module:callable")
-
-
-def arch_names() -> list[str]:
-    """Every arch name a user may give: the registry's plus the two open name spaces."""
-    return ARCHS.names() + list(EXTERNAL_ARCHS)
-
 
 def _external_builder(arch: str) -> Callable[..., nn.Module] | None:
     from training.timm_models import build_timm, is_timm

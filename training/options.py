@@ -1,20 +1,21 @@
 """Command-line pieces of the training stage shared by several command modules: the data, model and
 training options (defaults from :class:`DataSpec`, :class:`ModelSpec` and :class:`TrainConfig`), and the
-``train`` command's options and run, which ``search`` reuses at every grid point."""
+``train`` command's options and run, which ``search`` reuses at every grid point.
+
+Building the options imports no torch (training/config.py, training/names.py); the functions that run
+a command import the training code when they are called."""
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from common.options import add_dataclass_args, add_run_args, dataclass_from_args
 from common.rundir import run_mode
-from training.data import dataset_names
-from training.datasets import DataSpec
-from training.device_data import DATA_ON
-from training.loop import OPTIMIZERS, SCHEDULES, TrainConfig, TrainResult
-from training.models import arch_names, parse_model_kwargs
-from training.runner import ModelSpec, run_training
-from training.transforms import TRANSFORMS
-from training.user_models import MODEL_PREFIX
+from training.config import DATA_ON, OPTIMIZERS, SCHEDULES, DataSpec, ModelSpec, TrainConfig
+from training.names import MODEL_PREFIX, TRANSFORMS, arch_names, dataset_names
+
+if TYPE_CHECKING:
+    from training.loop import TrainResult
 
 DATA_HELP = {
     "name": "data set: " + ", ".join(dataset_names()),
@@ -54,7 +55,7 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=DataSpec.name, help=DATA_HELP["name"])
     add_dataclass_args(g, DataSpec, skip=("name", "options"), help=DATA_HELP,
-                       choices={"transform": TRANSFORMS.names(), "subset": ["A", "B"],
+                       choices={"transform": list(TRANSFORMS), "subset": ["A", "B"],
                                 "subset_kind": ["class", "sample"]})
 
 
@@ -73,7 +74,8 @@ def add_train_args(p: argparse.ArgumentParser, **defaults) -> None:
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     which = g.add_mutually_exclusive_group()
-    which.add_argument("--arch", default=ModelSpec.arch, help="architecture: " + ", ".join(arch_names()))
+    which.add_argument("--arch", default=ModelSpec.arch, help="architecture: " + ", ".join(arch_names()) +
+                       " (a timm NAME is checked when the command runs)")
     which.add_argument("--model", default=None, metavar="PACKAGE.MODULE:CALLABLE",
                        help="your own model: the nn.Module this callable returns (instead of --arch)")
     g.add_argument("--model_kwargs", default=None, metavar="JSON",
@@ -87,6 +89,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def model_spec_from_args(args: argparse.Namespace) -> ModelSpec:
     """``--arch`` / ``--model``, ``--model_kwargs`` and ``--weights`` as a :class:`ModelSpec`."""
+    from training.models import parse_model_kwargs
+
     arch = f"{MODEL_PREFIX}{args.model}" if getattr(args, "model", None) else args.arch
     return ModelSpec(arch, args.weights, parse_model_kwargs(getattr(args, "model_kwargs", None)))
 
@@ -101,6 +105,8 @@ def add_train_command_args(p: argparse.ArgumentParser) -> None:
 
 def train_from_args(args: argparse.Namespace) -> TrainResult:
     """Run ``train`` with parsed options (those of :func:`add_train_command_args`)."""
+    from training.runner import run_training
+
     cfg = dataclass_from_args(TrainConfig, args)
     return run_training(data_from_args(args), model_spec_from_args(args), cfg, args.out_dir,
                         run_mode(args.resume, args.overwrite))

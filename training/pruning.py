@@ -24,8 +24,7 @@ import torch.nn as nn
 from torch.nn.utils import prune
 
 from common.errors import UserError
-
-PRUNE_SCOPES = ("layer", "global")
+from training.family_config import PRUNE_SCOPES  # re-exported: its old home
 
 
 @dataclass

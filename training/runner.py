@@ -3,7 +3,7 @@ builder (KD, Born-Again, Knowledge Evolution) call."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -12,18 +12,12 @@ import torch.nn as nn
 from common.device import use_device
 from common.errors import UserError
 from common.rundir import RunDir
+from training.config import ModelSpec  # re-exported: its old home
 from training.data import build_dataset, maybe_cache, transform_spec
 from training.datasets import DataSpec
 from training.harness import seed_everything
 from training.loop import LossFn, TrainConfig, TrainResult, train
 from training.models import build_model
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    arch: str = "vgg_small"          # a registry name, timm:NAME or model:package.module:callable
-    weights: str | None = None       # a local state-dict / checkpoint file to start from (never a hub download)
-    kwargs: dict[str, Any] = field(default_factory=dict)   # --model_kwargs: builder kwargs (checkpoint arch_kwargs)
 
 
 def model_provenance(model_spec: ModelSpec) -> dict[str, Any]:

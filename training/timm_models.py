@@ -19,8 +19,8 @@ from typing import Any
 import torch.nn as nn
 
 from common.errors import UserError
+from training.names import TIMM_PREFIX  # re-exported: its old home
 
-TIMM_PREFIX = "timm:"
 HUB_PREFIXES = ("hf-hub:", "hf_hub:", "http://", "https://", "timm/")
 # kwargs of timm.create_model that fetch or read weights themselves: the workbench owns weight loading.
 WEIGHT_KWARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path")

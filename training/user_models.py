@@ -21,8 +21,7 @@ import torch.nn as nn
 
 from common.errors import UserError
 from common.provenance import sha256_file
-
-MODEL_PREFIX = "model:"
+from training.names import MODEL_PREFIX  # re-exported: its old home
 
 
 def is_user_model(arch: str) -> bool:

@@ -1,5 +1,6 @@
 """Subcommands ``fit-transnet``, ``variance``, ``import-transnet`` and ``refine``; each ``run_*`` is
-callable from Python."""
+callable from Python. The parsers need only torch-free modules (transnet/config.py, transnet/options.py);
+each run imports the fitting code it calls."""
 from __future__ import annotations
 
 import argparse
@@ -10,16 +11,11 @@ from common.files import read_json
 from common.options import Command, add_dataclass_args, add_run_args, dataclass_from_args
 from common.ranges import positive_int
 from common.rundir import run_mode
-from training.loop import TrainConfig
+from training.config import TrainConfig
 from training.options import add_train_args
-from transnet.data import DATA_ON
-from transnet.fit import FitConfig, fit_transnet
-from transnet.model import STD_CORRECTIONS
+from transnet.config import DATA_ON, REFINE_PRESET, STD_CORRECTIONS, FitConfig, ImportConfig, RefineConfig
 from transnet.options import FIT_CHOICES, FIT_HELP, FIT_TYPES
-from transnet.original import ImportConfig, import_transnet
-from transnet.refine import REFINE_PRESET, RefineConfig, run_refine
 from transnet.summary import summary_line
-from transnet.variance_file import run_variance
 
 # --------------------------------------------------------------------------- fit-transnet
 
@@ -29,6 +25,8 @@ def _add_fit(p: argparse.ArgumentParser) -> None:
 
 
 def _run_fit(args: argparse.Namespace) -> None:
+    from transnet.fit import fit_transnet
+
     cfg = dataclass_from_args(FitConfig, args)
     m = fit_transnet(cfg, args.out_dir, run_mode(args.resume, args.overwrite))
     if m:  # rank 0
@@ -57,6 +55,8 @@ def _add_variance(p: argparse.ArgumentParser) -> None:
 
 
 def _run_variance(args: argparse.Namespace) -> None:
+    from transnet.variance_file import run_variance
+
     if args.out_dir is None and (args.resume or args.overwrite):
         raise UserError("--resume/--overwrite apply to --out_dir only")
     rep = run_variance(args.transnet, args.features, args.split, args.out_dir, source=args.source,
@@ -96,6 +96,8 @@ def _add_import(p: argparse.ArgumentParser) -> None:
 
 
 def _run_import(args: argparse.Namespace) -> None:
+    from transnet.original import import_transnet
+
     cfg = dataclass_from_args(ImportConfig, args)
     m = import_transnet(cfg, args.out_dir, run_mode(args.resume, args.overwrite))
     if "r2" in m:
@@ -133,6 +135,8 @@ def _add_refine(p: argparse.ArgumentParser) -> None:
 
 
 def _run_refine(args: argparse.Namespace) -> None:
+    from transnet.refine import run_refine
+
     cfg = dataclass_from_args(RefineConfig, args)
     tcfg = dataclass_from_args(TrainConfig, args)
     m = run_refine(cfg, tcfg, args.out_dir, run_mode(args.resume, args.overwrite))

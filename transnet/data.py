@@ -47,11 +47,11 @@ from features.store import (
     read_index,
 )
 from training.harness import TRANSNET_STREAM, epoch_seed
+from transnet.config import DATA_ON  # re-exported: its old home
 from transnet.model import constant_slices
 from transnet.spatial import resize_maps, spatial_plan
 from transnet.variance import ChannelMoments
 
-DATA_ON = ("auto", "device", "ram", "disk")
 MEMORY_FRACTION = 0.5          # use at most this share of free GPU memory / available RAM for features
 
 _TORCH_DTYPES = {np.dtype("float16"): torch.float16, np.dtype("float32"): torch.float32,

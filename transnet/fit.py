@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,11 @@ from common.progress import progress
 from common.rundir import RunDir
 from training.harness import TRANSNET_STREAM, Harness, Plan, save_state
 from training.loop import TrainConfig, make_scheduler
+from transnet.config import (  # re-exported: their old home
+    FIT_SCHEDULES,
+    LOSS_SCALES,
+    FitConfig,
+)
 from transnet.convergence import SCHEDULES, VAL_RULE, plateau_stop, validation_rows, verdict
 from transnet.data import (
     DATA_ON,
@@ -91,78 +96,9 @@ from transnet.model import INPUT_NORMS, STD_CORRECTIONS, TransNet, TransNetConfi
 from transnet.spatial import check_spatial_name
 from transnet.variance import constant_warning, variance_report
 
-FIT_SCHEDULES = ("geometric", "cosine", "constant")
-LOSS_SCALES = ("none", "target_var")
 NO_EVAL = "none"
-AUTO = "auto"
 FINAL_CKPT = "transnet.pt"
 LAST_CKPT = "last.pt"
-
-
-@dataclass(frozen=True)
-class FitConfig:
-    """Options of one Trans-Net fit (defaults: the paper's preset)."""
-
-    features: str = ""                  # kc-features file with the source (and target) features
-    source: str = ""                    # net A (input)
-    target: str = ""                    # net B (reconstructed)
-    layer: str = ""                     # module path, e.g. features.30 (the source's; the target's too by default)
-    target_layer: str = ""              # the target's layer when it is another (a cross-layer fit); "" = layer
-    spatial: str = ""                   # pool | interpolate: resize the source to the target's H x W; "": refuse
-                                        # maps of different sizes (transnet/spatial.py)
-    target_features: str | None = None  # a second file for the target (must hold the same rows)
-    train_split: str = "train"
-    train_rows: int = 0                 # fit on the first N rows of the training split (0: all of them)
-    eval_split: str = "test"            # held-out metrics (a split other than train_split; "none" or
-                                        # train_split itself: an in-sample report, labelled so)
-    orders: int = 2                     # K gates and K+1 convs; 0 = the linear Trans-Net (one conv)
-    kernel: int = 3
-    alpha: str = "0.1"                  # α per order, order 1 first; one value = every order
-    input_norm: str = "instance"        # instance (paper) | global | none
-    std_correction: int = 0             # spatial std: 0 population (divide by HW), 1 unbiased (the original code)
-    std_floor: float = 0.0              # s = max(std, F * rms) + eps per slice; 0 = off (paper)
-    freeze_gates: bool = False
-    gate_init: float = 0.5              # initial p of every gate (0.5 = logit 0, the paper)
-    loss_scale: str = "none"            # none (paper) | target_var (MSE / Var(x_B): a deviation)
-    epochs: int | str = 1000            # a number (the paper's fixed schedule), or "auto": stop on a plateau
-    max_epochs: int = 1000              # --epochs auto: the most epochs (the lr schedule spans them)
-    patience: int = 20                  # --epochs auto: epochs without a validation-loss improvement
-    val_fraction: float = 0.1           # validation rows held out of the training split (0: none)
-    batch_size: int = 64                # global batch (split over DDP ranks)
-    lr: float = 1e-4
-    final_lr: float = 1e-6              # lr at the last epoch (geometric) / floor (cosine)
-    schedule: str = "geometric"         # geometric (paper, per epoch) | cosine | constant
-    weight_decay: float = 1e-4          # Adam L2, gate logits included (paper)
-    eval_every: int = 50                # held-out evaluation every N epochs (and at the end)
-    save_every: int = 10                # write last.pt every N epochs (and at the end)
-    data_on: str = "auto"               # auto | device | ram | disk (contiguous HDF5 blocks)
-    block_rows: int = 256               # rows per contiguous HDF5 read
-    device: str = "auto"
-    precision: str = "fp32"             # CUDA arithmetic: fp32 (paper, TF32 off) | tf32 | bf16; CPU: always fp32
-    channels_last: bool = True          # CUDA only
-    seed: int = 0
-    allow_changed_checkpoints: bool = False   # use features whose checkpoint changed since extraction
-
-    def __post_init__(self) -> None:
-        """``epochs`` from the command line or a study file ("25", 25 or "auto") as an int or "auto";
-        ``target_layer`` equal to ``layer`` as "" (one spelling of a same-layer fit)."""
-        if self.target_layer == self.layer:          # the same layer: a same-layer fit, recorded as one
-            object.__setattr__(self, "target_layer", "")
-        e = self.epochs
-        if isinstance(e, str) and e != AUTO:
-            try:
-                object.__setattr__(self, "epochs", int(e))
-            except ValueError:
-                raise UserError(f"--epochs must be a whole number or {AUTO!r}, got {e!r}") from None
-
-    @property
-    def auto(self) -> bool:
-        return self.epochs == AUTO
-
-    @property
-    def epoch_cap(self) -> int:
-        """The epochs of the schedule: ``epochs``, or ``max_epochs`` for ``--epochs auto``."""
-        return self.max_epochs if self.auto else int(self.epochs)
 
 
 # Options that may differ when a run is resumed (they change speed or paths, not the result).

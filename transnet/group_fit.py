@@ -41,10 +41,10 @@ from common.progress import progress
 from common.rundir import RunDir
 from training.harness import TRANSNET_STREAM, Harness, epoch_seed, seed_everything
 from training.loop import make_scheduler
+from transnet.config import GROUPED  # re-exported: its old home
 from transnet.fit import FitConfig, FitStage, lr_config, make_optimizer, open_splits, start_fit, validate
 from transnet.grouped import GroupedTransNet
 
-GROUPED = ("auto", "on", "off")
 SMALL_ROW = 65_536          # source elements per row (C·H·W) up to which a GPU step is launch-bound
 
 

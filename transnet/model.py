@@ -23,11 +23,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-INPUT_NORMS = ("instance", "global", "none")
+from transnet.config import INPUT_NORMS, STD_CORRECTIONS  # re-exported: their old home
+
 EPS = 1e-5
-
-
-STD_CORRECTIONS = (0, 1)
 
 
 def instance_std(x: Tensor, eps: float = EPS, correction: int = 0, floor: float = 0.0) -> Tensor:

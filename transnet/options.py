@@ -1,13 +1,10 @@
 """Command-line pieces of the Trans-Net fit shared by ``fit-transnet`` and ``consistency``: the help
-text and the choices of the :class:`~transnet.fit.FitConfig` options."""
+text and the choices of the :class:`~transnet.config.FitConfig` options (torch-free, like the config)."""
 from __future__ import annotations
 
-from common.device import PRECISIONS
+from common.precision import PRECISIONS
 from common.ranges import positive_int_or
-from transnet.data import DATA_ON
-from transnet.fit import FIT_SCHEDULES, LOSS_SCALES
-from transnet.model import INPUT_NORMS, STD_CORRECTIONS
-from transnet.spatial import SPATIAL
+from transnet.config import DATA_ON, FIT_SCHEDULES, INPUT_NORMS, LOSS_SCALES, SPATIAL, STD_CORRECTIONS
 
 FIT_HELP = {
     "features": "kc-features file with the source (and target) features",

@@ -41,7 +41,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ from common.device import use_device
 from common.errors import UserError
 from common.provenance import sha256_file
 from common.rundir import RunDir
+from transnet.config import ImportConfig  # re-exported: its old home
 from transnet.convergence import verdict
 from transnet.data import DATA_ON, choose_placement, make_source, open_pair
 from transnet.fit import FINAL_CKPT, NO_EVAL, add_warning, in_sample_warning, model_args
@@ -71,25 +72,6 @@ IMPORT_KIND = "import-transnet"
 ASSUMPTIONS = ("input normalised by the per-sample, per-channel spatial std (the original's default, no --bn)",
                "same padding (kernel // 2) and the forward pass starting at conv 0",
                "inner and input normalisers: unbiased spatial std (std_correction 1) + eps 1e-5; s = 1 on 1x1 maps")
-
-
-@dataclass(frozen=True)
-class ImportConfig:
-    """Options of ``import-transnet``."""
-
-    checkpoint: str = ""                # the original code's Trans-Net checkpoint (.pth.tar)
-    features: str = ""                  # kc-features file with the pair's features (what the Trans-Net maps)
-    source: str = ""                    # net A (the Trans-Net's input)
-    target: str = ""                    # net B (reconstructed)
-    layer: str = ""                     # module path, e.g. features.30
-    target_features: str | None = None  # a second file for the target
-    train_split: str = "train"          # the split the original was fitted on (decides what is held-out)
-    eval_split: str = "test"            # split of the variance report in metrics.json ("none": no report)
-    std_correction: int = 1             # the original's unbiased std; 0 evaluates in the population convention
-    batch_size: int = 256
-    data_on: str = "auto"               # auto | device | ram | disk
-    device: str = "auto"
-    allow_changed_checkpoints: bool = False
 
 
 # --------------------------------------------------------------------------- the layout (pure)

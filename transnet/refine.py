@@ -20,7 +20,7 @@ this is the slicing of ``features`` plus the net's own head (pool, flatten, clas
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,26 +41,9 @@ from training.data import build_dataset
 from training.datasets import DataSpec
 from training.loop import TrainConfig, evaluate, make_loader, train
 from training.models import model_from_checkpoint
+from transnet.config import RefineConfig  # re-exported: their old home
 from transnet.fit import load_transnet
 from transnet.model import TransNet
-
-# The paper's refinement preset (transClassifier.py / its README); weight decay is ours.
-REFINE_PRESET = {"epochs": 100, "batch_size": 64, "optimizer": "adam", "lr": 1e-5, "final_lr": 1e-7,
-                 "schedule": "geometric", "weight_decay": 1e-4, "eval_every": 10}
-
-
-@dataclass(frozen=True)
-class RefineConfig:
-    net_a: str = ""                        # checkpoint of net A (input side, frozen up to the layer)
-    net_b: str = ""                        # checkpoint of net B (its upper part is fine-tuned)
-    transnet: str = ""                     # fit-transnet run directory or its transnet.pt
-    orders: str = "all"                    # orders fed to B's upper part, e.g. 0,1,2 or 0; all = every order
-    layer: str = ""                        # default: the Trans-Net's layer
-    baseline: bool = True                  # also fine-tune B on its own features (the fair baseline)
-    data_root: str | None = None           # override the data root stored in net B's checkpoint
-    allow_other_checkpoints: bool = False  # accept nets other than those the Trans-Net's features came from
-    allow_unfinished: bool = False         # use a Trans-Net whose fit did not finish (its last.pt)
-
 
 # --------------------------------------------------------------------------- splitting
 

@@ -24,8 +24,8 @@ from torch import Tensor
 
 from common.errors import UserError
 from common.registry import unknown_choice_message
+from transnet.config import SPATIAL  # re-exported: its old home
 
-SPATIAL = ("pool", "interpolate")
 RULES = {"pool": "adaptive average pooling of the source to the target's H x W",
          "interpolate": "bilinear interpolation (half-pixel centres, align_corners=False) of the source to the "
                         "target's H x W"}

@@ -249,3 +249,10 @@ def test_partial_whitening_follows_the_eigendecomposition_recipe(trio):
     zx, zy = whiten(x), whiten(y)
     want = np.arccos(np.linalg.svd(zx.T @ zy, compute_uv=False).sum() / (np.linalg.norm(zx) * np.linalg.norm(zy)))
     assert S.get_metric("shape")(x, y, alpha=alpha, features="pooled") == pytest.approx(want, rel=1e-9)
+
+
+def test_the_parsers_metric_names_are_the_registry_names():
+    from analysis import config
+    from analysis.similarity import METRICS
+
+    assert list(config.METRICS) == METRICS.names(), "update analysis/config.py METRICS"
