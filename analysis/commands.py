@@ -1,15 +1,14 @@
 """Subcommands ``consistency``, ``visualize``, ``diagnose`` and ``report``: thin wrappers that parse,
 call the ``analysis`` package and print where the results went. The parsers need only torch-free
-modules (analysis/config.py, transnet/config.py) and each run imports what it calls, except that
-``consistency`` still imports analysis/consistency.py (torch) for :class:`ConsistencyConfig` while
-its options are built (docs/internals.md, "Arguments before torch")."""
+modules (analysis/config.py, transnet/config.py) and each run imports what it calls
+(docs/internals.md, "Arguments before torch")."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
 from analysis.bootstrap import REPLICATES
-from analysis.config import VISUALS, DiagnoseConfig
+from analysis.config import PAIR_PLANS, PER_PAIR, VISUALS, ConsistencyConfig, DiagnoseConfig
 from common.finished import require_finished
 from common.options import Command, add_dataclass_args, add_run_args, dataclass_from_args
 from common.ranges import nonneg_int
@@ -46,8 +45,6 @@ CONSISTENCY_HELP = {
 # --------------------------------------------------------------------------- consistency
 
 def _add_consistency(p: argparse.ArgumentParser) -> None:
-    from analysis.consistency import PER_PAIR, ConsistencyConfig
-
     add_dataclass_args(p, ConsistencyConfig, help=CONSISTENCY_HELP,
                        choices={"grouped": list(GROUPED), "spatial": list(SPATIAL)})
     g = p.add_argument_group("Trans-Net fitting (as fit-transnet; applied to every pair)")
@@ -57,7 +54,7 @@ def _add_consistency(p: argparse.ArgumentParser) -> None:
 
 
 def _run_consistency(args: argparse.Namespace) -> None:
-    from analysis.consistency import ConsistencyConfig, run_consistency
+    from analysis.consistency import run_consistency
     from analysis.visualize import consistency_figures
 
     cfg = dataclass_from_args(ConsistencyConfig, args)
@@ -174,7 +171,7 @@ COMMANDS = [
             "pairs x fractions) and figures into --out_dir; pairs/<A>__<B> are fit-transnet run directories. "
             "With --target_layer the pairs go from --layer to that layer (cross-layer; --spatial for maps of "
             "different sizes). "
-            "Pair plans: see --pairs."),
+            f"Pair plans: {', '.join(PAIR_PLANS)}."),
     Command("visualize", "draw the figures of a study, consistency folder, similarity.json, family or Trans-Net",
             _add_visualize, _run_visualize,
             "PNG + SVG figures in one style: heatmaps (fractions on a fixed [0, 1] scale), stacked order fractions, "

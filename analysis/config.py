@@ -1,8 +1,9 @@
 """What an analysis command is asked to do, without importing torch, h5py, scipy or matplotlib: the
-configs of ``similarity`` (:class:`SimilarityConfig`) and ``diagnose`` (:class:`DiagnoseConfig`) and the
-names their options choose from. Parsers build their options from here; the computations import their
-libraries when they run. ``METRICS`` lists the names of the metric registry of analysis/similarity.py
-(tests/analysis/test_similarity_metrics.py checks that they agree)."""
+configs of ``similarity`` (:class:`SimilarityConfig`), ``consistency`` (:class:`ConsistencyConfig`) and
+``diagnose`` (:class:`DiagnoseConfig`) and the names their options choose from. Parsers build their
+options from here; the computations import their libraries when they run. ``METRICS`` lists the names
+of the metric registry of analysis/similarity.py (tests/analysis/test_similarity_metrics.py checks that
+they agree)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -60,3 +61,38 @@ class DiagnoseConfig:
     device: str = "cpu"
     allow_other_checkpoints: bool = False   # apply the Trans-Nets to features of other checkpoints
     allow_unfinished: bool = False          # read Trans-Nets whose fit did not finish
+
+
+PAIR_PLANS = ("all", "chain", "star:NAME", "A>B,C>D")
+# Fit options the consistency folder owns per pair (the rest come from the user's fit options).
+PER_PAIR = ("features", "source", "target", "layer", "target_layer", "spatial", "eval_split")
+
+
+@dataclass(frozen=True)
+class ConsistencyConfig:
+    """What to compare: the feature file, one layer, the nets and the pair plan."""
+
+    features: str = ""          # kc-features file
+    layer: str = ""             # module path, e.g. features.30
+    pairs: str = "all"          # all | chain | star:NAME | A>B,C>D (explicit ordered pairs)
+    nets: str = ""              # comma list in family order (chain order); empty: every net of the file
+    family: str = ""            # a family.json (or its folder): its members are the nets, in generation order
+    split: str = "test"         # held-out split of the variance report (fits use --train_split)
+    allow_other_checkpoints: bool = False   # --family: accept feature-file nets whose checkpoint is not the member's
+    grouped: str = "auto"       # auto | on | off: fit pairs of one build together (transnet/group_fit.py)
+    target_layer: str = ""      # the targets' layer when it is another (cross-layer pairs); "" = layer
+    spatial: str = ""           # pool | interpolate: resize sources of another H x W; "": refuse them
+
+    @property
+    def cross(self) -> bool:
+        """Source and target at different layers."""
+        return bool(self.target_layer) and self.target_layer != self.layer
+
+    @property
+    def layer_b(self) -> str:
+        return self.target_layer if self.cross else self.layer
+
+    @property
+    def label(self) -> str:
+        """The layer, or ``L -> L2`` of a cross-layer study (titles, log lines)."""
+        return f"{self.layer} -> {self.layer_b}" if self.cross else self.layer

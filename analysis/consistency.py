@@ -47,10 +47,11 @@ import math
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
+from analysis.config import PAIR_PLANS, PER_PAIR, ConsistencyConfig  # noqa: F401 (re-exported)
 from common.device import use_device
 from common.distributed import dist_from_env
 from common.errors import UserError
@@ -67,43 +68,10 @@ from transnet.original import IMPORT_KIND
 from transnet.spatial import SPATIAL, check_spatial_name, spatial_plan
 from transnet.variance_file import variance_filename
 
-PAIR_PLANS = ("all", "chain", "star:NAME", "A>B,C>D")
 PAIR_SEP = "__"
-# Fit options the consistency folder owns per pair (the rest come from the user's fit options).
-PER_PAIR = ("features", "source", "target", "layer", "target_layer", "spatial", "eval_split")
 BASE_COLUMNS = ("source", "target", "layer", "split", "held_out", "n_samples", "var_target")
 TAIL_COLUMNS = ("var_residual", "fraction_residual", "r2", "mse")
 CROSS_COLUMNS = ("source_layer", "target_layer", "spatial")   # after "layer", in tables with a cross-layer row
-
-
-@dataclass(frozen=True)
-class ConsistencyConfig:
-    """What to compare: the feature file, one layer, the nets and the pair plan."""
-
-    features: str = ""          # kc-features file
-    layer: str = ""             # module path, e.g. features.30
-    pairs: str = "all"          # all | chain | star:NAME | A>B,C>D (explicit ordered pairs)
-    nets: str = ""              # comma list in family order (chain order); empty: every net of the file
-    family: str = ""            # a family.json (or its folder): its members are the nets, in generation order
-    split: str = "test"         # held-out split of the variance report (fits use --train_split)
-    allow_other_checkpoints: bool = False   # --family: accept feature-file nets whose checkpoint is not the member's
-    grouped: str = "auto"       # auto | on | off: fit pairs of one build together (transnet/group_fit.py)
-    target_layer: str = ""      # the targets' layer when it is another (cross-layer pairs); "" = layer
-    spatial: str = ""           # pool | interpolate: resize sources of another H x W; "": refuse them
-
-    @property
-    def cross(self) -> bool:
-        """Source and target at different layers."""
-        return bool(self.target_layer) and self.target_layer != self.layer
-
-    @property
-    def layer_b(self) -> str:
-        return self.target_layer if self.cross else self.layer
-
-    @property
-    def label(self) -> str:
-        """The layer, or ``L -> L2`` of a cross-layer study (titles, log lines)."""
-        return f"{self.layer} -> {self.layer_b}" if self.cross else self.layer
 
 
 # --------------------------------------------------------------------------- pair plans (pure)

@@ -37,7 +37,7 @@ BAD_ARGS["import-features"] += [["--net", "a=x.npy", "--out", "f.h5", "--tokens"
 # its entry (delete it then). ``consistency`` builds its options from ConsistencyConfig, which lives in
 # analysis/consistency.py, left there while other branches edit that module; it moves (with PAIR_PLANS and
 # PER_PAIR) to analysis/config.py next. The overall --help builds every parser and so waits for it too.
-PENDING = {"consistency": "ConsistencyConfig is defined in analysis/consistency.py (torch)"}
+PENDING: dict[str, str] = {}     # command -> why its parser still imports a heavy library (none left)
 
 _PROBE = r"""
 import contextlib, io, json, sys
