@@ -160,7 +160,8 @@ def read_study_folder(root: str | os.PathLike) -> StudyFolder:
         if d.is_dir():
             add_consistency(st, d)
     for part in (SIMILARITY, LAYER_MATRIX):
-        for p in sorted((root / part).glob("*/similarity.json")) if (root / part).is_dir() else []:
+        found = sorted((root / part).glob("*/similarity.json")) if (root / part).is_dir() else []
+        for p in _in_study_order(found, st.info) if part == LAYER_MATRIX else found:
             add_similarity(st, p)
     diag_root = root / DIAGNOSIS
     found = sorted(diag_root.glob("*/diagnosis.json")) + sorted(diag_root.glob("*/*/diagnosis.json"))
@@ -170,6 +171,13 @@ def read_study_folder(root: str | os.PathLike) -> StudyFolder:
         if d.is_dir() and not (d / "diagnosis.json").is_file() and not any(d.glob("*/diagnosis.json")):
             st.warnings.append(f"{d.relative_to(root)} has no diagnosis.json: the diagnose run did not finish")
     return st
+
+
+def _in_study_order(paths: list[Path], info: dict[str, Any] | None) -> list[Path]:
+    """Layer-matrix runs in the order of the study file's ``layer_matrix.nets`` (others after them)."""
+    nets = ((info or {}).get("layer_matrix") or {}).get("nets") or []
+    order = {f"{n[0]}__{n[-1]}": i for i, n in enumerate(nets) if isinstance(n, list) and n}
+    return sorted(paths, key=lambda p: (order.get(p.parent.name, len(order)), p.parent.name))
 
 
 def add_consistency(st: StudyFolder, d: Path) -> None:

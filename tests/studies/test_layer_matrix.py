@@ -163,6 +163,7 @@ def test_the_report_shows_each_layer_heatmap_with_its_caption_and_loads_in_a_bro
     assert f"on the test split ({body['n_samples']} images)" in cap.group(1)
     assert f"convention: {body['layers']['metrics']['cka']['convention']}" in cap.group(1)
     assert "seed0 against itself" in html
+    assert md.index("### seed0 (rows) against seed1 (columns)") < md.index("### seed0 against itself")   # the study file's order
     srcs = re.findall(r'src="(data:image/png;base64,[^"]+)"', html)
     assert len(srcs) == len(re.findall(r"!\[", md))
     check = check_page(out / "report.html", tmp_path / "browser")
