@@ -29,8 +29,9 @@ CONSISTENCY_HELP = {
              "--train_split gives in-sample reports, labelled held_out false with a warning in the table)",
     "allow_other_checkpoints": "with --family: use feature-file nets whose checkpoint sha256 is not the member's",
     "grouped": "fit pairs of one build (channels, options, training rows) together as one grouped model, each "
-               "pair equal to its separate fit: auto (on CUDA, in one process, when a source row has at most "
-               "65,536 values: small layers, where separate fits are launch-bound), on (also on the CPU), off",
+               "pair equal to its separate fit: auto (in one process, for small layers: a source row of at most "
+               "65,536 values on CUDA, where separate fits are launch-bound, 4,096 on the CPU), on (wherever "
+               "pairs allow it), off",
     "target_layer": "cross-layer pairs: the targets' layer (module path), another than --layer, e.g. --layer "
                     "features.20 --target_layer features.30 fits A at features.20 -> B at features.30; a net may "
                     "then map onto itself (A>A; the plan all includes it); pair folders are pairs/<A>@<L>__<B>@<L2>. "

@@ -95,9 +95,10 @@ def test_what_groups(planted, tmp_path):
     jobs = _jobs(planted, tmp_path)
     assert [len(g) for g in plan_groups(jobs, "on", cpu)] == [4]
     assert [len(g) for g in plan_groups(jobs, "off", cpu)] == [1, 1, 1, 1]
-    assert [len(g) for g in plan_groups(jobs, "auto", cpu)] == [1, 1, 1, 1]      # the CPU is not launch-bound
+    assert [len(g) for g in plan_groups(jobs, "auto", cpu)] == [4]               # 4x4x4 maps: small on the CPU too
     assert [len(g) for g in plan_groups(jobs, "on", cpu, world=2)] == [1, 1, 1, 1]
     assert pays("auto", cuda, 64 * 4 * 4, 1) and not pays("auto", cuda, 512 * 28 * 28, 1)
+    assert pays("auto", cpu, 64 * 8 * 8, 1) and not pays("auto", cpu, 64 * 16 * 16, 1)
     # other options, other groups: the fits keep their own settings
     mixed = jobs[:2] + [replace(j, cfg=replace(j.cfg, lr=0.01)) for j in jobs[2:]]
     assert [[j.cfg.source + j.cfg.target for j in g] for g in plan_groups(mixed, "on", cpu)] == [["ab", "ac"],
