@@ -38,6 +38,7 @@ from analysis.sources import (
     load_matrix,
     n_rows,
     row_blocks,
+    row_dim,
 )
 from common.errors import UserError
 from common.registry import unknown_choice_message
@@ -81,6 +82,22 @@ def rows_per_sample(x: Any, mode: str) -> int:
     """How many CCA rows one image gives (H·W for ``positions``, else 1)."""
     src = as_source(x)
     return int(np.prod(src.shape[2:], dtype=np.int64)) if mode == "positions" and len(src.shape) > 2 else 1
+
+
+def matched_sources(sources: Any, features: str, names: Any = None) -> tuple[list[Any], int, list[str], int,
+                                                                              list[int]]:
+    """The nets' features as sources with their common row count, names, CCA rows per image (one
+    spatial size in every net for ``positions``) and each net's view dimension (channels, or the flat
+    row for ``flat``)."""
+    srcs = [as_source(s) for s in sources]
+    n = check_same_rows(*srcs)
+    names = list(names) if names else [str(i) for i in range(len(srcs))]
+    per = [rows_per_sample(s, features) for s in srcs]
+    if len(set(per)) > 1:
+        raise UserError(f"--cca_features positions needs the same spatial size in every net; positions per image: "
+                        f"{per}; use --cca_features pooled, or --spatial pool|interpolate")
+    dims = [int(s.shape[1]) if features != "flat" and len(s.shape) > 2 else row_dim(s) for s in srcs]
+    return srcs, n, names, per[0], dims
 
 
 def storage_eps(dtype: Any) -> float:

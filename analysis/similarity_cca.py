@@ -24,12 +24,12 @@ from analysis.cca import (
     cca_data,
     check_cca_dims,
     check_keep,
+    matched_sources,
     pwcca_value,
-    rows_per_sample,
     storage_eps,
 )
 from analysis.similarity_results import MatrixResult, fill_symmetric, gib, permutation_indices
-from analysis.sources import BLOCK_BYTES, SimilarityError, as_source, check_same_rows, row_dim
+from analysis.sources import BLOCK_BYTES, SimilarityError
 from common.errors import UserError
 from common.progress import progress
 from common.registry import unknown_choice_message
@@ -112,15 +112,8 @@ def cca_matrices(sources: Sequence[Any], metrics: Sequence[str], *, features: st
     opts.check()
     metrics = [m for m in metrics if m in CCA_FAMILY]
     block_bytes = min(block_bytes, max(1 << 12, memory_bytes // 8))
-    srcs = [as_source(s) for s in sources]
-    n, k = check_same_rows(*srcs), len(srcs)
-    names = list(names) if names else [str(i) for i in range(k)]
-    per = [rows_per_sample(s, features) for s in srcs]
-    if len(set(per)) > 1:
-        raise UserError(f"--cca_features positions needs the same spatial size in every net; positions per image: "
-                        f"{per}; use --cca_features pooled, or --spatial pool|interpolate")
-    hw, rows = per[0], n * per[0]
-    cdims = [int(s.shape[1]) if features != "flat" and len(s.shape) > 2 else row_dim(s) for s in srcs]
+    srcs, n, names, hw, cdims = matched_sources(sources, features, names)
+    k, rows = len(srcs), n * hw
     res: dict[str, MatrixResult] = {}
     needed_by: dict[str, set[int]] = {}
     for m in metrics:

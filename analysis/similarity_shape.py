@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from analysis.cca import CCAView, cca_data, rows_per_sample, storage_eps
+from analysis.cca import CCAView, cca_data, matched_sources, storage_eps
 from analysis.similarity_results import MatrixResult, fill_symmetric, permutation_indices
-from analysis.sources import SimilarityError, as_source, check_same_rows, row_dim
+from analysis.sources import SimilarityError, as_source, check_same_rows
 from common.errors import UserError
 from common.progress import progress
 
@@ -73,15 +73,8 @@ def shape_matrix(sources: Sequence[Any], *, alpha: float = 1.0, features: str = 
                  permutations: int = 0, seed: int = 0, names: Sequence[str] | None = None) -> MatrixResult:
     """``shape`` over every pair (symmetric), refused pairs decided before any SVD, with the null."""
     check_alpha(alpha)
-    srcs = [as_source(s) for s in sources]
-    n, k = check_same_rows(*srcs), len(srcs)
-    names = list(names) if names else [str(i) for i in range(k)]
-    per = [rows_per_sample(s, features) for s in srcs]
-    if len(set(per)) > 1:
-        raise UserError(f"--cca_features positions needs the same spatial size in every net; positions per image: "
-                        f"{per}; use --cca_features pooled, or --spatial pool|interpolate")
-    hw, rows = per[0], n * per[0]
-    dims = [int(s.shape[1]) if features != "flat" and len(s.shape) > 2 else row_dim(s) for s in srcs]
+    srcs, n, names, hw, dims = matched_sources(sources, features, names)
+    k, rows = len(srcs), n * hw
     r = MatrixResult("shape", "distance", np.full((k, k), np.nan),
                      np.full((permutations, k, k), np.nan) if permutations else None,
                      {"shape_alpha": alpha, "cca_features": features, "units": "radians, in [0, pi/2]",
