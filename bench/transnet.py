@@ -37,15 +37,17 @@ sys.path.insert(0, str(ROOT))
 import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-from common.device import use_device  # noqa: E402
+from common.device import precision_autocast, use_device  # noqa: E402
 from common.files import write_json  # noqa: E402
 from common.provenance import now_utc, provenance  # noqa: E402
 from features.store import create_features, init_root, init_split, mark_complete  # noqa: E402
 from training.loop import make_scheduler  # noqa: E402
 from transnet.data import BlockPairs, choose_placement, make_source, open_pair  # noqa: E402
-from transnet.fit import FitConfig, lr_config, make_optimizer, train_epoch  # noqa: E402
+from transnet.fit import COMPILE_MODES, FitConfig, compiled, lr_config, make_optimizer, train_epoch  # noqa: E402
 from transnet.model import TransNet, TransNetConfig, n_parameters  # noqa: E402
 
 LAYER = "features.30"
@@ -115,15 +117,48 @@ class Trainer:
         self.sched = make_scheduler(self.opt, lr_config(cfg), steps)
         self.amp = args.amp
         self.steps = steps
+        self.step = compiled(self.model, args.compile)          # the fit's --compile
 
     def epoch(self, batches) -> tuple[float, int]:
         _sync(self.device)
         t0 = time.perf_counter()
-        st = train_epoch(self.model, self.model, self.opt, self.sched, batches, [0.1] * self.model.orders, 1.0,
+        st = train_epoch(self.model, self.step, self.opt, self.sched, batches, [0.1] * self.model.orders, 1.0,
                          self.device, "bf16" if self.amp else "tf32", self.cl, self.steps, "bench")
         float(st["loss_sum"])                      # the per-epoch sync the fit does too
         _sync(self.device)
         return time.perf_counter() - t0, st["rows"]
+
+
+class ConvCeiling(Trainer):
+    """The Trans-Net's convolutions alone: ``orders + 1`` bias-free k x k convolutions of C channels in a
+    chain, forward, backward and Adam, at the fit's precision and memory format; no normaliser, gates,
+    ReLUs or data path. What the fit could reach if everything but its convolutions were free."""
+
+    def __init__(self, args, device: torch.device, steps: int):
+        super().__init__(args, device, steps)
+        c, k = args.channels, args.kernel
+        self.convs = nn.Sequential(*[nn.Conv2d(c, c, k, padding=k // 2, bias=False)
+                                     for _ in range(args.orders + 1)]).to(device)
+        if self.cl:
+            self.convs = self.convs.to(memory_format=torch.channels_last)
+        self.opt = torch.optim.Adam(self.convs.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
+
+    def epoch(self, batches) -> tuple[float, int]:
+        _sync(self.device)
+        t0 = time.perf_counter()
+        rows = 0
+        for xa, xb in batches:
+            if self.cl:
+                xa = xa.contiguous(memory_format=torch.channels_last)
+            with precision_autocast(self.device, "bf16" if self.amp else "tf32"):
+                y = self.convs(xa)
+            loss = F.mse_loss(y.float(), xb)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            rows += xa.shape[0]
+        _sync(self.device)
+        return time.perf_counter() - t0, rows
 
 
 def timed(trainer: Trainer, make_batches, epochs: int) -> dict:
@@ -166,6 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--data_on", default="auto", choices=["auto", "device", "ram", "disk"])
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
     p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--compile", default="off", choices=COMPILE_MODES, help="the fit's --compile (torch.compile mode)")
     p.add_argument("--disk", action=argparse.BooleanOptionalAction, default=True, help="also time the HDF5-block path")
     p.add_argument("--block_rows", type=int, default=256)
     p.add_argument("--pickle_n", type=int, default=512, help="samples for the pickle baseline (scaled to --n)")
@@ -209,6 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
             return ((xa[i * gb:(i + 1) * gb], xb[i * gb:(i + 1) * gb]) for i in range(steps))
 
         result["compute"] = timed(tr, pure, args.epochs)
+        result["conv"] = timed(ConvCeiling(args, device, steps), pure, args.epochs)
         del xa, xb
 
         # ---- 2. real epoch from the file (the fit's placement and batch source)
@@ -252,6 +289,7 @@ def main(argv: list[str] | None = None) -> dict:
         # ---- summary
         real_s = result["real"]["epoch_s"]
         result["compute_over_real"] = result["compute"]["epoch_s"] / real_s
+        result["conv_over_real"] = result["conv"]["epoch_s"] / real_s     # the fit's fraction of the conv ceiling
         result["speedup_over_pickles"] = pk["epoch_s_scaled_to_n"] / real_s
         if "disk" in result:
             result["compute_over_disk"] = result["compute"]["epoch_s"] / result["disk"]["epoch_s"]
@@ -268,6 +306,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"Trans-Net K={args.orders} k={args.kernel} on {n} x {c}x{s}x{s} ({args.dtype} file, "
           f"{result['feature_mb']:.0f} MB for both nets), batch {b}, {dev}:")
     print(f"  compute ceiling       {result['compute']['epoch_s']:.3f} s/epoch ({result['compute']['samples_per_s']:.0f} samples/s)")
+    print(f"  convolutions alone    {result['conv']['epoch_s']:.3f} s/epoch -> the real epoch runs at "
+          f"{result['conv_over_real']:.2f} of the speed of its {args.orders + 1} {args.kernel}x{args.kernel} convolutions alone")
     print(f"  real epoch ({result['real']['placement']:>9}) {real_s:.3f} s/epoch  -> compute/real = "
           f"{result['compute_over_real']:.2f} (target >= 0.9 in memory); load {result['load_s']:.2f} s")
     if "disk" in result:

@@ -17,6 +17,7 @@ SPATIAL = ("pool", "interpolate")                # cross-layer maps of other siz
                                                  # (transnet/spatial.py); "" refuses them
 GROUPED = ("auto", "on", "off")                  # consistency: fit the pairs of one build together (group_fit.py)
 AUTO = "auto"                                    # --epochs auto: stop on a plateau of the validation loss
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")   # torch.compile of the training step
 
 # The paper's refinement preset (transClassifier.py / its README); weight decay is ours.
 REFINE_PRESET = {"epochs": 100, "batch_size": 64, "optimizer": "adam", "lr": 1e-5, "final_lr": 1e-7,
@@ -64,6 +65,7 @@ class FitConfig:
     device: str = "auto"
     precision: str = "fp32"             # CUDA arithmetic: fp32 (paper, TF32 off) | tf32 | bf16; CPU: always fp32
     channels_last: bool = True          # CUDA only
+    compile: str = "off"                # torch.compile mode of the training forward (off: eager)
     seed: int = 0
     allow_changed_checkpoints: bool = False   # use features whose checkpoint changed since extraction
 

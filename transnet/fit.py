@@ -73,6 +73,7 @@ from common.rundir import RunDir
 from training.harness import TRANSNET_STREAM, Harness, Plan, save_state
 from training.loop import TrainConfig, make_scheduler
 from transnet.config import (  # re-exported: their old home
+    COMPILE_MODES,
     FIT_SCHEDULES,
     LOSS_SCALES,
     FitConfig,
@@ -103,7 +104,7 @@ LAST_CKPT = "last.pt"
 
 # Options that may differ when a run is resumed (they change speed or paths, not the result).
 RESUME_FREE = ("features", "target_features", "device", "data_on", "block_rows", "eval_every", "save_every",
-               "channels_last", "allow_changed_checkpoints")
+               "channels_last", "compile", "allow_changed_checkpoints")
 
 
 class DivergenceError(UserError):
@@ -140,7 +141,7 @@ def validate(cfg: FitConfig) -> list[float]:
         if not getattr(cfg, name):
             raise UserError(f"--{name} is required")
     checks = [("input_norm", INPUT_NORMS), ("schedule", FIT_SCHEDULES), ("loss_scale", LOSS_SCALES),
-              ("data_on", DATA_ON), ("precision", PRECISIONS)]
+              ("data_on", DATA_ON), ("precision", PRECISIONS), ("compile", COMPILE_MODES)]
     for name, valid in checks:
         if getattr(cfg, name) not in valid:
             raise UserError(f"unknown --{name} {getattr(cfg, name)!r}; valid: {', '.join(valid)}")
@@ -196,6 +197,12 @@ def build_transnet(cfg: FitConfig, info: PairInfo) -> TransNet:
 def model_args(model: TransNet) -> dict[str, Any]:
     """The checkpoint's ``model_args``: the model's TransNetConfig as a dict."""
     return asdict(model.cfg)
+
+
+def compiled(module: nn.Module, mode: str) -> nn.Module:
+    """``module`` under ``torch.compile`` in ``mode`` (``--compile``), or itself for ``off``. Its
+    parameters stay the module's, so the optimiser, checkpoints and the eager evaluation see one model."""
+    return module if mode == "off" else torch.compile(module, mode=mode)
 
 
 def make_optimizer(model: nn.Module, cfg: FitConfig) -> torch.optim.Optimizer:
@@ -379,6 +386,7 @@ class FitStage:
         self._warnings()
         self.last_rep: dict[str, Any] | None = None
         self.group = None       # a transnet.group_fit.FitGroup when this pair trains with others
+        self.step: nn.Module | None = None
 
     # ---- data
     def _data(self) -> None:
@@ -449,8 +457,10 @@ class FitStage:
         cfg, w = self.cfg, self.workers
         if self.group is not None:                 # trained together with other pairs (transnet/group_fit.py)
             return self.epoch_fields(self.group.pair_stats(self))
+        if self.step is None:                      # the training forward, compiled once (--compile)
+            self.step = compiled(step_model, cfg.compile)
         batches = self.train_src.batches(cfg.batch_size, cfg.seed, epoch, w.rank, w.world)
-        st = train_epoch(self.model, step_model, self.optimizer, self.scheduler, batches, self.alphas,
+        st = train_epoch(self.model, self.step, self.optimizer, self.scheduler, batches, self.alphas,
                          self.mse_scale, self.device, cfg.precision, self.channels_last, self.steps,
                          "fit", epoch=(epoch, cfg.epoch_cap))
         return self.epoch_fields(st)

@@ -43,7 +43,16 @@ from common.rundir import RunDir
 from training.harness import TRANSNET_STREAM, Harness, epoch_seed, seed_everything
 from training.loop import make_scheduler
 from transnet.config import GROUPED  # re-exported: its old home
-from transnet.fit import FitConfig, FitStage, lr_config, make_optimizer, open_splits, start_fit, validate
+from transnet.fit import (
+    FitConfig,
+    FitStage,
+    compiled,
+    lr_config,
+    make_optimizer,
+    open_splits,
+    start_fit,
+    validate,
+)
 from transnet.grouped import GroupedTransNet
 
 SMALL_ROW = 65_536          # source elements per row (C·H·W) up to which a GPU step is launch-bound
@@ -135,6 +144,7 @@ class FitGroup:
         self.model = GroupedTransNet([s.model for s in self.stages]).to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.step = compiled(self.model, self.cfg.compile)          # the training forward (--compile)
         self.optimizer = make_optimizer(self.model, self.cfg)
         self.scheduler = make_scheduler(self.optimizer, lr_config(self.cfg), s0.steps)
         self.inv_scale = torch.tensor([1.0 / s.mse_scale for s in self.stages], device=self.device)
@@ -200,7 +210,7 @@ class FitGroup:
             if self.channels_last:
                 xa = xa.contiguous(memory_format=torch.channels_last)
             with precision_autocast(self.device, cfg.precision):
-                yhat = self.model(xa)
+                yhat = self.step(xa)
             mse = self.model.pair_mse(yhat, xb)                                   # (K,)
             loss = mse * self.inv_scale + self.model.pair_penalties(self.alphas)  # (K,) each pair's own loss
             self.optimizer.zero_grad(set_to_none=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from common.precision import PRECISIONS
 from common.ranges import positive_int_or
-from transnet.config import DATA_ON, FIT_SCHEDULES, INPUT_NORMS, LOSS_SCALES, SPATIAL, STD_CORRECTIONS
+from transnet.config import COMPILE_MODES, DATA_ON, FIT_SCHEDULES, INPUT_NORMS, LOSS_SCALES, SPATIAL, STD_CORRECTIONS
 
 FIT_HELP = {
     "features": "kc-features file with the source (and target) features",
@@ -59,13 +59,16 @@ FIT_HELP = {
                  "cores for convs and matmuls) or bf16 (bf16 autocast); on the CPU every choice computes in fp32 "
                  "(metrics.json records precision and precision_effective)",
     "channels_last": "channels_last memory format on CUDA", "seed": "random seed",
+    "compile": "torch.compile the training forward: off (eager), default (inductor: the instance std, gates and "
+               "ReLUs fused around the convolutions), reduce-overhead (also CUDA graphs: for small, launch-bound "
+               "fits) or max-autotune; the first epoch pays the compilation; results equal eager to float tolerance",
 }
 
 
 # Choices of the fit options (fit-transnet and consistency).
 FIT_CHOICES = {"input_norm": list(INPUT_NORMS), "schedule": list(FIT_SCHEDULES), "loss_scale": list(LOSS_SCALES),
                "data_on": list(DATA_ON), "precision": list(PRECISIONS), "std_correction": list(STD_CORRECTIONS),
-               "spatial": list(SPATIAL)}
+               "spatial": list(SPATIAL), "compile": list(COMPILE_MODES)}
 
 # Types of the fit options whose range is not the one their name has in common.ranges.OPTION_TYPES.
 FIT_TYPES = {"epochs": positive_int_or("auto")}

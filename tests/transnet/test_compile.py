@@ -1,0 +1,48 @@
+"""``--compile``: a fit whose training forward runs under torch.compile (inductor) equals the eager fit
+to float tolerance, alone and fitted together with other pairs; an unknown mode is refused."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from common.checkpoints import load_checkpoint
+from common.errors import UserError
+from tests.fakedata import FAST_FIT, planted_features
+from transnet.fit import fit_transnet
+from transnet.group_fit import FitJob, fit_group
+
+FIT = replace(FAST_FIT, orders=2, kernel=3, input_norm="instance", epochs=3, lr=0.01, eval_every=3, save_every=3)
+
+
+def _same(a, b):
+    sa, sb = load_checkpoint(a / "transnet.pt")["state_dict"], load_checkpoint(b / "transnet.pt")["state_dict"]
+    for k, v in sa.items():
+        assert torch.allclose(v, sb[k], rtol=1e-4, atol=1e-5), (k, (v - sb[k]).abs().max())
+    ra, rb = (json.loads((d / "metrics.json").read_text())["r2"] for d in (a, b))
+    assert rb == pytest.approx(ra, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_a_compiled_fit_equals_the_eager_fit_alone_and_together(tmp_path, monkeypatch):
+    calls, real = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: calls.append(kw["mode"]) or real(m, **kw))
+    planted = planted_features(tmp_path / "planted.h5")
+    pairs = [("a", "b"), ("b", "a")]
+    cfgs = [replace(FIT, features=str(planted), source=s, target=t, layer="conv") for s, t in pairs]
+    for c in cfgs:
+        fit_transnet(c, tmp_path / "eager" / c.source)
+        fit_transnet(replace(c, compile="default"), tmp_path / "compiled" / c.source)
+        _same(tmp_path / "eager" / c.source, tmp_path / "compiled" / c.source)
+    fit_group([FitJob(replace(c, compile="default"), tmp_path / "together" / c.source) for c in cfgs])
+    for c in cfgs:
+        _same(tmp_path / "eager" / c.source, tmp_path / "together" / c.source)
+    assert calls == ["default"] * 3                    # each compiled fit, and the group, compiled its forward once
+    assert json.loads((tmp_path / "compiled" / "a" / "config.json").read_text())["config"]["compile"] == "default"
+
+
+def test_an_unknown_compile_mode_is_refused(tmp_path):
+    with pytest.raises(UserError, match="unknown --compile 'fast'; valid: off, default, reduce-overhead, max-autotune"):
+        fit_transnet(replace(FIT, features="f.h5", source="a", target="b", layer="conv", compile="fast"), tmp_path)
