@@ -16,8 +16,7 @@ import numpy as np
 from analysis.sources import as_source, row_blocks
 from common.errors import UserError
 from common.registry import unknown_choice_message
-
-SPATIAL = ("pool", "interpolate")
+from transnet.config import SPATIAL  # re-exported: one owner of the names (transnet/config.py)
 
 
 def axis_matrix(size: int, out: int, mode: str) -> np.ndarray:

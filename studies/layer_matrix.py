@@ -16,7 +16,7 @@ from studies.cache import Stage
 from studies.spec import LayerMatrixSpec
 
 StudyRunner = Any       # studies.runner.StudyRunner (which imports this module): root, study, log, extract_into,
-                        # extracted, _member_hashes, _done_key
+                        # extracted, member_hashes, done_key
 
 EXTRACT_STAGE = f"{LAYER_MATRIX}/extract"
 
@@ -38,7 +38,7 @@ def _extract_stage(runner: StudyRunner, lm: LayerMatrixSpec) -> Stage:
 
     def key() -> dict[str, Any]:
         return {"extract": asdict(runner.study.extract), "data": asdict(runner.study.data),
-                "members": runner._member_hashes(names), "layers": list(lm.layers), "split": lm.split}
+                "members": runner.member_hashes(names), "layers": list(lm.layers), "split": lm.split}
 
     def run(mode: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -52,7 +52,7 @@ def _matrix_stage(runner: StudyRunner, lm: LayerMatrixSpec, nets: tuple[str, ...
     out = layer_matrix_dir(runner.root, nets)
 
     def key() -> dict[str, Any]:
-        return {"extract": runner._done_key(EXTRACT_STAGE), **asdict(lm), "nets": list(nets)}
+        return {"extract": runner.done_key(EXTRACT_STAGE), **asdict(lm), "nets": list(nets)}
 
     def run(mode: str) -> None:
         from analysis.similarity_layers import write_layer_similarity

@@ -85,7 +85,7 @@ class StudyRunner:
                 out.setdefault(m.name, m)
         return out
 
-    def _member_hashes(self, names: Sequence[str] | None = None) -> dict[str, str]:
+    def member_hashes(self, names: Sequence[str] | None = None) -> dict[str, str]:
         members = self.all_members()
         names = sorted(members) if names is None else names
         return {n: sha256_file(members[n].checkpoint) for n in names if n in members}
@@ -109,12 +109,12 @@ class StudyRunner:
         st += layer_matrix_stages(self)
         if s.report:
             upstream = [x.name for x in st]
-            st.append(Stage("report", lambda: {"upstream": [self._done_key(n) for n in upstream]},
+            st.append(Stage("report", lambda: {"upstream": [self.done_key(n) for n in upstream]},
                             self._run_report, lambda: (self.root / REPORT_HTML).exists(),
                             (self.root / FIGURES,)))
         return st
 
-    def _done_key(self, name: str) -> str | None:
+    def done_key(self, name: str) -> str | None:
         """The key of an upstream stage: as computed in this run (or plan), else as last recorded."""
         if name in self._keys:
             return self._keys[name]
@@ -128,10 +128,10 @@ class StudyRunner:
             k = {**base_key, "kind": kind, "options": opts}
             if kind == "distill":  # the teacher is another member: its content is an input
                 teacher = str(opts.get("teacher", ""))
-                k["teacher_sha256"] = self._member_hashes([teacher]).get(teacher)
+                k["teacher_sha256"] = self.member_hashes([teacher]).get(teacher)
             alias = self.first_alias(kind, opts)
             if alias:              # a reused member's checkpoint is an input too
-                k["reuses"] = {alias[0]: self._member_hashes([alias[0]]).get(alias[0])}
+                k["reuses"] = {alias[0]: self.member_hashes([alias[0]]).get(alias[0])}
             return k
 
         def ok() -> bool:
@@ -302,7 +302,7 @@ class StudyRunner:
     # -- extraction
     def _extract_key(self) -> dict[str, Any]:
         return {"extract": asdict(self.study.extract), "data": asdict(self.study.data),
-                "members": self._member_hashes()}
+                "members": self.member_hashes()}
 
     def _extract_ok(self) -> bool:
         e = self.study.extract
@@ -384,7 +384,7 @@ class StudyRunner:
 
         def key() -> dict[str, Any]:
             nets, pairs = self.expand_pairs()
-            return {"extract": self._done_key("extract"), "layer": layer, "fit": asdict(self._fit_config()),
+            return {"extract": self.done_key("extract"), "layer": layer, "fit": asdict(self._fit_config()),
                     "pairs": pairs}
 
         def run(mode: str) -> None:
@@ -420,7 +420,7 @@ class StudyRunner:
         out = layer_dir(self.root, SIMILARITY, layer)
 
         def key() -> dict[str, Any]:
-            return {"extract": self._done_key("extract"), "layer": layer, "metrics": list(self.study.baselines),
+            return {"extract": self.done_key("extract"), "layer": layer, "metrics": list(self.study.baselines),
                     "nets": self.expand_pairs()[0], "split": self.study.similarity_split,
                     "permutations": self.study.permutations}
 
@@ -440,7 +440,7 @@ class StudyRunner:
         a, b = self.study.diagnose  # type: ignore[misc]
 
         def key() -> dict[str, Any]:
-            return {"consistency": self._done_key(f"consistency/{layer}"), "pair": [a, b]}
+            return {"consistency": self.done_key(f"consistency/{layer}"), "pair": [a, b]}
 
         def run(mode: str) -> None:
             from analysis.diagnose import run_diagnosis

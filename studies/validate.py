@@ -12,6 +12,7 @@ problem.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from typing import Any
@@ -382,10 +383,8 @@ def _layer_names(requests: tuple[str, ...]) -> list[str]:
 
     out = []
     for r in requests:
-        try:
+        with contextlib.suppress(UserError):    # a malformed request: reported by the extract checks
             out.append(layer_name(str(r)))
-        except UserError:            # a malformed request: reported by the extract checks
-            pass
     return out
 
 

@@ -151,6 +151,7 @@ class FitGroup:
         self.alphas = torch.tensor(s0.alphas, dtype=torch.float32, device=self.device)
         self._gather_state()
         self.stats: dict[str, Any] = {}
+        self.index = {id(s): g for g, s in enumerate(self.stages)}
         for s in self.stages:
             s.group = self
 
@@ -228,8 +229,7 @@ class FitGroup:
 
     def pair_stats(self, stage: FitStage) -> dict[str, Any]:
         """Stage's sums of the epoch just trained (``train_epoch``'s dict) and its share of the time."""
-        g = self.stages.index(stage)
-        st = self.stats
+        g, st = self.index[id(stage)], self.stats
         return {"mse_sum": st["mse"][g], "loss_sum": st["loss"][g], "steps": st["steps"], "rows": st["rows"],
                 "epoch_time_s": st["time"] / len(self.stages)}
 
