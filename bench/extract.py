@@ -7,9 +7,13 @@
     extraction syncs before it marks a dataset complete); (b') the same with HDF5's fletcher32 checksum
     on every row (chunks allocated as written), as ``extract`` writes by default: the checksum's cost is
     reported as (b') / (b);
-(c) extraction: ``features.extract.extract_features`` over a synthetic data set of ``--n`` images
-    (loading, host<->device copies, the non-finite checks, the writer thread, flushes and the progress
-    bookkeeping);
+(c) extraction: ``features.extract.extract_features`` over ``--n`` images (loading, host<->device
+    copies, the non-finite checks, the writer thread, flushes and the progress bookkeeping): a synthetic
+    data set of ready tensors (``--data synthetic``), or the real Animal-MNIST training images resized to
+    ``--image_size`` (``--data animal-mnist``), read through the DataLoader (``--data_on loader``: decoded
+    and resized every run), from the decoded-once uint8 cache held on the device (``device``; the cache
+    is built before the timed runs, its seconds reported as ``decode_once_s``), or both in turn (``both``:
+    (c) is the faster, each path's figure kept);
 (d) the non-finite check alone (``features.nonfinite.value_range`` on the device-resident outputs of (a)),
     reported as its time relative to the forward pass of (a).
 (a), (b) and (c) are repeated ``--repeats`` times, interleaved, and the best of each is kept (the load
@@ -20,6 +24,7 @@ extraction of N and of 4N images in fresh child processes (it must not grow with
     python bench/extract.py                                  # CPU default: vgg16_bn features.30 at 32 px
     python bench/extract.py --device cuda --image_size 224 --n 8192 --batch_size 256 --precision bf16 \\
         --channels_last --num_workers 8                      # the GPU setting of design.md
+    python bench/extract.py --data animal-mnist --data_on both   # real images: the loader vs the device cache
 """
 from __future__ import annotations
 
@@ -45,9 +50,14 @@ from common.provenance import provenance  # noqa: E402
 from features import store  # noqa: E402
 from features.extract import ExtractConfig, extract_features  # noqa: E402
 from features.layers import build_extractor, output_shapes, resolve_layer  # noqa: E402
-from features.nets import FeatureData, Net  # noqa: E402
+from features.nets import FeatureData, Net, build_feature_data  # noqa: E402
 from features.nonfinite import value_range  # noqa: E402
+from training.data import build_dataset, transform_spec  # noqa: E402
+from training.datasets import DataSpec  # noqa: E402
+from training.device_data import cached_images  # noqa: E402
 from training.models import build_model  # noqa: E402
+
+SPLIT = {"synthetic": "test", "animal-mnist": "train"}       # the split each --data extracts
 
 
 class SyntheticImages(Dataset):
@@ -78,6 +88,8 @@ def make_nets(args) -> list[Net]:
 
 
 def make_data(args, n: int) -> FeatureData:
+    if args.data == "animal-mnist":
+        return build_feature_data(real_spec(args), ["train"], n)
     spec = {"name": "synthetic", "n": n, "image_size": args.image_size}
     tf = {"preset": "synthetic", "image_size": args.image_size, "channels": 3}
     return FeatureData("synthetic", spec, tf, args.image_size, 3, args.classes,
@@ -85,10 +97,25 @@ def make_data(args, n: int) -> FeatureData:
                        {"test": np.arange(n, dtype=np.int64) % args.classes})
 
 
-def config(args) -> ExtractConfig:
-    return ExtractConfig(split="test", dtype=args.dtype, batch_size=args.batch_size, device=args.device,
+def real_spec(args) -> DataSpec:
+    return DataSpec(name="animal-mnist", transform="plain", image_size=args.image_size, channels=3)
+
+
+def warm_cache(args) -> float:
+    """Seconds to decode the whole real training split once into the image cache (0 when it exists)."""
+    spec = real_spec(args)
+    ds = build_dataset(spec, "train", train_transform=False)
+    if ds.name != "animal-mnist" or len(ds) < args.n:
+        raise SystemExit(f"--data animal-mnist has {len(ds)} training images; --n {args.n} is more")
+    t0 = time.perf_counter()
+    cached_images(ds, spec, transform_spec(spec), False, num_workers=args.num_workers)
+    return time.perf_counter() - t0
+
+
+def config(args, data_on: str = "loader") -> ExtractConfig:
+    return ExtractConfig(split=SPLIT[args.data], dtype=args.dtype, batch_size=args.batch_size, device=args.device,
                          num_workers=args.num_workers, precision=args.precision, channels_last=args.channels_last,
-                         checksum=args.checksum)
+                         checksum=args.checksum, data_on=data_on)
 
 
 def sync(device: torch.device) -> None:
@@ -160,22 +187,23 @@ def write_ceiling(args, nets: list[Net], workdir: Path, n: int, checksum: bool =
     return n / seconds, nbytes
 
 
-def run_extraction(args, n: int, workdir: Path, nets: list[Net] | None = None) -> dict:
+def run_extraction(args, n: int, workdir: Path, nets: list[Net] | None = None, data_on: str = "loader") -> dict:
     nets = nets or make_nets(args)
     out = workdir / "extract.h5"
-    res = extract_features(nets, make_data(args, n), [(args.layer, None)], out, config(args), "overwrite",
+    res = extract_features(nets, make_data(args, n), [(args.layer, None)], out, config(args, data_on), "overwrite",
                            command="bench/extract.py")
     with store.open_features(out) as f:
-        assert all(store.dataset_progress(f[f"test/{x.name}/{args.layer}"]).complete for x in nets)
+        assert all(store.dataset_progress(f[f"{SPLIT[args.data]}/{x.name}/{args.layer}"]).complete for x in nets)
     out.unlink()
-    return {"images_per_s": res.images_per_s, "seconds": res.seconds, "bytes": res.bytes_written}
+    return {"images_per_s": res.images_per_s, "seconds": res.seconds, "bytes": res.bytes_written,
+            "data_on": res.data_on}
 
 
 def child_rss(args, n: int, workdir: Path) -> dict:
     """Run one extraction of n images in a fresh process; its peak RSS from wait4's rusage."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--n", str(n), "--workdir", str(workdir)]
     for k in ("arch", "layer", "nets", "image_size", "batch_size", "dtype", "device", "num_workers", "classes",
-              "precision"):
+              "precision", "data"):
         cmd += [f"--{k}", str(getattr(args, k))]
     cmd += [] if args.checksum else ["--no-checksum"]
     cmd += ["--channels_last"] if args.channels_last else []
@@ -197,6 +225,10 @@ def parse_args(argv=None):
     p.add_argument("--image_size", type=int, default=32)
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--n", type=int, default=384, help="images of the extraction (c)")
+    p.add_argument("--data", default="synthetic", choices=list(SPLIT),
+                   help="synthetic tensors, or the real Animal-MNIST training images resized to --image_size")
+    p.add_argument("--data_on", default="loader", choices=["loader", "device", "both"],
+                   help="real images: read through the DataLoader, from the device-held cache, or both in turn")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     p.add_argument("--device", default="auto")
@@ -217,6 +249,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.data == "synthetic" and args.data_on != "loader":
+        raise SystemExit("--data_on device|both needs --data animal-mnist (synthetic tensors have no image cache)")
     workdir = Path(args.workdir or ROOT / "bench" / "results" / "scratch")
     workdir.mkdir(parents=True, exist_ok=True)
     if args.child:
@@ -226,7 +260,10 @@ def main(argv=None) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     nets = make_nets(args)
-    fwds, disks, sums, exts, checks = [], [], [], [], []
+    paths = ["loader", "device"] if args.data_on == "both" else [args.data_on]
+    decode_once_s = warm_cache(args) if "device" in paths else None
+    fwds, disks, sums, checks = [], [], [], []
+    exts: dict[str, list[dict]] = {p: [] for p in paths}
     try:
         for _ in range(args.repeats):  # interleaved, best of each: a shared machine's load varies over a run
             fwd, check = forward_ceiling(args, nets, device, args.n)
@@ -235,9 +272,11 @@ def main(argv=None) -> None:
             disk, nbytes = write_ceiling(args, nets, workdir, args.n)
             disks.append(disk)
             sums.append(write_ceiling(args, nets, workdir, args.n, checksum=True)[0])
-            exts.append(run_extraction(args, args.n, workdir, nets))
+            for path in paths:
+                exts[path].append(run_extraction(args, args.n, workdir, nets, path))
         fwd, disk, check, summed = max(fwds), max(disks), max(checks), max(sums)
-        ext = max(exts, key=lambda e: e["images_per_s"])
+        best = {p: max(e, key=lambda r: r["images_per_s"]) for p, e in exts.items()}
+        ext = max(best.values(), key=lambda r: r["images_per_s"])
         rss = [] if args.no_rss else [child_rss(args, args.n, workdir), child_rss(args, 4 * args.n, workdir)]
     finally:
         if args.workdir is None:
@@ -246,18 +285,21 @@ def main(argv=None) -> None:
     ratio = ext["images_per_s"] / ceiling
     result = {
         "setting": {k: getattr(args, k) for k in ("arch", "layer", "nets", "image_size", "n", "batch_size", "dtype",
-                                                  "precision", "channels_last", "num_workers", "checksum")},
+                                                  "precision", "channels_last", "num_workers", "checksum", "data",
+                                                  "data_on")},
         "device": str(device), "cpu_threads": torch.get_num_threads(), "provenance": provenance(device),
         "forward_images_per_s": fwd, "write_images_per_s": disk, "write_gb_per_s": nbytes / 1e9 * disk / args.n,
         "bytes_per_image": nbytes / args.n, "extract_images_per_s": ext["images_per_s"],
-        "extract_seconds": ext["seconds"], "bound": "forward" if fwd < (summed if args.checksum else disk) else "disk",
+        "extract_seconds": ext["seconds"], "extract_data_on": ext["data_on"],
+        "extract_images_per_s_by_data_on": {p: r["images_per_s"] for p, r in best.items()},
+        "decode_once_s": decode_once_s, "bound": "forward" if fwd < (summed if args.checksum else disk) else "disk",
         "ratio_to_ceiling": ratio, "ratio_to_min_forward_plain_write": ext["images_per_s"] / min(fwd, disk),
         "write_checksum_images_per_s": summed, "checksum_write_cost": summed / disk, "check_images_per_s": check,
         "check_time_over_forward": fwd / check,
         # peak GPU memory of (a), (b), (c) in this process, MiB (None on the CPU)
         "peak_gpu_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "rss": rss, "repeats": {"forward": fwds, "write": disks, "write_checksum": sums,
-                                "extract": [e["images_per_s"] for e in exts],
+                                **{f"extract_{p}": [r["images_per_s"] for r in e] for p, e in exts.items()},
                                 "check": checks},
     }
     if rss:
@@ -275,7 +317,11 @@ def main(argv=None) -> None:
     print(f"  (b) write     {disk:9.1f} images/s ({result['write_gb_per_s']:.2f} GB/s, "
           f"{result['bytes_per_image'] / 1e6:.3f} MB/image)")
     print(f"  (b') write with fletcher32 {summed:9.1f} images/s: (b')/(b) = {summed / disk:.3f}")
-    print(f"  (c) extract   {ext['images_per_s']:9.1f} images/s ({'with' if args.checksum else 'without'} checksums)")
+    for p, r in best.items():
+        print(f"  (c) extract   {r['images_per_s']:9.1f} images/s ({'with' if args.checksum else 'without'} checksums, "
+              f"{args.data} inputs from the {p})")
+    if decode_once_s is not None:
+        print(f"  the image cache: {decode_once_s:.1f} s to decode the training split once (0: it existed)")
     print(f"  extraction / min(a, {'b' + chr(39) if args.checksum else 'b'}) = {ratio:.2f} ({result['bound']}-bound); "
           f"/ min(a, b) = {result['ratio_to_min_forward_plain_write']:.2f}")
     print(f"  (d) non-finite check {check:9.1f} images/s: {fwd / check:.4f} of the forward time")

@@ -18,7 +18,8 @@ Steps, in order (later steps are reported as skipped when the budget is spent):
 3. ``demo-study``: ``cli.py study studies/demo.yaml`` (``--tiny``: a shrunken copy of it), alone.
 4. ``bench-transnet`` (CUB size of vgg16_bn ``features.30``: 5,994 x 512x28x28, bf16),
    ``bench-group-fit`` (the demo's 12 Trans-Nets of 64 x 4x4, 25 epochs: separate vs together),
-   ``bench-extract`` (a vgg16_bn pair to ``features.30`` at 224 px, bf16, channels_last, float16 file),
+   ``bench-extract`` (a vgg16_bn pair to ``features.30`` at 224 px, bf16, channels_last, float16 file;
+   Animal-MNIST resized, read through the DataLoader and from the device-held image cache),
    ``bench-train`` (resnet18 at 224 px, Animal-MNIST resized, batch 128), and ``bench-transnet-compiled``
    (the CUB-size fit with ``--compile default``): their JSON files. The Trans-Net benchmarks report the
    fit's speed as a fraction of its convolutions' alone (the 3x3 convolution ceiling of that machine).
@@ -216,8 +217,11 @@ def extract_key(js: Path) -> Callable[[str], str]:
         r = next(iter(runs.values()), None)
         if not r:
             return "no extract.json"
+        by = r.get("extract_images_per_s_by_data_on") or {}
+        paths = ", ".join(f"{p} {v:.0f}" for p, v in by.items())
         return (f"extract/min(forward, write) {r['ratio_to_ceiling']:.2f} ({r['bound']}-bound): "
-                f"{r['extract_images_per_s']:.0f} pairs/s vs forward {r['forward_images_per_s']:.0f}, write "
+                f"{r['extract_images_per_s']:.0f} pairs/s (inputs: {paths or 'loader'}) vs forward "
+                f"{r['forward_images_per_s']:.0f}, write "
                 f"{r['write_images_per_s']:.0f} ({r['write_gb_per_s']:.2f} GB/s), peak GPU "
                 f"{_mib(r.get('peak_gpu_memory_mb'))}")
     return key
@@ -285,7 +289,7 @@ def build_steps(args, folder: Path, scratch: Path) -> list[Step]:
     ex = (["--arch", "vgg_tiny", "--layer", "features.8", "--image_size", "32", "--n", "64", "--batch_size", "32",
            "--repeats", "1"] if tiny else
           ["--image_size", "224", "--n", "4096", "--batch_size", "256", "--repeats", "2", "--channels_last",
-           "--num_workers", "8"])
+           "--num_workers", "8"]) + ["--data", "animal-mnist", "--data_on", "both"]
     steps.append(Step("bench-extract", [py, "bench/extract.py", "--device", dev, *ex, "--precision", "bf16",
                                         "--no_rss", "--workdir", str(scratch / "extract"), "--out_json",
                                         str(folder / "extract.json")], 120, extract_key(folder / "extract.json")))

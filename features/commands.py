@@ -16,7 +16,7 @@ from common.options import Command, add_dataclass_args, dataclass_from_args, par
 from common.precision import PRECISIONS
 from common.ranges import csv_nonempty, nonneg_int, positive_int
 from common.rundir import run_mode
-from features.config import COMPRESSIONS, DTYPES, ExtractConfig
+from features.config import COMPRESSIONS, DATA_ON, DTYPES, ExtractConfig
 from features.recorded import DATA_DESTS, command_line
 from training.config import SPLITS, ModelSpec
 from training.names import MODEL_PREFIX, arch_names
@@ -33,7 +33,12 @@ EXTRACT_HELP = {
              "with values beyond its range (65504) or NaN/inf: use float32 there (which stores NaN/inf as "
              "computed, counts them and warns)",
     "batch_size": "images per forward pass", "device": "auto, cpu, cuda or cuda:N (torchrun: cuda:LOCAL_RANK)",
-    "num_workers": "data-loader worker processes",
+    "num_workers": "data-loader worker processes (with --data_on device: the processes that decode the images "
+                   "once)",
+    "data_on": "where the input images are read from: loader (a DataLoader decodes and resizes every batch), "
+               "device (each split decoded once to uint8 at the input size, cached on disk like train --data_on "
+               "device, held on the device and normalised there: the same pixels, bit for bit) or auto (device on "
+               "CUDA in one process without --limit when the images take at most a quarter of the free memory)",
     "precision": "arithmetic of the forward pass on CUDA: fp32 (IEEE float32, TF32 off: the faithful choice), "
                  "tf32 (TF32 tensor cores in convs and matmuls) or bf16 (bf16 autocast); on the CPU every choice "
                  "computes in fp32 (each dataset records precision and precision_effective)",
@@ -80,7 +85,7 @@ def _add_extract(p: argparse.ArgumentParser) -> None:
     g2 = p.add_argument_group("extraction")
     add_dataclass_args(g2, ExtractConfig, help=EXTRACT_HELP,
                        choices={"dtype": list(DTYPES), "compression": list(COMPRESSIONS),
-                                "precision": list(PRECISIONS)},
+                                "precision": list(PRECISIONS), "data_on": list(DATA_ON)},
                        types={"split": csv_nonempty(SPLITS)})
     g2.add_argument("--amp", action="store_true", help="alias of --precision bf16 (kept for older command lines)")
     p.add_argument("--max_batches", type=nonneg_int(), default=None, help=argparse.SUPPRESS)  # simulated kill (tests)
@@ -161,7 +166,7 @@ def _run_extract(args: argparse.Namespace) -> int:
         return 0
     done = res.images
     print(f"{res.out}: {len(res.datasets)} datasets ({len(nets)} nets x {len(splits)} splits), {done} images "
-          f"extracted in {res.seconds:.1f}s ({res.images_per_s:.1f} images/s)"
+          f"extracted in {res.seconds:.1f}s ({res.images_per_s:.1f} images/s, inputs from the {res.data_on})"
           + (f", {len(res.skipped)} already complete" if res.skipped else ""))
     if res.shards:
         print(f"joined {len(res.shards)} shard files ({', '.join(p.name for p in res.shards)}) as virtual datasets; "

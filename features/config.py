@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from training.config import DATA_ON  # noqa: F401 - the choices of ExtractConfig.data_on (auto | loader | device)
+
 DTYPES = ("float16", "float32")          # storage dtypes of the layer features (logits: always float32)
 COMPRESSIONS = ("none", "lzf", "gzip")   # HDF5 compression of an extraction
 TOKEN_MODES = ("none", "grid", "grid+prefix", "sequence")   # what an import makes of (N, T, C) arrays
@@ -18,7 +20,9 @@ class ExtractConfig:
     dtype: str = "float16"           # float16 | float32 storage of the layer features (logits: float32)
     batch_size: int = 64
     device: str = "auto"             # auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)
-    num_workers: int = 0             # data-loader worker processes
+    num_workers: int = 0             # data-loader worker processes (and decoding processes of --data_on device)
+    data_on: str = "auto"            # loader (a DataLoader decodes every batch) | device (the decoded-once uint8 cache
+                                     # held on the device, training/device_data.py) | auto
     precision: str = "fp32"          # CUDA arithmetic: fp32 (TF32 off, faithful) | tf32 | bf16; CPU: always fp32
     channels_last: bool = False      # channels_last memory format on CUDA
     logits: bool = False             # also store /<split>/<net>/logits

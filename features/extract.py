@@ -49,7 +49,7 @@ from common.files import is_disk_error, write_failed
 from common.progress import progress
 from common.registry import unknown_choice_message
 from features import store
-from features.config import COMPRESSIONS, DTYPES, ExtractConfig  # re-exported: their old home
+from features.config import COMPRESSIONS, DATA_ON, DTYPES, ExtractConfig  # re-exported: their old home
 from features.layers import (
     FeatureExtractor,
     LayerPoint,
@@ -64,6 +64,9 @@ from features.shards import join_shards, shard_files, shard_path, shard_rows
 from features.targets import Target, build_targets, create_targets, open_output, plan_file, plan_joined
 from features.tokens import map_tokens
 from features.writer import FeatureWriter, HostBuffers, WriteBatch
+from training.data import transform_spec
+from training.datasets import DataSpec, IndexedDataset
+from training.device_data import cached_images, choose_data_on, estimated_bytes, normalise
 from training.loop import make_loader
 
 KILL_EXIT_CODE = 75            # exit status of the simulated kill (--max_batches)
@@ -85,6 +88,7 @@ class ExtractResult:
     shards: list[Path] = field(default_factory=list)
     images: int = 0                            # images computed by all ranks
     nonfinite: dict[str, int] = field(default_factory=dict)   # NaN/inf values stored per dataset path (rank 0)
+    data_on: str = "loader"                    # where the input images were read from (--data_on, resolved)
 
 
 def _to_host(t: torch.Tensor, buffers: HostBuffers | None) -> torch.Tensor:
@@ -121,6 +125,7 @@ def extract_features(nets: Sequence[Net], data: FeatureData, layers: Sequence[tu
     if missing:
         raise UserError(unknown_choice_message("split", missing[0], sorted(data.splits)))
     check_nets_fit_data(nets, data)
+    where = inputs_on(cfg, data, splits, device, info)
     out = Path(out)
     if out.exists() and out.is_dir():
         raise UserError(f"--out {out} is a directory; give a file name such as {out / 'features.h5'}")
@@ -153,7 +158,7 @@ def extract_features(nets: Sequence[Net], data: FeatureData, layers: Sequence[tu
     try:
         lock = _lock_output(out, info, group)         # before anything is deleted or opened
         res = _run(nets, data, splits, out, cfg, mode, command, extractors, points, shapes, device, info, group,
-                   stop_after, hard_kill, on_landed, extra)
+                   stop_after, hard_kill, on_landed, extra, where)
     finally:
         if lock is not None:
             lock.release()
@@ -180,6 +185,8 @@ def _validate(nets: Sequence[Net], layers: Sequence[tuple[str, int | None]], cfg
         raise UserError(f"unknown --compression {cfg.compression!r}; valid: {', '.join(COMPRESSIONS)}")
     if cfg.precision not in PRECISIONS:
         raise UserError(f"unknown --precision {cfg.precision!r}; valid: {', '.join(PRECISIONS)}")
+    if cfg.data_on not in DATA_ON:
+        raise UserError(f"unknown --data_on {cfg.data_on!r}; valid: {', '.join(DATA_ON)}")
     if cfg.batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {cfg.batch_size}")
     if cfg.limit < 0:
@@ -212,7 +219,7 @@ def _device(name: str) -> torch.device:
 
 
 def _run(nets, data, splits, out, cfg, mode, command, extractors, points, shapes, device, info, group,
-         stop_after, hard_kill, on_landed, extra=None) -> ExtractResult:
+         stop_after, hard_kill, on_landed, extra=None, where="loader") -> ExtractResult:
     n_rows = {s: len(data.labels[s]) for s in splits}
     full_targets = build_targets(nets, data, splits, points, shapes, n_rows, cfg.dtype, cfg.compression,
                                  cfg.precision, device, command, extra=extra)
@@ -271,7 +278,7 @@ def _run(nets, data, splits, out, cfg, mode, command, extractors, points, shapes
     try:
         with float32_math(device, cfg.precision):            # fp32: TF32 off; tf32/bf16: on (CUDA only)
             rows_done = _pass(data, splits, bounds, local_targets, starts, extractors, cfg, device, writer,
-                              stop_after, hard_kill, info)
+                              stop_after, hard_kill, info, where)
         writer.close()
     except BaseException as e:
         with contextlib.suppress(Exception):
@@ -302,7 +309,7 @@ def _run(nets, data, splits, out, cfg, mode, command, extractors, points, shapes
     paths = [t.path for t in full_targets]
     nonfinite = _nonfinite_counts(out, paths) if info.rank == 0 else {}
     return ExtractResult(out, rows_done, paths, skipped, seconds, n_img / max(seconds, 1e-9), writer.bytes, shards,
-                         n_img, nonfinite)
+                         n_img, nonfinite, where)
 
 
 def _nonfinite_counts(out: Path, paths: Sequence[str]) -> dict[str, int]:
@@ -311,9 +318,64 @@ def _nonfinite_counts(out: Path, paths: Sequence[str]) -> dict[str, int]:
         return {p: int(f[p].attrs["nonfinite"]) for p in paths if p in f and "nonfinite" in f[p].attrs}
 
 
+def inputs_on(cfg: ExtractConfig, data: FeatureData, splits: Sequence[str], device: torch.device,
+              info: DistInfo) -> str:
+    """``loader`` or ``device`` (``--data_on``): where the input images are read from.
+
+    ``device`` holds each split's images decoded once to uint8 at the input size (the cache of
+    ``training/device_data.py``, shared with ``train --data_on device`` where the deterministic steps
+    agree) on ``device`` and normalises whole batches there: the same pixels as the loader path, bit for
+    bit. ``auto`` picks it on CUDA, in one process, without ``--limit``, when every split is a data set of
+    images and they take at most a quarter of the free device memory; else ``loader``."""
+    choice = cfg.data_on
+    images = all(isinstance(data.splits[s], IndexedDataset) for s in splits)
+    if choice == "device" and not images:
+        raise UserError("--data_on device needs data sets of images (IndexedDataset); this data gives "
+                        f"{type(next(iter(data.splits.values()))).__name__}: use --data_on loader")
+    if choice != "auto":
+        return choice
+    if not images or device.type != "cuda" or info.active or cfg.limit:
+        return "loader"
+    tspec = transform_spec(DataSpec(**data.spec))
+    return choose_data_on("auto", estimated_bytes(sum(len(data.splits[s]) for s in splits), tspec), device)
+
+
+class _HeldImages:
+    """In-order batches ``(x, y, index)`` of rows [start, stop) of a split from its uint8 images held on
+    the device, normalised there (the ``DataLoader`` role of the loader path)."""
+
+    def __init__(self, images: torch.Tensor, labels: np.ndarray, start: int, tspec, batch_size: int):
+        self.images, self.labels, self.start, self.tspec, self.batch_size = images, labels, start, tspec, batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.images) // self.batch_size)
+
+    def __iter__(self):
+        for b in range(len(self)):
+            lo = b * self.batch_size
+            x = self.images[lo:lo + self.batch_size]
+            idx = torch.arange(self.start + lo, self.start + lo + len(x))
+            yield normalise(x, self.tspec.mean, self.tspec.std), torch.from_numpy(self.labels[idx.numpy()]), idx
+
+
+def _inputs(data: FeatureData, split: str, start: int, stop: int, cfg: ExtractConfig, device: torch.device,
+            where: str):
+    """Batches ``(x, y, index)`` of rows [start, stop) of ``split``, in order: a DataLoader, or (``device``)
+    the split's cached uint8 images, the rows up to ``stop`` moved to ``device`` once."""
+    ds = data.splits[split]
+    if where == "loader":
+        return make_loader(Subset(ds, range(start, stop)), cfg.batch_size, shuffle=False,
+                           num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+    spec = DataSpec(**data.spec)
+    tspec = transform_spec(spec)
+    rows = None if len(data.labels[split]) == len(ds) else len(data.labels[split])     # --limit: the first rows
+    images, _ = cached_images(ds, spec, tspec, False, num_workers=cfg.num_workers, rows=rows)
+    return _HeldImages(images[start:stop].to(device), np.asarray(ds.labels), start, tspec, cfg.batch_size)
+
+
 def _pass(data: FeatureData, splits, bounds, targets: Sequence[Target], starts: dict[str, int],
           extractors: dict[str, FeatureExtractor], cfg: ExtractConfig, device: torch.device, writer: FeatureWriter,
-          stop_after: int | None, hard_kill: bool, info: DistInfo) -> dict[str, int]:
+          stop_after: int | None, hard_kill: bool, info: DistInfo, where: str = "loader") -> dict[str, int]:
     cuda = device.type == "cuda"
     torch_dtype = {"float16": torch.float16, "float32": torch.float32}
     rows_done = {}
@@ -328,8 +390,7 @@ def _pass(data: FeatureData, splits, bounds, targets: Sequence[Target], starts: 
         first -= first % cfg.batch_size            # stay on the batch grid (rows_done always is, but be safe)
         nets_needed = list(dict.fromkeys(t.net for t in pending))
         labels = data.labels[split]
-        ds = Subset(data.splits[split], range(lo + first, hi))
-        loader = make_loader(ds, cfg.batch_size, shuffle=False, num_workers=cfg.num_workers, pin_memory=cuda)
+        loader = _inputs(data, split, lo + first, hi, cfg, device, where)
         row = first                                 # local row of the next batch
         desc = f"extract {split}" + (f" [rank {info.rank}]" if info.active else "")
         for x, y, idx in progress(loader, len(loader), desc):

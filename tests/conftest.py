@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 os.environ.setdefault("MPLBACKEND", "Agg")
+# The decoded-image cache (training/device_data.py) of every test and its children: never the user's ~/.cache.
+os.environ.setdefault("KC_DATA_CACHE", tempfile.mkdtemp(prefix="kc-test-images-"))
 torch.set_num_threads(1)
 
 

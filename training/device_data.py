@@ -32,14 +32,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms as T
 
 from common.errors import UserError
+from common.progress import progress
 from training.config import DATA_ON, DataSpec
 from training.datasets import IndexedDataset
 from training.transforms import TransformSpec
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2            # 2: keyed by the deterministic steps, not the train flag
 RRC_SCALE, RRC_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
 
 
@@ -74,13 +76,18 @@ class _ToRGB:
     def __call__(self, img: Image.Image) -> Image.Image:
         return img.convert("RGB") if img.mode != "RGB" else img
 
+    def __repr__(self) -> str:                  # part of the cache key: no object address
+        return "ToRGB()"
+
 
 # --------------------------------------------------------------------------- the on-disk cache
 
-def cache_key(spec: DataSpec, split: str, tspec: TransformSpec, train: bool) -> str:
-    """A content key of everything that decides the cached pixels."""
-    blob = json.dumps({"v": CACHE_VERSION, "spec": asdict(spec), "split": split, "transform": tspec.to_dict(),
-                       "train": train}, sort_keys=True, default=str)
+def cache_key(spec: DataSpec, split: str, steps: list) -> str:
+    """A content key of everything that decides the cached pixels: the data spec, the split and the
+    deterministic steps themselves (so training and extraction share one file where their steps agree:
+    every preset but ``ke``, whose training cache is squashed before the random crop)."""
+    blob = json.dumps({"v": CACHE_VERSION, "spec": asdict(spec), "split": split, "steps": [repr(t) for t in steps]},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -88,38 +95,68 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("KC_DATA_CACHE", Path.home() / ".cache" / "kc-workbench" / "images"))
 
 
-def decode_all(ds: IndexedDataset, steps: list) -> torch.Tensor:
-    """Every image of ``ds`` through the deterministic ``steps``: (N, C, H, W) uint8."""
-    pipe = T.Compose(steps)
-    out = None
-    for i in range(len(ds)):
-        a = np.asarray(pipe(ds.load_image(i)), dtype=np.uint8)
+class _Pixels(Dataset):
+    """Image ``i`` of ``ds`` after the deterministic ``steps``, as a (C, H, W) uint8 tensor."""
+
+    def __init__(self, ds: IndexedDataset, steps: list):
+        self.ds, self.pipe = ds, T.Compose(steps)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        a = np.asarray(self.pipe(self.ds.load_image(i)), dtype=np.uint8)
         a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)             # (C, H, W)
-        if out is None:
-            out = torch.empty((len(ds), *a.shape), dtype=torch.uint8)
-        out[i].copy_(torch.from_numpy(np.array(a)))                        # a writable copy of the PIL buffer
-    if out is None:
+        return torch.from_numpy(a.copy(order="C"))                        # a writable copy of the PIL buffer
+
+
+def decode_all(ds: IndexedDataset, steps: list, num_workers: int = 0, rows: int | None = None,
+               batch_size: int = 256) -> torch.Tensor:
+    """The first ``rows`` (default: all) images of ``ds`` through the deterministic ``steps``:
+    (N, C, H, W) uint8, decoded by ``num_workers`` loader processes (0: in this one)."""
+    n = len(ds) if rows is None else min(rows, len(ds))
+    if n == 0:
         raise UserError(f"data set {ds.name!r} split {ds.split!r} is empty")
+    pixels = Subset(_Pixels(ds, steps), range(n))
+    loader = DataLoader(pixels, batch_size=batch_size, num_workers=num_workers, collate_fn=torch.stack)
+    out, row = None, 0
+    for b in progress(loader, len(loader), f"decode {ds.name} {ds.split}"):
+        if out is None:
+            out = torch.empty((n, *b.shape[1:]), dtype=torch.uint8)
+        out[row:row + len(b)] = b
+        row += len(b)
     return out
 
 
 def cached_images(ds: IndexedDataset, spec: DataSpec, tspec: TransformSpec, train: bool,
-                  cache_dir: Path | None = None) -> tuple[torch.Tensor, DeviceAugment]:
+                  cache_dir: Path | None = None, num_workers: int = 0,
+                  rows: int | None = None) -> tuple[torch.Tensor, DeviceAugment]:
     """The uint8 images of ``ds`` after the deterministic steps, read from the cache file keyed by the
-    data spec or decoded once and written there (tmp file, then rename: never half-written)."""
+    data spec or decoded once (by ``num_workers`` processes) and written there (tmp file, then rename:
+    never half-written). ``rows``: only the first rows are wanted; they are sliced from the cache file
+    when it exists, else decoded alone and not cached (the file always holds the whole split)."""
     steps, aug = split_preset(tspec, train)
-    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = folder / f"{ds.name.replace('/', '_')}-{ds.split}-{cache_key(spec, ds.split, tspec, train)}.pt"
+    path = cache_path(ds, spec, steps, cache_dir)
+    want = len(ds) if rows is None else min(rows, len(ds))
     if path.is_file():
         blob = torch.load(path, map_location="cpu", weights_only=True)
         if blob["images"].shape[0] == len(ds) and torch.equal(blob["labels"], torch.as_tensor(ds.labels)):
-            return blob["images"], aug
-    images = decode_all(ds, steps)
-    folder.mkdir(parents=True, exist_ok=True)
+            return blob["images"][:want], aug
+    images = decode_all(ds, steps, num_workers, want)
+    if want < len(ds):
+        return images, aug
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     torch.save({"images": images, "labels": torch.as_tensor(ds.labels)}, tmp)
     os.replace(tmp, path)
     return images, aug
+
+
+def cache_path(ds: IndexedDataset, spec: DataSpec, steps: list, cache_dir: Path | None = None) -> Path:
+    """Where the cache of ``ds`` under ``steps`` lives (``cache_dir``, default ``$KC_DATA_CACHE`` or
+    ``~/.cache/kc-workbench/images``)."""
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return folder / f"{ds.name.replace('/', '_')}-{ds.split}-{cache_key(spec, ds.split, steps)}.pt"
 
 
 # --------------------------------------------------------------------------- batched augmentation
@@ -267,11 +304,11 @@ def estimated_bytes(n_images: int, tspec: TransformSpec) -> int:
 
 def device_loaders(train_set: IndexedDataset, test_set: IndexedDataset, spec: DataSpec, tspec: TransformSpec,
                    batch_size: int, device: torch.device, seed: int, rank: int = 0, world: int = 1,
-                   cache_dir: Path | None = None) -> tuple[DeviceLoader, DeviceLoader]:
+                   cache_dir: Path | None = None, num_workers: int = 0) -> tuple[DeviceLoader, DeviceLoader]:
     """The training loader (shuffled, augmented, a rank's share under DDP) and the test loader, both
-    from the cached uint8 images held on ``device``."""
-    tr, tr_aug = cached_images(train_set, spec, tspec, True, cache_dir)
-    te, te_aug = cached_images(test_set, spec, tspec, False, cache_dir)
+    from the cached uint8 images held on ``device`` (decoded by ``num_workers`` processes when not cached)."""
+    tr, tr_aug = cached_images(train_set, spec, tspec, True, cache_dir, num_workers)
+    te, te_aug = cached_images(test_set, spec, tspec, False, cache_dir, num_workers)
     per_rank = len(train_set) // world
     train = DeviceLoader(tr, train_set.labels, tr_aug, tspec, batch_size, device, shuffle=True,
                          drop_last=per_rank > batch_size, seed=seed, rank=rank, world=world)

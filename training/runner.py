@@ -86,7 +86,8 @@ def _data_for_training(train_set, test_set, data: DataSpec, cfg: TrainConfig, de
         return maybe_cache(train_set, data, True, cfg.num_workers), maybe_cache(test_set, data, False, cfg.num_workers)
     info = dist_from_env()
     rank, world = (0, 1) if is_local_only() or not info.active else (info.rank, info.world)
-    return device_loaders(train_set, test_set, data, tspec, cfg.batch_size, device, cfg.seed, rank, world)
+    return device_loaders(train_set, test_set, data, tspec, cfg.batch_size, device, cfg.seed, rank, world,
+                          num_workers=cfg.num_workers)
 
 
 def run_training(data: DataSpec, model_spec: ModelSpec, cfg: TrainConfig, out_dir: str | Path, mode: str = "new",
