@@ -16,7 +16,8 @@ separate fit with the same seed, to float tolerance:
 - an elementwise optimiser (Adam, its weight decay included) on one schedule.
 
 A pair that stops early (``--epochs auto``) keeps its weights of that epoch; the group trains on
-until its last pair stops (the other pairs' steps do not touch it). Interrupted, every pair resumes
+until its last pair stops (the other pairs' steps do not touch it), and drops its stopped pairs once
+at most half of them still train. Interrupted, every pair resumes
 from its own ``last.pt``; pairs resumed at the same epoch train together again.
 
 ``--grouped auto`` groups, in one process, when a source row is small: at most :data:`SMALL_ROW`
@@ -234,18 +235,23 @@ class FitGroup:
                 "epoch_time_s": st["time"] / len(self.stages)}
 
     def run(self, start: int) -> list[dict[str, Any]]:
-        """Every epoch from ``start`` until each pair stopped or reached the cap; each pair's metrics."""
-        active = list(range(len(self.stages)))
+        """Every epoch from ``start`` until each pair stopped or reached the cap; each pair's metrics.
+        Once at most half of a group's pairs still train, the rest are regrouped without the stopped
+        ones (their weights, optimiser state and schedule as just handed out), so stopped pairs cost no
+        work: at most log2(K) rebuilds (and recompilations under ``--compile``)."""
+        group, active = self, list(range(len(self.stages)))
         metrics: dict[int, dict[str, Any]] = {}
         for epoch in range(start, self.cfg.epoch_cap):
             if not active:
                 break
-            self.train_epoch(epoch)
+            group.train_epoch(epoch)
             for g in list(active):
-                self._hand_out(g)
+                group._hand_out(group.index[id(self.stages[g])])
                 if self.harnesses[g].run_epoch(epoch) or epoch + 1 == self.cfg.epoch_cap:
                     metrics[g] = self.harnesses[g].finish()
                     active.remove(g)
+            if active and len(active) <= len(group.stages) // 2:
+                group = FitGroup([self.harnesses[g] for g in active])
         for g in active:                      # resumed at the cap: nothing left to train
             metrics[g] = self.harnesses[g].finish()
         return [metrics[g] for g in range(len(self.stages))]

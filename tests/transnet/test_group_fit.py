@@ -14,7 +14,7 @@ from common.errors import UserError
 from tests.fakedata import FAST_FIT, planted_features
 from tests.processes import exit_status, in_child
 from transnet.fit import fit_transnet
-from transnet.group_fit import FitJob, fit_group, pays, plan_groups
+from transnet.group_fit import FitGroup, FitJob, fit_group, pays, plan_groups
 
 PAIRS = [("a", "b"), ("a", "c"), ("b", "a"), ("d", "a")]
 # the paper's build (2 orders, 3x3, instance norm), validation rows held out, a stop on a plateau
@@ -27,9 +27,17 @@ def planted(tmp_path_factory):
     return planted_features(tmp_path_factory.mktemp("group") / "planted.h5")
 
 
-def _jobs(planted, root, fit=GROUP_FIT, mode="new"):
+def _jobs(planted, root, fit=GROUP_FIT, mode="new", pairs=PAIRS):
     return [FitJob(replace(fit, features=str(planted), source=a, target=b, layer="conv"), root / f"{a}__{b}", mode)
-            for a, b in PAIRS]
+            for a, b in pairs]
+
+
+def _group_sizes(monkeypatch) -> list[int]:
+    """The pairs of every grouped model built from now on."""
+    sizes: list[int] = []
+    build = FitGroup.__init__
+    monkeypatch.setattr(FitGroup, "__init__", lambda self, hs: (sizes.append(len(hs)), build(self, hs))[1])
+    return sizes
 
 
 def _log(run):
@@ -57,11 +65,13 @@ def _assert_same_fit(sep, grp, optimiser=False):
                 assert torch.allclose(oa[i][k], ob[i][k], rtol=1e-3, atol=1e-7), (i, k)
 
 
-def test_pairs_fitted_together_equal_their_separate_fits(planted, tmp_path):
+def test_pairs_fitted_together_equal_their_separate_fits(planted, tmp_path, monkeypatch):
     jobs = _jobs(planted, tmp_path / "grouped")
     for j in jobs:
         fit_transnet(j.cfg, tmp_path / "separate" / j.out_dir.name)
+    sizes = _group_sizes(monkeypatch)
     metrics = fit_group(jobs)
+    assert sizes == [4]                      # one of four stopped early: not worth a rebuild
     assert [m["source"] + m["target"] for m in metrics] == [a + b for a, b in PAIRS]
     for j in jobs:
         _assert_same_fit(tmp_path / "separate" / j.out_dir.name, j.out_dir, optimiser=True)
@@ -71,6 +81,17 @@ def test_pairs_fitted_together_equal_their_separate_fits(planted, tmp_path):
     r2 = {m["source"] + m["target"]: m["r2"] for m in metrics}
     assert r2["ab"] > 0.9 and r2["ac"] < 0.2
     assert len({m["epochs"] for m in metrics}) > 1            # each pair stopped on its own plateau
+
+
+def test_a_group_drops_its_stopped_pairs_and_still_equals_the_separate_fits(planted, tmp_path, monkeypatch):
+    falling = replace(GROUP_FIT, schedule="geometric", final_lr=1e-2)       # the regrouped pair's lr goes on falling
+    jobs = _jobs(planted, tmp_path / "grouped", falling, pairs=PAIRS[:2])
+    sizes = _group_sizes(monkeypatch)
+    metrics = fit_group(jobs)
+    assert sizes == [2, 1] and [m["epochs"] for m in metrics] == [12, 11]   # a>c stopped: a>b trains alone
+    for j in jobs:
+        fit_transnet(j.cfg, tmp_path / "separate" / j.out_dir.name)
+        _assert_same_fit(tmp_path / "separate" / j.out_dir.name, j.out_dir, optimiser=True)
 
 
 def _fit_group_fixed(planted, root):
