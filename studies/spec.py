@@ -12,7 +12,7 @@ from typing import Any
 from common.device import PRECISIONS
 from common.errors import UserError
 from common.files import load_config_file
-from features.extract import ExtractConfig
+from features.extract import DATA_ON, ExtractConfig
 from studies.validate import BASELINE_KEYS, LAYER_MATRIX_KEYS, study_problems
 from training.datasets import DataSpec
 from training.loop import TrainConfig
@@ -39,6 +39,7 @@ class ExtractSpec:
     logits: bool = ExtractConfig.logits                             # also store each net's logits
     limit: int = ExtractConfig.limit                                # only the first N images of every split (0: all)
     precision: str = ExtractConfig.precision                        # CUDA arithmetic: fp32 | tf32 | bf16 (CPU: fp32)
+    data_on: str = ExtractConfig.data_on                            # inputs: auto | loader | device (the image cache)
 
     def config(self, device: str) -> ExtractConfig:
         """The extraction this section asks for, on ``device`` (the fields it shares with ExtractConfig)."""
@@ -169,6 +170,8 @@ def load_study(path: str | os.PathLike) -> Study:
     extract = section_dataclass(ExtractSpec, "extract", ex)
     if extract.precision not in PRECISIONS:
         raise UserError(f"study file: extract.precision {extract.precision!r} is unknown; valid: {', '.join(PRECISIONS)}")
+    if extract.data_on not in DATA_ON:
+        raise UserError(f"study file: extract.data_on {extract.data_on!r} is unknown; valid: {', '.join(DATA_ON)}")
     if not extract.layers:
         raise UserError("study file: extract.layers must name at least one layer (e.g. features.8); "
                         "python cli.py list-layers --arch ARCH lists them")

@@ -22,6 +22,7 @@ import torch
 from common.device import PRECISIONS
 from common.errors import UserError
 from common.ranges import OPTION_TYPES, field_problems, name_problem
+from features.config import DATA_ON
 
 # The options of each member family in a study file (studies/runner.py reads them).
 MEMBER_KEYS = {
@@ -241,6 +242,7 @@ def _check_extract(p: Problems, raw: Any, archs: list[str], data, spec_cls: type
         p.append(f"extract.logits must be true or false, got {spec.logits!r}")
     if getattr(spec, "precision", None) is not None:
         _choice(p, "extract.precision", spec.precision, PRECISIONS)
+    _choice(p, "extract.data_on", spec.data_on, DATA_ON)
     _check_layers(p, spec.layers, archs, data)
     return spec
 

@@ -44,6 +44,7 @@ INVALID = [
     ("members.evolve.split", "kernel", "members.evolve.split 'kernel' is not one of kels, wels"),
     ("extract.layers", ["features.99"], "unknown layer 'features.99'"),
     ("extract.dtype", "int8", "extract.dtype 'int8' is not one of float16, float32"),
+    ("extract.data_on", "gpu", "extract.data_on 'gpu' is not one of auto, loader, device"),
     ("extract.splits", ["train", "dev"], "extract.splits must list distinct splits"),
     ("transnet.kernel", 4, "transnet.kernel: expects an odd integer >= 1, got 4"),
     ("transnet.epochs", -1, "--epochs must be >= 1, got -1"),
