@@ -205,9 +205,11 @@ def group_fit_key(js: Path) -> Callable[[str], str]:
         r = _json(js)
         if not r:
             return "no group_fit.json"
+        graphs = (f", together under --compile {r['also_compile']} {r['together_compiled_s']:.1f} s"
+                  if r.get("together_compiled_s") is not None else "")
         return (f"{r['pairs']} fits of {r['channels']}x{r['size']}x{r['size']}, {r['epochs']} epochs: together "
                 f"{r['together_s']:.1f} s vs separate {r['separate_s']:.1f} s (x{r['speedup']:.1f}), grouped step "
-                f"alone {r['ceiling_s']:.1f} s, peak GPU {_mib(r.get('peak_gpu_memory_mb'))}")
+                f"alone {r['ceiling_s']:.1f} s{graphs}, peak GPU {_mib(r.get('peak_gpu_memory_mb'))}")
     return key
 
 
@@ -283,7 +285,7 @@ def build_steps(args, folder: Path, scratch: Path) -> list[Step]:
                         "--workers", "8"])
     steps.append(Step("bench-transnet", [py, "bench/transnet.py", "--device", dev, *tn, "--out",
                                          str(folder / "transnet.json")], 150, transnet_key(folder / "transnet.json")))
-    gf = ["--pairs", "2", "--epochs", "1", "--n", "128", "--n_test", "32"] if tiny else []
+    gf = ["--pairs", "2", "--epochs", "1", "--n", "128", "--n_test", "32"] if tiny else ["--also_compile", "cudagraphs"]
     steps.append(Step("bench-group-fit", [py, "bench/group_fit.py", "--device", dev, *gf, "--out",
                                           str(folder / "group_fit.json")], 120, group_fit_key(folder / "group_fit.json")))
     ex = (["--arch", "vgg_tiny", "--layer", "features.8", "--image_size", "32", "--n", "64", "--batch_size", "32",

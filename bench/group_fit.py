@@ -15,6 +15,8 @@ target).
 2. **Together**: ``fit_group`` over the same pairs (the same outputs; each pair equal to its separate fit).
 3. **Ceiling**: the grouped model's forward, backward and Adam step alone on device-resident tensors,
    as many steps as the fits take, no harness, no data path.
+4. With ``--also_compile MODE``: the fits together once more under ``--compile MODE`` (``cudagraphs``
+   on CUDA: the launch-bound step replayed as CUDA graphs), compilation included.
 
 Prints the seconds of each, separate/together (the speed-up) and ceiling/together (the fraction of
 the grouped step's speed that the whole fit keeps); writes ``bench/results/group_fit.json`` with the
@@ -42,6 +44,7 @@ from common.files import write_json  # noqa: E402
 from common.provenance import now_utc, provenance  # noqa: E402
 from features.store import create_features, init_root, init_split, mark_complete  # noqa: E402
 from training.loop import make_scheduler  # noqa: E402
+from transnet.config import COMPILE_MODES  # noqa: E402
 from transnet.fit import FitConfig, fit_transnet, lr_config, make_optimizer  # noqa: E402
 from transnet.group_fit import FitJob, fit_group  # noqa: E402
 from transnet.grouped import GroupedTransNet  # noqa: E402
@@ -62,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--val_fraction", type=float, default=0.1)
     p.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "bf16"))
+    p.add_argument("--also_compile", default="off", choices=COMPILE_MODES,
+                   help="also time the fits together under this --compile mode (off: no extra run)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "group_fit.json"), help="JSON result file")
     return p.parse_args(argv)
 
@@ -137,16 +142,24 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         fit_group(jobs)
         together = time.perf_counter() - t0
+        compiled_s = None
+        if args.also_compile != "off":
+            t0 = time.perf_counter()
+            fit_group([replace(j, cfg=replace(j.cfg, compile=args.also_compile), out_dir=root / "compiled" / f"p{i}")
+                       for i, j in enumerate(jobs)])
+            compiled_s = time.perf_counter() - t0
     ceiling = ceiling_s(cfg, k, args.channels, args.size, n_fit, device)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     res = {"pairs": k, "channels": args.channels, "size": args.size, "n": args.n, "epochs": args.epochs,
            "batch_size": args.batch_size, "precision": args.precision, "device": str(device),
            "separate_s": separate, "together_s": together, "ceiling_s": ceiling,
            "speedup": separate / together, "ceiling_over_together": ceiling / together,
+           "also_compile": args.also_compile, "together_compiled_s": compiled_s,
            "peak_gpu_memory_mb": peak, "machine": platform.node(), "when": now_utc(), "provenance": provenance()}
     print(f"{k} Trans-Nets of {args.channels}x{args.size}x{args.size}, {args.n} rows, {args.epochs} epochs on {device}: "
           f"separate {separate:.1f} s, together {together:.1f} s (x{res['speedup']:.2f}); the grouped step alone "
           f"{ceiling:.1f} s, ceiling/together {res['ceiling_over_together']:.2f}"
+          + (f"; together under --compile {args.also_compile} {compiled_s:.1f} s" if compiled_s is not None else "")
           + (f"; peak GPU memory {peak:.0f} MiB" if peak is not None else ""))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, res)

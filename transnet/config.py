@@ -17,7 +17,7 @@ SPATIAL = ("pool", "interpolate")                # cross-layer maps of other siz
                                                  # (transnet/spatial.py); "" refuses them
 GROUPED = ("auto", "on", "off")                  # consistency: fit the pairs of one build together (group_fit.py)
 AUTO = "auto"                                    # --epochs auto: stop on a plateau of the validation loss
-COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")   # torch.compile of the training step
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "cudagraphs")   # torch.compile of the training step
 
 # The paper's refinement preset (transClassifier.py / its README); weight decay is ours.
 REFINE_PRESET = {"epochs": 100, "batch_size": 64, "optimizer": "adam", "lr": 1e-5, "final_lr": 1e-7,

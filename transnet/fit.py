@@ -200,9 +200,22 @@ def model_args(model: TransNet) -> dict[str, Any]:
 
 
 def compiled(module: nn.Module, mode: str) -> nn.Module:
-    """``module`` under ``torch.compile`` in ``mode`` (``--compile``), or itself for ``off``. Its
-    parameters stay the module's, so the optimiser, checkpoints and the eager evaluation see one model."""
-    return module if mode == "off" else torch.compile(module, mode=mode)
+    """``module`` under ``torch.compile`` in ``mode`` (``--compile``), or itself for ``off``; ``cudagraphs``
+    is torch's backend of that name (the forward and backward captured as CUDA graphs and replayed, no
+    kernel generation: no inductor compile time, for small launch-bound fits). Its parameters stay the
+    module's, so the optimiser, checkpoints and the eager evaluation see one model."""
+    if mode == "off":
+        return module
+    if mode == "cudagraphs":
+        return torch.compile(module, backend="cudagraphs")
+    return torch.compile(module, mode=mode)
+
+
+def check_compile(mode: str, device: torch.device) -> None:
+    """``--compile cudagraphs`` needs a CUDA device (elsewhere it would quietly run eager)."""
+    if mode == "cudagraphs" and device.type != "cuda":
+        raise UserError(f"--compile cudagraphs captures CUDA graphs and needs a CUDA device, not {device}; "
+                        f"on the CPU use --compile off or default (valid: {', '.join(COMPILE_MODES)})")
 
 
 def make_optimizer(model: nn.Module, cfg: FitConfig) -> torch.optim.Optimizer:
@@ -313,6 +326,7 @@ def fit_transnet(cfg: FitConfig, out_dir: str | os.PathLike, mode: str = "new",
     alphas = validate(cfg)
     workers = start_workers(cfg.device)
     try:
+        check_compile(cfg.compile, workers.device)
         if cfg.batch_size % workers.world:
             raise UserError(f"--batch_size {cfg.batch_size} must be divisible by the {workers.world} DDP processes")
         if workers.device.type == "cuda":

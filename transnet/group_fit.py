@@ -47,6 +47,7 @@ from transnet.config import GROUPED  # re-exported: its old home
 from transnet.fit import (
     FitConfig,
     FitStage,
+    check_compile,
     compiled,
     lr_config,
     make_optimizer,
@@ -112,6 +113,7 @@ def fit_group(jobs: Sequence[FitJob]) -> list[dict[str, Any]]:
     try:
         if workers.world > 1:
             raise UserError("grouped Trans-Net fits run in one process; under torchrun use --grouped off")
+        check_compile(cfg.compile, workers.device)
         with contextlib.ExitStack() as stack, float32_math(workers.device, cfg.precision):
             names = [f"{j.cfg.source}>{j.cfg.target}" for j in jobs]
             harnesses = []

@@ -61,7 +61,9 @@ FIT_HELP = {
     "channels_last": "channels_last memory format on CUDA", "seed": "random seed",
     "compile": "torch.compile the training forward: off (eager), default (inductor: the instance std, gates and "
                "ReLUs fused around the convolutions), reduce-overhead (also CUDA graphs: for small, launch-bound "
-               "fits) or max-autotune; the first epoch pays the compilation; results equal eager to float tolerance",
+               "fits), max-autotune, or cudagraphs (CUDA only: the eager kernels captured as CUDA graphs, no "
+               "inductor compile time); the first epoch pays the compilation; results equal eager to float "
+               "tolerance",
 }
 
 

@@ -46,3 +46,28 @@ def test_a_compiled_fit_equals_the_eager_fit_alone_and_together(tmp_path, monkey
 def test_an_unknown_compile_mode_is_refused(tmp_path):
     with pytest.raises(UserError, match="unknown --compile 'fast'; valid: off, default, reduce-overhead, max-autotune"):
         fit_transnet(replace(FIT, features="f.h5", source="a", target="b", layer="conv", compile="fast"), tmp_path)
+
+
+def test_cudagraphs_is_refused_off_cuda_before_anything_is_written(tmp_path):
+    planted = planted_features(tmp_path / "planted.h5")
+    cfg = replace(FIT, features=str(planted), source="a", target="b", layer="conv", compile="cudagraphs",
+                  device="cpu")
+    with pytest.raises(UserError, match="--compile cudagraphs captures CUDA graphs and needs a CUDA device, not cpu"):
+        fit_transnet(cfg, tmp_path / "alone")
+    with pytest.raises(UserError, match="needs a CUDA device"):
+        fit_group([FitJob(replace(cfg, source=s, target=t), tmp_path / s) for s, t in (("a", "b"), ("b", "a"))])
+    assert not (tmp_path / "alone").exists() and not (tmp_path / "a").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device (make gpu-check runs this)")
+def test_a_cudagraphs_fit_equals_the_eager_fit_on_cuda(tmp_path):
+    planted = planted_features(tmp_path / "planted.h5")
+    cfgs = [replace(FIT, features=str(planted), source=s, target=t, layer="conv", device="cuda", precision="fp32")
+            for s, t in (("a", "b"), ("b", "a"))]
+    for c in cfgs:
+        fit_transnet(c, tmp_path / "eager" / c.source)
+        fit_transnet(replace(c, compile="cudagraphs"), tmp_path / "graphs" / c.source)
+        _same(tmp_path / "eager" / c.source, tmp_path / "graphs" / c.source)
+    fit_group([FitJob(replace(c, compile="cudagraphs"), tmp_path / "together" / c.source) for c in cfgs])
+    for c in cfgs:
+        _same(tmp_path / "eager" / c.source, tmp_path / "together" / c.source)
