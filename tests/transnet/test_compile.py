@@ -25,20 +25,25 @@ def _same(a, b):
     assert rb == pytest.approx(ra, abs=1e-5)
 
 
+def _compiled_equals_eager(root, mode: str, **fit) -> None:
+    """Two pairs fitted eagerly, each under ``--compile mode``, and both together under it: the same fits."""
+    planted = planted_features(root / "planted.h5")
+    cfgs = [replace(FIT, features=str(planted), source=s, target=t, layer="conv", **fit)
+            for s, t in (("a", "b"), ("b", "a"))]
+    for c in cfgs:
+        fit_transnet(c, root / "eager" / c.source)
+        fit_transnet(replace(c, compile=mode), root / "compiled" / c.source)
+        _same(root / "eager" / c.source, root / "compiled" / c.source)
+    fit_group([FitJob(replace(c, compile=mode), root / "together" / c.source) for c in cfgs])
+    for c in cfgs:
+        _same(root / "eager" / c.source, root / "together" / c.source)
+
+
 @pytest.mark.slow
 def test_a_compiled_fit_equals_the_eager_fit_alone_and_together(tmp_path, monkeypatch):
     calls, real = [], torch.compile
     monkeypatch.setattr(torch, "compile", lambda m, **kw: calls.append(kw["mode"]) or real(m, **kw))
-    planted = planted_features(tmp_path / "planted.h5")
-    pairs = [("a", "b"), ("b", "a")]
-    cfgs = [replace(FIT, features=str(planted), source=s, target=t, layer="conv") for s, t in pairs]
-    for c in cfgs:
-        fit_transnet(c, tmp_path / "eager" / c.source)
-        fit_transnet(replace(c, compile="default"), tmp_path / "compiled" / c.source)
-        _same(tmp_path / "eager" / c.source, tmp_path / "compiled" / c.source)
-    fit_group([FitJob(replace(c, compile="default"), tmp_path / "together" / c.source) for c in cfgs])
-    for c in cfgs:
-        _same(tmp_path / "eager" / c.source, tmp_path / "together" / c.source)
+    _compiled_equals_eager(tmp_path, "default")
     assert calls == ["default"] * 3                    # each compiled fit, and the group, compiled its forward once
     assert json.loads((tmp_path / "compiled" / "a" / "config.json").read_text())["config"]["compile"] == "default"
 
@@ -61,13 +66,4 @@ def test_cudagraphs_is_refused_off_cuda_before_anything_is_written(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device (make gpu-check runs this)")
 def test_a_cudagraphs_fit_equals_the_eager_fit_on_cuda(tmp_path):
-    planted = planted_features(tmp_path / "planted.h5")
-    cfgs = [replace(FIT, features=str(planted), source=s, target=t, layer="conv", device="cuda", precision="fp32")
-            for s, t in (("a", "b"), ("b", "a"))]
-    for c in cfgs:
-        fit_transnet(c, tmp_path / "eager" / c.source)
-        fit_transnet(replace(c, compile="cudagraphs"), tmp_path / "graphs" / c.source)
-        _same(tmp_path / "eager" / c.source, tmp_path / "graphs" / c.source)
-    fit_group([FitJob(replace(c, compile="cudagraphs"), tmp_path / "together" / c.source) for c in cfgs])
-    for c in cfgs:
-        _same(tmp_path / "eager" / c.source, tmp_path / "together" / c.source)
+    _compiled_equals_eager(tmp_path, "cudagraphs", device="cuda", precision="fp32")
