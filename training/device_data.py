@@ -139,7 +139,7 @@ def cached_images(ds: IndexedDataset, spec: DataSpec, tspec: TransformSpec, trai
     path = cache_path(ds, spec, steps, cache_dir)
     want = len(ds) if rows is None else min(rows, len(ds))
     if path.is_file():
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)   # rows read as sliced
         if blob["images"].shape[0] == len(ds) and torch.equal(blob["labels"], torch.as_tensor(ds.labels)):
             return blob["images"][:want], aug
     images = decode_all(ds, steps, num_workers, want)
