@@ -3,8 +3,8 @@
 compared nets (adaptive average pooling: output cell i covers input rows floor(i·H/h) to
 ceil((i+1)·H/h), as torch's ``adaptive_avg_pool2d``); ``--spatial interpolate`` resamples bilinearly
 to it (half-pixel centres, no antialiasing, as torch's ``interpolate(mode="bilinear",
-align_corners=False)``). Both are linear maps per axis, applied as ``R_h X R_w^T`` per channel; the
-result is held in the net's storage dtype (its rounding stays what the rank tolerance expects).
+align_corners=False)``), with the Trans-Net's resampler (transnet/spatial.py). The result is held in the
+net's storage dtype (its rounding stays what the rank tolerance expects).
 """
 from __future__ import annotations
 
@@ -12,44 +12,28 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
 from analysis.sources import as_source, row_blocks
 from common.errors import UserError
 from common.registry import unknown_choice_message
 from transnet.config import SPATIAL  # re-exported: one owner of the names (transnet/config.py)
-
-
-def axis_matrix(size: int, out: int, mode: str) -> np.ndarray:
-    """(out, size) matrix taking one spatial axis of length ``size`` to ``out``."""
-    m = np.zeros((out, size))
-    if mode == "pool":
-        for i in range(out):
-            a, b = (i * size) // out, -(-((i + 1) * size) // out)
-            m[i, a:b] = 1.0 / (b - a)
-    elif mode == "interpolate":
-        scale = size / out
-        for i in range(out):
-            src = max((i + 0.5) * scale - 0.5, 0.0)
-            lo = min(int(np.floor(src)), size - 1)
-            hi = min(lo + 1, size - 1)
-            frac = src - lo
-            m[i, lo] += 1.0 - frac
-            m[i, hi] += frac
-    else:
-        raise UserError(unknown_choice_message("--spatial", mode, list(SPATIAL)))
-    return m
+from transnet.spatial import resize_maps
 
 
 def resize(x: Any, size: tuple[int, int], mode: str) -> np.ndarray:
-    """(N, C, H, W) features brought to ``size`` (h, w), in their storage dtype, read block by block."""
+    """(N, C, H, W) features brought to ``size`` (h, w), in their storage dtype, read block by block. The
+    resampling is the Trans-Net's (:func:`transnet.spatial.resize_maps`, the one owner of both rules), run
+    in float64 on each block."""
+    if mode not in SPATIAL:
+        raise UserError(unknown_choice_message("--spatial", mode, list(SPATIAL)))
     src = as_source(x)
     n, c, hh, ww = (int(v) for v in src.shape)
-    rh, rw = axis_matrix(hh, size[0], mode), axis_matrix(ww, size[1], mode)
     out = np.empty((n, c) + tuple(size), dtype=src.dtype)
     s = 0
     for blk in row_blocks(src):
         b = len(blk)
-        out[s:s + b] = np.einsum("ih,nchw,jw->ncij", rh, blk.reshape(b, c, hh, ww), rw, optimize=True)
+        out[s:s + b] = resize_maps(torch.from_numpy(blk.reshape(b, c, hh, ww)), size, mode).numpy()
         s += b
     return out
 

@@ -12,13 +12,14 @@ features (comparable with same-layer rows of the same target). The conventions (
 
 Without a convention (``""``) a mismatch is refused, naming both sizes and the choices. Unlike the
 ``similarity`` command's ``--spatial`` (every net to the smallest H x W of the compared nets), only the
-source moves here. Resizing runs in float32 and returns the input's dtype.
+source moves here. Resizing runs in float32 (float64 stays float64) and returns the input's dtype.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -58,11 +59,12 @@ def spatial_plan(size_a: Sequence[int], size_b: Sequence[int], mode: str, what: 
 
 
 def resize_maps(x: Tensor, size: Sequence[int], mode: str) -> Tensor:
-    """x: (N, C, H, W) -> (N, C, h, w) by ``mode`` (pool | interpolate), in x's dtype and device."""
+    """x: (N, C, H, W) -> (N, C, h, w) by ``mode`` (pool | interpolate), in x's dtype and device (computed
+    in float32, or float64 for float64 input)."""
     h, w = int(size[0]), int(size[1])
     if tuple(x.shape[2:]) == (h, w):
         return x
-    xf = x.float()
+    xf = x if x.dtype == torch.float64 else x.float()
     if mode == "pool":
         y = F.adaptive_avg_pool2d(xf, (h, w))
     elif mode == "interpolate":

@@ -195,20 +195,39 @@ def test_held_out_scores_remove_the_in_sample_inflation_of_unrelated_nets(cli, t
 
 # --------------------------------------------------------------------------- layers of different spatial size
 
+def _axis_matrix(size: int, out: int, mode: str) -> np.ndarray:
+    """The (out, size) linear map of one axis, written out independently: adaptive windows
+    floor(i*size/out) .. ceil((i+1)*size/out) for pool; half-pixel centres clamped to the edge for bilinear."""
+    m = np.zeros((out, size))
+    for i in range(out):
+        if mode == "pool":
+            a, b = (i * size) // out, -(-((i + 1) * size) // out)
+            m[i, a:b] = 1.0 / (b - a)
+        else:
+            src = max((i + 0.5) * size / out - 0.5, 0.0)
+            lo = min(int(np.floor(src)), size - 1)
+            hi = min(lo + 1, size - 1)
+            m[i, lo] += 1.0 - (src - lo)
+            m[i, hi] += src - lo
+    return m
+
+
 @pytest.mark.parametrize("mode", ["pool", "interpolate"])
-def test_spatial_resizing_matches_torch(mode):
-    import torch
-    import torch.nn.functional as F
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_spatial_resizing_is_the_per_axis_linear_map_in_the_storage_dtype(tmp_path, mode, dtype):
+    """R_h X R_w^T per channel, read from an HDF5 dataset, kept in its storage dtype."""
+    import h5py
 
     from analysis.similarity_spatial import resize
 
-    x = np.random.default_rng(12).normal(size=(3, 2, 7, 5)).astype(np.float32)
-    got = resize(x, (3, 2), mode)
-    t = torch.from_numpy(x)
-    want = (F.adaptive_avg_pool2d(t, (3, 2)) if mode == "pool"
-            else F.interpolate(t, size=(3, 2), mode="bilinear", align_corners=False)).numpy()
-    assert got.dtype == np.float32
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    x = np.random.default_rng(12).normal(size=(3, 2, 7, 5)).astype(dtype)
+    with h5py.File(tmp_path / "x.h5", "w") as f:
+        f["x"] = x
+        got = resize(f["x"], (3, 2), mode)
+    want = np.einsum("ih,nchw,jw->ncij", _axis_matrix(7, 3, mode), x.astype(np.float64), _axis_matrix(5, 2, mode))
+    assert got.dtype == dtype and got.shape == (3, 2, 3, 2)
+    np.testing.assert_allclose(got.astype(np.float64), want.astype(dtype), rtol=1e-3 if dtype == np.float16 else 1e-6,
+                               atol=1e-3 if dtype == np.float16 else 1e-6)
 
 
 def test_positions_mode_compares_layers_of_different_size_after_pooling(tmp_path):
