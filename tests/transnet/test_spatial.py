@@ -60,7 +60,8 @@ def test_resizing_keeps_the_storage_dtype_and_leaves_equal_sizes_alone():
     x64 = torch.from_numpy(_maps(h=4, w=4)) * 1e-9 + 1.0            # float32 would round the 1e-9 away
     got = resize_maps(x64, (2, 2), "pool")
     assert got.dtype == torch.float64
-    np.testing.assert_allclose(got.numpy() - 1.0, x64.numpy().reshape(2, 3, 2, 2, 2, 2).mean((3, 5)) - 1.0, rtol=1e-6)
+    np.testing.assert_allclose(got.numpy() - 1.0, x64.numpy().reshape(2, 3, 2, 2, 2, 2).mean((3, 5)) - 1.0,
+                               rtol=0, atol=1e-14)
 
 
 def test_spatial_plan_records_the_convention_and_refuses_what_it_cannot_do():
