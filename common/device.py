@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from common.distributed import dist_from_env, init_group, is_local_only
-from common.errors import UserError
+from common.errors import UserError, require_choice
 from common.precision import PRECISIONS
 
 
@@ -121,8 +121,7 @@ def autocast(device: torch.device, amp: bool):
 
 
 def check_precision(precision: str) -> str:
-    if precision not in PRECISIONS:
-        raise UserError(f"unknown --precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    require_choice("--precision", precision, PRECISIONS)
     return precision
 
 

@@ -43,7 +43,7 @@ from torch.utils.data import Subset
 
 from common.device import PRECISIONS, float32_math, precision_autocast, use_device
 from common.distributed import ControlGroup, DistInfo, dist_from_env
-from common.errors import UserError
+from common.errors import UserError, require_choice
 from common.faults import fault_point
 from common.files import is_disk_error, write_failed
 from common.progress import progress
@@ -179,14 +179,10 @@ def _validate(nets: Sequence[Net], layers: Sequence[tuple[str, int | None]], cfg
         raise UserError(f"net name(s) {dup} given twice; every net needs its own name")
     if not layers and not cfg.logits:
         raise UserError("no layers requested: pass --layer PATH and/or --conv_layer N (or --logits)")
-    if cfg.dtype not in DTYPES:
-        raise UserError(f"unknown --dtype {cfg.dtype!r}; valid: {', '.join(DTYPES)}")
-    if cfg.compression not in COMPRESSIONS:
-        raise UserError(f"unknown --compression {cfg.compression!r}; valid: {', '.join(COMPRESSIONS)}")
-    if cfg.precision not in PRECISIONS:
-        raise UserError(f"unknown --precision {cfg.precision!r}; valid: {', '.join(PRECISIONS)}")
-    if cfg.data_on not in DATA_ON:
-        raise UserError(f"unknown --data_on {cfg.data_on!r}; valid: {', '.join(DATA_ON)}")
+    require_choice("--dtype", cfg.dtype, DTYPES)
+    require_choice("--compression", cfg.compression, COMPRESSIONS)
+    require_choice("--precision", cfg.precision, PRECISIONS)
+    require_choice("--data_on", cfg.data_on, DATA_ON)
     if cfg.batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {cfg.batch_size}")
     if cfg.limit < 0:

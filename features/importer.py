@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.errors import UserError
+from common.errors import UserError, require_choice
 from common.provenance import code_version, now_utc, sha256_file
 from features import store
 from features.config import DTYPES, TOKEN_MODES, ImportConfig  # re-exported: their old home
@@ -293,10 +293,8 @@ def _write(f, cfg: ImportConfig, net: str, layer: str, arr: np.ndarray, m: Token
 
 
 def _validate(cfg: ImportConfig) -> None:
-    if cfg.tokens not in TOKEN_MODES:
-        raise UserError(f"unknown --tokens {cfg.tokens!r}; valid: {', '.join(TOKEN_MODES)}")
-    if cfg.dtype not in DTYPES:
-        raise UserError(f"unknown --dtype {cfg.dtype!r}; valid: {', '.join(DTYPES)}")
+    require_choice("--tokens", cfg.tokens, TOKEN_MODES)
+    require_choice("--dtype", cfg.dtype, DTYPES)
     if cfg.block_rows < 1:
         raise UserError(f"--block_rows must be >= 1, got {cfg.block_rows}")
     if cfg.prefix_tokens < 0:

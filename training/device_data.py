@@ -35,7 +35,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms as T
 
-from common.errors import UserError
+from common.errors import UserError, require_choice
 from common.progress import progress
 from training.config import DATA_ON, DataSpec
 from training.datasets import IndexedDataset
@@ -289,8 +289,7 @@ class DeviceLoader:
 def choose_data_on(choice: str, images_bytes: int, device: torch.device) -> str:
     """``loader`` (the CPU DataLoader path) or ``device`` (the cached images held on ``device``, augmented
     there). ``auto``: ``device`` on CUDA when the uint8 images take at most a quarter of the free memory."""
-    if choice not in DATA_ON:
-        raise UserError(f"unknown --data_on {choice!r}; valid: {', '.join(DATA_ON)}")
+    require_choice("--data_on", choice, DATA_ON)
     if choice == "auto":
         return "device" if fits_on_device(images_bytes, device) else "loader"
     return choice

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from common.checkpoints import load_checkpoint
 from common.device import use_device
-from common.errors import UserError
+from common.errors import UserError, require_choice
 from common.provenance import sha256_file
 from training.data import build_dataset, transform_spec
 from training.datasets import DataSpec
@@ -27,8 +27,7 @@ from training.runner import ModelSpec, build_for_data
 
 
 def check_member_checkpoint(which: str) -> None:
-    if which not in MEMBER_CHECKPOINTS:
-        raise UserError(f"unknown --member_checkpoint {which!r}; valid: {', '.join(MEMBER_CHECKPOINTS)}")
+    require_choice("--member_checkpoint", which, MEMBER_CHECKPOINTS)
 
 
 def member_path(run_dir: Path, which: str) -> Path:

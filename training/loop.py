@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from common.device import Workers, autocast, start_workers
-from common.errors import UserError
+from common.errors import UserError, require_choice
 from common.faults import fault_point
 from common.progress import progress
 from common.rundir import RunDir
@@ -32,18 +32,15 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Ten
 
 
 def validate(cfg: TrainConfig) -> None:
-    if cfg.optimizer not in OPTIMIZERS:
-        raise UserError(f"unknown --optimizer {cfg.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
-    if cfg.schedule not in SCHEDULES:
-        raise UserError(f"unknown --schedule {cfg.schedule!r}; valid: {', '.join(SCHEDULES)}")
+    require_choice("--optimizer", cfg.optimizer, OPTIMIZERS)
+    require_choice("--schedule", cfg.schedule, SCHEDULES)
     if cfg.epochs < 1:
         raise UserError(f"--epochs must be >= 1, got {cfg.epochs}")
     if cfg.batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {cfg.batch_size}")
     if cfg.lr <= 0:
         raise UserError(f"--lr must be > 0, got {cfg.lr}")
-    if cfg.data_on not in DATA_ON:
-        raise UserError(f"unknown --data_on {cfg.data_on!r}; valid: {', '.join(DATA_ON)}")
+    require_choice("--data_on", cfg.data_on, DATA_ON)
     if not 0 <= cfg.label_smoothing < 1:
         raise UserError(f"--label_smoothing must be in [0, 1), got {cfg.label_smoothing}")
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import prune
 
-from common.errors import UserError
+from common.errors import UserError, require_choice
 from training.family_config import PRUNE_SCOPES  # re-exported: its old home
 
 
@@ -45,8 +45,7 @@ def prune_magnitude(model: nn.Module, amount: float, scope: str = "layer") -> di
     """Zero the ``amount`` fraction of smallest-magnitude weights (in place); return the masks."""
     if not 0 <= amount < 1:
         raise UserError(f"--prune must be in [0, 1), got {amount}")
-    if scope not in PRUNE_SCOPES:
-        raise UserError(f"unknown --prune_scope {scope!r}; valid: {', '.join(PRUNE_SCOPES)}")
+    require_choice("--prune_scope", scope, PRUNE_SCOPES)
     layers = compressible_layers(model)
     if not layers:
         raise UserError("the model has no conv or linear layer to compress")

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from common.errors import UserError
+from common.errors import require_choice
 from features.store import (
     FeatureFileError,
     NonFiniteFeatures,
@@ -479,8 +479,7 @@ def choose_placement(nbytes: int, device: torch.device, data_on: str = "auto",
                      reserved: int = 0) -> str:
     """``device`` (GPU memory), ``ram`` or ``disk`` for ``nbytes`` of features (``reserved``: bytes already
     placed). On a CPU run ``device`` and ``ram`` are the same place and are called ``ram``."""
-    if data_on not in DATA_ON:
-        raise UserError(f"unknown --data_on {data_on!r}; valid: {', '.join(DATA_ON)}")
+    require_choice("--data_on", data_on, DATA_ON)
     if data_on != "auto":
         return "ram" if data_on == "device" and device.type != "cuda" else data_on
     if device.type == "cuda":

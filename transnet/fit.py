@@ -65,7 +65,7 @@ import torch.nn.functional as F
 
 from common.checkpoints import load_checkpoint
 from common.device import PRECISIONS, Workers, effective_precision, float32_math, precision_autocast, start_workers
-from common.errors import UserError
+from common.errors import UserError, require_choice
 from common.faults import fault_point
 from common.options import parse_csv
 from common.progress import progress
@@ -143,8 +143,7 @@ def validate(cfg: FitConfig) -> list[float]:
     checks = [("input_norm", INPUT_NORMS), ("schedule", FIT_SCHEDULES), ("loss_scale", LOSS_SCALES),
               ("data_on", DATA_ON), ("precision", PRECISIONS), ("compile", COMPILE_MODES)]
     for name, valid in checks:
-        if getattr(cfg, name) not in valid:
-            raise UserError(f"unknown --{name} {getattr(cfg, name)!r}; valid: {', '.join(valid)}")
+        require_choice(f"--{name}", getattr(cfg, name), valid)
     check_spatial_name(cfg.spatial)
     if cfg.orders < 0:
         raise UserError(f"--orders must be >= 0, got {cfg.orders}")

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from common.device import float32_math, precision_autocast, start_workers
-from common.errors import UserError
+from common.errors import UserError, require_choice
 from common.faults import fault_point
 from common.progress import progress
 from common.rundir import RunDir
@@ -71,8 +71,7 @@ class FitJob:
 
 
 def check_grouped(choice: str) -> str:
-    if choice not in GROUPED:
-        raise UserError(f"unknown --grouped {choice!r}; valid: {', '.join(GROUPED)}")
+    require_choice("--grouped", choice, GROUPED)
     return choice
 
 

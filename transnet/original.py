@@ -50,7 +50,7 @@ from torch import Tensor
 
 from common.checkpoints import load_checkpoint, save_checkpoint
 from common.device import use_device
-from common.errors import UserError
+from common.errors import UserError, require_choice
 from common.provenance import sha256_file
 from common.rundir import RunDir
 from transnet.config import ImportConfig  # re-exported: its old home
@@ -181,8 +181,7 @@ def import_transnet(cfg: ImportConfig, out_dir: str | os.PathLike, mode: str = "
             raise UserError(f"--{name} is required")
     if cfg.std_correction not in STD_CORRECTIONS:
         raise UserError(f"--std_correction must be 0 or 1 (the original: 1), got {cfg.std_correction!r}")
-    if cfg.data_on not in DATA_ON:
-        raise UserError(f"unknown --data_on {cfg.data_on!r}; valid: {', '.join(DATA_ON)}")
+    require_choice("--data_on", cfg.data_on, DATA_ON)
     if cfg.batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {cfg.batch_size}")
     path = Path(cfg.checkpoint)

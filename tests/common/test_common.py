@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from common.checkpoints import load_checkpoint
-from common.errors import UserError
+from common.errors import UserError, require_choice
 from common.files import write_json
 from common.registry import Registry, UnknownNameError
 from common.rundir import RunDir
@@ -22,6 +22,12 @@ def test_unknown_registry_name_lists_choices_and_close_match():
 
 
 # --------------------------------------------------------------------------- checkpoints
+
+def test_an_unknown_option_value_is_refused_naming_it_and_every_choice():
+    require_choice("--data_on", "device", ("auto", "loader", "device"))
+    with pytest.raises(UserError, match=r"unknown --data_on 'gpu'; valid: auto, loader, device$"):
+        require_choice("--data_on", "gpu", ("auto", "loader", "device"))
+
 
 def test_truncated_checkpoint_is_named(tmp_path):
     p = tmp_path / "broken.pt"
