@@ -22,8 +22,9 @@ On the CPU every choice computes in float32 (autocast and TF32 are CUDA features
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -139,17 +140,39 @@ def tf32_mode(precision: str) -> str:
 
 @contextlib.contextmanager
 def cuda_float32_flags(mode: str) -> Iterator[None]:
-    """Set cuDNN convolutions' and CUDA matmuls' ``fp32_precision`` to ``mode`` (``ieee`` | ``tf32``)
-    inside the block and put the previous values back afterwards. Only PyTorch's per-backend
-    ``fp32_precision`` flags are touched (mixing them with the legacy ``allow_tf32`` flags is an error
-    in PyTorch). The flags are process-wide; they matter only to CUDA kernels."""
-    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
-    saved = (conv.fp32_precision, matmul.fp32_precision)
-    conv.fp32_precision = matmul.fp32_precision = mode
+    """Set cuDNN convolutions' and CUDA matmuls' float32 precision to ``mode`` (``ieee`` | ``tf32``)
+    inside the block and put the previous state back afterwards. The flags are process-wide; they
+    matter only to CUDA kernels.
+
+    PyTorch keeps two views of these flags: the legacy ones (``cudnn.allow_tf32``,
+    ``cuda.matmul.allow_tf32``, ``get_float32_matmul_precision``), derived from the per-backend
+    ``fp32_precision`` strings underneath. Setting only the strings can leave them in a state the legacy
+    getters refuse to read, and torch.compile's inductor reads them in some releases. So the legacy
+    setters go first, then the strings, and both are put back in that order on the way out."""
+    cudnn, matmul, cpu_matmul = torch.backends.cudnn, torch.backends.cuda.matmul, torch.backends.mkldnn.matmul
+    saved_legacy = (_readable(lambda: cudnn.allow_tf32), _readable(torch.get_float32_matmul_precision))
+    saved = (cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision, matmul.fp32_precision, cpu_matmul.fp32_precision)
+    cudnn.allow_tf32 = mode == "tf32"
+    torch.set_float32_matmul_precision("high" if mode == "tf32" else "highest")
+    cudnn.conv.fp32_precision = cudnn.rnn.fp32_precision = matmul.fp32_precision = mode
     try:
         yield
     finally:
-        conv.fp32_precision, matmul.fp32_precision = saved
+        if saved_legacy[0] is not None:
+            cudnn.allow_tf32 = saved_legacy[0]
+        if saved_legacy[1] is not None:
+            torch.set_float32_matmul_precision(saved_legacy[1])
+        (cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision, matmul.fp32_precision,
+         cpu_matmul.fp32_precision) = saved
+
+
+def _readable(getter: Callable[[], Any]) -> Any:
+    """A legacy TF32 flag's value, or None where PyTorch refuses to read it (set before us through the
+    per-backend strings alone)."""
+    try:
+        return getter()
+    except RuntimeError:
+        return None
 
 
 @contextlib.contextmanager

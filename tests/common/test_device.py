@@ -180,3 +180,63 @@ def test_on_the_cpu_the_fit_runs_unchanged(tmp_path):
     m = fit_transnet(FitConfig(features=str(f), epochs=2, orders=0, batch_size=8, **FAST_FIT_KWARGS),
                      tmp_path / "run")
     assert m["epochs"] == 2 and np.isfinite(m["r2"])
+
+
+# --------------------------------------------------------------------------- TF32 flags
+
+_FLAGS_PROBE = r"""
+import sys, warnings
+warnings.simplefilter("error")
+import torch
+from common.device import cuda_float32_flags
+b = torch.backends
+GETTERS = {"cudnn.allow_tf32": lambda: b.cudnn.allow_tf32, "matmul.allow_tf32": lambda: b.cuda.matmul.allow_tf32,
+           "float32_matmul_precision": torch.get_float32_matmul_precision}
+STRINGS = {"conv": lambda: b.cudnn.conv.fp32_precision, "rnn": lambda: b.cudnn.rnn.fp32_precision,
+           "matmul": lambda: b.cuda.matmul.fp32_precision, "cpu_matmul": lambda: b.mkldnn.matmul.fp32_precision}
+def legacy():
+    out = {}
+    for name, get in GETTERS.items():
+        try:
+            out[name] = get()
+        except RuntimeError:
+            out[name] = None
+    return out
+def strings():
+    return {name: get() for name, get in STRINGS.items()}
+exec(sys.argv[1])
+before_legacy, before = legacy(), strings()
+for mode in ("ieee", "tf32"):
+    with cuda_float32_flags(mode):
+        inside = legacy()
+        assert None not in inside.values(), inside                  # every legacy getter readable
+        assert (strings()["conv"], strings()["rnn"], strings()["matmul"]) == (mode,) * 3, strings()
+        assert inside["cudnn.allow_tf32"] == inside["matmul.allow_tf32"] == (mode == "tf32"), inside
+        with cuda_float32_flags("tf32" if mode == "ieee" else "ieee"):
+            assert None not in legacy().values()
+        assert legacy() == inside
+    assert strings() == before, (strings(), before)
+    after = legacy()
+    assert all(after[k] == v for k, v in before_legacy.items() if v is not None), (after, before_legacy)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("before", [
+    "pass",                                                     # PyTorch's defaults
+    "torch.set_float32_matmul_precision('high')",               # a user's legacy settings
+    "torch.set_float32_matmul_precision('medium')",
+    "torch.backends.cudnn.allow_tf32 = False",
+    "torch.backends.cudnn.conv.fp32_precision = 'ieee'",        # a user's per-backend strings
+    "torch.backends.cuda.matmul.fp32_precision = 'tf32'",
+])
+def test_tf32_flags_keep_the_legacy_getters_readable_and_are_put_back(before):
+    """cuda_float32_flags sets both of PyTorch's views of the TF32 flags, so the legacy getters (read by
+    torch.compile's inductor) never raise inside the block, and puts the per-backend strings, and every
+    legacy value that was readable, back afterwards. Run in a child: the flags are process-wide."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", _FLAGS_PROBE, before], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
