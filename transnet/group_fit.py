@@ -225,12 +225,13 @@ class FitGroup:
             steps += 1
             rows += xa.shape[0]
             fault_point("transnet_step")
-        mse_host, loss_host = torch.stack([mse_sum, loss_sum]).cpu()       # the epoch's one sync
+        mse_host, loss_host = torch.stack([mse_sum, loss_sum]).cpu().tolist()   # the epoch's one sync
         self.stats = {"mse": mse_host, "loss": loss_host, "steps": steps, "rows": rows,
                       "time": time.perf_counter() - t0}
 
     def pair_stats(self, stage: FitStage) -> dict[str, Any]:
-        """Stage's sums of the epoch just trained (``train_epoch``'s dict) and its share of the time."""
+        """Stage's sums of the epoch just trained (``train_epoch``'s dict, as host floats: they join the
+        stage's device tensors in one transfer) and its share of the time."""
         g, st = self.index[id(stage)], self.stats
         return {"mse_sum": st["mse"][g], "loss_sum": st["loss"][g], "steps": st["steps"], "rows": st["rows"],
                 "epoch_time_s": st["time"] / len(self.stages)}

@@ -91,7 +91,7 @@ class GroupedTransNet(nn.Module):
     def pair_mse(self, yhat: Tensor, y: Tensor) -> Tensor:
         """(K,): each pair's MSE, the mean over its own elements (``F.mse_loss`` of its separate fit)."""
         n, _, h, w = y.shape
-        return (yhat.float() - y.float()).pow(2).view(n, self.k, -1).mean((0, 2))
+        return (yhat.float() - y.float()).pow(2).reshape(n, self.k, -1).mean((0, 2))   # any memory format
 
     def loss(self, x: Tensor, y: Tensor, alphas: Sequence[float] | Tensor) -> Tensor:
         """Σ_g [MSE(ŷ_g, y_g) + Σ_k α_k p_{g,k}²]: every pair's own loss, summed, so each pair's gradient

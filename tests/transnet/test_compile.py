@@ -64,6 +64,9 @@ def test_cudagraphs_is_refused_off_cuda_before_anything_is_written(tmp_path):
     assert not (tmp_path / "alone").exists() and not (tmp_path / "a").exists()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device (make gpu-check runs this)")
-def test_a_cudagraphs_fit_equals_the_eager_fit_on_cuda(tmp_path):
-    _compiled_equals_eager(tmp_path, "cudagraphs", device="cuda", precision="fp32")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (make gpu-check runs this)")
+@pytest.mark.parametrize("mode", ["off", "cudagraphs"])
+def test_on_cuda_fits_alone_and_together_equal_the_eager_fit(tmp_path, mode):
+    """On CUDA (channels_last, fused Adam, cuDNN's grouped convolutions): eager fits alone and together
+    (``off``), and under CUDA graphs, equal the eager fit alone."""
+    _compiled_equals_eager(tmp_path, mode, device="cuda", precision="fp32")

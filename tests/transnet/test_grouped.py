@@ -69,3 +69,19 @@ def test_grouped_fit_equals_separate_fits(input_norm, orders):
 def test_grouped_fit_refuses_mixed_builds():
     with pytest.raises(ValueError, match="one build"):
         GroupedTransNet([TransNet(TransNetConfig(4, 2)), TransNet(TransNetConfig(4, 1))])
+
+
+def test_each_pairs_mse_holds_in_the_channels_last_layout():
+    """On CUDA the grouped model and its input are channels_last, and so is its output: each pair's MSE
+    must still be its own separate ``F.mse_loss`` (a ``view`` of that layout fails)."""
+    k = 3
+    xs, ys = _planted(k, n=8)
+    grouped = GroupedTransNet([TransNet(TransNetConfig(4, 2, 3, "instance")) for _ in range(k)])
+    grouped = grouped.to(memory_format=torch.channels_last)
+    x = stack_pairs(xs).contiguous(memory_format=torch.channels_last)
+    yhat = grouped(x)
+    assert yhat.is_contiguous(memory_format=torch.channels_last) and not yhat.is_contiguous()
+    mse = grouped.pair_mse(yhat, stack_pairs(ys))
+    want = torch.stack([F.mse_loss(p, yi) for p, yi in zip(yhat.split(4, dim=1), ys)])
+    assert torch.allclose(mse, want, rtol=1e-6)
+    grouped.loss(x, stack_pairs(ys), [0.1, 0.1]).backward()
