@@ -188,6 +188,23 @@ def float32_math(device: torch.device, precision: str) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def cudnn_autotune(device: torch.device) -> Iterator[None]:
+    """Inside the block on CUDA, cuDNN times its convolution algorithms once per shape and keeps the
+    fastest (``cudnn.benchmark``: the shapes of a fit or an extraction repeat every batch); the previous
+    setting comes back afterwards, so later work in the process (a study's training) is not changed.
+    A no-op off CUDA."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
+
+
 def precision_autocast(device: torch.device, precision: str):
     """The forward-pass context of ``precision``: bf16 autocast for ``bf16`` on CUDA, else a no-op."""
     return autocast(device, check_precision(precision) == "bf16")

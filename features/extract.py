@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch.utils.data import Subset
 
-from common.device import PRECISIONS, float32_math, precision_autocast, use_device
+from common.device import PRECISIONS, cudnn_autotune, float32_math, precision_autocast, use_device
 from common.distributed import ControlGroup, DistInfo, dist_from_env
 from common.errors import UserError, require_choice
 from common.faults import fault_point
@@ -208,10 +208,7 @@ def _lock_output(out: Path, info: DistInfo, group: ControlGroup):
 
 
 def _device(name: str) -> torch.device:
-    dev = use_device(name)                  # under torchrun: cuda:LOCAL_RANK
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    return dev
+    return use_device(name)                 # under torchrun: cuda:LOCAL_RANK
 
 
 def _run(nets, data, splits, out, cfg, mode, command, extractors, points, shapes, device, info, group,
@@ -272,7 +269,7 @@ def _run(nets, data, splits, out, cfg, mode, command, extractors, points, shapes
     buffers = HostBuffers(pin=True) if device.type == "cuda" else None
     writer = FeatureWriter(f, starts, cfg.queue_batches, cfg.flush_s, on_landed, counts, buffers)
     try:
-        with float32_math(device, cfg.precision):            # fp32: TF32 off; tf32/bf16: on (CUDA only)
+        with float32_math(device, cfg.precision), cudnn_autotune(device):   # fp32: TF32 off (CUDA only)
             rows_done = _pass(data, splits, bounds, local_targets, starts, extractors, cfg, device, writer,
                               stop_after, hard_kill, info, where)
         writer.close()

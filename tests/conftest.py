@@ -15,6 +15,10 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("MPLBACKEND", "Agg")
 # The decoded-image cache (training/device_data.py) of every test and its children: never the user's ~/.cache.
 os.environ.setdefault("KC_DATA_CACHE", tempfile.mkdtemp(prefix="kc-test-images-"))
+# torch.cuda.is_available() asks NVML, not the CUDA runtime: a runtime probe initialises the driver, and a
+# child forked after it (tests/processes.py forks while CUDA is untouched) fails its first CUDA call
+# with "initialization error". Read at each call, so setting it after the import holds.
+os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 torch.set_num_threads(1)
 
 

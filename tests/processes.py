@@ -3,9 +3,11 @@ ports for torchrun-style rendezvous, and CLI error text without its wrapping.
 
 A child is forked while this process has not touched CUDA (torch is already imported: no start-up cost)
 and spawned once it has (CUDA cannot be re-initialised in a forked child: "Cannot re-initialize CUDA in
-forked subprocess"). So the function a child runs and its arguments must be picklable in both cases: a
-module-level function, never a lambda; :func:`in_child` checks this when it forks too, so a test that
-would break on a CUDA machine breaks on the CPU as well.
+forked subprocess"). Asking whether CUDA is available does not count: tests/conftest.py makes
+``torch.cuda.is_available()`` ask NVML, which leaves the CUDA driver untouched. So the function a child
+runs and its arguments must be picklable in both cases: a module-level function, never a lambda;
+:func:`in_child` checks this when it forks too, so a test that would break on a CUDA machine breaks on
+the CPU as well.
 """
 from __future__ import annotations
 

@@ -112,6 +112,19 @@ def due(epoch: int, every: int, last: bool) -> bool:
     return epoch % every == 0 or last
 
 
+@torch.no_grad()
+def match_param_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Lay every per-parameter state tensor of ``optimizer`` (Adam's moments, momentum buffers) out like
+    its parameter. ``Optimizer.load_state_dict`` casts dtype and device but keeps the saved strides, and
+    CUDA's fused Adam refuses moments whose layout differs from their parameter's (a fit saved
+    contiguous on the CPU and resumed channels_last on a GPU)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for k, v in optimizer.state.get(p, {}).items():
+                if isinstance(v, torch.Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                    optimizer.state[p][k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
+
+
 def to_host(fields: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     """Bring the tensors of ``fields`` to the host in one transfer: scalars as floats, others as lists.
     Returns the fields and whether every number is finite and every ``_`` check is 0."""
@@ -159,6 +172,7 @@ class Harness:
         self.stage.check_resume(state, self.last_path)
         self.stage.model.load_state_dict(state["state_dict"])
         self.stage.optimizer.load_state_dict(state["optimizer"])
+        match_param_layout(self.stage.optimizer)
         self.stage.scheduler.load_state_dict(state["scheduler"])
         self.start_epoch = self.saved_epoch = int(state["epoch"])
         self.history = list(state.get("history", []))

@@ -64,7 +64,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.checkpoints import load_checkpoint
-from common.device import PRECISIONS, Workers, effective_precision, float32_math, precision_autocast, start_workers
+from common.device import (
+    PRECISIONS,
+    Workers,
+    cudnn_autotune,
+    effective_precision,
+    float32_math,
+    precision_autocast,
+    start_workers,
+)
 from common.errors import UserError, require_choice
 from common.faults import fault_point
 from common.options import parse_csv
@@ -328,9 +336,8 @@ def fit_transnet(cfg: FitConfig, out_dir: str | os.PathLike, mode: str = "new",
         check_compile(cfg.compile, workers.device)
         if cfg.batch_size % workers.world:
             raise UserError(f"--batch_size {cfg.batch_size} must be divisible by the {workers.world} DDP processes")
-        if workers.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True          # fixed shapes: let cudnn pick the fastest kernels
-        with float32_math(workers.device, cfg.precision):  # fp32: TF32 off; tf32/bf16: TF32 on (CUDA only)
+        # fp32: TF32 off; tf32/bf16: TF32 on; fixed shapes, so cuDNN keeps its fastest kernels (CUDA only)
+        with float32_math(workers.device, cfg.precision), cudnn_autotune(workers.device):
             return _fit_body(cfg, alphas, Path(out_dir), mode, workers, on_epoch_end)
     finally:
         workers.close()

@@ -36,12 +36,12 @@ from typing import Any
 
 import torch
 
-from common.device import float32_math, precision_autocast, start_workers
+from common.device import cudnn_autotune, float32_math, precision_autocast, start_workers
 from common.errors import UserError, require_choice
 from common.faults import fault_point
 from common.progress import progress
 from common.rundir import RunDir
-from training.harness import TRANSNET_STREAM, Harness, epoch_seed, seed_everything
+from training.harness import TRANSNET_STREAM, Harness, epoch_seed, match_param_layout, seed_everything
 from training.loop import make_scheduler
 from transnet.config import GROUPED  # re-exported: its old home
 from transnet.fit import (
@@ -113,7 +113,8 @@ def fit_group(jobs: Sequence[FitJob]) -> list[dict[str, Any]]:
         if workers.world > 1:
             raise UserError("grouped Trans-Net fits run in one process; under torchrun use --grouped off")
         check_compile(cfg.compile, workers.device)
-        with contextlib.ExitStack() as stack, float32_math(workers.device, cfg.precision):
+        with contextlib.ExitStack() as stack, float32_math(workers.device, cfg.precision), \
+                cudnn_autotune(workers.device):
             names = [f"{j.cfg.source}>{j.cfg.target}" for j in jobs]
             harnesses = []
             for j in jobs:
@@ -181,6 +182,7 @@ class FitGroup:
             joined = {k: (torch.stack if gp is self.model.gate_logits else torch.cat)([s[k] for s in states])
                       for k in states[0] if k != "step"}
             self.optimizer.state[gp] = {"step": states[0]["step"].clone(), **joined}
+        match_param_layout(self.optimizer)                  # cat is contiguous; channels_last params are not
         self.scheduler.load_state_dict(first.scheduler.state_dict())
         self.optimizer.param_groups[0]["lr"] = first.optimizer.param_groups[0]["lr"]
 

@@ -240,3 +240,17 @@ def test_tf32_flags_keep_the_legacy_getters_readable_and_are_put_back(before):
     res = subprocess.run([sys.executable, "-c", _FLAGS_PROBE, before], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[2])
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
+def test_cudnn_autotune_holds_only_inside_the_block_and_only_on_cuda(monkeypatch):
+    """cuDNN's algorithm search is on inside an extraction or a fit on CUDA and back to what it was
+    afterwards (a study's later training keeps PyTorch's default), also after an error."""
+    from common.device import cudnn_autotune
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    with cudnn_autotune(torch.device("cpu")):
+        assert torch.backends.cudnn.benchmark is False
+    with pytest.raises(RuntimeError), cudnn_autotune(torch.device("cuda", 0)):
+        assert torch.backends.cudnn.benchmark is True
+        raise RuntimeError("stop")
+    assert torch.backends.cudnn.benchmark is False

@@ -95,3 +95,27 @@ def test_one_epoch_seed_with_a_stream_per_use():
     """The classifier stream and the Trans-Net stream reproduce the seeds earlier versions used."""
     assert epoch_seed(3, 7) == (3 * 1_000_003 + 7 * 7919) % 2**62
     assert epoch_seed(3, 7, TRANSNET_STREAM) == (3 * 1_000_003 + 7 * 7919 + 17) % 2**62
+
+
+def test_resumed_optimizer_state_takes_its_parameters_layout():
+    """Adam's moments saved from a contiguous model and loaded into a channels_last one keep their saved
+    strides (``load_state_dict`` casts only dtype and device); match_param_layout lays them out like
+    their parameters, values unchanged, as CUDA's fused Adam requires."""
+    from training.harness import match_param_layout
+
+    torch.manual_seed(0)
+    saved = torch.nn.Conv2d(3, 4, 3)
+    opt = torch.optim.Adam(saved.parameters(), lr=0.1)
+    saved(torch.randn(2, 3, 5, 5)).square().sum().backward()
+    opt.step()
+    resumed = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+    resumed.load_state_dict(saved.state_dict())
+    opt2 = torch.optim.Adam(resumed.parameters(), lr=0.1)
+    opt2.load_state_dict(opt.state_dict())
+    w = resumed.weight
+    assert opt2.state[w]["exp_avg"].stride() != w.stride()             # what load_state_dict leaves
+    match_param_layout(opt2)
+    for k in ("exp_avg", "exp_avg_sq"):
+        got, want = opt2.state[w][k], opt.state[saved.weight][k]
+        assert got.stride() == w.stride() and torch.equal(got, want)
+    assert opt2.state[w]["step"].shape == ()
