@@ -173,3 +173,21 @@ def test_best_and_last_checkpoints_have_design_fields(tmp_path):
         assert ck["epoch"] == 1 and ck["config"] == {"x": 1}
     m = read_json(tmp_path / "r" / "metrics.json")
     assert set(m) >= {"epoch", "test_top1", "test_top5", "test_loss", "train_loss"}
+
+
+@pytest.mark.parametrize("command", [["train"], ["born-again", "--generations", "1"]])
+def test_training_under_torchrun_is_refused_before_its_run_folder_is_made(cli, tmp_path, monkeypatch, command):
+    """Every rank would train the same net into the same folder: refused, naming the rank and the way out
+    (a study shares members out across ranks)."""
+    from tests.fakedata import make_imagefolder
+    from tests.processes import flat
+
+    images = make_imagefolder(tmp_path / "img", n_classes=2, per_class=2, size=(16, 16))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    code, _, err = cli(*command, "--dataset", f"imagefolder:{images}", "--arch", "vgg_tiny", "--epochs", "1",
+                       "--transform", "small", "--batch_size", "2", "--device", "cpu", "--out_dir", tmp_path / "run")
+    assert code == 1
+    assert "rank 1 of a 2-process torchrun job" in flat(err) and "cli.py study FILE" in flat(err)
+    assert not (tmp_path / "run" / "config.json").exists() and not (tmp_path / "run" / "g0").exists()
