@@ -39,7 +39,7 @@ import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from common.device import use_device  # noqa: E402
+from common.device import cudnn_autotune, float32_math, precision_autocast, use_device  # noqa: E402
 from common.files import write_json  # noqa: E402
 from common.provenance import now_utc, provenance  # noqa: E402
 from features.store import create_features, init_root, init_split, mark_complete  # noqa: E402
@@ -85,21 +85,31 @@ def write_features(path: Path, nets: int, n: int, n_test: int, c: int, hw: int) 
 
 
 def ceiling_s(cfg: FitConfig, k: int, c: int, hw: int, n_fit: int, device: torch.device) -> float:
-    """The grouped step alone, as many steps as the fits take."""
+    """The grouped step alone, as many steps as the fits take, in the fits' arithmetic: their precision
+    (TF32 flags, bf16 autocast), channels_last on CUDA and cuDNN's algorithm search."""
+    with float32_math(device, cfg.precision), cudnn_autotune(device):
+        return _ceiling_s(cfg, k, c, hw, n_fit, device)
+
+
+def _ceiling_s(cfg: FitConfig, k: int, c: int, hw: int, n_fit: int, device: torch.device) -> float:
     torch.manual_seed(0)
     model = GroupedTransNet([TransNet(TransNetConfig(c, cfg.orders, cfg.kernel, cfg.input_norm))
                              for _ in range(k)]).to(device)
+    layout = torch.channels_last if device.type == "cuda" and cfg.channels_last else torch.contiguous_format
+    model = model.to(memory_format=layout)
     opt = make_optimizer(model, cfg)
     steps = max(1, n_fit // cfg.batch_size)
     sched = make_scheduler(opt, lr_config(cfg), steps)
-    x = torch.randn(steps * cfg.batch_size, k * c, hw, hw, device=device)
+    x = torch.randn(steps * cfg.batch_size, k * c, hw, hw, device=device).contiguous(memory_format=layout)
     y = torch.randn_like(x)
     alphas = torch.tensor([0.1] * cfg.orders, device=device)
 
     def epoch() -> None:
         for s in range(steps):
             sl = slice(s * cfg.batch_size, (s + 1) * cfg.batch_size)
-            loss = model.loss(x[sl], y[sl], alphas)
+            with precision_autocast(device, cfg.precision):
+                yhat = model(x[sl])
+            loss = (model.pair_mse(yhat, y[sl]) + model.pair_penalties(alphas)).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -129,6 +139,7 @@ def main(argv=None) -> int:
                     final_lr=1e-4, batch_size=args.batch_size, eval_every=args.epochs, save_every=args.epochs,
                     val_fraction=args.val_fraction, device=str(device), precision=args.precision, data_on="auto")
     n_fit = args.n - round(args.val_fraction * args.n)
+    ceiling = ceiling_s(cfg, k, args.channels, args.size, n_fit, device)   # first: it also warms CUDA up
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         path = root / "features.h5"
@@ -148,7 +159,6 @@ def main(argv=None) -> int:
             fit_group([replace(j, cfg=replace(j.cfg, compile=args.also_compile), out_dir=root / "compiled" / f"p{i}")
                        for i, j in enumerate(jobs)])
             compiled_s = time.perf_counter() - t0
-    ceiling = ceiling_s(cfg, k, args.channels, args.size, n_fit, device)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     res = {"pairs": k, "channels": args.channels, "size": args.size, "n": args.n, "epochs": args.epochs,
            "batch_size": args.batch_size, "precision": args.precision, "device": str(device),

@@ -188,6 +188,23 @@ def float32_math(device: torch.device, precision: str) -> Iterator[None]:
         yield
 
 
+_MATMUL_MODES = {"highest": "ieee", "high": "tf32", "medium": "bf16"}
+
+
+def arithmetic_record(device: torch.device, amp: bool) -> dict[str, Any]:
+    """What a stage that does not set the TF32 flags itself (a classifier's training) computes in, for
+    config.json: bf16 autocast or none, and the float32 modes PyTorch's flags give cuDNN convolutions
+    and CUDA matmuls at this moment (its defaults: convolutions TF32, matmuls IEEE). Off CUDA: IEEE."""
+    if device.type != "cuda":
+        return {"autocast": None, "conv_float32": "ieee", "matmul_float32": "ieee"}
+    conv = _readable(lambda: "tf32" if torch.backends.cudnn.allow_tf32 else "ieee")
+    matmul = _readable(lambda: _MATMUL_MODES.get(torch.get_float32_matmul_precision()))
+    return {"autocast": "bf16" if amp else None,
+            "conv_float32": conv or torch.backends.cudnn.conv.fp32_precision,
+            "matmul_float32": matmul or torch.backends.cuda.matmul.fp32_precision,
+            "cudnn_benchmark": bool(torch.backends.cudnn.benchmark)}
+
+
 @contextlib.contextmanager
 def cudnn_autotune(device: torch.device) -> Iterator[None]:
     """Inside the block on CUDA, cuDNN times its convolution algorithms once per shape and keeps the

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from common.device import use_device
+from common.device import arithmetic_record, use_device
 from common.errors import UserError
 from common.rundir import RunDir
 from training.config import ModelSpec  # re-exported: its old home
@@ -125,7 +125,8 @@ def run_training(data: DataSpec, model_spec: ModelSpec, cfg: TrainConfig, out_di
         config["loss"] = loss_fn.convention
     with RunDir(out_dir, mode) as run:
         where = _data_on(train_set, test_set, data, cfg, device)
-        run.write_config(config, device=device, n_train=len(train_set), n_test=len(test_set), data_on=where)
+        run.write_config(config, device=device, n_train=len(train_set), n_test=len(test_set), data_on=where,
+                         arithmetic=arithmetic_record(device, cfg.amp))
         fields = checkpoint_fields(model_spec, data, train_set.num_classes, config, **(family or {}))
         train_set, test_set = _data_for_training(train_set, test_set, data, cfg, device, where)
         return train(model, train_set, test_set, cfg, run, fields, loss_fn=loss_fn, teacher=teacher,

@@ -412,6 +412,10 @@ class FitStage:
     def _data(self) -> None:
         cfg, device = self.cfg, self.device
         self.placement = choose_placement(self.train_info.nbytes, device, cfg.data_on)
+        self.eval_place = self.placement
+        if self.evaluates:                # chosen before anything is placed: free memory counts both once
+            self.eval_place = choose_placement(self.eval_info.nbytes, device, cfg.data_on,
+                                               reserved=self.train_info.nbytes if self.placement != "disk" else 0)
         self.val_rows = validation_rows(self.train_info.n, cfg.val_fraction, cfg.seed)
         self.val_src = None
         if len(self.val_rows):                                # held out of the training split
@@ -420,10 +424,8 @@ class FitStage:
                                                         [fit_rows, self.val_rows], cfg.block_rows)
         else:
             self.train_src = make_source(self.train_info, device, self.placement, cfg.block_rows)
-        self.eval_place, self.eval_src = self.placement, self.train_src
+        self.eval_src = self.train_src
         if self.evaluates:
-            self.eval_place = choose_placement(self.eval_info.nbytes, device, cfg.data_on,
-                                               reserved=self.train_info.nbytes if self.placement != "disk" else 0)
             self.eval_src = make_source(self.eval_info, device, self.eval_place, cfg.block_rows)
         self.eval_batch = max(cfg.batch_size, 128)
 

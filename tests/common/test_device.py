@@ -254,3 +254,20 @@ def test_cudnn_autotune_holds_only_inside_the_block_and_only_on_cuda(monkeypatch
         assert torch.backends.cudnn.benchmark is True
         raise RuntimeError("stop")
     assert torch.backends.cudnn.benchmark is False
+
+
+def test_the_arithmetic_of_training_is_recorded_as_the_flags_leave_it(monkeypatch):
+    """Training sets no TF32 flag, so config.json records what PyTorch's flags give it: on CUDA by
+    default TF32 convolutions and IEEE matmuls (bf16 autocast with --amp); under the fp32 flags IEEE."""
+    from common.device import arithmetic_record, cuda_float32_flags
+
+    cuda = torch.device("cuda", 0)
+    assert arithmetic_record(torch.device("cpu"), True) == {"autocast": None, "conv_float32": "ieee",
+                                                             "matmul_float32": "ieee"}
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    with cuda_float32_flags("tf32"):
+        assert arithmetic_record(cuda, True) == {"autocast": "bf16", "conv_float32": "tf32", "matmul_float32": "tf32",
+                                                 "cudnn_benchmark": False}
+    with cuda_float32_flags("ieee"):
+        rec = arithmetic_record(cuda, False)
+        assert rec["autocast"] is None and rec["conv_float32"] == rec["matmul_float32"] == "ieee"

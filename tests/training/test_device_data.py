@@ -167,7 +167,8 @@ def test_training_reads_the_images_held_on_the_device(tmp_path, monkeypatch):
     data = DataSpec(image_size=16, train_images=96, transform="small")
     cfg = TrainConfig(epochs=2, batch_size=32, device="cpu", data_on="device", lr=0.02)
     res = run_training(data, ModelSpec("vgg_tiny"), cfg, tmp_path / "run")
-    assert read_json(tmp_path / "run" / "config.json")["data_on"] == "device"
+    config = read_json(tmp_path / "run" / "config.json")
+    assert config["data_on"] == "device" and config["arithmetic"]["conv_float32"] == "ieee"
     assert res.metrics["epoch"] == 2 and 0 <= res.metrics["test_top1"] <= 100
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 2                    # train and test, decoded once
     run_training(data, ModelSpec("vgg_tiny"), cfg, tmp_path / "again")          # the cache is read, not rebuilt

@@ -170,6 +170,22 @@ def test_fit_from_hdf5_blocks_recovers_a_permutation(tmp_path):
     assert m["placement"] == "disk" and m["r2"] > 0.98
 
 
+def test_both_placements_are_chosen_before_any_features_are_placed(tmp_path, monkeypatch):
+    """Free memory is measured once for the training and the evaluation split (the evaluation split's
+    choice reserves the training bytes): measuring after the training features were placed would count
+    them twice and push the evaluation split off the GPU."""
+    import transnet.fit as fit
+
+    events: list[str] = []
+    real_choose, real_sources, real_source = fit.choose_placement, fit.make_sources, fit.make_source
+    monkeypatch.setattr(fit, "choose_placement", lambda *a, **kw: events.append("choose") or real_choose(*a, **kw))
+    monkeypatch.setattr(fit, "make_sources", lambda *a, **kw: events.append("place") or real_sources(*a, **kw))
+    monkeypatch.setattr(fit, "make_source", lambda *a, **kw: events.append("place") or real_source(*a, **kw))
+    f = _pair_file(tmp_path / "f.h5", lambda a: a, n_train=64, n_test=32)
+    fit_transnet(FitConfig(features=str(f), epochs=1, **FAST), tmp_path / "run")
+    assert events[:2] == ["choose", "choose"] and events.count("place") == 2, events
+
+
 # --------------------------------------------------------------------------- batch sources
 
 def _row_id_file(tmp_path: Path, n: int = 100) -> Path:
