@@ -184,6 +184,8 @@ class Classifier:
         self.teacher = teacher
         if teacher is not None:
             self.teacher = teacher.to(self.device).eval()
+            if self.channels_last:                      # it reads the student's channels_last batches
+                self.teacher = self.teacher.to(memory_format=torch.channels_last)
             for p in self.teacher.parameters():
                 p.requires_grad_(False)
         self.optimizer = make_optimizer(self.model.parameters(), cfg)
