@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import h5py
-import numpy as np
 import pytest
 import torch
 
@@ -74,7 +73,8 @@ def test_a_whole_split_is_cached_once_and_read_back(ckpts, cache, tmp_path, monk
     _assert_same(tmp_path / "loader.h5", tmp_path / "again.h5")
     with h5py.File(tmp_path / "whole.h5", "r") as f, h5py.File(tmp_path / "again.h5", "r") as g:
         for net in ("a", "b"):
-            np.testing.assert_array_equal(f[f"test/{net}/features.4"][:N], g[f"test/{net}/features.4"][...])
+            whole, part = f[f"test/{net}/features.4"], g[f"test/{net}/features.4"]
+            assert_features_close(whole[:N], part[...], feature_tolerance(whole, part), net)   # bitwise on the CPU
 
 
 def test_device_inputs_resume_after_a_kill(ckpts, cache, tmp_path):
