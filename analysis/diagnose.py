@@ -33,7 +33,7 @@ from torch import Tensor
 from analysis import plots
 from analysis.config import DiagnoseConfig  # re-exported: its old home
 from analysis.consistency import pair_dirname
-from common.device import use_device
+from common.device import float32_math, use_device
 from common.errors import UserError
 from common.files import atomic_write, read_json, write_json
 from common.finished import require_finished_result
@@ -199,7 +199,7 @@ def residual_stats(model: torch.nn.Module, features: str, split: str, source: st
     acc = ResidualAccumulator()
     with open_features(features) as f:
         n = get_features(f, split, source, layer).shape[0]
-    with torch.no_grad():
+    with torch.no_grad(), float32_math(device, "fp32"):        # IEEE float32 on CUDA, as the variance report
         for _, xa, xb in progress(pair_blocks(features, split, source, target, layer, block_rows),
                                   (n + block_rows - 1) // block_rows, desc):
             yhat = model(torch.from_numpy(xa).to(device))

@@ -44,7 +44,7 @@ from torch.utils.data import Dataset
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common.device import PRECISIONS, float32_math, precision_autocast, use_device  # noqa: E402
+from common.device import PRECISIONS, cudnn_autotune, float32_math, precision_autocast, use_device  # noqa: E402
 from common.files import read_json, write_json  # noqa: E402
 from common.provenance import provenance  # noqa: E402
 from features import store  # noqa: E402
@@ -123,10 +123,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-@torch.no_grad()
 def forward_ceiling(args, nets: list[Net], device: torch.device, images: int) -> tuple[float, float]:
     """(a) images/s through every net's extractor, one resident batch, nothing else; and (d) images/s of
-    the non-finite check on those outputs."""
+    the non-finite check on those outputs. With cuDNN's algorithm search, as the extraction has it."""
+    with cudnn_autotune(device):
+        return _forward_ceiling(args, nets, device, images)
+
+
+@torch.no_grad()
+def _forward_ceiling(args, nets: list[Net], device: torch.device, images: int) -> tuple[float, float]:
     exs = []
     for n in nets:
         ex = build_extractor(n.model, [resolve_layer(n.model, args.layer)]).to(device)

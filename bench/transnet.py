@@ -15,12 +15,15 @@ pickle loader like the original's, measured in one run.
 3. **Per-sample pickles**: one pickle per sample (both nets' maps), read by a shuffling DataLoader
    with ``--workers`` processes, as the original did; timed on ``--pickle_n`` samples and scaled to N.
 
-Prints compute/real (target >= 0.9 when the features fit in memory) and the speed-up over pickles;
-writes ``bench/results/transnet.json``.
+Every path runs in the fit's arithmetic (``--precision``: TF32 flags and bf16 autocast on CUDA; default
+bf16) with cuDNN's algorithm search. Prints compute/real (target >= 0.9 when the features fit in memory)
+and the speed-up over pickles; writes ``bench/results/transnet.json`` (``peak_gpu_memory_mb``: the real
+fit's peak, features placed and training; ``ceiling_peak_gpu_memory_mb``: the ceilings').
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pickle
 import platform
@@ -41,7 +44,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-from common.device import precision_autocast, use_device  # noqa: E402
+from common.device import cudnn_autotune, float32_math, precision_autocast, use_device  # noqa: E402
 from common.files import write_json  # noqa: E402
 from common.provenance import now_utc, provenance  # noqa: E402
 from features.store import create_features, init_root, init_split, mark_complete  # noqa: E402
@@ -115,7 +118,7 @@ class Trainer:
         cfg = FitConfig(features="-", source="A", target="B", layer=LAYER, epochs=1000, batch_size=args.batch_size)
         self.opt = make_optimizer(self.model, cfg)
         self.sched = make_scheduler(self.opt, lr_config(cfg), steps)
-        self.amp = args.amp
+        self.precision = args.precision
         self.steps = steps
         self.step = compiled(self.model, args.compile)          # the fit's --compile
 
@@ -123,7 +126,7 @@ class Trainer:
         _sync(self.device)
         t0 = time.perf_counter()
         st = train_epoch(self.model, self.step, self.opt, self.sched, batches, [0.1] * self.model.orders, 1.0,
-                         self.device, "bf16" if self.amp else "tf32", self.cl, self.steps, "bench")
+                         self.device, self.precision, self.cl, self.steps, "bench")
         float(st["loss_sum"])                      # the per-epoch sync the fit does too
         _sync(self.device)
         return time.perf_counter() - t0, st["rows"]
@@ -150,7 +153,7 @@ class ConvCeiling(Trainer):
         for xa, xb in batches:
             if self.cl:
                 xa = xa.contiguous(memory_format=torch.channels_last)
-            with precision_autocast(self.device, "bf16" if self.amp else "tf32"):
+            with precision_autocast(self.device, self.precision):
                 y = self.convs(xa)
             loss = F.mse_loss(y.float(), xb)
             self.opt.zero_grad(set_to_none=True)
@@ -199,7 +202,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="feature file dtype")
     p.add_argument("--device", default="auto")
     p.add_argument("--data_on", default="auto", choices=["auto", "device", "ram", "disk"])
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
+    p.add_argument("--precision", default="bf16", choices=("fp32", "tf32", "bf16"),
+                   help="the fit's --precision on CUDA (TF32 flags, bf16 autocast), for every path alike")
     p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--compile", default="off", choices=COMPILE_MODES, help="the fit's --compile (torch.compile mode)")
     p.add_argument("--disk", action=argparse.BooleanOptionalAction, default=True, help="also time the HDF5-block path")
@@ -213,9 +217,10 @@ def main(argv: list[str] | None = None) -> dict:
     device = use_device(args.device)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    arithmetic = contextlib.ExitStack()            # every path in the fit's arithmetic and cuDNN search
+    arithmetic.enter_context(float32_math(device, args.precision))
+    arithmetic.enter_context(cudnn_autotune(device))
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.set_float32_matmul_precision("high")
         torch.cuda.reset_peak_memory_stats(device)
     scratch = Path(tempfile.mkdtemp(prefix="kc-bench-transnet-", dir=args.tmp))
     n, c, s, b = args.n, args.channels, args.size, args.batch_size
@@ -246,7 +251,11 @@ def main(argv: list[str] | None = None) -> dict:
 
         result["compute"] = timed(tr, pure, args.epochs)
         result["conv"] = timed(ConvCeiling(args, device, steps), pure, args.epochs)
-        del xa, xb
+        del pure, xa, xb, tr                       # (pure's defaults held the tensors too)
+        if device.type == "cuda":                  # the real path sees the free memory a fit would
+            torch.cuda.empty_cache()
+            result["ceiling_peak_gpu_memory_mb"] = peak_gpu_mb(device)
+            torch.cuda.reset_peak_memory_stats(device)
 
         # ---- 2. real epoch from the file (the fit's placement and batch source)
         placement = choose_placement(info.nbytes, device, args.data_on)
@@ -257,6 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
         tr = Trainer(args, device, src.steps(b))
         result["real"] = {"placement": placement,
                           **timed(tr, lambda e: src.batches(b, 0, e), args.epochs)}
+        result["peak_gpu_memory_mb"] = peak_gpu_mb(device)    # the fit's own: features placed, training
         del src
         if args.disk and placement != "disk":
             src = BlockPairs(info, device, args.block_rows)
@@ -295,8 +305,8 @@ def main(argv: list[str] | None = None) -> dict:
             result["compute_over_disk"] = result["compute"]["epoch_s"] / result["disk"]["epoch_s"]
             result["disk_speedup_over_pickles"] = pk["epoch_s_scaled_to_n"] / result["disk"]["epoch_s"]
         result["minutes_for_1000_epochs"] = real_s * 1000 / 60
-        result["peak_gpu_memory_mb"] = peak_gpu_mb(device)
     finally:
+        arithmetic.close()
         shutil.rmtree(scratch, ignore_errors=True)
 
     out = Path(args.out)
@@ -317,7 +327,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"-> speed-up {result['speedup_over_pickles']:.1f}x")
     peak = result["peak_gpu_memory_mb"]
     print(f"  set-up {result['setup_s']:.1f} s (feature file {result['write_s']:.1f} s, "
-          f"{result['write_mb_per_s']:.0f} MB/s); peak GPU memory "
+          f"{result['write_mb_per_s']:.0f} MB/s); peak GPU memory of the real fit "
           + (f"{peak:.0f} MiB" if peak is not None else "- (CPU)"))
     print(f"  1000 epochs: {result['minutes_for_1000_epochs']:.1f} min; wrote {out}")
     return result

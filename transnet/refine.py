@@ -269,7 +269,8 @@ def run_refine(cfg: RefineConfig, tcfg: TrainConfig, out_dir: str | Path, mode: 
                          net_b_sha256=sha256_file(cfg.net_b), data=asdict(spec))
         original = evaluate(net_b.to(device), test_loader, device, tcfg.amp)
         before = evaluate(refined.to(device), test_loader, device, tcfg.amp)
-        net_b.cpu()
+        net_b.cpu()                     # frees its lower layers; its upper ones are refined's and stay
+        refined.to(device)
         fields = _ckpt_fields(ck_b, spec, config, cfg, "refined")
         res = _train_part(refined, train_set, test_set, tcfg, out / "refined", mode, fields, "refine")
         summary: dict[str, Any] = {

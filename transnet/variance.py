@@ -93,10 +93,10 @@ class VarianceAccumulator:
     target: ChannelMoments = field(default_factory=ChannelMoments)
     reconstruction: ChannelMoments = field(default_factory=ChannelMoments)
     partial: list[ChannelMoments] = field(default_factory=list)   # x_B − Σ_{j≤k} Y_j for k < K
-    sq_err: float = 0.0
+    sq_err: float | Tensor = 0.0     # device tensors while batches stream in (no host sync per batch)
     n_values: int = 0
     n_samples: int = 0
-    constant_source: int = 0        # (sample, channel) slices of x_A that are spatially constant and non-zero
+    constant_source: int | Tensor = 0   # (sample, channel) slices of x_A that are spatially constant and non-zero
     source_slices: int = 0          # all (sample, channel) slices of x_A seen
 
     def __post_init__(self) -> None:
@@ -122,17 +122,19 @@ class VarianceAccumulator:
         self.residual.update(res)
         self.target.update(t64)
         self.reconstruction.update(yhat)
-        self.sq_err += float(res.pow(2).sum())
+        self.sq_err = self.sq_err + res.pow(2).sum()
         self.n_values += res.numel()
         self.n_samples += int(target.shape[0])
 
     def count_source(self, source: Tensor) -> None:
         """source: (N, C_A, H, W) x_A of the batch: count its constant non-zero slices."""
-        self.constant_source += int(constant_slices(source).sum())
+        self.constant_source = self.constant_source + constant_slices(source).sum()
         self.source_slices += int(source.shape[0] * source.shape[1])
 
     def report(self) -> dict[str, Any]:
-        """The contract's numbers (design.md): variances, fractions of var_target, R², MSE."""
+        """The contract's numbers (design.md): variances, fractions of var_target, R², MSE. The streamed
+        sums come to the host here, once."""
+        self.sq_err, self.constant_source = float(self.sq_err), int(self.constant_source)
         var_t = self.target.variance()
         var_o = [c.variance() for c in self.components]
         var_r = self.residual.variance()
