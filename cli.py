@@ -64,7 +64,7 @@ def build_parser(command: str | None = None) -> tuple[argparse.ArgumentParser, d
         cmd.add_args(p)
         p.add_argument("--config", default=None, help="YAML or JSON file of option: value (the command line wins)")
         p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-        p.set_defaults(_run=cmd.run)
+        p.set_defaults(_run=cmd.run, _torchrun=cmd.torchrun)
         describe_types(p)
         subs[cmd.name] = p
     return parser, subs
@@ -89,6 +89,20 @@ def _apply_config(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Names
     actions = {a.dest: a for a in p._actions}
     p.set_defaults(**{k: convert_value(actions[k], v, f"config file {args.config}") for k, v in values.items()})
     return p.parse_args(argv)
+
+
+def _refuse_torchrun(command: str, runs_distributed: bool) -> None:
+    """Under torchrun only the commands that run as one job across the ranks are taken: every rank of
+    another would do the same work into the same folder (refused by its lock, or racing)."""
+    from common.distributed import dist_from_env
+    from common.errors import UserError
+
+    info = dist_from_env()
+    if info.active and not runs_distributed:
+        able = sorted(name for name, p in build_parser(None)[1].items() if p.get_default("_torchrun"))
+        raise UserError(f"{command} runs in one process, but this is rank {info.rank} of a {info.world}-process "
+                        f"torchrun job; run it without torchrun. Under torchrun: {', '.join(able)} (a study shares "
+                        f"its members, rows and pairs out across the ranks)")
 
 
 def _fail(msg: str, code: int = 1) -> int:
@@ -124,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args = _apply_config(subs[argv[0]], argv[1:])
+        _refuse_torchrun(argv[0], args._torchrun)
         with sigterm_as_interrupt():            # SIGTERM stops like Ctrl-C (common/signals.py)
             return int(args._run(args) or 0)
     except Terminated:

@@ -53,7 +53,7 @@ from typing import Any
 
 from analysis.config import PAIR_PLANS, PER_PAIR, ConsistencyConfig  # noqa: F401 (re-exported)
 from common.device import use_device
-from common.distributed import dist_from_env
+from common.distributed import job_ranks
 from common.errors import UserError
 from common.files import atomic_write, read_json, write_json
 from common.options import parse_csv
@@ -431,7 +431,7 @@ def fit_together(jobs: Sequence[FitJob], choice: str, device: Any, log: Any = pr
     """Fit the unfinished pairs that train well together as groups (``transnet/group_fit.py``, ``--grouped``);
     return their folders. The others are left to :func:`fit_or_reuse`, one by one."""
     done: set[Path] = set()
-    for group in plan_groups(jobs, choice, device, dist_from_env().world):
+    for group in plan_groups(jobs, choice, device, job_ranks().world):
         if len(group) > 1:
             log(f"fitting {len(group)} Trans-Nets together (--grouped {choice}): "
                 f"{', '.join(f'{j.cfg.source}>{j.cfg.target}' for j in group)}")

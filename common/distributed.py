@@ -31,6 +31,13 @@ def dist_from_env() -> DistInfo:
     return DistInfo(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def job_ranks() -> DistInfo:
+    """The ranks this process works with: torchrun's (:func:`dist_from_env`), or one process inside
+    :func:`local_only` (a study's stage run by one rank; its device stays ``cuda:LOCAL_RANK``)."""
+    info = dist_from_env()
+    return DistInfo(0, 1, info.local_rank) if is_local_only() else info
+
+
 def init_group(cuda: bool, timeout: datetime.timedelta | None = None) -> None:
     """Start the torchrun job's process group: gloo for CPU tensors, plus nccl for CUDA tensors when
     ``cuda`` (``cpu:gloo,cuda:nccl``, so control-plane collectives on CPU tensors work in a CUDA job).

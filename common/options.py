@@ -23,6 +23,7 @@ class Command:
     add_args: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], Any]
     description: str = ""
+    torchrun: bool = False          # runs as one job across torchrun's ranks (else refused under torchrun)
 
 
 def add_dataclass_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, *,

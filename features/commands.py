@@ -307,7 +307,8 @@ COMMANDS = [
             "Run every net once over the same images (eval transform, dataset order) and stream the activations "
             "at the requested layers into a kc-features v1 HDF5 file. Re-run with --resume after an interruption; "
             "a request that only adds nets/layers to an existing file is appended. Under torchrun each rank "
-            "extracts a contiguous shard and rank 0 joins them as virtual datasets."),
+            "extracts a contiguous shard and rank 0 joins them as virtual datasets.",
+            torchrun=True),
     Command("inspect", "show what a feature file holds (and --verify it)", _add_inspect, _run_inspect,
             "Print splits, nets, layers, shapes, dtypes, completeness and provenance of a feature file; --verify "
             "re-computes a few random rows from the checkpoints and compares."),

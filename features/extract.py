@@ -42,7 +42,7 @@ import torch
 from torch.utils.data import Subset
 
 from common.device import PRECISIONS, cudnn_autotune, float32_math, precision_autocast, use_device
-from common.distributed import ControlGroup, DistInfo, dist_from_env
+from common.distributed import ControlGroup, DistInfo, job_ranks
 from common.errors import UserError, require_choice
 from common.faults import fault_point
 from common.files import is_disk_error, write_failed
@@ -118,7 +118,7 @@ def extract_features(nets: Sequence[Net], data: FeatureData, layers: Sequence[tu
     :class:`NonFiniteFeaturesWarning`.
     """
     _validate(nets, layers, cfg, mode)
-    info = dist_from_env()
+    info = job_ranks()                       # one process inside a study's local_only stage
     device = _device(cfg.device)
     splits = list(dict.fromkeys(s.strip() for s in cfg.split.split(",") if s.strip()))
     missing = [s for s in splits if s not in data.splits]
@@ -295,10 +295,10 @@ def _run(nets, data, splits, out, cfg, mode, command, extractors, points, shapes
 
     # 4. rank 0 joins the shards into the output file
     shards: list[Path] = []
-    if info.active:
-        if info.rank == 0:
-            shards = join_shards(out, data, splits, n_rows, full_targets, todo, cfg.batch_size, info.world, command)
-        group.barrier()
+    if info.active:                            # a failed join fails every rank (none left waiting)
+        shards = group.together("joining the shards", lambda: join_shards(
+            out, data, splits, n_rows, full_targets, todo, cfg.batch_size, info.world, command)
+            if info.rank == 0 else [])
     paths = [t.path for t in full_targets]
     nonfinite = _nonfinite_counts(out, paths) if info.rank == 0 else {}
     return ExtractResult(out, rows_done, paths, skipped, seconds, n_img / max(seconds, 1e-9), writer.bytes, shards,

@@ -35,5 +35,6 @@ COMMANDS = [
     Command("study", "run a whole study from a study file", _add, _run,
             "Train the members, extract features, fit Trans-Nets for the pairs, compute baselines and write the "
             "report, as the study file says. Stages whose inputs did not change are cached (content hashes); an "
-            "interrupted study resumes where it stopped."),
+            "interrupted study resumes where it stopped.",
+            torchrun=True),
 ]

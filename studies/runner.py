@@ -214,13 +214,18 @@ class StudyRunner:
             seeds = [int(x) for x in entry.get("seeds", [0, 5])]
             prefix = str(entry.get("prefix", "seed"))
             mine = seeds[r.rank::r.world] if r.world > 1 else seeds     # under torchrun: round-robin over ranks
-            for seed in mine:
-                with local_only():
-                    self._train_seed(spec, cfg, seed, out / f"{prefix}{seed}", mode)
-            if r.world > 1:
-                r.barrier()
+
+            def train_mine(mine=mine, spec=spec, cfg=cfg, prefix=prefix) -> None:
+                for seed in mine:
+                    with local_only():
+                        self._train_seed(spec, cfg, seed, out / f"{prefix}{seed}", mode)
+
+            if r.world > 1:          # every rank agrees whether all trained (a failure fails all, none waits)
+                r.together("training the seeds", train_mine)
                 if not r.main:
                     continue
+            else:
+                train_mine()
             for seed in seeds:
                 run_dir = out / f"{prefix}{seed}"
                 self._train_seed(spec, cfg, seed, run_dir, mode)
@@ -405,13 +410,18 @@ class StudyRunner:
             fit, r = self._fit_config(), self.ranks
             if r.main:
                 self.log(f"  fitting {len(pairs)} Trans-Nets at {layer} on {r.world} processes")
-            for a, b in pairs[r.rank::r.world]:
-                pair_fit = replace(fit, features=str(self.features), source=a, target=b, layer=layer, eval_split="test")
-                with local_only():
-                    fit_or_reuse(pair_fit, out / "pairs" / pair_dirname(a, b), "test")
-            r.barrier()
+
+            def fit_mine() -> None:
+                for a, b in pairs[r.rank::r.world]:
+                    pair_fit = replace(fit, features=str(self.features), source=a, target=b, layer=layer,
+                                       eval_split="test")
+                    with local_only():
+                        fit_or_reuse(pair_fit, out / "pairs" / pair_dirname(a, b), "test")
+
+            r.together(f"fitting the Trans-Nets at {layer}", fit_mine)   # a failure fails every rank
             if r.main:
-                run("resume")
+                with local_only():               # every pair is fitted: rank 0 writes the tables alone
+                    run("resume")
 
         return Stage(f"consistency/{layer}", key, run, lambda: (out / "table.json").exists(), (out,),
                      dist_run=dist_run)

@@ -349,3 +349,19 @@ def test_cli_bad_names_exit_nonzero_without_traceback(cli, tmp_path, argv, needl
     argv = [str(tmp_path / a) if a == "X" else a for a in argv]
     code, out, err = cli(*argv)
     assert code != 0 and needle in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", [["consistency", "--features", "f.h5", "--layer", "conv", "--nets", "a,b"],
+                                     ["similarity", "--features", "f.h5", "--layer", "conv"]])
+def test_commands_that_run_in_one_process_are_refused_under_torchrun(cli, tmp_path, monkeypatch, command):
+    """Every rank would write the same folder: refused before anything is made, naming the commands that
+    do run across torchrun's ranks (their Command says so)."""
+    from tests.processes import flat
+
+    for key, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(key, value)
+    code, _, err = cli(*command, "--out_dir", tmp_path / "out")
+    assert code == 1, err
+    assert f"{command[0]} runs in one process, but this is rank 0 of a 2-process torchrun job" in flat(err)
+    assert "Under torchrun: extract, fit-transnet, study" in flat(err)
+    assert not (tmp_path / "out").exists()

@@ -34,7 +34,7 @@ from training.kd import ban_loss_fn
 from training.loop import TrainConfig, cross_entropy_loss
 from training.manifest import Member, write_manifest
 from training.models import model_from_checkpoint
-from training.runner import ModelSpec, refuse_torchrun, resolve_data, run_training
+from training.runner import ModelSpec, resolve_data, run_training
 
 
 @dataclass
@@ -69,7 +69,6 @@ def born_again(data: DataSpec, model_spec: ModelSpec, ban: BANConfig, cfg: Train
     generation 0's recipe (``training.families.recipe_hash``), reused as generation 0 instead of
     training the same net again.
     """
-    refuse_torchrun("born-again")
     if ban.generations < 1:
         raise UserError(f"--generations must be >= 1, got {ban.generations}")
     check_member_checkpoint(ban.member_checkpoint)

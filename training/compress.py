@@ -25,7 +25,7 @@ from training.loop import TrainConfig
 from training.manifest import Member, write_manifest
 from training.models import model_from_checkpoint
 from training.pruning import compression_stats, move_codes, project_, prune_magnitude, quantize_shared, storage_bits
-from training.runner import ModelSpec, checkpoint_fields, refuse_torchrun, run_training
+from training.runner import ModelSpec, checkpoint_fields, run_training
 
 
 @dataclass
@@ -40,7 +40,6 @@ def compress(cc: CompressConfig, cfg: TrainConfig, out_dir: str | Path, mode: st
 
     ``cfg`` gives the fine-tuning options; its ``epochs`` is replaced by ``cc.finetune_epochs``.
     """
-    refuse_torchrun("compress")
     if not cc.checkpoint:
         raise UserError("compress needs --checkpoint CKPT (a checkpoint written by `train`)")
     if cc.finetune_epochs < 0:

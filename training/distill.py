@@ -25,7 +25,7 @@ from training.family_config import KDConfig  # re-exported: its old home
 from training.kd import kd_loss_fn
 from training.loop import TrainConfig, TrainResult
 from training.manifest import Member, write_manifest
-from training.runner import ModelSpec, refuse_torchrun, resolve_data, run_training
+from training.runner import ModelSpec, resolve_data, run_training
 
 
 @dataclass
@@ -38,7 +38,6 @@ class DistillResult:
 def distill(data: DataSpec, student: ModelSpec, kd: KDConfig, cfg: TrainConfig, out_dir: str | Path,
             mode: str = "new") -> DistillResult:
     """Train ``student`` with (1-α)·CE + α·T²·KL to the frozen teacher; out_dir is the student's run dir."""
-    refuse_torchrun("distill")
     if not kd.teacher:
         raise UserError("distill needs --teacher CKPT (a checkpoint written by `train`)")
     check_member_checkpoint(kd.member_checkpoint)

@@ -33,7 +33,7 @@ from training.loop import TrainConfig, evaluate, make_loader
 from training.loop import validate as validate_train
 from training.manifest import Member, write_manifest
 from training.models import model_from_checkpoint, slim_arch_kwargs
-from training.runner import ModelSpec, build_for_data, refuse_torchrun, resolve_data, run_training
+from training.runner import ModelSpec, build_for_data, resolve_data, run_training
 
 FAMILY = "knowledge-evolution"
 
@@ -150,7 +150,6 @@ def evolve(data: DataSpec, model_spec: ModelSpec, cfg: TrainConfig, ke: EvolveCo
     finished run directory with generation 1's recipe (``training.families.recipe_hash``), reused as
     generation 1 (its checkpoint gains the split masks) instead of training the same net again.
     """
-    refuse_torchrun("evolve")
     log = log or (lambda s: None)
     validate_evolve(ke)
     validate_train(cfg)

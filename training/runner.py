@@ -84,20 +84,7 @@ def _data_for_training(train_set, test_set, data: DataSpec, cfg: TrainConfig, de
     if where == "loader":
         return maybe_cache(train_set, data, True, cfg.num_workers), maybe_cache(test_set, data, False, cfg.num_workers)
     return device_loaders(train_set, test_set, data, tspec, cfg.batch_size, device, cfg.seed,
-                          num_workers=cfg.num_workers)          # one process (refused under torchrun)
-
-
-def refuse_torchrun(what: str) -> None:
-    """A classifier trains in one process. Under torchrun (outside a study, which gives each rank whole
-    members to train: ``common.distributed.local_only``) every rank would train the same net into the
-    same run folder, so the command is refused before its run folder is made."""
-    from common.distributed import dist_from_env, is_local_only
-
-    info = dist_from_env()
-    if info.active and not is_local_only():
-        raise UserError(f"{what}: training a classifier runs in one process, but this is rank {info.rank} of a "
-                        f"{info.world}-process torchrun job; run the command without torchrun, or train the "
-                        f"nets through `torchrun ... cli.py study FILE`, which shares the members out across ranks")
+                          num_workers=cfg.num_workers)          # one process (cli.py refuses torchrun)
 
 
 def run_training(data: DataSpec, model_spec: ModelSpec, cfg: TrainConfig, out_dir: str | Path, mode: str = "new",
@@ -110,7 +97,6 @@ def run_training(data: DataSpec, model_spec: ModelSpec, cfg: TrainConfig, out_di
     ``model`` overrides building from ``model_spec`` (Knowledge Evolution passes its re-initialised net).
     ``family`` fields (teacher checkpoint + sha256, generation, masks...) go into every checkpoint.
     """
-    refuse_torchrun(desc)
     device = use_device(cfg.device)          # the indexed device, recorded in config.json
     data = resolve_data(data, model_spec)
     train_set = build_dataset(data, "train")

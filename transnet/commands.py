@@ -152,7 +152,8 @@ COMMANDS = [
     Command("fit-transnet", "fit a Trans-Net reconstructing net B's features from net A's", _add_fit, _run_fit,
             "Fit a Trans-Net (nested convs with K ReLU gates) from a kc-features file; writes config.json, "
             "log.jsonl, TensorBoard events, last.pt (resume), transnet.pt and metrics.json (the held-out variance "
-            "report) into --out_dir. Defaults are the paper's preset (Adam 1e-4 -> 1e-6, 1000 epochs, batch 64)."),
+            "report) into --out_dir. Defaults are the paper's preset (Adam 1e-4 -> 1e-6, 1000 epochs, batch 64).",
+            torchrun=True),
     Command("variance", "variance of each order, the residual and the target for a fitted Trans-Net",
             _add_variance, _run_variance,
             "One streaming float64 pass over a split; writes variance.json (variance_<split>.json for splits other "

@@ -194,3 +194,28 @@ def test_the_layer_matrix_is_cached_redone_alone_when_it_changes_and_optional_in
     rep = make_report(out, tmp_path / "rep", bootstrap=0)
     md = rep["markdown"].read_text()
     assert "Layer x layer" not in md and "## Similarity baselines at features.8" in md
+
+
+@pytest.mark.slow
+def test_a_two_process_torchrun_study_runs_its_layer_matrix_on_rank_0_alone(tmp_path, data_root):
+    """The layer matrix's own extraction runs on rank 0 inside a one-process stage: it must not join the
+    job's ranks (it did, and met the other ranks' stage collectives: a hang until the study's timeout)."""
+    import subprocess
+    import sys
+
+    from tests.processes import free_port
+    from tests.studies.test_study import ROOT, _env
+
+    sf = write_study(tmp_path / "layers.yaml", layer_study(data_root))
+    out = tmp_path / "two"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(free_port()), str(ROOT / "cli.py"), "study", str(sf), "--out_dir", str(out)],
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert read_json(out / "state.json")["processes"] == 2
+    cross = read_json(out / "layer_matrix/seed0__seed1/similarity.json")
+    with h5py.File(out / "layer_matrix" / "features.h5") as f:
+        assert not [k for k in f if "rank" in k]                    # one file, not shards
+        x = {(n, layer): f["test"][n][layer][:] for n in ("seed0", "seed1") for layer in LAYERS}
+    m = np.array(cross["layers"]["metrics"]["cka"]["matrix"], dtype=float)
+    assert m[1, 2] == pytest.approx(S.get_metric("cka")(x["seed0", "features.4"], x["seed1", "features.8"]), rel=1e-5)

@@ -24,7 +24,7 @@ from studies.cache import stage_mode
 from studies.runner import run_study
 from studies.spec import load_study
 from tests.fakedata import make_imagefolder
-from tests.processes import free_port
+from tests.processes import flat, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -332,3 +332,23 @@ def test_shipped_studies_load_and_plan(name, tmp_path):
     assert study.extract.layers and study.pairs
     plan = run_study(sf, tmp_path / "out", dry_run=True, log=lambda m: None)["plan"]
     assert plan[0][1] == "run" and plan[-1][0] == "report"
+
+
+@pytest.mark.slow
+def test_a_failure_on_one_rank_of_a_torchrun_study_stops_every_rank(tmp_path):
+    """Rank 0 trains seeds 0 and 7, rank 1 seed 5; a disk error at rank 0's 5th training step (its second
+    seed; 18 images, batch 8, 2 epochs: 4 steps a seed) must stop rank 1 too, at once, instead of leaving
+    it in a barrier until the study's timeout."""
+    data_root = make_imagefolder(tmp_path / "img", n_classes=3, per_class=6, size=(20, 20))
+    d = study_dict(data_root, diagnose=None, report=False)
+    d["members"] = {"seeds": {"arch": "vgg_tiny", "seeds": [0, 5, 7]}}
+    d["pairs"] = [{"family": "seeds", "plan": "all"}]
+    sf = write_study(tmp_path / "s.yaml", d)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", str(free_port()), str(ROOT / "cli.py"), "study", str(sf),
+                        "--out_dir", str(tmp_path / "out")], cwd=ROOT, env=_env("train_step:5:eio"),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0
+    err = flat(p.stdout + p.stderr)
+    assert "Input/output error" in err and "training the seeds failed on another rank" in err, err[-3000:]
+    assert (tmp_path / "out" / "families" / "seeds" / "seed5" / "metrics.json").is_file()   # rank 1 finished its own

@@ -189,5 +189,6 @@ def test_training_under_torchrun_is_refused_before_its_run_folder_is_made(cli, t
     code, _, err = cli(*command, "--dataset", f"imagefolder:{images}", "--arch", "vgg_tiny", "--epochs", "1",
                        "--transform", "small", "--batch_size", "2", "--device", "cpu", "--out_dir", tmp_path / "run")
     assert code == 1
-    assert "rank 1 of a 2-process torchrun job" in flat(err) and "cli.py study FILE" in flat(err)
+    assert "rank 1 of a 2-process torchrun job; run it without torchrun" in flat(err)
+    assert "Under torchrun: extract, fit-transnet, study" in flat(err)
     assert not (tmp_path / "run" / "config.json").exists() and not (tmp_path / "run" / "g0").exists()
