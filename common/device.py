@@ -102,18 +102,38 @@ def start_workers(name: str, start_group: bool = True) -> Workers:
     """The device (:func:`use_device`) and the ranks of this run. Under torchrun the process group is
     joined when one is initialised, else started when ``start_group`` (nccl for CUDA tensors, gloo
     for CPU ones: :func:`common.distributed.init_group`). Inside ``local_only`` the run is one process."""
-    device = use_device(name)
     if is_local_only():                 # one run per rank (the study runner shares the work out)
-        return Workers(device)
+        return Workers(use_device(name))
     import torch.distributed as dist
 
+    info = dist_from_env()
+    starts = info.active and start_group and dist.is_available() and not dist.is_initialized()
+    if starts:
+        _one_gpu_per_rank(resolve_device(name), info)
+    device = use_device(name)
     owns = False
-    if dist_from_env().active and start_group and dist.is_available() and not dist.is_initialized():
+    if starts:
         init_group(cuda=device.type == "cuda")
         owns = True
     if dist.is_available() and dist.is_initialized():
         return Workers(device, dist.get_rank(), dist.get_world_size(), owns)
     return Workers(device)
+
+
+def _one_gpu_per_rank(device: torch.device, info) -> None:
+    """A CUDA job's ranks train through NCCL, which refuses two ranks on one GPU ("Duplicate GPU
+    detected"): each local rank needs its own device, ``cuda:LOCAL_RANK``."""
+    if device.type != "cuda":
+        return
+    import os
+
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", info.world))
+    count = torch.cuda.device_count()
+    if local_world > count or device.index != info.local_rank:
+        raise UserError(f"a torchrun job on CUDA needs one GPU per process (NCCL refuses two ranks on one GPU): "
+                        f"this node runs {local_world} processes on {count} GPU(s) and local rank "
+                        f"{info.local_rank} was given cuda:{device.index}; run at most {count} processes per "
+                        f"node (--nproc_per_node) with --device cuda or auto (each rank takes cuda:LOCAL_RANK)")
 
 
 def autocast(device: torch.device, amp: bool):

@@ -361,10 +361,21 @@ class BlockPairs:
         return [blocks[i:i + w] for i in range(0, len(blocks), w)]
 
     def steps(self, batch_size: int, world: int = 1) -> int:
-        """Steps per epoch (the same for every epoch and every rank)."""
-        blocks, _ = self._blocks(0, 0, True)
+        """Steps per epoch: the same in every epoch and on every rank, so DDP ranks never wait on each
+        other. A rank reads the full blocks at its positions (``rank::world``) of a shuffled order, and
+        with validation rows held out blocks serve different numbers of rows; so each rank is counted at
+        its fewest: its number of full blocks taken from the ones serving the fewest rows (plus the short
+        last block, which stays at its position)."""
+        blocks, _ = self._blocks(0, 0, False)
+        n_full = sum(1 for s, e in blocks if e - s == self.block_rows)
+        fewest_first = sorted(self._count(s, e) for s, e in blocks[:n_full])
         _, b = batch_plan(self.n, batch_size, world)
-        return min(sum(self._count(s, e) for s, e in blocks[r::world]) // b for r in range(world))
+        per_rank = []
+        for r in range(world):
+            rows = sum(fewest_first[:len(range(r, n_full, world))])
+            rows += sum(self._count(s, e) for i, (s, e) in enumerate(blocks[n_full:], n_full) if i % world == r)
+            per_rank.append(rows // b)
+        return min(per_rank)
 
     def _count(self, s: int, e: int) -> int:
         """Rows of block [s, e) this source serves."""

@@ -271,3 +271,18 @@ def test_the_arithmetic_of_training_is_recorded_as_the_flags_leave_it(monkeypatc
     with cuda_float32_flags("ieee"):
         rec = arithmetic_record(cuda, False)
         assert rec["autocast"] is None and rec["conv_float32"] == rec["matmul_float32"] == "ieee"
+
+
+def test_a_cuda_job_with_two_ranks_on_one_gpu_is_refused_before_any_process_group(fake_cuda, monkeypatch):
+    """NCCL refuses two ranks on one GPU: more processes on a node than GPUs, or an explicit cuda:N
+    given to every rank, is a clear error before anything is started; one GPU per rank goes ahead."""
+    _torchrun(monkeypatch, rank=3, world=4)
+    with pytest.raises(UserError, match=r"runs 4 processes on 2 GPU\(s\) and local rank 3 was given cuda:1"):
+        start_workers("cuda")
+    _torchrun(monkeypatch, rank=1, world=2)
+    with pytest.raises(UserError, match=r"local rank 1 was given cuda:0; run at most 2 processes"):
+        start_workers("cuda:0")
+    assert fake_cuda == [] and not torch.distributed.is_initialized()
+    with pytest.raises(Stopped):
+        start_workers("cuda")
+    assert fake_cuda == [torch.device("cuda", 1)]

@@ -214,6 +214,22 @@ def test_batch_sources_cover_rows_once_and_split_ranks(tmp_path, kind):
     assert order.tolist() == list(range(100))
 
 
+def test_ranks_take_equal_steps_from_disk_blocks_in_every_epoch(tmp_path):
+    """With validation rows held out, disk blocks serve different numbers of rows; whatever order an
+    epoch shuffles them into, every DDP rank must take the same number of steps (a rank with fewer
+    batches left the other waiting in its gradient all-reduce)."""
+    info = open_pair(_row_id_file(tmp_path), "A", "B", LAYER, "train")
+    rng = np.random.default_rng(0)
+    rows = np.sort(rng.choice(100, size=70, replace=False))          # uneven rows per 8-row block
+    src = BlockPairs(info, torch.device("cpu"), block_rows=8, window_blocks=2, rows=rows)
+    for world in (2, 3):
+        steps = src.steps(8, world)
+        assert steps >= 1
+        for epoch in range(12):
+            counts = [sum(1 for _ in src.batches(8, 0, epoch, rank=r, world=world)) for r in range(world)]
+            assert counts == [steps] * world, (world, epoch, counts)
+
+
 # --------------------------------------------------------------------------- bad input
 
 def test_bad_inputs_give_clear_errors(tmp_path):
