@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from common.distributed import dist_from_env, init_group, is_local_only
+from common.distributed import dist_from_env, init_group, is_local_only, local_world_size
 from common.errors import UserError, require_choice
 from common.precision import PRECISIONS
 
@@ -92,6 +92,23 @@ class Workers:
         if self.world > 1:
             torch.distributed.barrier()
 
+    def from_main(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (a decision every rank must share); ``obj`` for one process."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)    # CPU objects: the gloo side of the group
+        return box[0]
+
+    def any_rank(self, *flags: bool) -> tuple[bool, ...]:
+        """Each flag true on every rank when it is true on any (one all-reduce of a CPU tensor), so the
+        ranks stop, or fail, together; the flags as given for one process."""
+        if self.world == 1:
+            return tuple(bool(f) for f in flags)
+        t = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int64)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return tuple(bool(v) for v in t.tolist())
+
     def close(self) -> None:
         if self.owns_group:
             torch.distributed.destroy_process_group()
@@ -125,9 +142,7 @@ def _one_gpu_per_rank(device: torch.device, info) -> None:
     detected"): each local rank needs its own device, ``cuda:LOCAL_RANK``."""
     if device.type != "cuda":
         return
-    import os
-
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", info.world))
+    local_world = local_world_size()
     count = torch.cuda.device_count()
     if local_world > count or device.index != info.local_rank:
         raise UserError(f"a torchrun job on CUDA needs one GPU per process (NCCL refuses two ranks on one GPU): "

@@ -13,6 +13,11 @@ import torch
 
 from common.errors import UserError
 
+# How long a rank waits for the others at a control-plane collective of a long job: a study's ranks
+# wait while rank 0 trains a family, an extraction's while the slowest rank finishes its shard.
+# (torch's default is 30 minutes.)
+RANK_WAIT = datetime.timedelta(days=7)
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -29,6 +34,11 @@ def dist_from_env() -> DistInfo:
     """torchrun's RANK / WORLD_SIZE / LOCAL_RANK (a single process when unset)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return DistInfo(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def local_world_size() -> int:
+    """torchrun's processes on this node (``LOCAL_WORLD_SIZE``; the whole job's when unset)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", dist_from_env().world))
 
 
 def job_ranks() -> DistInfo:

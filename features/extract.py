@@ -42,7 +42,7 @@ import torch
 from torch.utils.data import Subset
 
 from common.device import PRECISIONS, cudnn_autotune, float32_math, precision_autocast, use_device
-from common.distributed import ControlGroup, DistInfo, job_ranks
+from common.distributed import RANK_WAIT, ControlGroup, DistInfo, job_ranks
 from common.errors import UserError, require_choice
 from common.faults import fault_point
 from common.files import is_disk_error, write_failed
@@ -153,7 +153,7 @@ def extract_features(nets: Sequence[Net], data: FeatureData, layers: Sequence[tu
             ex = ex.to(memory_format=torch.channels_last)
         extractors[n.name], points[n.name] = ex, pts
 
-    group = ControlGroup(info)
+    group = ControlGroup(info, timeout=RANK_WAIT)      # ranks wait for the slowest shard at the end
     lock = None
     try:
         lock = _lock_output(out, info, group)         # before anything is deleted or opened

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
 import fcntl
 import os
 import time
@@ -40,7 +39,7 @@ from analysis.study_layout import (
     STUDY_FILE,
     layer_dir,
 )
-from common.distributed import ControlGroup, DistInfo, local_only
+from common.distributed import RANK_WAIT, ControlGroup, DistInfo, local_only
 from common.errors import UserError
 from common.files import load_config_file, read_json, write_json
 from common.provenance import now_utc, sha256_file, sha256_json
@@ -54,7 +53,7 @@ from training.manifest import Member, read_manifest, write_manifest
 from training.models import parse_model_kwargs
 from training.runner import ModelSpec, run_training
 
-STUDY_TIMEOUT = datetime.timedelta(days=7)   # other ranks wait at a barrier while rank 0 trains a family
+STUDY_TIMEOUT = RANK_WAIT                    # other ranks wait at a barrier while rank 0 trains a family
 
 
 class StudyRunner:

@@ -200,11 +200,12 @@ class Harness:
         rows = fields.pop("rows", 0)
         record = {"epoch": epoch + 1, **fields, "lr": stage.optimizer.param_groups[0]["lr"], "epoch_time_s": dt,
                   plan.rate_key: rows * w.world / max(dt, 1e-9)}
-        if not finite:
+        stop = finite and plan.stop is not None and plan.stop([*self.history, record])
+        diverged, stop = w.any_rank(not finite, stop)    # the ranks stop, or fail, together (DDP waits else)
+        if diverged:
             good = (f"the last good checkpoint is {self.last_path} (epoch {self.saved_epoch})" if self.saved_epoch
                     else "no checkpoint was written before")
             raise stage.diverged(epoch + 1, record, good)
-        stop = plan.stop is not None and plan.stop([*self.history, record])
         last = epoch + 1 == plan.epochs or stop
         if due(epoch + 1, plan.eval_every, last) and (plan.every_rank or w.main):
             record.update(stage.evaluate(epoch))

@@ -487,9 +487,11 @@ class BlockPairs:
 # --------------------------------------------------------------------------- placement
 
 def choose_placement(nbytes: int, device: torch.device, data_on: str = "auto",
-                     reserved: int = 0) -> str:
+                     reserved: int = 0, copies: int = 1) -> str:
     """``device`` (GPU memory), ``ram`` or ``disk`` for ``nbytes`` of features (``reserved``: bytes already
-    placed). On a CPU run ``device`` and ``ram`` are the same place and are called ``ram``."""
+    placed). On a CPU run ``device`` and ``ram`` are the same place and are called ``ram``. ``copies``:
+    the processes on this node that each hold their own copy in RAM (a DDP fit's local ranks; each has
+    its own GPU)."""
     require_choice("--data_on", data_on, DATA_ON)
     if data_on != "auto":
         return "ram" if data_on == "device" and device.type != "cuda" else data_on
@@ -499,7 +501,7 @@ def choose_placement(nbytes: int, device: torch.device, data_on: str = "auto",
             return "device"
     import psutil
 
-    if nbytes + reserved <= MEMORY_FRACTION * psutil.virtual_memory().available:
+    if (nbytes + reserved) * copies <= MEMORY_FRACTION * psutil.virtual_memory().available:
         return "ram"
     return "disk"
 

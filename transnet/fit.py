@@ -73,6 +73,7 @@ from common.device import (
     precision_autocast,
     start_workers,
 )
+from common.distributed import local_world_size
 from common.errors import UserError, require_choice
 from common.faults import fault_point
 from common.options import parse_csv
@@ -411,11 +412,14 @@ class FitStage:
     # ---- data
     def _data(self) -> None:
         cfg, device = self.cfg, self.device
-        self.placement = choose_placement(self.train_info.nbytes, device, cfg.data_on)
+        copies = local_world_size() if self.workers.world > 1 else 1
+        self.placement = choose_placement(self.train_info.nbytes, device, cfg.data_on, copies=copies)
         self.eval_place = self.placement
         if self.evaluates:                # chosen before anything is placed: free memory counts both once
-            self.eval_place = choose_placement(self.eval_info.nbytes, device, cfg.data_on,
+            self.eval_place = choose_placement(self.eval_info.nbytes, device, cfg.data_on, copies=copies,
                                                reserved=self.train_info.nbytes if self.placement != "disk" else 0)
+        # rank 0's choice for every rank: ranks placed differently would take different steps per epoch
+        self.placement, self.eval_place = self.workers.from_main((self.placement, self.eval_place))
         self.val_rows = validation_rows(self.train_info.n, cfg.val_fraction, cfg.seed)
         self.val_src = None
         if len(self.val_rows):                                # held out of the training split

@@ -286,3 +286,28 @@ def test_a_cuda_job_with_two_ranks_on_one_gpu_is_refused_before_any_process_grou
     with pytest.raises(Stopped):
         start_workers("cuda")
     assert fake_cuda == [torch.device("cuda", 1)]
+
+
+def _agree_child(rank: int) -> int:
+    """One rank of a two-process gloo job: 0 when both ranks got rank 0's placement and stopped together
+    although only rank 1 asked to stop."""
+    from common.device import start_workers
+
+    w = start_workers("cpu")
+    try:
+        placement = w.from_main("device" if w.rank == 0 else "disk")
+        flags = w.any_rank(False, w.rank == 1)
+        return 0 if (w.world, placement, flags) == (2, "device", (False, True)) else 3
+    finally:
+        w.close()
+
+
+@pytest.mark.xdist_group("subprocess")
+def test_ranks_share_rank_0s_decisions_and_stop_together():
+    """A DDP fit's placement is rank 0's on every rank, and a stop (or a divergence) on any rank stops
+    every rank: ranks that decided apart took different numbers of steps and waited on each other."""
+    from tests.processes import exit_status, free_port, in_child, rank_env
+
+    port = free_port()
+    procs = [in_child(_agree_child, r, env=rank_env(r, 2, port)) for r in (0, 1)]
+    assert [exit_status(p) for p in procs] == [0, 0]
