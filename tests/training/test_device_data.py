@@ -173,3 +173,27 @@ def test_training_reads_the_images_held_on_the_device(tmp_path, monkeypatch):
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 2                    # train and test, decoded once
     run_training(data, ModelSpec("vgg_tiny"), cfg, tmp_path / "again")          # the cache is read, not rebuilt
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (make gpu-check runs this)")
+@pytest.mark.parametrize("preset,train", [("plain", False), ("small", True), ("paper", True), ("ke", True)])
+def test_on_cuda_the_loader_serves_the_cpu_loaders_batches(tmp_path, preset, train):
+    """On CUDA (its own generator, roi_align crops): every row once, batches on the device, the
+    deterministic presets equal to the CPU loader's to float32 rounding, augmented ones in range."""
+    ds = PictureSet([(40, 30), (23, 51), (64, 64), (17, 17)] * 3)
+    tspec = TransformSpec(preset, 16, 3)
+    images, aug = cached_images(ds, DataSpec(transform=preset), tspec, train, tmp_path)
+    cuda = torch.device("cuda", torch.cuda.current_device())
+    loaders = [DeviceLoader(images, ds.labels, aug, tspec, 5, dev, shuffle=True, seed=2) for dev in (cuda, CPU)]
+    for ld in loaders:
+        ld.set_epoch(3)
+    (gpu, cpu) = ([*ld] for ld in loaders)
+    lo, hi = normalise(torch.tensor([[[[0]]], [[[255]]]], dtype=torch.uint8).expand(2, 3, 1, 1), tspec.mean, tspec.std)
+    assert sorted(torch.cat([i for _, _, i in gpu]).tolist()) == list(range(12))
+    for (xg, yg, ig), (xc, yc, ic) in zip(gpu, cpu):
+        assert xg.device == cuda and xg.dtype == torch.float32 and xg.shape == xc.shape
+        assert torch.equal(ig.cpu(), ic) and torch.equal(yg.cpu(), yc)            # the order is drawn on the CPU
+        if aug.kind == "none":
+            torch.testing.assert_close(xg.cpu(), xc, rtol=0, atol=1e-6)
+        x = xg.cpu()
+        assert (x >= lo - 1e-4).all() and (x <= hi + 1e-4).all()
