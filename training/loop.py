@@ -94,13 +94,16 @@ def accuracy_counts(logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[in
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: bool = True,
-             return_logits: bool = False) -> dict[str, Any]:
-    """Top-1/top-5 (percent) and mean cross-entropy over the whole loader."""
+             return_logits: bool = False, channels_last: bool = False) -> dict[str, Any]:
+    """Top-1/top-5 (percent) and mean cross-entropy over the whole loader (``channels_last``: the
+    model is in that layout, so its inputs are put in it too)."""
     model.eval()
     n, loss_sum, c1, c5 = 0, 0.0, 0, 0
     all_logits = []
     for x, y, _ in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp):
             logits = model(x)
         logits = logits.float()
@@ -228,7 +231,7 @@ class Classifier:
         return {"train_loss": loss_sum / max(seen, 1), "rows": seen}
 
     def evaluate(self, epoch: int) -> dict[str, Any]:
-        ev = evaluate(self.model, self.test_loader, self.device, self.cfg.amp)
+        ev = evaluate(self.model, self.test_loader, self.device, self.cfg.amp, channels_last=self.channels_last)
         return {"test_top1": ev["top1"], "test_top5": ev["top5"], "test_loss": ev["loss"]}
 
     def checkpoint(self, history: list[dict[str, Any]]) -> dict[str, Any]:

@@ -192,3 +192,19 @@ def test_training_under_torchrun_is_refused_before_its_run_folder_is_made(cli, t
     assert "rank 1 of a 2-process torchrun job; run it without torchrun" in flat(err)
     assert "Under torchrun: extract, fit-transnet, study" in flat(err)
     assert not (tmp_path / "run" / "config.json").exists() and not (tmp_path / "run" / "g0").exists()
+
+
+def test_evaluation_in_the_channels_last_layout_gives_the_same_figures():
+    """On CUDA a trained model is channels_last and its evaluation batches are put in that layout too;
+    the figures are the layout's business only."""
+    from torch.utils.data import DataLoader
+
+    from training.loop import evaluate
+
+    _, test_set = _tiny_sets()
+    torch.manual_seed(0)
+    model = build_model("vgg_tiny", 3, 1, 16).eval()
+    loader = DataLoader(test_set, batch_size=8)
+    plain = evaluate(model, loader, torch.device("cpu"))
+    laid = evaluate(model.to(memory_format=torch.channels_last), loader, torch.device("cpu"), channels_last=True)
+    assert laid["top1"] == plain["top1"] and laid["loss"] == pytest.approx(plain["loss"], rel=1e-5)
