@@ -112,6 +112,9 @@ def verify_file(path: str | os.PathLike, rows: int = 4, seed: int = 0, device: s
                 continue
             for net in store.list_nets(f, split):
                 results += _verify_net(f, split, net, dset, index, labels, nets, rng, rows, dev)
+                for loaded in nets.values():         # one net on the device at a time; the cache keeps them
+                    if not isinstance(loaded, str):
+                        loaded.model.cpu()
     return results
 
 
