@@ -462,8 +462,8 @@ class FitStage:
             self.sample_warning = ("no held-out split (--eval_split none): the report is in-sample"
                                    if not self.evaluates else
                                    in_sample_warning(cfg.eval_split, cfg.train_split, cfg.train_rows, self.eval_info.n))
-        self.train_constant = (count_constant_source(self.train_src, cfg.block_rows) if self.workers.main
-                               else (0, 0))
+        # every rank counts (rank 0 alone would leave the others waiting in DDP's start-up collectives)
+        self.train_constant = count_constant_source(self.train_src, cfg.block_rows)
 
     def config_fields(self) -> dict[str, Any]:
         """What ``config.json`` records besides the options."""
