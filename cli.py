@@ -105,6 +105,11 @@ def _refuse_torchrun(command: str, runs_distributed: bool) -> None:
                         f"its members, rows and pairs out across the ranks)")
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(e, torch.cuda.OutOfMemoryError)
+
+
 def _fail(msg: str, code: int = 1) -> int:
     text = " ".join(str(msg).split())
     print(textwrap.fill(f"error: {text}", width=100), file=sys.stderr)
@@ -153,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug or an environment problem: one paragraph unless --debug
         if debug:
             raise
+        if _out_of_memory(e):
+            return _fail(f"the device ran out of memory ({str(e).splitlines()[0]}). What was saved is kept: lower "
+                         f"--batch_size, or keep the data off the GPU (train and extract: --data_on loader; "
+                         f"fit-transnet and consistency: --data_on ram or disk), and re-run the same command "
+                         f"with --resume")
         return _fail(f"{type(e).__name__}: {e} (re-run with --debug for the traceback)")
 
 

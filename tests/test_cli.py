@@ -365,3 +365,21 @@ def test_commands_that_run_in_one_process_are_refused_under_torchrun(cli, tmp_pa
     assert f"{command[0]} runs in one process, but this is rank 0 of a 2-process torchrun job" in flat(err)
     assert "Under torchrun: extract, fit-transnet, study" in flat(err)
     assert not (tmp_path / "out").exists()
+
+
+def test_running_out_of_device_memory_says_how_to_go_on(cli, tmp_path, monkeypatch):
+    """A CUDA out-of-memory error is one paragraph naming the ways out (a smaller batch, the data off the
+    GPU) and --resume, not a bare RuntimeError."""
+    import transnet.fit
+    from tests.processes import flat
+
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB.\nmore lines")
+
+    monkeypatch.setattr(transnet.fit, "fit_transnet", oom)
+    code, _, err = cli("fit-transnet", "--features", "f.h5", "--source", "a", "--target", "b", "--layer", "conv",
+                       "--out_dir", tmp_path / "out")
+    assert code == 1
+    assert ("the device ran out of memory (CUDA out of memory. Tried to allocate 20.00 GiB.). What was saved is "
+            "kept: lower --batch_size") in flat(err)
+    assert "--data_on ram or disk" in flat(err) and "--resume" in flat(err) and "more lines" not in err
