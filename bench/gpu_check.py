@@ -54,6 +54,7 @@ R2_SPREAD = 0.02          # the three precisions' held-out R² must agree within
 PRECISIONS = ("fp32", "tf32", "bf16")
 WHEELS = (("animal_mnist", "animal_mnist-0.4-*.whl"), ("execnet", "execnet-*.whl"), ("xdist", "pytest_xdist-*.whl"))
 FIT_LAYER = "conv"
+SITE = Path(tempfile.gettempdir()) / "kc-gpu-check-site"    # wheels go here when pip may not install them in place
 
 
 @dataclass
@@ -90,8 +91,16 @@ def install_wheels() -> str:
         if not wheels:
             done.append(f"{module} MISSING (no .whl/{pattern})")
             continue
-        rc = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", str(wheels[-1])]).returncode
-        done.append(f"{module} installed from {wheels[-1].name}" + ("" if rc == 0 else f" (pip rc {rc})"))
+        pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", str(wheels[-1])]
+        rc = subprocess.run(pip).returncode
+        where = ""
+        if rc != 0:            # an interpreter pip may not install into: a folder of its own on the path
+            rc = subprocess.run([*pip, "--target", str(SITE), "--upgrade"]).returncode
+            if rc == 0:
+                sys.path.insert(0, str(SITE))
+                os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SITE), os.environ.get("PYTHONPATH")]))
+                where = f" into {SITE}"
+        done.append(f"{module} installed from {wheels[-1].name}{where}" + ("" if rc == 0 else f" (pip rc {rc})"))
     importlib.invalidate_caches()
     return "; ".join(done) or "animal_mnist, xdist, execnet importable"
 
