@@ -12,6 +12,7 @@ from tests.browser import check_page
 
 
 @pytest.mark.slow
+@pytest.mark.browser
 def test_the_report_loads_in_a_browser_with_every_image_decoded(tmp_path):
     reports = [variance_report("a", "b", [0.8, 0.1], 0.10, additive=[0.8, 0.1]),
                variance_report("b", "a", [0.5, 0.1], 0.45, verdict="not converged", additive=[0.5, 0.05],

@@ -30,6 +30,7 @@ def small_demo(path: Path) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.browser
 def test_the_demo_trains_each_recipe_once_and_its_report_loads_in_a_browser(tmp_path):
     out = tmp_path / "demo"
     res = run_study(small_demo(tmp_path / "demo.yaml"), out, log=lambda m: None)

@@ -149,6 +149,7 @@ def test_the_study_writes_the_layer_matrices_and_only_the_pair_layer_fits(layer_
 
 
 @pytest.mark.slow
+@pytest.mark.browser
 def test_the_report_shows_each_layer_heatmap_with_its_caption_and_loads_in_a_browser(layer_run, tmp_path):
     from tests.browser import check_page
 
