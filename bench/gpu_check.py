@@ -7,27 +7,31 @@ stays within ``--budget_s`` (default 470 s: under 8 minutes on one H200).
     python bench/gpu_check.py --tiny --skip_tests # a dry run of every step at tiny sizes, on the CPU
     GPU_CHECK_TINY=1 make gpu-check               # the same dry run through make
 
-Steps, in order (later steps are reported as skipped when the budget is spent):
+Steps, in order (later steps are reported as skipped when the budget is spent), so that the issue's
+figures are measured first, each benchmark alone on the GPU:
 
-1. ``tests``: the whole suite with CUDA visible (``pytest -n 8 --dist loadfile tests``, plus the
-   notebooks when nbmake is installed); nothing deselected but the tests marked ``browser`` where the
-   machine has no headless Chromium (the summary says so). ``--skip_tests`` only with ``--tiny``.
-2. ``fit-fp32``, ``fit-tf32``, ``fit-bf16`` (beside the suite: they check R², not speed):
+1. ``bench-transnet`` (CUB size of vgg16_bn ``features.30``: 5,994 x 512x28x28, bf16) and
+   ``bench-transnet-compiled`` (the same fit with ``--compile default``): the fit's speed as a fraction
+   of its convolutions' alone (the 3x3 convolution ceiling of that machine) and its 1000 epochs;
+   ``bench-group-fit`` (the demo's 12 Trans-Nets of 64 x 4x4, 25 epochs: separate vs together, eager
+   and under ``cudagraphs``); ``bench-train`` (resnet18 at 224 px, Animal-MNIST resized, batch 128);
+   ``bench-extract`` (a vgg16_bn pair to ``features.30`` at 224 px, bf16, channels_last, float16 file;
+   Animal-MNIST resized, read through the DataLoader and from the device-held image cache). Their
+   JSON files are kept.
+2. ``tests``: the whole suite with CUDA visible (``pytest -n 8 --dist loadfile tests``, plus the
+   notebooks when nbmake is installed; ``--timeout 120`` a test where pytest-timeout is installed);
+   nothing deselected but the tests marked ``browser`` where the machine has no headless Chromium
+   (the summary says so). ``--skip_tests`` only with ``--tiny``.
+3. ``fit-fp32``, ``fit-tf32``, ``fit-bf16`` (beside the suite: they check R², not speed):
    ``cli.py fit-transnet --precision P`` with its default device on planted features: B = a random
    2-order Trans-Net (gates 0.8) applied to A, plus noise of 0.3 x its std (held-out R² ceiling about
    1 / (1 + 0.09) = 0.92). ``fits-agree`` then requires the three held-out R² within :data:`R2_SPREAD`.
-3. ``demo-study``: ``cli.py study studies/demo.yaml`` (``--tiny``: a shrunken copy of it), alone.
-4. ``bench-transnet`` (CUB size of vgg16_bn ``features.30``: 5,994 x 512x28x28, bf16),
-   ``bench-group-fit`` (the demo's 12 Trans-Nets of 64 x 4x4, 25 epochs: separate vs together),
-   ``bench-extract`` (a vgg16_bn pair to ``features.30`` at 224 px, bf16, channels_last, float16 file;
-   Animal-MNIST resized, read through the DataLoader and from the device-held image cache),
-   ``bench-train`` (resnet18 at 224 px, Animal-MNIST resized, batch 128), and ``bench-transnet-compiled``
-   (the CUB-size fit with ``--compile default``): their JSON files. The Trans-Net benchmarks report the
-   fit's speed as a fraction of its convolutions' alone (the 3x3 convolution ceiling of that machine).
+4. ``demo-study``: ``cli.py study studies/demo.yaml`` (``--tiny``: a shrunken copy of it), alone.
 
 Writes ``summary.txt`` (one line per step: name, exit status, seconds, key figure), each step's log and
 the JSON files into ``--out_dir`` (default runs/gpu-check) and, when ``$OUT`` is set, copies
-``summary.txt`` there and packs the folder as ``$OUT/gpu-check.tar.gz``. Packages the device machine may
+``summary.txt`` there after every step and packs the folder as ``$OUT/gpu-check.tar.gz`` at the end,
+also when a step raised. Packages the device machine may
 lack (animal-mnist, pytest-xdist, execnet) are installed from wheels in ``.whl/`` (no network needed):
 ``pip download --no-deps animal-mnist==0.4 pytest-xdist==3.8.0 execnet==2.1.2 -d .whl``.
 """
@@ -220,10 +224,14 @@ def group_fit_key(js: Path) -> Callable[[str], str]:
         r = _json(js)
         if not r:
             return "no group_fit.json"
-        graphs = (f", together under --compile {r['also_compile']} {r['together_compiled_s']:.1f} s"
+        graphs = (f", together under --compile {r['also_compile']} {r['together_compiled_s']:.1f} s (epochs after "
+                  f"the first {r.get('compiled_epochs_after_the_first_s') or 0:.1f} s)"
                   if r.get("together_compiled_s") is not None else "")
+        if r.get("compiled_error"):
+            graphs = f", --compile {r['also_compile']} FAILED: {r['compiled_error'][:160]}"
         return (f"{r['pairs']} fits of {r['channels']}x{r['size']}x{r['size']}, {r['epochs']} epochs: together "
-                f"{r['together_s']:.1f} s vs separate {r['separate_s']:.1f} s (x{r['speedup']:.1f}), grouped step "
+                f"{r['together_s']:.1f} s (epochs after the first {r.get('together_epochs_after_the_first_s') or 0:.1f} s) "
+                f"vs separate {r['separate_s']:.1f} s (x{r['speedup']:.1f}), grouped step "
                 f"alone {r['ceiling_s']:.1f} s{graphs}, peak GPU {_mib(r.get('peak_gpu_memory_mb'))}")
     return key
 
@@ -236,10 +244,11 @@ def extract_key(js: Path) -> Callable[[str], str]:
             return "no extract.json"
         by = r.get("extract_images_per_s_by_data_on") or {}
         paths = ", ".join(f"{p} {v:.0f}" for p, v in by.items())
-        return (f"extract/min(forward, write) {r['ratio_to_ceiling']:.2f} ({r['bound']}-bound): "
+        return (f"extract/min(forward, checksummed write) {r['ratio_to_ceiling']:.2f} ({r['bound']}-bound; "
+                f"/min(forward, plain write) {r['ratio_to_min_forward_plain_write']:.2f}): "
                 f"{r['extract_images_per_s']:.0f} pairs/s (inputs: {paths or 'loader'}) vs forward "
-                f"{r['forward_images_per_s']:.0f}, write "
-                f"{r['write_images_per_s']:.0f} ({r['write_gb_per_s']:.2f} GB/s), peak GPU "
+                f"{r['forward_images_per_s']:.0f}, write {r['write_checksum_images_per_s']:.0f} checksummed, "
+                f"{r['write_images_per_s']:.0f} plain ({r['write_gb_per_s']:.2f} GB/s), peak GPU "
                 f"{_mib(r.get('peak_gpu_memory_mb'))}")
     return key
 
@@ -275,18 +284,47 @@ def tiny_demo(folder: Path) -> Path:
 
 
 def build_steps(args, folder: Path, scratch: Path) -> list[Step]:
+    """The benchmarks first, each alone on the GPU (the issue's figures, measured before anything can use
+    the budget up), then the suite with the three fits beside it, then the demo study."""
     py = sys.executable
     tiny = args.tiny
+    dev = "auto" if tiny else "cuda"
     steps: list[Step] = []
+    tn = (["--n", "128", "--channels", "16", "--size", "8", "--epochs", "1", "--pickle_n", "32", "--workers", "0"]
+          if tiny else ["--n", "5994", "--channels", "512", "--size", "28", "--epochs", "2", "--pickle_n", "64",
+                        "--workers", "8"])
+    steps.append(Step("bench-transnet", [py, "bench/transnet.py", "--device", dev, *tn, "--no-disk", "--out",
+                                         str(folder / "transnet.json")], 100, transnet_key(folder / "transnet.json")))
+    tc = folder / "transnet_compiled.json"          # the CUB-size fit again under torch.compile
+    steps.append(Step("bench-transnet-compiled", [py, "bench/transnet.py", "--device", dev, *tn, "--compile",
+                                                  "default", "--no-disk", "--out", str(tc)], 150, transnet_key(tc)))
+    gf = ["--pairs", "2", "--epochs", "1", "--n", "128", "--n_test", "32"] if tiny else ["--also_compile", "cudagraphs"]
+    steps.append(Step("bench-group-fit", [py, "bench/group_fit.py", "--device", dev, *gf, "--out",
+                                          str(folder / "group_fit.json")], 100, group_fit_key(folder / "group_fit.json")))
+    tr = (["--arch", "vgg_tiny", "--image_size", "32", "--n", "128", "--batch_size", "32"] if tiny else
+          ["--arch", "resnet18", "--image_size", "224", "--n", "8192", "--batch_size", "128", "--num_workers", "8"])
+    steps.append(Step("bench-train", [py, "bench/train_throughput.py", "--device", dev, *tr,
+                                      "--out", str(folder / "train_throughput.json")], 80,
+                      train_key(folder / "train_throughput.json")))
+    ex = (["--arch", "vgg_tiny", "--layer", "features.8", "--image_size", "32", "--n", "64", "--batch_size", "32",
+           "--repeats", "1"] if tiny else
+          ["--image_size", "224", "--n", "2048", "--batch_size", "256", "--repeats", "2", "--channels_last",
+           "--num_workers", "8"]) + ["--data", "animal-mnist", "--data_on", "both"]
+    steps.append(Step("bench-extract", [py, "bench/extract.py", "--device", dev, *ex, "--precision", "bf16",
+                                        "--no_rss", "--workdir", str(scratch / "extract"), "--out_json",
+                                        str(folder / "extract.json")], 100, extract_key(folder / "extract.json")))
     if not args.skip_tests:
-        cmd = [py, "-m", "pytest", "-q", "-n", str(args.workers), "--dist", "loadfile", *args.tests]
+        cmd = [py, "-m", "pytest", "-q", "-n", str(args.workers), "--dist", "loadfile", "-rfE", "--durations=15",
+               *args.tests]
+        if importlib.util.find_spec("pytest_timeout") is not None:
+            cmd += ["--timeout", "120"]             # one hung test fails alone instead of eating the step
         if not args.tiny and importlib.util.find_spec("nbmake") is not None and importlib.util.find_spec("ipykernel"):
             cmd += ["--nbmake", "notebooks"]
         left_out = ""
         if not has_chromium():          # the GPU machine has no browser: its 3 report-in-a-browser tests are CI's
             cmd += ["-m", "not browser"]
             left_out = " (tests marked browser left out: no headless Chromium here)"
-        steps.append(Step("tests", cmd, 300, lambda log, note=left_out: pytest_key(log) + note))
+        steps.append(Step("tests", cmd, 200, lambda log, note=left_out: pytest_key(log) + note))
     fit = ["--orders", "2", "--kernel", "3", "--epochs", "4" if tiny else "60", "--lr", "1e-3", "--final_lr", "1e-5",
            "--schedule", "cosine", "--batch_size", "64", "--eval_every", "1000", "--save_every", "1000"]
     for p in PRECISIONS:
@@ -298,30 +336,6 @@ def build_steps(args, folder: Path, scratch: Path) -> list[Step]:
     study = tiny_demo(folder) if tiny else ROOT / "studies" / "demo.yaml"
     steps.append(Step("demo-study", [py, "cli.py", "study", str(study), "--out_dir", str(demo_out)], 150,
                       demo_key(folder, demo_out)))
-    dev = "auto" if tiny else "cuda"
-    tn = (["--n", "128", "--channels", "16", "--size", "8", "--epochs", "1", "--pickle_n", "32", "--workers", "0"]
-          if tiny else ["--n", "5994", "--channels", "512", "--size", "28", "--epochs", "2", "--pickle_n", "128",
-                        "--workers", "8"])
-    steps.append(Step("bench-transnet", [py, "bench/transnet.py", "--device", dev, *tn, "--out",
-                                         str(folder / "transnet.json")], 150, transnet_key(folder / "transnet.json")))
-    gf = ["--pairs", "2", "--epochs", "1", "--n", "128", "--n_test", "32"] if tiny else ["--also_compile", "cudagraphs"]
-    steps.append(Step("bench-group-fit", [py, "bench/group_fit.py", "--device", dev, *gf, "--out",
-                                          str(folder / "group_fit.json")], 120, group_fit_key(folder / "group_fit.json")))
-    ex = (["--arch", "vgg_tiny", "--layer", "features.8", "--image_size", "32", "--n", "64", "--batch_size", "32",
-           "--repeats", "1"] if tiny else
-          ["--image_size", "224", "--n", "4096", "--batch_size", "256", "--repeats", "2", "--channels_last",
-           "--num_workers", "8"]) + ["--data", "animal-mnist", "--data_on", "both"]
-    steps.append(Step("bench-extract", [py, "bench/extract.py", "--device", dev, *ex, "--precision", "bf16",
-                                        "--no_rss", "--workdir", str(scratch / "extract"), "--out_json",
-                                        str(folder / "extract.json")], 120, extract_key(folder / "extract.json")))
-    tr = (["--arch", "vgg_tiny", "--image_size", "32", "--n", "128", "--batch_size", "32"] if tiny else
-          ["--arch", "resnet18", "--image_size", "224", "--n", "8192", "--batch_size", "128", "--num_workers", "8"])
-    steps.append(Step("bench-train", [py, "bench/train_throughput.py", "--device", dev, *tr,
-                                      "--out", str(folder / "train_throughput.json")], 120,
-                      train_key(folder / "train_throughput.json")))
-    tc = folder / "transnet_compiled.json"          # last: the CUB-size fit again under torch.compile
-    steps.append(Step("bench-transnet-compiled", [py, "bench/transnet.py", "--device", dev, *tn, "--compile",
-                                                  "default", "--no-disk", "--out", str(tc)], 150, transnet_key(tc)))
     return steps
 
 
@@ -401,6 +415,11 @@ def main(argv=None) -> int:
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     wheels = install_wheels()
+    if not args.tiny and importlib.util.find_spec("animal_mnist") is None:
+        print(f"animal_mnist cannot be imported ({wheels}): the demo study and two benchmarks need it. Carry the "
+              f"wheels: pip download --no-deps animal-mnist==0.4 pytest-xdist==3.8.0 execnet==2.1.2 -d .whl, and "
+              f"name .whl in the device call's carry", file=sys.stderr)
+        return 2
     import torch
 
     if not args.tiny and not torch.cuda.is_available():
@@ -414,12 +433,19 @@ def main(argv=None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="kc-gpu-check-"))
     summary = folder / "summary.txt"
 
+    out = os.environ.get("OUT")
+
     def write_summary(total: float | None = None) -> None:
+        """summary.txt, and its copy in $OUT after every step: what was measured comes back even if the
+        run is cut off later."""
         lines = header + [o.line() for o in outcomes]
         if total is not None:
             bad = [o.name for o in outcomes if o.rc not in (0,)]
             lines.append(f"total {total:.1f} s; " + (f"NOT OK: {', '.join(bad)}" if bad else "all steps OK"))
         summary.write_text("\n".join(lines) + "\n")
+        if out:
+            Path(out).mkdir(parents=True, exist_ok=True)
+            shutil.copy(summary, Path(out) / "summary.txt")
 
     try:
         t0 = time.perf_counter()
@@ -434,8 +460,8 @@ def main(argv=None) -> int:
             timeout = step.timeout_s * (4 if args.tiny else 1)            # a shared CPU is slow to start
             return run_step(step, folder, min(timeout, left))
 
-        # The suite runs beside the three fits (they check R², not speed); the demo study and the
-        # benchmarks run alone afterwards.
+        # The benchmarks run first, alone; then the suite beside the three fits (they check R², not
+        # speed); then the demo study.
         suite: dict[str, Outcome] = {}
         beside = None
         for step in build_steps(args, folder, scratch):
@@ -460,14 +486,11 @@ def main(argv=None) -> int:
             outcomes[next(i for i, o in enumerate(outcomes) if o.name == "tests")] = suite["tests"]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    write_summary(time.perf_counter() - t_start)
-    print(summary.read_text())
-    out = os.environ.get("OUT")
-    if out:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        shutil.copy(summary, Path(out) / "summary.txt")
-        with tarfile.open(Path(out) / "gpu-check.tar.gz", "w:gz") as tar:
-            tar.add(folder, arcname=folder.name)
+        write_summary(time.perf_counter() - t_start)
+        print(summary.read_text())
+        if out:                     # the logs and JSON files, whatever happened above
+            with tarfile.open(Path(out) / "gpu-check.tar.gz", "w:gz") as tar:
+                tar.add(folder, arcname=folder.name)
     return 0 if all(o.rc == 0 for o in outcomes) else 1
 
 
