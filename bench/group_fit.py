@@ -25,7 +25,6 @@ peak GPU memory.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import tempfile
@@ -43,6 +42,7 @@ import torch  # noqa: E402
 from common.device import cudnn_autotune, float32_math, precision_autocast, use_device  # noqa: E402
 from common.files import write_json  # noqa: E402
 from common.provenance import now_utc, provenance  # noqa: E402
+from common.rundir import read_log  # noqa: E402
 from features.store import create_features, init_root, init_split, mark_complete  # noqa: E402
 from training.loop import make_scheduler  # noqa: E402
 from transnet.config import COMPILE_MODES  # noqa: E402
@@ -129,13 +129,8 @@ def epochs_after_the_first_s(folder: Path) -> float:
     """Training seconds of every epoch but the first (where compilation, CUDA-graph capture and cuDNN's
     algorithm search fall), summed over the pairs' log.jsonl: fits trained together each log their share
     of the group's epoch, so the sum is the group's time."""
-    total = 0.0
-    for log in sorted(folder.glob("p*/log.jsonl")):
-        for line in log.read_text().splitlines():
-            record = json.loads(line)
-            if record.get("epoch", 0) >= 2:
-                total += float(record.get("epoch_time_s", 0.0))
-    return total
+    return sum(float(r.get("epoch_time_s", 0.0)) for log in sorted(folder.glob("p*/log.jsonl"))
+               for r in read_log(log) if r.get("epoch", 0) >= 2)
 
 
 def sync(device: torch.device) -> None:

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from common.distributed import dist_from_env, init_group, is_local_only, local_world_size
+from common.distributed import ControlGroup, DistInfo, dist_from_env, init_group, is_local_only, local_world_size
 from common.errors import UserError, require_choice
 from common.precision import PRECISIONS
 
@@ -94,20 +94,17 @@ class Workers:
 
     def from_main(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank (a decision every rank must share); ``obj`` for one process."""
-        if self.world == 1:
-            return obj
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src=0)    # CPU objects: the gloo side of the group
-        return box[0]
+        return self._control().from_main(obj)
 
     def any_rank(self, *flags: bool) -> tuple[bool, ...]:
-        """Each flag true on every rank when it is true on any (one all-reduce of a CPU tensor), so the
-        ranks stop, or fail, together; the flags as given for one process."""
-        if self.world == 1:
-            return tuple(bool(f) for f in flags)
-        t = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int64)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return tuple(bool(v) for v in t.tolist())
+        """Each flag true on every rank when it is true on any, so the ranks stop, or fail, together;
+        the flags as given for one process."""
+        control = self._control()
+        return tuple(control.any_failed(f) for f in flags)
+
+    def _control(self) -> ControlGroup:
+        """The control-plane collectives (gloo, CPU tensors) over these ranks; no-ops for one process."""
+        return ControlGroup(DistInfo(self.rank, self.world))
 
     def close(self) -> None:
         if self.owns_group:

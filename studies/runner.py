@@ -53,8 +53,6 @@ from training.manifest import Member, read_manifest, write_manifest
 from training.models import parse_model_kwargs
 from training.runner import ModelSpec, run_training
 
-STUDY_TIMEOUT = RANK_WAIT                    # other ranks wait at a barrier while rank 0 trains a family
-
 
 class StudyRunner:
     """Builds the stages of a study and runs them in order with caching."""
@@ -62,7 +60,7 @@ class StudyRunner:
     def __init__(self, study: Study, study_file: str | os.PathLike, out_dir: str | os.PathLike,
                  log: Callable[[str], None] = print, ranks: ControlGroup | None = None):
         self.study, self.study_file, self.root = study, Path(study_file), Path(out_dir)
-        self.ranks = ranks or ControlGroup(timeout=STUDY_TIMEOUT)
+        self.ranks = ranks or ControlGroup(timeout=RANK_WAIT)   # others wait while rank 0 trains a family
         self.log = log if self.ranks.main else (lambda m: None)
         self.features = self.root / FEATURES
         self.fam_dir = self.root / FAMILIES
@@ -583,7 +581,7 @@ def run_study(study_file: str | os.PathLike, out_dir: str | os.PathLike, dry_run
         for name, what in plan:
             log(f"  {name:<32} {what}")
         return {"plan": plan}
-    ranks = ControlGroup(timeout=STUDY_TIMEOUT)
+    ranks = ControlGroup(timeout=RANK_WAIT)   # others wait while rank 0 trains a family
     try:
         runner = StudyRunner(study, study_file, root, log, ranks)
         with contextlib.ExitStack() as stack:
