@@ -259,7 +259,8 @@ def train_key(js: Path) -> Callable[[str], str]:
         if not r:
             return "no train_throughput.json"
         return (f"loop/pure {r['ratio']:.2f} (data on {r.get('data_on')}): {r['loop_images_per_s']:.0f} vs "
-                f"{r['pure_images_per_s']:.0f} img/s, peak GPU {_mib(r.get('peak_gpu_memory_mb'))}")
+                f"{r['pure_images_per_s']:.0f} img/s (last of {r.get('epochs', 1)} epochs; first "
+                f"{r.get('loop_first_epoch_images_per_s', float('nan')):.0f}), peak GPU {_mib(r.get('peak_gpu_memory_mb'))}")
     return key
 
 
