@@ -52,6 +52,7 @@ global batch, so a DDP fit follows the single-process one (up to float summation
 """
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import asdict, fields, replace
@@ -140,8 +141,8 @@ def parse_alpha(alpha: str | float | list, orders: int) -> list[float]:
     if len(vals) != orders:
         raise UserError(f"--alpha has {len(vals)} values but --orders {orders} needs 1 or {orders} "
                         f"(one per order, order 1 first)")
-    if any(v < 0 for v in vals):
-        raise UserError(f"--alpha values must be >= 0, got {vals}")
+    if not all(math.isfinite(v) and v >= 0 for v in vals):     # NaN passes `v < 0`
+        raise UserError(f"--alpha values must be finite and >= 0, got {vals}")
     return vals
 
 

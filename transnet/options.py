@@ -28,7 +28,8 @@ FIT_HELP = {
                   "itself, gives an in-sample report, labelled held_out: false with a warning)",
     "orders": "K: number of gates / nonlinear orders (0 = linear Trans-Net, one conv)",
     "kernel": "conv kernel size (odd)",
-    "alpha": "α per order, order 1 first (comma list; one value = every order): loss + Σ α_k p_k²",
+    "alpha": "α per order, order 1 first (comma list; one value = every order; each finite, >= 0): "
+             "loss + Σ α_k p_k²",
     "input_norm": "input normalisation: instance (paper: per-sample spatial std), global (per-channel std of "
                   "the training features), none",
     "std_correction": "spatial std convention of every instance std: 0 = population std (divide by H*W; default), "

@@ -241,6 +241,10 @@ def test_bad_inputs_give_clear_errors(tmp_path):
         fit_transnet(replace(base, layer="features.9"), tmp_path / "r2")
     with pytest.raises(UserError, match="alpha has 3 values"):
         fit_transnet(replace(base, alpha="1,2,3"), tmp_path / "r3")
+    for bad in ("nan", "inf", "1e400", "-1"):                   # refused before the run folder is made
+        with pytest.raises(UserError, match="finite and >= 0"):
+            fit_transnet(replace(base, alpha=bad), tmp_path / f"alpha_{bad}")
+        assert not (tmp_path / f"alpha_{bad}").exists()
     incomplete = _pair_file(tmp_path / "inc.h5", lambda a: a)
     with h5py.File(incomplete, "a") as h:
         h["train/B/" + LAYER].attrs["complete"] = False
