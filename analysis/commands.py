@@ -105,7 +105,8 @@ def _run_visualize(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------- diagnose
 
 DIAGNOSE_HELP = {
-    "features": "kc-features file", "layer": "layer (module path)",
+    "features": "kc-features file",
+    "layer": "layer (module path); with --consistency, the consistency folder's layer by default",
     "a": "net A: the net diagnosed (its blind spots and unreliable features)",
     "b": "net B: the net A is compared with",
     "consistency": "consistency folder holding pairs/A__B and pairs/B__A",

@@ -47,7 +47,7 @@ class SimilarityConfig:
 @dataclass(frozen=True)
 class DiagnoseConfig:
     features: str = ""              # kc-features file
-    layer: str = ""                 # module path
+    layer: str = ""                 # module path (default with --consistency: the folder's layer)
     a: str = ""                     # the net diagnosed
     b: str = ""                     # the net it is compared with
     consistency: str = ""           # consistency folder with pairs/A__B and pairs/B__A (or give both below)

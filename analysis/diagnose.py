@@ -23,6 +23,7 @@ import csv
 import io
 import os
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from torch import Tensor
 from analysis import plots
 from analysis.config import DiagnoseConfig  # re-exported: its old home
 from analysis.consistency import pair_dirname
+from analysis.convergence import convergence_of, refusal
 from common.device import float32_math, use_device
 from common.errors import UserError
 from common.files import atomic_write, read_json, write_json
@@ -246,6 +248,24 @@ def in_sample_warnings(split: str, infos: dict[str, dict[str, Any]]) -> list[str
     return out
 
 
+def fit_refusals(runs: Mapping[str, tuple[Path, str, str]]) -> dict[str, str]:
+    """direction -> why its Trans-Net (run dir or checkpoint, source, target) may carry no conclusion
+    (not converged, or held-out R² < 0; ``analysis.convergence.refusal``), read from its metrics.json;
+    a fit without one (not finished) is named too."""
+    out = {}
+    for key, (path, src, tgt) in runs.items():
+        run = path if path.is_dir() else path.parent
+        if not (run / "metrics.json").is_file():
+            out[key] = f"the Trans-Net {src}->{tgt} did not finish (no metrics.json in {run})"
+            continue
+        report = read_json(run / "metrics.json")
+        conv = convergence_of(report)
+        why = refusal({"convergence": conv["verdict"], "convergence_reasons": conv["reasons"], "r2": report.get("r2")})
+        if why:
+            out[key] = f"the Trans-Net {src}->{tgt}: {why}"
+    return out
+
+
 def load_images(features: str, split: str, rows: Sequence[int]) -> np.ndarray | None:
     """The input images of feature-file rows (n, H, W) or (n, H, W, 3), rebuilt from the data set the
     file records (evaluation transform); None when it cannot be rebuilt (data set folder not here)."""
@@ -309,7 +329,10 @@ def channels_csv(diag: Mapping[str, Any]) -> str:
 
 def diagnose_pair(cfg: DiagnoseConfig, out_dir: str | os.PathLike, mode: str = "new") -> dict[str, Any]:
     """Both directions' residual statistics, ranked lists, figures and panels into ``out_dir``;
-    returns the ``diagnosis.json`` body plus ``figures`` (written paths)."""
+    returns the ``diagnosis.json`` body plus ``figures`` (written paths). Without ``layer``, a
+    consistency folder's own layer is used."""
+    if not cfg.layer and cfg.consistency:
+        cfg = replace(cfg, layer=consistency_setting(cfg.consistency, "layer") or "")
     for name in ("features", "layer", "a", "b"):
         if not getattr(cfg, name):
             raise UserError(f"--{name} is required")
@@ -326,6 +349,7 @@ def diagnose_pair(cfg: DiagnoseConfig, out_dir: str | os.PathLike, mode: str = "
     for info in (info_ab, info_ba):         # the features must be those of the nets the Trans-Nets were fitted on
         check_transnet_features(info, cfg.features, cfg.split, allow=cfg.allow_other_checkpoints)
     in_sample = in_sample_warnings(cfg.split, {"blind_spots": info_ab, "unreliable": info_ba})
+    refused = fit_refusals({"blind_spots": (ab_dir, cfg.a, cfg.b), "unreliable": (ba_dir, cfg.b, cfg.a)})
     with open_features(cfg.features) as f:
         index, labels = read_index(f, cfg.split), read_labels(f, cfg.split)
     out = Path(out_dir)
@@ -339,7 +363,10 @@ def diagnose_pair(cfg: DiagnoseConfig, out_dir: str | os.PathLike, mode: str = "
                                                           f"knows and {cfg.b} lacks (channels of {cfg.a})",
                                             "relative": "residual mean square / centred target mean square "
                                                         "(0 = rebuilt exactly, 1 = no better than the mean)"},
-                                "held_out": not in_sample, "warnings": in_sample}
+                                "held_out": not in_sample,
+                                # direction -> why its residuals carry no conclusion (empty: both may)
+                                "not_conclusive": refused,
+                                "warnings": in_sample + [f"{k}: no conclusion: {v}" for k, v in refused.items()]}
         models = {"blind_spots": (g_ab, cfg.a, cfg.b), "unreliable": (g_ba, cfg.b, cfg.a)}
         for key, (model, src, tgt) in models.items():
             stats = residual_stats(model, cfg.features, cfg.split, src, tgt, cfg.layer, cfg.block_rows, device,
@@ -362,16 +389,21 @@ def diagnose_pair(cfg: DiagnoseConfig, out_dir: str | os.PathLike, mode: str = "
     return diag
 
 
+def consistency_setting(consistency_dir: str | os.PathLike, name: str) -> Any:
+    """One setting (``layer``, ``split``) a consistency folder's config.json records; None without it."""
+    cfg_path = Path(consistency_dir) / "config.json"
+    cons = read_json(cfg_path).get("config", {}).get("consistency", {}) if cfg_path.is_file() else {}
+    return cons.get(name)
+
+
 def run_diagnosis(consistency_dir: str | os.PathLike, a: str, b: str, features: str, out_dir: str | os.PathLike,
                   mode: str = "new", **options: Any) -> dict[str, Any]:
     """Diagnose ``a`` against ``b`` with the two Trans-Nets of a consistency folder (its layer and split
     from the folder's config); ``options`` are further :class:`DiagnoseConfig` fields."""
-    cfg_path = Path(consistency_dir) / "config.json"
-    cons = read_json(cfg_path).get("config", {}).get("consistency", {}) if cfg_path.is_file() else {}
-    layer = options.pop("layer", None) or cons.get("layer")
+    layer = options.pop("layer", None) or consistency_setting(consistency_dir, "layer")
     if not layer:
         raise UserError(f"{consistency_dir} has no config.json naming its layer; pass layer=...")
-    split = options.pop("split", None) or cons.get("split", DiagnoseConfig.split)
+    split = options.pop("split", None) or consistency_setting(consistency_dir, "split") or DiagnoseConfig.split
     cfg = DiagnoseConfig(features=str(features), layer=layer, a=a, b=b, consistency=str(consistency_dir),
                          split=split, **options)
     return diagnose_pair(cfg, out_dir, mode)

@@ -266,6 +266,9 @@ def diagnosis_readings(d: Mapping[str, Any]) -> list[str]:
     if d.get("held_out") is False:
         out.append(f"In-sample: split {d.get('split')!r} is the split the Trans-Nets were fitted on, so these "
                    f"residuals are smaller than on held-out images (warnings in diagnosis.json).")
+    for key, why in (d.get("not_conclusive") or {}).items():
+        out.append(f"No conclusion from the {key.replace('_', ' ')} below: {why}. Fit longer (--epochs, or "
+                   f"--epochs auto) before reading them.")
     out.append(f"Blind spots of {a}: {pct(bs.get('relative'))} of {b}'s variance at {d['layer']} is not rebuilt from "
                f"{a} (what {b} knows and {a} lacks); unreliable features of {a}: {pct(ur.get('relative'))} of "
                f"{a}'s variance is not rebuilt from {b} (what {a} knows and {b} lacks).")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -118,6 +119,10 @@ def test_consistent_pair_has_no_blind_spots(fitted, tmp_path):
     d = run_diagnosis(cons, "a", "b", str(feats), tmp_path / "ab", top=2, panels=0)
     assert d["layer"] == "conv"
     assert d["blind_spots"]["relative"] < 0.05 and d["unreliable"]["relative"] < 0.05
+    # without --layer, the consistency folder's layer is used
+    same = diagnose_pair(DiagnoseConfig(features=str(feats), a="a", b="b", consistency=str(cons), top=2, panels=0),
+                         tmp_path / "no_layer")
+    assert same["layer"] == "conv" and same["blind_spots"]["relative"] == d["blind_spots"]["relative"]
 
 
 @pytest.mark.slow
@@ -148,3 +153,25 @@ def test_diagnosing_the_training_split_is_labelled_in_sample(fitted, tmp_path):
 
     assert diagnosis_readings(d)[0].startswith("In-sample: split 'train'")
     assert not diagnosis_readings(held)[0].startswith("In-sample")
+
+
+@pytest.mark.slow
+def test_a_direction_that_carries_no_conclusion_is_named(fitted, tmp_path):
+    feats, cons = fitted
+    copy = tmp_path / "cons"
+    shutil.copytree(cons, copy)
+    metrics = copy / "pairs" / "b__a" / "metrics.json"
+    report = json.loads(metrics.read_text())
+    report["r2"] = -0.4
+    report["convergence"] = {"verdict": "not converged", "reasons": ["validation loss still falling"]}
+    metrics.write_text(json.dumps(report))
+    d = diagnose_pair(DiagnoseConfig(features=str(feats), a="a", b="b", consistency=str(copy), top=2, panels=0),
+                      tmp_path / "diag")
+    assert list(d["not_conclusive"]) == ["unreliable"]
+    why = d["not_conclusive"]["unreliable"]
+    assert "b->a" in why and "did not converge (validation loss still falling)" in why and "-0.40 < 0" in why
+    assert any(w.startswith("unreliable: no conclusion") for w in d["warnings"])
+    from analysis.readings import diagnosis_readings
+
+    assert diagnosis_readings(d)[0].startswith("No conclusion from the unreliable below")
+    assert json.loads((tmp_path / "diag" / "diagnosis.json").read_text())["not_conclusive"] == d["not_conclusive"]
