@@ -11,6 +11,7 @@ disk read from ``--data_root``; nothing is ever downloaded.
 from __future__ import annotations
 
 import gzip
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -161,6 +162,12 @@ class SubsetDataset(IndexedDataset):
 
     def load_image(self, i: int) -> Image.Image:
         return self.base.load_image(int(self.rows[i]))
+
+    def source_fingerprint(self) -> str | None:
+        base = self.base.source_fingerprint()
+        if base is None:
+            return None
+        return hashlib.sha256(f"{base}:{np.asarray(self.rows).tobytes().hex()}".encode()).hexdigest()[:20]
 
 
 def take_subset(ds: IndexedDataset, half: str, kind: str, seed: int) -> IndexedDataset:

@@ -6,6 +6,7 @@ Every data set yields ``(image, label, index)``: ``index`` is the sample's posit
 from __future__ import annotations
 
 import abc
+import hashlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -35,6 +36,11 @@ class IndexedDataset(Dataset):
     def load_image(self, i: int) -> Image.Image:
         """The ``i``-th image, untransformed; subclasses read their own storage."""
 
+    def source_fingerprint(self) -> str | None:
+        """A short hash of what the images are read from (None: unknown). A decoded-pixel cache built
+        from other sources than these is stale (``training/device_data.cached_images``)."""
+        return None
+
     def __getitem__(self, i: int):
         img = self.load_image(i)
         if self.transform is not None:
@@ -53,6 +59,14 @@ class ArrayDataset(IndexedDataset):
     def load_image(self, i: int) -> Image.Image:
         a = self.images[i]
         return Image.fromarray(a, mode="L" if a.ndim == 2 else "RGB")
+
+    def source_fingerprint(self) -> str:
+        """The pixels themselves (about 10 ms a 10,000-image 28 px set)."""
+        if not hasattr(self, "_fingerprint"):
+            h = hashlib.sha256(repr((self.images.shape, str(self.images.dtype))).encode())
+            h.update(np.ascontiguousarray(self.images).data)
+            self._fingerprint = h.hexdigest()[:20]
+        return self._fingerprint
 
 
 class FileListDataset(IndexedDataset):
@@ -76,6 +90,19 @@ class FileListDataset(IndexedDataset):
         if self.boxes is not None:
             img = img.crop(tuple(int(round(v)) for v in self.boxes[i]))
         return img
+
+    def source_fingerprint(self) -> str:
+        """Each file's path, size and modification time, and the boxes: an image edited in place
+        changes it (a stat a file: about 50 ms for 12,000 files)."""
+        h = hashlib.sha256()
+        for f in self.files:
+            try:
+                st = f.stat()
+                h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            except OSError:
+                h.update(f"{f}\0missing\n".encode())
+        h.update(repr(None if self.boxes is None else [tuple(map(float, b)) for b in self.boxes]).encode())
+        return h.hexdigest()[:20]
 
 
 DATASETS: Registry[Callable[..., IndexedDataset]] = Registry("data set")

@@ -132,22 +132,26 @@ def cached_images(ds: IndexedDataset, spec: DataSpec, tspec: TransformSpec, trai
                   cache_dir: Path | None = None, num_workers: int = 0,
                   rows: int | None = None) -> tuple[torch.Tensor, DeviceAugment]:
     """The uint8 images of ``ds`` after the deterministic steps, read from the cache file keyed by the
-    data spec or decoded once (by ``num_workers`` processes) and written there (tmp file, then rename:
-    never half-written). ``rows``: only the first rows are wanted; they are sliced from the cache file
-    when it exists, else decoded alone and not cached (the file always holds the whole split)."""
+    data spec (and checked against the labels and ``ds.source_fingerprint()``: files' sizes and
+    modification times, or the pixels of an in-memory set) or decoded once (by ``num_workers``
+    processes) and written there (tmp file, then rename: never half-written). ``rows``: only the first
+    rows are wanted; they are sliced from the cache file when it exists, else decoded alone and not
+    cached (the file always holds the whole split)."""
     steps, aug = split_preset(tspec, train)
     path = cache_path(ds, spec, steps, cache_dir)
     want = len(ds) if rows is None else min(rows, len(ds))
+    source = ds.source_fingerprint()
     if path.is_file():
         blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)   # rows read as sliced
-        if blob["images"].shape[0] == len(ds) and torch.equal(blob["labels"], torch.as_tensor(ds.labels)):
+        if (blob["images"].shape[0] == len(ds) and torch.equal(blob["labels"], torch.as_tensor(ds.labels))
+                and blob.get("source") == source):                  # images edited in place: decoded anew
             return blob["images"][:want], aug
     images = decode_all(ds, steps, num_workers, want)
     if want < len(ds):
         return images, aug
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"images": images, "labels": torch.as_tensor(ds.labels)}, tmp)
+    torch.save({"images": images, "labels": torch.as_tensor(ds.labels), "source": source}, tmp)
     os.replace(tmp, path)
     return images, aug
 

@@ -4,6 +4,8 @@ they are not), the cache file is keyed by the data spec and reused, and every ro
 per epoch."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,7 @@ from scipy import stats
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-from training.datasets import DataSpec, IndexedDataset
+from training.datasets import ArrayDataset, DataSpec, FileListDataset, IndexedDataset
 from training.device_data import (
     DeviceLoader,
     cached_images,
@@ -130,6 +132,27 @@ def test_cache_is_written_once_and_keyed_by_the_spec(tmp_path):
     cached_images(ds, DataSpec(transform="plain", split_seed=1), tspec, False, tmp_path)
     assert ds.reads == reads + 5
     assert len(list(tmp_path.glob("*.pt"))) == 2 and not list(tmp_path.glob("*.tmp*"))
+
+
+def test_images_edited_in_place_are_decoded_anew(tmp_path):
+    files = [tmp_path / f"{i}.png" for i in range(4)]
+    for i, f in enumerate(files):
+        Image.fromarray(np.full((12, 12, 3), 10 * i, dtype=np.uint8)).save(f)
+    ds = FileListDataset("folder", "test", files, [0, 1, 0, 1], 2)
+    tspec, spec = TransformSpec("plain", 8, 3), DataSpec(transform="plain")
+    first, _ = cached_images(ds, spec, tspec, False, tmp_path / "cache")
+    assert int(first[2].max()) == 20
+    Image.fromarray(np.full((12, 12, 3), 200, dtype=np.uint8)).save(files[2])     # same name, new pixels
+    os.utime(files[2], ns=(files[2].stat().st_atime_ns, files[2].stat().st_mtime_ns + 10**9))
+    again, _ = cached_images(FileListDataset("folder", "test", files, [0, 1, 0, 1], 2), spec, tspec, False,
+                             tmp_path / "cache")
+    assert int(again[2].min()) == 200 and torch.equal(again[[0, 1, 3]], first[[0, 1, 3]])
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1                 # replaced, not beside the stale one
+    pixels = np.zeros((3, 6, 6), dtype=np.uint8)                               # an in-memory set: its pixels
+    before, _ = cached_images(ArrayDataset("arr", "test", pixels, [0, 1, 0], 2), spec, tspec, False, tmp_path / "c2")
+    pixels[1] = 99
+    after, _ = cached_images(ArrayDataset("arr", "test", pixels, [0, 1, 0], 2), spec, tspec, False, tmp_path / "c2")
+    assert int(before[1].max()) == 0 and int(after[1].min()) == 99
 
 
 def test_every_row_once_per_epoch_and_ranks_disjoint():
