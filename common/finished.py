@@ -14,6 +14,8 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from common.errors import UserError
 from common.rundir import is_finished
 
@@ -34,6 +36,16 @@ def _last_epoch(run: Path) -> int | None:
         if isinstance(rec, dict) and isinstance(rec.get("epoch"), int):
             return rec["epoch"]
     return None
+
+
+def _checkpoint_epoch(run: Path, name: str = "last.pt") -> int | None:
+    """The epoch the resumable checkpoint holds (None: no readable one); read memory-mapped."""
+    try:
+        ck = torch.load(run / name, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # absent, torn by a kill, a foreign file: no resume point to name
+        return None
+    epoch = ck.get("epoch") if isinstance(ck, dict) else None
+    return epoch if isinstance(epoch, int) else None
 
 
 def _config(run: Path) -> dict[str, Any]:
@@ -70,6 +82,12 @@ def unfinished_reason(run_dir: str | os.PathLike) -> str | None:
         got = f"stopped after epoch {epoch}"
     else:
         got = "stopped before its first epoch ended"
+    if epoch is not None:                   # the log runs ahead of the checkpoint a resume starts from
+        saved = _checkpoint_epoch(run)
+        if saved is None:
+            got += " before its first checkpoint (a resume starts again at epoch 1)"
+        elif saved != epoch:
+            got += f"; its last checkpoint holds epoch {saved}, where a resume continues"
     resume = _resume_command(cfg)
     return (f"the job in {run} did not finish: it {got} (started {cfg.get('start_utc', '?')}); resume it with "
             + (resume or "the command that made it plus --resume"))

@@ -167,6 +167,8 @@ class Harness:
     def resume(self, resuming: bool) -> int:
         """Continue from ``last.pt`` when ``resuming`` and it exists; return the first epoch to run."""
         if not (resuming and self.last_path.exists()):
+            if resuming and self.run is not None:   # killed before its first checkpoint: those epochs run again
+                self.run.truncate_log(self.start_epoch)
             return self.start_epoch
         state = load_checkpoint(self.last_path, map_location=self.workers.device)
         self.stage.check_resume(state, self.last_path)

@@ -58,3 +58,24 @@ def test_concurrent_run_into_same_dir_is_refused(tmp_path):
     finally:
         first.close()
     RunDir(tmp_path / "run", "resume").close()
+
+
+def test_an_unfinished_run_names_where_a_resume_continues(tmp_path):
+    import json
+
+    import torch
+
+    from common.finished import unfinished_reason
+
+    run = tmp_path / "run"
+    run.mkdir()
+    write_json(run / "config.json", {"config": {"epochs": 30}, "start_utc": "t0", "end_utc": None,
+                                     "provenance": {"command": f"cli.py fit-transnet --out_dir {run}"}})
+    (run / "log.jsonl").write_text("".join(json.dumps({"epoch": e}) + "\n" for e in range(1, 10)))
+    why = unfinished_reason(run)
+    assert "stopped at epoch 9 of 30 before its first checkpoint (a resume starts again at epoch 1)" in why
+    assert why.endswith(f"resume it with python cli.py fit-transnet --out_dir {run} --resume")
+    torch.save({"epoch": 5, "state_dict": {}}, run / "last.pt")
+    assert "stopped at epoch 9 of 30; its last checkpoint holds epoch 5, where a resume continues" in unfinished_reason(run)
+    torch.save({"epoch": 9, "state_dict": {}}, run / "last.pt")
+    assert "stopped at epoch 9 of 30 (started t0)" in unfinished_reason(run)

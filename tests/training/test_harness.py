@@ -83,6 +83,15 @@ def test_a_non_finite_epoch_names_the_last_good_checkpoint_and_a_resume_continue
     assert h.start_epoch == 2 and _log(tmp_path) == [1, 2, 3, 4] and len(h.history) == 4
 
 
+def test_a_resume_before_the_first_checkpoint_starts_the_log_afresh(tmp_path):
+    """Epochs logged before any last.pt run again on resume: their old lines go, none is doubled."""
+    with pytest.raises(FloatingPointError):
+        _run(tmp_path, [1.0, 1.0, math.nan], save_every=100)        # killed before its first save
+    assert _log(tmp_path) == [1, 2] and not (tmp_path / "run" / "last.pt").exists()
+    stage, h, _ = _run(tmp_path, [1.0, 1.0, 1.0], mode="resume", save_every=100)
+    assert h.start_epoch == 0 and _log(tmp_path) == [1, 2, 3]
+
+
 def test_epoch_fields_come_to_the_host_in_one_transfer():
     fields, ok = to_host({"a": torch.tensor(2.0), "v": torch.tensor([1.0, 3.0]), "n": 5,
                           "e": torch.zeros(0), "_check": torch.tensor(0.0)})
