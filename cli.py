@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.parse_args(argv)  # prints help / usage
         parser.print_help()
         return 0
-    from common.errors import UserError
+    from common.errors import UserError, user_message
     from common.signals import TERMINATED_EXIT_CODE, Terminated, sigterm_as_interrupt
 
     try:
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         if debug:
             raise
-        return _fail(str(e))
+        return _fail(user_message(e))
     except Exception as e:  # a bug or an environment problem: one paragraph unless --debug
         if debug:
             raise

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from common.checkpoints import load_checkpoint
 from common.errors import UserError, require_choice
@@ -63,8 +64,6 @@ def test_concurrent_run_into_same_dir_is_refused(tmp_path):
 def test_an_unfinished_run_names_where_a_resume_continues(tmp_path):
     import json
 
-    import torch
-
     from common.finished import unfinished_reason
 
     run = tmp_path / "run"
@@ -79,3 +78,23 @@ def test_an_unfinished_run_names_where_a_resume_continues(tmp_path):
     assert "stopped at epoch 9 of 30; its last checkpoint holds epoch 5, where a resume continues" in unfinished_reason(run)
     torch.save({"epoch": 9, "state_dict": {}}, run / "last.pt")
     assert "stopped at epoch 9 of 30 (started t0)" in unfinished_reason(run)
+
+
+class _Unreadable(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        raise UserError(f"cannot read image {i}.jpg (Truncated File Read)")
+
+
+def test_a_user_error_in_a_loader_worker_is_one_paragraph():
+    """torch re-raises a worker's UserError with the worker's traceback as its message."""
+    from common.errors import user_message
+
+    loader = torch.utils.data.DataLoader(_Unreadable(), num_workers=1)
+    with pytest.raises(UserError) as caught:
+        next(iter(loader))
+    assert "Traceback" in str(caught.value)
+    assert user_message(caught.value) == "cannot read image 0.jpg (Truncated File Read) (raised in DataLoader worker process 0)"
+    assert user_message(UserError("plain")) == "plain"
