@@ -79,6 +79,18 @@ def jsonable_ckpt(ckpt: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def unpickling_detail(e: Exception) -> str:
+    """What ``torch.load(weights_only=True)`` refused, without torch's advice to load with
+    ``weights_only=False`` (which runs any code the file holds; the workbench never does)."""
+    text = str(e)
+    if "Weights only load failed" not in text:
+        return f"{type(e).__name__}: {text}"
+    detail = text.split("WeightsUnpickler error:", 1)[-1].split("Check the documentation", 1)[0]
+    detail = " ".join(detail.split()) or "an object other than tensors and plain containers"
+    return (f"the safe unpickler refused it: {detail}; only tensors and plain containers are read, so a "
+            f"checkpoint of another program must be re-saved as torch.save(model.state_dict(), 'net.pt')")
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True``; a plain state dict is wrapped with ``arch=None``."""
     path = Path(path)
@@ -88,7 +100,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated file, foreign pickle, ...
-        raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); "
+        raise UserError(f"checkpoint {path} cannot be read ({unpickling_detail(e)}); "
                         f"is it complete and a workbench or plain state-dict file?") from e
     if isinstance(obj, dict) and "state_dict" in obj:
         return obj

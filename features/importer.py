@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.checkpoints import unpickling_detail
 from common.errors import UserError, require_choice
 from common.provenance import code_version, now_utc, sha256_file
 from features import store
@@ -96,7 +97,7 @@ def read_arrays(path: Path) -> dict[str, np.ndarray]:
     except UserError:
         raise
     except Exception as e:  # truncated, a pickle of objects, ...
-        raise UserError(f"{path} cannot be read as arrays ({type(e).__name__}: {e})") from e
+        raise UserError(f"{path} cannot be read as arrays ({unpickling_detail(e)})") from e
     if isinstance(obj, torch.Tensor):
         return {"": _np(obj)}
     if not isinstance(obj, dict) or not all(isinstance(v, (torch.Tensor, np.ndarray)) for v in obj.values()):

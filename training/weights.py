@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from common.checkpoints import unpickling_detail
 from common.errors import UserError
 
 HUB_PREFIXES = ("hf-hub:", "hf_hub:", "http://", "https://", "s3://", "gs://")
@@ -37,7 +38,7 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     try:
         sd = load_state_dict(str(p), use_ema=True, device="cpu", weights_only=True)
     except Exception as e:  # truncated file, foreign pickle, not a state dict, ...
-        raise UserError(f"--weights {p} cannot be read as a checkpoint or state dict ({type(e).__name__}: {e})") from e
+        raise UserError(f"--weights {p} cannot be read as a checkpoint or state dict ({unpickling_detail(e)})") from e
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise UserError(f"--weights {p} holds no state dict of tensors")
     return sd

@@ -98,3 +98,16 @@ def test_a_user_error_in_a_loader_worker_is_one_paragraph():
     assert "Traceback" in str(caught.value)
     assert user_message(caught.value) == "cannot read image 0.jpg (Truncated File Read) (raised in DataLoader worker process 0)"
     assert user_message(UserError("plain")) == "plain"
+
+
+def test_a_file_the_safe_unpickler_refuses_is_named_without_advice_to_unpickle_it(tmp_path):
+    import h5py
+    import numpy as np
+
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        f["x"] = np.zeros(3)
+    torch.save({"state_dict": {}, "when": __import__("datetime").date(2026, 1, 1)}, tmp_path / "obj.pt")
+    for name in ("f.h5", "obj.pt"):
+        with pytest.raises(UserError, match=rf"{name} cannot be read \(the safe unpickler refused it: ") as caught:
+            load_checkpoint(tmp_path / name)
+        assert "weights_only" not in str(caught.value) and "Please file an issue" not in str(caught.value)
