@@ -51,7 +51,7 @@ def build_parser(command: str | None = None) -> tuple[argparse.ArgumentParser, d
         prog="cli.py", description="Knowledge-consistency workbench: train network families, cache their "
         "activations, fit Trans-Nets between pairs and explain what knowledge they share.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    from common.options import describe_types
+    from common.options import DefaultsHelpFormatter, describe_types
 
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     subs = {}
@@ -60,7 +60,7 @@ def build_parser(command: str | None = None) -> tuple[argparse.ArgumentParser, d
         if module and cmd.name != command:
             continue
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.description or cmd.help,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=DefaultsHelpFormatter)
         cmd.add_args(p)
         p.add_argument("--config", default=None, help="YAML or JSON file of option: value (the command line wins)")
         p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")

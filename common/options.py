@@ -16,6 +16,15 @@ from common.errors import UserError
 from common.ranges import OptionType, base_kind, type_for
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's defaults formatter, except where the help already states its default in words
+    ("(default: the preset's)"), which ``(default: None)`` would contradict."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        return text if "(default:" in text else super()._get_help_string(action)
+
+
 @dataclass(frozen=True)
 class Command:
     name: str

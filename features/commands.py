@@ -53,6 +53,20 @@ EXTRACT_HELP = {
     "checksum": "HDF5's fletcher32 checksum on every stored row (a flipped bit fails the read, naming the rows)",
 }
 
+def _without_default(text: str) -> str:
+    """``text`` less its ``(default: ...)`` note (nested parentheses kept whole): extraction's data
+    options default to what the checkpoints record, not to train's defaults."""
+    start = text.find("(default:")
+    if start < 0:
+        return text
+    depth = 0
+    for end in range(start, len(text)):
+        depth += {"(": 1, ")": -1}.get(text[end], 0)
+        if depth == 0:
+            return (text[:start].rstrip() + text[end + 1:]).strip()
+    return text
+
+
 def _add_extract(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("what to extract")
     g.add_argument("--nets", nargs="+", default=None, metavar="NAME=CKPT",
@@ -81,7 +95,7 @@ def _add_extract(p: argparse.ArgumentParser) -> None:
     for a in p._actions:
         if a.dest in DATA_DESTS:
             # "%(default).0s" formats to nothing and keeps the formatter from appending "(default: None)".
-            a.help = (a.help or "") + " (default: what the checkpoints record)%(default).0s"
+            a.help = _without_default(a.help or "") + " (default: what the checkpoints record)%(default).0s"
     g2 = p.add_argument_group("extraction")
     add_dataclass_args(g2, ExtractConfig, help=EXTRACT_HELP,
                        choices={"dtype": list(DTYPES), "compression": list(COMPRESSIONS),

@@ -176,6 +176,17 @@ def test_every_numeric_option_has_a_range_shown_in_its_help(command):
 
 
 @pytest.mark.parametrize("command", COMMANDS)
+def test_no_option_states_two_defaults(command):
+    """A help that names its default in words gets no "(default: None)" after it."""
+    parser = PARSERS[command]
+    fmt = parser._get_formatter()
+    for a in parser._actions:
+        if a.help and a.help != argparse.SUPPRESS:
+            shown = fmt._expand_help(a)                            # the text --help prints
+            assert shown.count("(default:") <= 1, (command, a.dest, shown)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
 def test_out_of_range_and_garbage_values_are_refused_by_the_parser(command, tmp_path):
     """Every checked option of the command, each bad value generated from its declared range: argparse
     refuses it (exit 2) naming the option and the range; a value inside the range is taken."""
