@@ -14,8 +14,6 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from common.errors import UserError
 from common.rundir import is_finished
 
@@ -40,6 +38,8 @@ def _last_epoch(run: Path) -> int | None:
 
 def _checkpoint_epoch(run: Path, name: str = "last.pt") -> int | None:
     """The epoch the resumable checkpoint holds (None: no readable one); read memory-mapped."""
+    import torch                            # not at import: `--help` of the commands that use this stays torch-free
+
     try:
         ck = torch.load(run / name, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # absent, torn by a kill, a foreign file: no resume point to name
