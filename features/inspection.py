@@ -135,7 +135,8 @@ def _verify_net(f: h5py.File, split: str, net: str, dset: Dataset, index: np.nda
         key = f"{ckpt}|{sha}"
         if key not in cache:
             try:
-                cache[key] = load_net(net, ckpt, expect_sha256=sha or None, bare=_bare_build(attrs[lays[0]], f))
+                cache[key] = load_net(net, ckpt, expect_sha256=sha or None, bare=_bare_build(attrs[lays[0]], f),
+                                      recorded_by="the feature file")
             except UserError as e:
                 cache[key] = str(e)
         loaded = cache[key]

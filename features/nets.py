@@ -67,19 +67,20 @@ def check_net_name(name: str) -> None:
 
 
 def load_net(name: str, checkpoint: str | os.PathLike, expect_sha256: str | None = None,
-             bare: BareBuild | None = None) -> Net:
+             bare: BareBuild | None = None, recorded_by: str = "the family manifest") -> Net:
     """Build a net from a workbench checkpoint (weights_only load); ``expect_sha256`` from a manifest.
     With ``bare``, a file that is no workbench checkpoint (or records no arch) is built as ``bare`` says
-    and its weights loaded strictly (``training/weights.py``: timm formats and safetensors included)."""
+    and its weights loaded strictly (``training/weights.py``: timm formats and safetensors included).
+    ``recorded_by`` names where ``expect_sha256`` comes from, in the error when the file differs."""
     check_net_name(name)
     path = Path(checkpoint)
     if bare is not None and not _is_workbench_checkpoint(path):
-        return _bare_net(name, path, bare, expect_sha256)
+        return _bare_net(name, path, bare, expect_sha256, recorded_by)
     ckpt = load_checkpoint(path)
     sha = sha256_file(path)
     if expect_sha256 and expect_sha256 != sha:
-        raise UserError(f"net {name!r}: {path} has sha256 {sha[:12]}..., the family manifest recorded "
-                        f"{expect_sha256[:12]}...; the checkpoint changed since the manifest was written")
+        raise UserError(f"net {name!r}: {path} has sha256 {sha[:12]}..., {recorded_by} recorded "
+                        f"{expect_sha256[:12]}...; the checkpoint changed since then")
     model = model_from_checkpoint(ckpt, source=f"net {name!r} ({path})")
     tf = ckpt.get("transform") or None
     prov = {k: ckpt[k] for k in PROVENANCE_KEYS if ckpt.get(k) not in (None, {}, "")}
@@ -100,15 +101,15 @@ def _is_workbench_checkpoint(path: Path) -> bool:
     return bool(ck.get("arch")) and ck.get("num_classes") is not None   # a timm checkpoint may name its arch too
 
 
-def _bare_net(name: str, path: Path, bare: BareBuild, expect_sha256: str | None) -> Net:
+def _bare_net(name: str, path: Path, bare: BareBuild, expect_sha256: str | None, recorded_by: str) -> Net:
     from training.user_models import entry_provenance, is_user_model
     from training.weights import check_local, load_weights_file
 
     check_local(str(path))
     sha = sha256_file(path)
     if expect_sha256 and expect_sha256 != sha:
-        raise UserError(f"net {name!r}: {path} has sha256 {sha[:12]}..., the family manifest recorded "
-                        f"{expect_sha256[:12]}...")
+        raise UserError(f"net {name!r}: {path} has sha256 {sha[:12]}..., {recorded_by} recorded "
+                        f"{expect_sha256[:12]}...; the weights file changed since then")
     model = build_model(bare.arch, bare.num_classes, bare.in_channels, bare.input_size, **bare.kwargs)
     load_weights_file(model, str(path), f"net {name!r} ({path})")
     prov: dict[str, Any] = {"weights": str(path.resolve()), "weights_sha256": sha}

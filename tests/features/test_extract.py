@@ -303,6 +303,10 @@ def test_inspect_prints_contents_and_verify_detects_tampering(cli, ckpts, tmp_pa
         f["test/a/features.4"][:] = f["test/a/features.4"][...] * 1.1
     code, so, err = cli("inspect", out, "--verify")
     assert code == 1 and "MISMATCH test/a/features.4" in so and "OK       test/a/logits" in so
+    with h5py.File(out, "a") as f:
+        f["test/a/logits"].attrs["checkpoint_sha256"] = "0" * 64
+    code, so, err = cli("inspect", out, "--verify")
+    assert code == 1 and "the feature file recorded 000000000000...; the checkpoint changed since then" in flat(so + err)
 
 
 # --------------------------------------------------------------------------- bad input
@@ -357,4 +361,4 @@ def test_family_manifest_members_are_extracted_and_checked(cli, ckpts, tmp_path)
     write_manifest(fam, "seeds", [Member("s0", str(ckpts["a"]), "seed", sha256="0" * 64)])
     code, _, err = cli("extract", "--family", fam, "--conv_layer", 4, "--split", "test", "--limit", 8,
                        "--out", tmp_path / "g.h5")
-    assert code == 1 and "changed since the manifest" in flat(err)
+    assert code == 1 and "the family manifest recorded 000000000000...; the checkpoint changed since then" in flat(err)
