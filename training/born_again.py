@@ -29,9 +29,9 @@ from training.families import (
     seeded_model,
     test_logits,
 )
-from training.family_config import BANConfig  # re-exported: its old home
+from training.family_config import RESUME_FREE_BAN, BANConfig  # BANConfig: re-exported, its old home
 from training.kd import ban_loss_fn
-from training.loop import TrainConfig, cross_entropy_loss
+from training.loop import RESUME_FREE, RUN_SECTIONS, TrainConfig, check_resume_config, cross_entropy_loss
 from training.manifest import Member, write_manifest
 from training.models import model_from_checkpoint
 from training.runner import ModelSpec, resolve_data, run_training
@@ -55,8 +55,8 @@ def ensemble_top1(logits: Sequence[torch.Tensor], labels: torch.Tensor) -> list[
 
 
 def _ban_options(ban: BANConfig) -> dict[str, Any]:
-    """The options every generation must share (the count of generations may grow on --resume)."""
-    return {"lam": ban.lam, "temperature": ban.temperature, "member_checkpoint": ban.member_checkpoint}
+    """The options every generation must share."""
+    return {k: v for k, v in asdict(ban).items() if k not in RESUME_FREE_BAN}
 
 
 def born_again(data: DataSpec, model_spec: ModelSpec, ban: BANConfig, cfg: TrainConfig, out_dir: str | Path,
@@ -77,9 +77,12 @@ def born_again(data: DataSpec, model_spec: ModelSpec, ban: BANConfig, cfg: Train
     out = Path(out_dir)
     num_classes = data_num_classes(data)
     rows: list[dict[str, Any]] = []
+    config = {"data": asdict(data), "model": asdict(model_spec), "train": asdict(cfg), "born_again": asdict(ban)}
     with RunDir(out, mode) as root:
-        root.write_config({"data": asdict(data), "model": asdict(model_spec), "train": asdict(cfg),
-                           "born_again": asdict(ban)}, device=use_device(cfg.device))
+        if root.resuming and root.file("config.json").exists():    # before config.json is rewritten
+            check_resume_config(read_json(root.file("config.json")).get("config", {}), config, out,
+                                (*RUN_SECTIONS, "born_again"), {**RESUME_FREE, "born_again": RESUME_FREE_BAN})
+        root.write_config(config, device=use_device(cfg.device))
         for g in range(ban.generations):
             gdir = out / f"g{g}"
             teacher, tpath, tsha = None, None, None

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from common.options import Command
+from training.config import resume_note
 from training.options import add_train_command_args, train_from_args, training_summary
 
 
@@ -14,5 +15,6 @@ def _run_train(args: argparse.Namespace) -> None:
 COMMANDS = [
     Command("train", "train one classifier", add_train_command_args, _run_train,
             "Train a classifier on a registered data set; writes config.json, log.jsonl, TensorBoard events, "
-            "metrics.json and best.pt/last.pt checkpoints into --out_dir."),
+            "metrics.json and best.pt/last.pt checkpoints into --out_dir. --resume continues the run with the "
+            f"options it was started with ({resume_note()})."),
 ]

@@ -11,6 +11,21 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step", "constant", "geometric")
 DATA_ON = ("auto", "loader", "device")      # where the training images live (training/device_data.py)
 
+# The options that may differ when a run is resumed, by config.json section: where and how fast it
+# runs, how often it is evaluated and saved, where its data lives; not what it trains (not --epochs:
+# the learning-rate schedule spans them).
+RESUME_FREE: dict[str, tuple[str, ...]] = {
+    "train": ("device", "num_workers", "amp", "channels_last", "eval_every", "save_every", "data_on"),
+    "data": ("data_root",),
+}
+
+
+def resume_note(*more: str) -> str:
+    """What ``--resume`` lets change, for errors and help: ``more`` are further free options."""
+    names = [f"--{k}" for k in (*more, *(k for keys in RESUME_FREE.values() for k in keys))]
+    return (f"only {', '.join(names[:-1])} and {names[-1]} may change; not --epochs: the learning-rate "
+            f"schedule spans them")
+
 
 @dataclass(frozen=True)
 class TrainConfig:

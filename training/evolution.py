@@ -27,9 +27,9 @@ from common.rundir import RunDir, is_finished
 from training.data import build_dataset, transform_spec
 from training.datasets import DataSpec
 from training.families import adopt_run
-from training.family_config import EvolveConfig  # re-exported: its old home
+from training.family_config import RESUME_FREE_KE, EvolveConfig  # EvolveConfig: re-exported, its old home
 from training.ke import LayerSplit, channel_plan, check_split, count_params, extract_slim, reinit, split_masks
-from training.loop import TrainConfig, evaluate, make_loader
+from training.loop import RESUME_FREE, RUN_SECTIONS, TrainConfig, check_resume_config, evaluate, make_loader
 from training.loop import validate as validate_train
 from training.manifest import Member, write_manifest
 from training.models import model_from_checkpoint, slim_arch_kwargs
@@ -38,28 +38,10 @@ from training.runner import ModelSpec, build_for_data, resolve_data, run_trainin
 FAMILY = "knowledge-evolution"
 
 
-# Options that may change on --resume (they do not change what a generation computes).
-RESUMABLE_TRAIN_KEYS = ("device", "num_workers", "amp", "channels_last", "eval_every", "save_every")
-
-
 def validate_evolve(ke: EvolveConfig) -> None:
     if int(ke.generations) < 1:
         raise UserError(f"--generations must be >= 1, got {ke.generations}")
     check_split(ke.split, ke.split_rate)
-
-
-def _check_resume(prev: dict[str, Any], now: dict[str, Any], out_dir: Path) -> None:
-    """A resumed family must compute the same generations: compare what defines them."""
-    pairs = [(f"data.{k}", v, now["data"].get(k)) for k, v in prev.get("data", {}).items()]
-    pairs += [(f"model.{k}", v, now["model"].get(k)) for k, v in prev.get("model", {}).items()]
-    pairs += [(f"ke.{k}", prev.get("ke", {}).get(k), now["ke"][k]) for k in ("split", "split_rate")]
-    pairs += [(f"train.{k}", v, now["train"].get(k)) for k, v in prev.get("train", {}).items()
-              if k not in RESUMABLE_TRAIN_KEYS]
-    diffs = [f"{k} was {a!r}, now {b!r}" for k, a, b in pairs if a != b]
-    if diffs:
-        raise UserError(f"cannot resume {out_dir}: it was started with other settings ({'; '.join(diffs)}). "
-                        f"Resume with the same options (only --generations and {', '.join(RESUMABLE_TRAIN_KEYS)} "
-                        f"may change), or use --overwrite or another --out_dir")
 
 
 def _generation_done(gdir: Path, ke: EvolveConfig) -> bool:
@@ -170,7 +152,8 @@ def evolve(data: DataSpec, model_spec: ModelSpec, cfg: TrainConfig, ke: EvolveCo
     rows: list[dict[str, Any]] = []
     with RunDir(out, mode) as run:
         if run.resuming and run.file("config.json").exists():
-            _check_resume(read_json(run.file("config.json")).get("config", {}), config, out)
+            check_resume_config(read_json(run.file("config.json")).get("config", {}), config, out,
+                                (*RUN_SECTIONS, "ke"), {**RESUME_FREE, "ke": RESUME_FREE_KE})
         run.write_config(config, device=use_device(cfg.device), n_train=len(train_set), n_test=len(test_set))
         first = out / "g1" / "last.pt"
         if run.resuming and first.exists():

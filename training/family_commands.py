@@ -29,8 +29,15 @@ from common.options import (
 from common.ranges import OPTION_TYPES
 from common.registry import unknown_choice_message
 from common.rundir import run_mode
-from training.config import OPTIMIZERS, SCHEDULES, TrainConfig
-from training.family_config import MEMBER_CHECKPOINTS, PRUNE_SCOPES, BANConfig, CompressConfig, KDConfig
+from training.config import OPTIMIZERS, SCHEDULES, TrainConfig, resume_note
+from training.family_config import (
+    MEMBER_CHECKPOINTS,
+    PRUNE_SCOPES,
+    RESUME_FREE_BAN,
+    BANConfig,
+    CompressConfig,
+    KDConfig,
+)
 from training.options import (
     TRAIN_HELP,
     add_data_args,
@@ -133,7 +140,7 @@ def _add_search(p: argparse.ArgumentParser) -> None:
                    help="command run at every grid point (default: the base config's `command`, else distill)")
     p.add_argument("--out_dir", required=True, help="one run directory per grid point is made here")
     p.add_argument("--overwrite", action="store_true", help="delete every run in --out_dir and start again "
-                   "(default: finished runs are skipped, interrupted ones resumed)")
+                   "(default: finished runs are skipped, interrupted ones resumed, if started with the same options)")
 
 
 def _run_search(args: argparse.Namespace) -> None:
@@ -164,13 +171,19 @@ def _run_search(args: argparse.Namespace) -> None:
         for v in vals:
             convert_value(actions[k], v, "--grid")
 
+    defaults = {k: a.default for k, a in actions.items() if k not in reserved}
+
+    def options(base: dict[str, Any], point: dict[str, str]) -> dict[str, Any]:
+        """A run's options: the command's defaults, then the base config, then the grid point."""
+        return {**defaults, **base, **{k: convert_value(actions[k], v, "--grid") for k, v in point.items()}}
+
     def run_point(point: dict[str, str], run_dir: Path, mode: str) -> None:
         print(f"== {run_dir.name} ({'resuming' if mode == 'resume' else 'new'})")
-        parser.set_defaults(**{**base, **{k: convert_value(actions[k], v, "--grid") for k, v in point.items()}})
+        parser.set_defaults(**options(base, point))
         argv = ["--out_dir", str(run_dir)] + (["--resume"] if mode == "resume" else [])
         cmd.run(parser.parse_args(argv))
 
-    statuses = run_grid(grid, args.out_dir, run_point, overwrite=args.overwrite,
+    statuses = run_grid(grid, args.out_dir, run_point, overwrite=args.overwrite, options=options,
                         config={"command": command, "base": base, "base_file": str(Path(args.base).resolve())})
     skipped = sum(s["status"].startswith("skipped") for s in statuses)
     print(f"{len(statuses)} runs ({skipped} already finished) in {args.out_dir}")
@@ -226,14 +239,17 @@ COMMANDS = [
     Command("distill", "train a student with knowledge distillation", _add_distill, _run_distill,
             "Knowledge distillation: (1-alpha)*CE + alpha*T^2*KL(softmax(t/T) || softmax(s/T)), KL summed over "
             "classes and averaged over the batch; the frozen teacher sees the student's exact augmented batch. "
-            "--out_dir becomes the student's run directory plus family.json."),
+            "--out_dir becomes the student's run directory plus family.json. --resume continues it with the options "
+            f"it was started with ({resume_note('teacher_name', 'student_name', 'member_checkpoint')})."),
     Command("born-again", "train Born-Again generations", _add_born_again, _run_born_again,
             "Born-Again networks: generation 0 with CE, generation g+1 with CE + lambda*T^2*softCE to generation g. "
             "Each generation is a run directory out_dir/gN; generations.json/.md give each generation's and the "
-            "running ensemble's test top-1; --resume continues an interrupted generation and keeps finished ones."),
+            "running ensemble's test top-1; --resume continues an interrupted generation and keeps finished ones, "
+            f"with the options they were started with ({resume_note(*RESUME_FREE_BAN)})."),
     Command("search", "grid search over options of distill or train", _add_search, _run_search,
             "Run the command of a base config once per grid point (one run directory each, named like "
-            "alpha=0.5_temperature=4); finished runs are skipped, interrupted ones resumed; ends with a summary."),
+            "alpha=0.5_temperature=4); finished runs are skipped, interrupted ones resumed; a run started with other "
+            "options (a changed base config) is refused: pass --overwrite or a new --out_dir. Ends with a summary."),
     Command("summarize", "table of runs (markdown + CSV)", _add_summarize, _run_summarize,
             "Walk DIR for training runs and write summary.md and summary.csv: run, the options that differ "
             "between runs, best and last test top-1, test loss."),

@@ -30,11 +30,19 @@ class BANConfig:
     name_prefix: str = "ban_g"          # member names: ban_g0, ban_g1, ...
 
 
+# Born-Again options that may change on --resume (besides training.config.RESUME_FREE's).
+RESUME_FREE_BAN = ("generations", "name_prefix")
+
+
 @dataclass(frozen=True)
 class EvolveConfig:
     generations: int = 3        # KE generations; the first trains the dense net from scratch
     split: str = "kels"         # kels (kernel level, gives a slim net) | wels (weight level)
     split_rate: float = 0.5     # k: fraction of each layer in the fit hypothesis, in (0, 1)
+
+
+# Knowledge-Evolution options that may change on --resume (besides training.config.RESUME_FREE's).
+RESUME_FREE_KE = ("generations",)
 
 
 @dataclass(frozen=True)

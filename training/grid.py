@@ -17,9 +17,9 @@ from typing import Any
 from common.errors import UserError
 from common.files import read_json
 from common.rundir import RunDir, is_finished
-from training.families import (
-    non_empty,
-)
+from training.config import RESUME_FREE, resume_note
+from training.families import non_empty
+from training.loop import changed_settings
 
 
 def grid_points(grid: dict[str, Sequence[str]]) -> list[dict[str, str]]:
@@ -38,21 +38,29 @@ def point_name(point: dict[str, Any]) -> str:
 
 def run_grid(grid: dict[str, Sequence[str]], out_dir: str | Path,
              run_point: Callable[[dict[str, str], Path, str], Any], overwrite: bool = False,
-             config: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+             config: dict[str, Any] | None = None,
+             options: Callable[[dict[str, Any], dict[str, str]], dict[str, Any]] | None = None
+             ) -> list[dict[str, Any]]:
     """Run ``run_point(point, run_dir, mode)`` for every grid point, one run dir each under ``out_dir``.
 
     Finished runs are skipped, interrupted ones resumed (mode "resume"), the rest started ("new"); with
-    ``overwrite`` the whole folder is emptied first. Writes config.json/metrics.json of the search and
-    ``summary.md``/``summary.csv``.
+    ``overwrite`` the whole folder is emptied first. ``options(base, point)``: the full options of a run
+    (defaults filled in) from ``config["base"]``; given it, runs already in ``out_dir`` that were started
+    with other options are refused before anything is written (:func:`check_reuse`). Writes
+    config.json/metrics.json of the search and ``summary.md``/``summary.csv``.
     """
     points = grid_points(grid)
     names = [point_name(p) for p in points]
     if len(set(names)) != len(names):
         raise UserError(f"grid points map to the same run directory name: {sorted(names)}")
     out = Path(out_dir)
+    config = config or {}
     statuses: list[dict[str, Any]] = []
     with RunDir(out, "overwrite" if overwrite else "resume") as root:
-        root.write_config({"grid": {k: list(v) for k, v in grid.items()}, **(config or {})})
+        if root.resuming and options is not None and root.file("config.json").exists():
+            check_reuse(out, dict(zip(names, points)), read_json(root.file("config.json")).get("config", {}), config,
+                        options)
+        root.write_config({"grid": {k: list(v) for k, v in grid.items()}, **config})
         for point, name in zip(points, names):
             d = out / name
             if is_finished(d):
@@ -64,6 +72,32 @@ def run_grid(grid: dict[str, Sequence[str]], out_dir: str | Path,
         root.finish({"runs": statuses})
     write_summary(out)
     return statuses
+
+
+def check_reuse(out: Path, points: dict[str, dict[str, str]], prev: dict[str, Any], config: dict[str, Any],
+                options: Callable[[dict[str, Any], dict[str, str]], dict[str, Any]]) -> None:
+    """Refuse the runs of ``points`` (by run-dir name) already in ``out`` whose options, from the command
+    and base of the search that started them (``prev``, its config.json) and their point, differ from
+    those of ``config``'s: a finished run would be kept, an interrupted one resumed, under the new
+    options' name. The options of :data:`training.config.RESUME_FREE` may differ."""
+    if "base" not in prev:
+        return
+    free = {k for keys in RESUME_FREE.values() for k in keys}
+    stale = []
+    for name, point in points.items():
+        if not non_empty(out / name):
+            continue
+        if prev.get("command") != config.get("command"):
+            diffs = [f"command: {prev.get('command')!r} -> {config.get('command')!r}"]
+        else:
+            diffs = changed_settings(options(prev["base"], point), options(config.get("base", {}), point), free)
+        if diffs:
+            stale.append(f"{out / name} ({'; '.join(diffs)})")
+    if stale:
+        raise UserError(f"{len(stale)} run(s) of the grid in {out} were started with other settings: "
+                        f"{', '.join(stale)}. search keeps finished runs and resumes interrupted ones only when their "
+                        f"options are unchanged ({resume_note()}); pass --overwrite to start every run of the grid "
+                        f"again, or use a new --out_dir")
 
 
 # =========================================================================== summarize

@@ -8,7 +8,7 @@ from ``(seed, epoch)``, so a run resumed from an epoch checkpoint continues bit-
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,9 +22,17 @@ from torch.utils.data import DataLoader, Dataset
 from common.device import Workers, autocast, start_workers
 from common.errors import UserError, require_choice
 from common.faults import fault_point
+from common.files import jsonable
 from common.progress import progress
 from common.rundir import RunDir
-from training.config import DATA_ON, OPTIMIZERS, SCHEDULES, TrainConfig  # re-exported: their old home
+from training.config import (  # DATA_ON, OPTIMIZERS, SCHEDULES: re-exported, their old home
+    DATA_ON,
+    OPTIMIZERS,
+    RESUME_FREE,
+    SCHEDULES,
+    TrainConfig,
+    resume_note,
+)
 from training.device_data import DeviceLoader
 from training.harness import Harness, Plan, epoch_seed, seed_everything  # noqa: F401 (seed_everything: re-exported)
 
@@ -247,6 +255,42 @@ class Classifier:
     def check_resume(self, state: dict[str, Any], path: Path) -> None:
         if state.get("arch") != self.ckpt_fields.get("arch"):
             raise UserError(f"{path} has arch {state.get('arch')!r}, this run builds {self.ckpt_fields.get('arch')!r}")
+        check_resume_config(state.get("config") or {}, self.ckpt_fields.get("config") or {}, path)
+
+
+# --------------------------------------------------------------------------- resume with the same settings
+
+RUN_SECTIONS = ("data", "model", "train", "loss")   # the config.json sections that define what a run trains
+
+
+def changed_settings(old: dict[str, Any], new: dict[str, Any], free: Collection[str] = ()) -> list[str]:
+    """``key: old -> new`` for every key of both ``old`` and ``new`` whose values differ (as JSON), ``free``
+    keys aside. A key recorded on one side only (an option added or removed since) is not compared."""
+    old, new = jsonable(old), jsonable(new)
+    return [f"{k}: {old[k]!r} -> {new[k]!r}" for k in new if k in old and k not in free and old[k] != new[k]]
+
+
+def resume_changes(old: dict[str, Any], new: dict[str, Any], sections: Sequence[str] = RUN_SECTIONS,
+                   free: dict[str, Collection[str]] = RESUME_FREE) -> list[str]:
+    """``section.key: old -> new`` for each setting of ``sections`` that differs between two run configs
+    (config.json's ``config``), the ``free`` ones (by section) aside."""
+    def dotted(cfg: dict[str, Any]) -> dict[str, Any]:
+        return {f"{s}.{k}": v for s in sections if isinstance(cfg.get(s), dict) for k, v in cfg[s].items()}
+
+    return changed_settings(dotted(old), dotted(new), {f"{s}.{k}" for s, keys in free.items() for k in keys})
+
+
+def check_resume_config(old: dict[str, Any], new: dict[str, Any], path: Path, sections: Sequence[str] = RUN_SECTIONS,
+                        free: dict[str, Collection[str]] = RESUME_FREE) -> None:
+    """Refuse to resume ``path``, started with config ``old``, with config ``new`` when a setting differs:
+    the records would say ``new`` for epochs run with ``old``. ``free`` sections other than those of
+    :data:`RESUME_FREE` name the family options that may change (Born-Again's ``generations``)."""
+    diffs = resume_changes(old, new, sections, free)
+    if diffs:
+        more = [k for s, keys in free.items() if s not in RESUME_FREE for k in keys]
+        raise UserError(f"cannot resume {path}: it was started with other settings ({'; '.join(diffs)}). Resume "
+                        f"with the options it was started with ({resume_note(*more)}), or use --overwrite or "
+                        f"another --out_dir")
 
 
 def _loaders(train_set: Dataset, test_set: Dataset, cfg: TrainConfig, workers: Workers):

@@ -11,12 +11,13 @@ import torch.nn as nn
 
 from common.device import arithmetic_record, use_device
 from common.errors import UserError
+from common.files import read_json
 from common.rundir import RunDir
 from training.config import ModelSpec  # re-exported: its old home
 from training.data import build_dataset, maybe_cache, transform_spec
 from training.datasets import DataSpec
 from training.harness import seed_everything
-from training.loop import LossFn, TrainConfig, TrainResult, train
+from training.loop import LossFn, TrainConfig, TrainResult, check_resume_config, train
 from training.models import build_model
 
 
@@ -95,6 +96,7 @@ def run_training(data: DataSpec, model_spec: ModelSpec, cfg: TrainConfig, out_di
     """Build data and model, write ``config.json``, train, and return the result.
 
     ``model`` overrides building from ``model_spec`` (Knowledge Evolution passes its re-initialised net).
+    Resuming a run started with other settings is refused (:func:`training.loop.check_resume_config`).
     ``family`` fields (teacher checkpoint + sha256, generation, masks...) go into every checkpoint.
     """
     device = use_device(cfg.device)          # the indexed device, recorded in config.json
@@ -110,6 +112,8 @@ def run_training(data: DataSpec, model_spec: ModelSpec, cfg: TrainConfig, out_di
     if loss_fn is not None and hasattr(loss_fn, "convention"):
         config["loss"] = loss_fn.convention
     with RunDir(out_dir, mode) as run:
+        if run.resuming and run.file("config.json").exists():      # before config.json is rewritten
+            check_resume_config(read_json(run.file("config.json")).get("config", {}), config, run.path)
         where = _data_on(train_set, test_set, data, cfg, device)
         run.write_config(config, device=device, n_train=len(train_set), n_test=len(test_set), data_on=where,
                          arithmetic=arithmetic_record(device, cfg.amp))

@@ -353,7 +353,7 @@ def test_evolve_resume_continues_the_interrupted_generation_only(tiny_folder, tm
     assert [r["generation"] for r in rows] == [1, 2, 3]
     epochs = [json.loads(line)["epoch"] for line in (out / "g2" / "log.jsonl").read_text().splitlines()]
     assert epochs == [1, 2]
-    with pytest.raises(UserError, match="ke.split_rate was 0.5, now 0.25"):
+    with pytest.raises(UserError, match="ke.split_rate: 0.5 -> 0.25"):
         kc.evolve(data, ModelSpec("vgg_tiny"), cfg, kc.EvolveConfig(generations=3, split_rate=0.25), out, "resume",
                   log=None)
 
