@@ -192,6 +192,43 @@ def test_the_readme_command_table_names_every_command_and_its_module():
     assert table == want
 
 
+def test_every_command_line_of_the_readme_parses():
+    """Each `python cli.py ...` line of the README (continuation lines joined, `[optional]` parts and
+    comments dropped) is accepted by its command's parser: no renamed or removed option lingers there."""
+    import contextlib
+    import io
+    import re
+    import shlex
+
+    import cli
+
+    lines, buf = [], ""
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if line.rstrip().endswith("\\"):
+            buf += line.rstrip()[:-1] + " "
+            continue
+        lines.append(buf + line)
+        buf = ""
+    bad, seen = [], 0
+    for line in lines:
+        m = re.match(r"(?:torchrun .*?)?python3? cli\.py (.*)", line.strip())
+        if not m:
+            continue
+        text = re.sub(r"\[[^\]]*\]", "", re.split(r"\s#\s", m.group(1))[0])
+        argv = shlex.split(text)
+        if not argv or argv[0].startswith("-"):
+            continue
+        seen += 1
+        _, subs = cli.build_parser(argv[0])
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err):
+                subs[argv[0]].parse_args(argv[1:])
+        except SystemExit:
+            bad.append(f"{line.strip()}: {err.getvalue().strip().splitlines()[-1]}")
+    assert seen >= 20 and not bad, bad
+
+
 # --------------------------------------------------------------------------- parsers before torch
 
 # Libraries a command needs only to run: its parser (options, choices, help) must not import them, so
