@@ -12,16 +12,19 @@ from typing import Any
 from common.checkpoints import load_checkpoint, save_checkpoint
 from common.device import use_device
 from common.errors import UserError
+from common.files import read_json
 from common.provenance import sha256_file
 from common.rundir import RunDir, is_finished
+from training.config import RESUME_FREE
 from training.datasets import DataSpec
 from training.families import (
     data_num_classes,
     non_empty,
     test_logits,
 )
-from training.family_config import CompressConfig  # re-exported: its old home
-from training.loop import TrainConfig
+from training.family_config import RESUME_FREE_COMPRESS, CompressConfig  # CompressConfig: re-exported, its old home
+from training.loop import TrainConfig, check_resume_config
+from training.loop import validate as validate_train
 from training.manifest import Member, write_manifest
 from training.models import model_from_checkpoint
 from training.pruning import compression_stats, move_codes, project_, prune_magnitude, quantize_shared, storage_bits
@@ -66,7 +69,12 @@ def compress(cc: CompressConfig, cfg: TrainConfig, out_dir: str | Path, mode: st
     cfg_ft = replace(cfg, epochs=max(cc.finetune_epochs, 1))
     config = {"compress": {**asdict(cc), "checkpoint": str(src), "checkpoint_sha256": src_sha},
               "finetune": asdict(cfg_ft) if cc.finetune_epochs else None, "data": asdict(data), "arch": ck["arch"]}
+    validate_train(cfg_ft)                  # before any folder is made
     with RunDir(out, mode) as root:
+        if root.resuming and root.file("config.json").exists():    # before config.json is rewritten
+            check_resume_config(read_json(root.file("config.json")).get("config", {}), config, out,
+                                ("compress", "finetune", "data"), {**RESUME_FREE, "finetune": RESUME_FREE["train"],
+                                                                   "compress": RESUME_FREE_COMPRESS})
         root.write_config(config, device=device)
         _, _, before = test_logits(model, data, cfg)
         codes = prune_magnitude(model, cc.prune, cc.prune_scope)

@@ -29,7 +29,7 @@ from common.options import (
 from common.ranges import OPTION_TYPES
 from common.registry import unknown_choice_message
 from common.rundir import run_mode
-from training.config import OPTIMIZERS, SCHEDULES, TrainConfig, resume_note
+from training.config import DATA_ON, OPTIMIZERS, SCHEDULES, TrainConfig, resume_note
 from training.family_config import (
     MEMBER_CHECKPOINTS,
     PRUNE_SCOPES,
@@ -216,7 +216,7 @@ def _add_compress(p: argparse.ArgumentParser) -> None:
     add_dataclass_args(g, CompressConfig, help=COMPRESS_HELP, choices={"prune_scope": list(PRUNE_SCOPES)})
     t = p.add_argument_group("fine-tuning")
     add_dataclass_args(t, TrainConfig, skip=("epochs",), help=TRAIN_HELP,
-                       choices={"optimizer": list(OPTIMIZERS), "schedule": list(SCHEDULES)})
+                       choices={"optimizer": list(OPTIMIZERS), "schedule": list(SCHEDULES), "data_on": list(DATA_ON)})
     p.set_defaults(lr=0.005)  # fine-tuning: a tenth of the training default
     add_run_args(p)
 

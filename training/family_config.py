@@ -55,3 +55,8 @@ class CompressConfig:
     data_root: str | None = None        # override the data root recorded in the checkpoint
     original_name: str = "original"     # member names in family.json
     compressed_name: str = "compressed"
+
+
+# Compress options that may change on --resume (besides training.config.RESUME_FREE's): the names in
+# family.json and where the original and its data are read (the original's sha256 is compared).
+RESUME_FREE_COMPRESS = ("original_name", "compressed_name", "data_root", "checkpoint")

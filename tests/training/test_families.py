@@ -275,3 +275,14 @@ def test_compress_writes_normal_checkpoint_and_family(cli, tiny, tmp_path):
     assert [(x.name, x.role) for x in members] == [("original", "original"), ("compressed", "compressed")]
     assert members[0].sha256 == sha256_file(tiny["teacher"]) and ck["original_sha256"] == members[0].sha256
     assert "sparsity 0.5" in stdout
+    # a resume with another pruning fraction is refused before config.json is rewritten
+    before = (out / "config.json").read_bytes()
+    code, _, err = cli("compress", "--checkpoint", tiny["teacher"], "--prune", "0.7", "--quantize_bits", "3",
+                       "--finetune_epochs", "1", "--batch_size", "8", "--device", "cpu", "--out_dir", out, "--resume")
+    assert code == 1 and "compress.prune: 0.5 -> 0.7" in err and (out / "config.json").read_bytes() == before
+
+
+def test_compress_refuses_a_bad_data_on_before_making_its_folder(cli, tiny, tmp_path):
+    with pytest.raises(SystemExit) as e:                    # argparse: exit 2 naming the choices
+        cli("compress", "--checkpoint", tiny["teacher"], "--data_on", "foo", "--out_dir", tmp_path / "c")
+    assert e.value.code == 2 and not (tmp_path / "c").exists()
