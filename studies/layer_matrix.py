@@ -45,7 +45,7 @@ def _extract_stage(runner: StudyRunner, lm: LayerMatrixSpec) -> Stage:
         runner.extract_into(path, names, lm.layers, (lm.split,), mode, logits=False)
 
     return Stage(EXTRACT_STAGE, key, run, lambda: runner.extracted(path, names, lm.layers, (lm.split,)), (path,),
-                 reads_outputs=True)
+                 reads_outputs=True, reads_data=True)
 
 
 def _matrix_stage(runner: StudyRunner, lm: LayerMatrixSpec, nets: tuple[str, ...]) -> Stage:

@@ -13,6 +13,9 @@ stage's key and status: a stage whose outputs are complete and whose key is unch
 interrupted stage with the same key resumes; a stage whose key changed is redone from scratch (its
 outputs replaced), and so is everything downstream, whose keys change with it.
 
+A study folder holds one study, known by its ``name``; a stage its study file no longer has moves to
+``STUDY/removed/`` (``studies/folder.py``).
+
 The study folder's layout (what ``report`` reads) is ``analysis/study_layout.py``.
 """
 from __future__ import annotations
@@ -35,8 +38,8 @@ from analysis.study_layout import (
     FEATURES,
     FIGURES,
     REPORT_HTML,
+    REPORT_MD,
     SIMILARITY,
-    STUDY_FILE,
     layer_dir,
 )
 from common.distributed import RANK_WAIT, ControlGroup, DistInfo, local_only
@@ -45,7 +48,17 @@ from common.files import load_config_file, read_json, write_json
 from common.provenance import now_utc, sha256_file, sha256_json
 from common.registry import unknown_choice_message
 from common.rundir import RunDir, is_finished
-from studies.cache import STATE_FILE, Stage, StudyState, outputs_exist, remove_outputs, stage_mode
+from studies.cache import (
+    REMOVED,
+    Stage,
+    StudyState,
+    data_source,
+    outputs_exist,
+    remove_outputs,
+    seen_before,
+    stage_mode,
+)
+from studies.folder import check_same_study, dropped_stages, record_study, retire_dropped_stages, write_study_json
 from studies.layer_matrix import layer_matrix_stages
 from studies.spec import FAMILY_KINDS, Study, check_keys, fit_config, load_study
 from training.loop import TrainConfig
@@ -82,6 +95,12 @@ class StudyRunner:
                 out.setdefault(m.name, m)
         return out
 
+    def data_source(self) -> str | None:
+        """:func:`studies.cache.data_source` of the study's data, over the splits it reads (once a run)."""
+        if not hasattr(self, "_data_source"):
+            self._data_source = data_source(self.study.data, sorted({"train", "test", *self.study.extract.splits}))
+        return self._data_source
+
     def member_hashes(self, names: Sequence[str] | None = None) -> dict[str, str]:
         members = self.all_members()
         names = sorted(members) if names is None else names
@@ -96,7 +115,7 @@ class StudyRunner:
             if kind in s.members:
                 st.append(self._family_stage(kind, s.members[kind], base_key))
         st.append(Stage("extract", self._extract_key, self._run_extract, self._extract_ok, (self.features,),
-                        reads_outputs=True, dist_run=self._run_extract))
+                        reads_outputs=True, dist_run=self._run_extract, reads_data=True))
         for layer in s.pair_layers:           # extracted layers by stored name (NAME of NAME=NET:PATH,...)
             st.append(self._consistency_stage(layer))
             if s.baselines:
@@ -108,7 +127,7 @@ class StudyRunner:
             upstream = [x.name for x in st]
             st.append(Stage("report", lambda: {"upstream": [self.done_key(n) for n in upstream]},
                             self._run_report, lambda: (self.root / REPORT_HTML).exists(),
-                            (self.root / FIGURES,)))
+                            (self.root / FIGURES, self.root / REPORT_HTML, self.root / REPORT_MD)))
         return st
 
     def done_key(self, name: str) -> str | None:
@@ -141,7 +160,7 @@ class StudyRunner:
 
         run = lambda mode: self._run_family(kind, opts, out, mode)  # noqa: E731
         return Stage(f"train/{kind}", key, run, ok, (out,), reads_outputs=kind == "distill",
-                     independent=kind != "distill", dist_run=run if kind == "seeds" else None)
+                     independent=kind != "distill", dist_run=run if kind == "seeds" else None, reads_data=True)
 
     # -- members trained once: one recipe, one training
     def seed_recipes(self) -> dict[str, tuple[str, Path]]:
@@ -465,31 +484,18 @@ class StudyRunner:
         self.log(f"  wrote {', '.join(str(p) for p in paths)}")
 
     # ------------------------------------------------------------------ running
-    def write_study_json(self) -> None:
-        write_json(self.root / STUDY_FILE, {"name": self.study.name, "description": self.study.description,
-                                              "study_file": str(self.study_file.resolve()),
-                                              "data": asdict(self.study.data), "train": asdict(self.study.train),
-                                              "members": self.study.members,
-                                              "extract": asdict(self.study.extract),
-                                              "transnet": self.study.transnet,
-                                              "pairs": [asdict(p) for p in self.study.pairs],
-                                              "pair_layers": list(self.study.pair_layers),
-                                              "baselines": list(self.study.baselines),
-                                              **({"layer_matrix": asdict(self.study.layer_matrix)}
-                                                 if self.study.layer_matrix else {}),
-                                              "diagnose": list(self.study.diagnose or []),
-                                              "updated_utc": now_utc()})
-
     def plan(self) -> list[tuple[str, str]]:
         """(stage, what would happen) without running anything. A stage whose key reads the outputs of
         an upstream stage that must run (member checkpoints), or follows a stage whose key cannot be
         known yet, is 'run (after upstream stages)'."""
         state = StudyState(self.root)
-        rows: list[tuple[str, str]] = []
+        stages = self.stages()
+        rows = [(name, f"removed (not in the study file: its outputs move to {REMOVED}/)")
+                for name in dropped_stages(state, stages)]
         self._keys = {}
         unknown = False        # a stage's key could not be computed: later keys are unknown too
         outputs_change = False  # a training stage will run: keys that hash member checkpoints will change
-        for stage in self.stages():
+        for stage in stages:
             if (unknown and not stage.independent) or (outputs_change and stage.reads_outputs):
                 rows.append((stage.name, "run (after upstream stages)"))
                 unknown = unknown or not stage.independent
@@ -501,7 +507,8 @@ class StudyRunner:
                 unknown = True
                 continue
             self._keys[stage.name] = key
-            mode = stage_mode(state.get(stage.name), key, stage.outputs_ok(), outputs_exist(stage.out_paths))
+            mode = stage_mode(seen_before(state.get(stage.name), stage, self.data_source()), key, stage.outputs_ok(),
+                              outputs_exist(stage.out_paths))
             what = {"skip": "cached", "resume": "resume (interrupted)", "new": "run",
                     "overwrite": "redo (inputs changed)"}[mode]
             rows.append((stage.name, what))
@@ -520,7 +527,7 @@ class StudyRunner:
         for i, stage in enumerate(stages, 1):
             def decide() -> tuple[str, str, dict[str, Any]]:
                 key = sha256_json(stage.key())
-                prev = state.get(stage.name)
+                prev = seen_before(state.get(stage.name), stage, self.data_source())
                 return key, stage_mode(prev, key, stage.outputs_ok(), outputs_exist(stage.out_paths)), prev
 
             key, mode, prev = r.from_main(r.together(f"stage {stage.name}", decide) if r.main
@@ -534,7 +541,9 @@ class StudyRunner:
                 if mode == "overwrite":
                     remove_outputs(stage.out_paths)
                 self.log(f"[{i}/{len(stages)}] {stage.name}: {'resuming' if mode == 'resume' else 'running'}")
-                state.set(stage.name, key=key, status="running", started_utc=now_utc())
+                state.set(stage.name, key=key, status="running", started_utc=now_utc(),
+                          outputs=[str(p.relative_to(self.root)) for p in stage.out_paths],
+                          **({"data_source": self.data_source()} if stage.reads_data else {}))
             mode = "new" if mode == "overwrite" else mode
             r.barrier()
             t0 = time.perf_counter()
@@ -572,12 +581,12 @@ def run_study(study_file: str | os.PathLike, out_dir: str | os.PathLike, dry_run
     Under ``torchrun`` every rank calls this; rank 0 returns the summary, the others an empty one."""
     study = load_study(study_file)
     root = Path(out_dir)
-    if root.is_dir() and any(root.iterdir()) and not (root / STATE_FILE).exists() and not overwrite:
-        raise UserError(f"{root} exists, is not empty and holds no study ({STATE_FILE} missing); choose another "
-                        f"--out_dir or pass --overwrite to replace its contents")
+    if not overwrite:
+        check_same_study(root, study, study_file)
     if dry_run:
         runner = StudyRunner(study, study_file, root, log, ranks=ControlGroup(DistInfo()))
-        plan = runner.plan() if root.is_dir() else [(s.name, "run") for s in runner.stages()]
+        fresh = overwrite or not root.is_dir()      # --overwrite empties the folder first
+        plan = [(s.name, "run") for s in runner.stages()] if fresh else runner.plan()
         for name, what in plan:
             log(f"  {name:<32} {what}")
         return {"plan": plan}
@@ -591,7 +600,9 @@ def run_study(study_file: str | os.PathLike, out_dir: str | os.PathLike, dry_run
                 run = stack.enter_context(RunDir(root, "overwrite" if overwrite else "resume"))
                 run.write_config({"study_file": str(Path(study_file).resolve()), "study": load_config_file(study_file)},
                                  processes=ranks.world)
-                runner.write_study_json()
+                record_study(root, study, study_file, runner.log)
+                write_study_json(root, study, study_file)
+                retire_dropped_stages(root, runner.stages(), runner.log)
                 return run
 
             run = ranks.together("opening the study folder", open_folder)
