@@ -5,7 +5,9 @@
                                              description, data, members, extract, transnet, pairs,
                                              pair_layers, baselines, layer_matrix, diagnose; any other
                                              keys are shown as given)
-    STUDY/state.json                         stage keys, status and times (the runner's cache)
+    STUDY/state.json                         stage keys, status, times, outputs and (stages that read
+                                             images) the data files' fingerprint (the runner's cache);
+                                             the study it holds; the stages dropped from its file
     STUDY/aliases.json                       member -> member trained with the same recipe (trained
                                              once, its run directory reused), e.g. ban_g0 -> seed0
     STUDY/families/<family>/family.json      kc-family manifests (training/manifest.py); each member's
@@ -25,6 +27,8 @@
                                              one per layer, or several as diagnosis/<layer>/<A>__<B>/
     STUDY/figures/                           figures made by the report / ``visualize`` (PNG + SVG)
     STUDY/report.html, STUDY/report.md       the report
+    STUDY/removed/<path>                     outputs of stages the study file no longer has (kept, not
+                                             read by the report; studies/folder.py)
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from pathlib import Path
 
 STUDY_FILE = "study.json"
 STATE_FILE = "state.json"
+REMOVED = "removed"
 ALIASES_FILE = "aliases.json"
 FAMILIES = "families"
 FEATURES = "features.h5"

@@ -38,7 +38,7 @@ def _last_epoch(run: Path) -> int | None:
 
 def _checkpoint_epoch(run: Path, name: str = "last.pt") -> int | None:
     """The epoch the resumable checkpoint holds (None: no readable one); read memory-mapped."""
-    import torch                            # not at import: `--help` of the commands that use this stays torch-free
+    import torch  # not at import: `--help` of the commands that use this stays torch-free
 
     try:
         ck = torch.load(run / name, map_location="cpu", weights_only=True, mmap=True)

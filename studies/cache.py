@@ -11,12 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from analysis.study_layout import STATE_FILE, STUDY_FILE  # STATE_FILE re-exported: the layout has one owner
+from analysis.study_layout import (  # REMOVED, STATE_FILE re-exported: the layout has one owner
+    REMOVED,
+    STATE_FILE,
+    STUDY_FILE,
+)
 from common.errors import UserError
 from common.files import read_json, write_json
 from common.provenance import sha256_json
-
-REMOVED = "removed"     # STUDY/removed/<path>: outputs of stages dropped from the study file (kept, not reported)
 
 
 @dataclass
