@@ -332,7 +332,7 @@ def diagnose_pair(cfg: DiagnoseConfig, out_dir: str | os.PathLike, mode: str = "
     returns the ``diagnosis.json`` body plus ``figures`` (written paths). Without ``layer``, a
     consistency folder's own layer is used."""
     if not cfg.layer and cfg.consistency:
-        cfg = replace(cfg, layer=consistency_setting(cfg.consistency, "layer") or "")
+        cfg = replace(cfg, layer=consistency_settings(cfg.consistency).get("layer") or "")
     for name in ("features", "layer", "a", "b"):
         if not getattr(cfg, name):
             raise UserError(f"--{name} is required")
@@ -389,21 +389,21 @@ def diagnose_pair(cfg: DiagnoseConfig, out_dir: str | os.PathLike, mode: str = "
     return diag
 
 
-def consistency_setting(consistency_dir: str | os.PathLike, name: str) -> Any:
-    """One setting (``layer``, ``split``) a consistency folder's config.json records; None without it."""
+def consistency_settings(consistency_dir: str | os.PathLike) -> dict[str, Any]:
+    """The settings (``layer``, ``split``, ...) a consistency folder's config.json records; {} without it."""
     cfg_path = Path(consistency_dir) / "config.json"
-    cons = read_json(cfg_path).get("config", {}).get("consistency", {}) if cfg_path.is_file() else {}
-    return cons.get(name)
+    return read_json(cfg_path).get("config", {}).get("consistency", {}) if cfg_path.is_file() else {}
 
 
 def run_diagnosis(consistency_dir: str | os.PathLike, a: str, b: str, features: str, out_dir: str | os.PathLike,
                   mode: str = "new", **options: Any) -> dict[str, Any]:
     """Diagnose ``a`` against ``b`` with the two Trans-Nets of a consistency folder (its layer and split
     from the folder's config); ``options`` are further :class:`DiagnoseConfig` fields."""
-    layer = options.pop("layer", None) or consistency_setting(consistency_dir, "layer")
+    cons = consistency_settings(consistency_dir)
+    layer = options.pop("layer", None) or cons.get("layer")
     if not layer:
         raise UserError(f"{consistency_dir} has no config.json naming its layer; pass layer=...")
-    split = options.pop("split", None) or consistency_setting(consistency_dir, "split") or DiagnoseConfig.split
+    split = options.pop("split", None) or cons.get("split", DiagnoseConfig.split)
     cfg = DiagnoseConfig(features=str(features), layer=layer, a=a, b=b, consistency=str(consistency_dir),
                          split=split, **options)
     return diagnose_pair(cfg, out_dir, mode)

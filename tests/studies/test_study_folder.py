@@ -17,7 +17,9 @@ import yaml
 from common.errors import UserError
 from common.files import read_json, write_json
 from studies.runner import run_study
-from tests.fakedata import make_imagefolder
+from tests.studies.test_study import data_root, write_study  # noqa: F401  (data_root: the shared fixture)
+
+# ruff: noqa: F811  (tests take the imported data_root fixture by name)
 
 
 def small_study(data_root: Path, name: str | None = "small", **over) -> dict:
@@ -38,19 +40,9 @@ def small_study(data_root: Path, name: str | None = "small", **over) -> dict:
     return d
 
 
-def write_study(path: Path, d: dict) -> Path:
-    path.write_text(yaml.safe_dump(d, sort_keys=False))
-    return path
-
-
 def tree(root: Path) -> dict[str, int]:
     """Every file below ``root`` with its modification time (what a refused run must leave alone)."""
     return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    return make_imagefolder(tmp_path_factory.mktemp("img"), n_classes=3, per_class=6, size=(20, 20))
 
 
 @pytest.fixture(scope="module")
